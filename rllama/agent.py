@@ -1,0 +1,632 @@
+"""``RLlamaAgent``: an LLM agent that acts in Gymnasium environments and learns from their rewards.
+
+A subclass writes three hooks (and optionally a fourth)::
+
+    class BlackjackAgent(RLlamaAgent):
+        def get_system_prompt(self):
+            return "You play Blackjack. Reply with one word: stick or hit."
+        def format_observation(self, observation):
+            total, dealer, ace = observation
+            return f"Your hand totals {total}. The dealer shows {dealer}."
+        def extract_action(self, response):
+            return 1 if "hit" in response.lower() else 0
+        def get_valid_actions(self, observation):   # optional: score these instead of generating
+            return ["stick", "hit"]
+
+and drops the agent into an environment loop::
+
+    agent = BlackjackAgent()                     # embedded default model, PPO
+    observation, info = env.reset()
+    while True:
+        action = agent.act(observation)
+        observation, reward, terminated, truncated, info = env.step(action)
+        agent.assign_reward(reward)
+        if terminated or truncated:
+            stats = agent.terminate_episode()    # trains when a batch of episodes is full
+            break
+
+The agent keeps each environment's chat (system prompt, observations, its own replies), so the
+model sees the whole episode so far. ``act_batch``/``assign_rewards``/``terminate_episodes`` do the
+same for a Gymnasium vector env with one forward pass for all environments, and
+:meth:`RLlamaAgent.train` and :meth:`RLlamaAgent.evaluate` run whole loops over single or vector envs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from rllama.algorithms import Episode, Step, make_algorithm
+from rllama.errors import AgentStateError, HookError, InvalidActionError, RLlamaError
+from rllama.policy import PolicyModel, load_model
+from rllama.prompting import ChatFormat
+
+logger = logging.getLogger(__name__)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global random generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class _EnvSlot:
+    """The running episode of one environment: its chat and its recorded steps."""
+
+    messages: list[dict] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+
+
+class RLlamaAgent(ABC):
+    """Base class of LLM agents. Subclasses implement the hooks; the loop methods do the rest.
+
+    Args:
+        model: ``None`` for the embedded default model (SmolLM2-135M-Instruct), a local folder or
+            hub id, a transformers causal LM (then pass ``tokenizer``), or a :class:`PolicyModel`.
+        tokenizer: the tokenizer of a model object; loaded with the model otherwise.
+        device: ``"cpu"``, ``"cuda"``, ...; defaults to the model's device.
+        algorithm: a registered name (``"ppo"``), an Algorithm subclass or instance.
+        algorithm_config: the algorithm's config dataclass or a dict of its fields.
+        lora_config: a ``peft.LoraConfig`` (default: rank 16 on every linear layer).
+        precision: ``"fp32"`` or ``"bf16"`` autocast.
+        score_normalization: ``"mean"`` or ``"sum"`` of a candidate's token log-probs.
+        temperature: policy temperature (scoring and generation, acting and training).
+        max_new_tokens: longest generated reply.
+        max_prompt_tokens: longest prompt; older turns of the episode are dropped (oldest first,
+            the system prompt kept) to fit. Defaults to the model's context length minus
+            ``max_new_tokens``.
+        seed: seeds Python, NumPy and torch, the agent's action sampling and the algorithm.
+        action_space: a Gymnasium space; when given, every action ``extract_action`` returns is
+            checked against it. ``train``/``evaluate`` set it from the environment.
+        use_chat_template: ``None`` uses the tokenizer's chat template if it has one, else the
+            plain format documented in :mod:`rllama.prompting`.
+    """
+
+    def __init__(
+        self,
+        model=None,
+        tokenizer=None,
+        device: str | torch.device | None = None,
+        algorithm="ppo",
+        algorithm_config=None,
+        *,
+        lora_config=None,
+        precision: str = "fp32",
+        score_normalization: str = "mean",
+        temperature: float = 1.0,
+        max_new_tokens: int = 32,
+        max_prompt_tokens: int | None = None,
+        seed: int | None = None,
+        action_space=None,
+        use_chat_template: bool | None = None,
+    ) -> None:
+        if seed is not None:
+            set_seed(seed)
+        self.seed = seed
+        self.policy = self._build_policy(
+            model, tokenizer, device, lora_config, precision, score_normalization, temperature
+        )
+        self.tokenizer = self.policy.tokenizer
+        self.chat = ChatFormat(self.tokenizer, use_chat_template)
+        self.algorithm = make_algorithm(algorithm, self.policy, algorithm_config, seed=seed)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}; expected at least 1")
+        self.max_new_tokens = int(max_new_tokens)
+        context = getattr(self.policy.lm.get_base_model().config, "max_position_embeddings", None) or 2048
+        self.max_prompt_tokens = int(max_prompt_tokens or max(16, context - self.max_new_tokens))
+        self.action_space = action_space
+        self._rng = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        self._slots: dict[int, _EnvSlot] = {}
+        self._recording = True  # False in evaluation mode
+        self._greedy = False
+        self._parse_failures = 0
+        self._warned_fallback = False
+        self.total_steps = 0
+        self.total_episodes = 0
+
+    # ------------------------------------------------------------------ hooks
+    @abstractmethod
+    def get_system_prompt(self) -> str:
+        """The system message that opens every episode's chat."""
+
+    @abstractmethod
+    def format_observation(self, observation) -> str:
+        """Text of an observation, sent to the model as the user's message."""
+
+    @abstractmethod
+    def extract_action(self, response: str):
+        """The environment action for the model's reply (a generated text or a chosen candidate)."""
+
+    def get_valid_actions(self, observation) -> list[str] | None:
+        """Candidate action texts to score, or ``None`` (the default) to generate free text."""
+        return None
+
+    def fallback_action(self, observation, response: str):
+        """Action used in generate mode when ``extract_action`` fails on the model's reply.
+
+        The default samples the action space (so it needs ``action_space``, which ``train`` and
+        ``evaluate`` set from the environment). Every use is counted in the training statistics
+        as ``rollout/parse_failures``.
+        """
+        if self.action_space is None:
+            raise HookError(
+                f"extract_action could not parse the reply {response!r} and no action_space is known for a "
+                "fallback; pass action_space= to the agent or override fallback_action()"
+            )
+        return self.action_space.sample()
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _build_policy(model, tokenizer, device, lora_config, precision, score_normalization, temperature):
+        if isinstance(model, PolicyModel):
+            return model
+        if model is None or isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            if tokenizer is not None and model is None:
+                raise ValueError("a tokenizer was given without a model; pass both, or neither for the default model")
+            lm, loaded_tokenizer = load_model(model)
+            tokenizer = tokenizer or loaded_tokenizer
+        else:
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError(
+                    f"model={type(model).__name__}: expected None, a path or hub id, a transformers causal LM "
+                    "or a PolicyModel"
+                )
+            if tokenizer is None:
+                raise ValueError("a model object was given without its tokenizer; pass tokenizer=")
+            lm = model
+        return PolicyModel(
+            lm, tokenizer, lora_config=lora_config, device=device, precision=precision,
+            score_normalization=score_normalization, temperature=temperature,
+        )
+
+    # ------------------------------------------------------------------ hook calls, checked
+    def _hook(self, name: str, *args):
+        try:
+            return getattr(self, name)(*args)
+        except RLlamaError:
+            raise
+        except Exception as exc:
+            shown = ", ".join(_short(a) for a in args)
+            raise HookError(f"{type(self).__name__}.{name}({shown}) raised {type(exc).__name__}: {exc}") from exc
+
+    def _system_prompt(self) -> str:
+        text = self._hook("get_system_prompt")
+        if not isinstance(text, str):
+            raise HookError(f"get_system_prompt() returned {type(text).__name__}; expected str")
+        return text
+
+    def _observation_text(self, observation) -> str:
+        text = self._hook("format_observation", observation)
+        if not isinstance(text, str):
+            raise HookError(
+                f"format_observation({_short(observation)}) returned {type(text).__name__} {_short(text)}; expected str"
+            )
+        return text
+
+    def _valid_actions(self, observation) -> list[str] | None:
+        candidates = self._hook("get_valid_actions", observation)
+        if candidates is None:
+            return None
+        if isinstance(candidates, str) or not isinstance(candidates, (list, tuple)):
+            raise HookError(
+                f"get_valid_actions({_short(observation)}) returned {_short(candidates)}; expected a list of "
+                "strings or None"
+            )
+        candidates = list(candidates)
+        if not candidates:
+            raise HookError(
+                f"get_valid_actions({_short(observation)}) returned an empty list; return None to generate free text"
+            )
+        bad = [c for c in candidates if not isinstance(c, str) or not c.strip()]
+        if bad:
+            raise HookError(f"get_valid_actions returned non-string or empty candidates {bad[:3]}")
+        if len(set(candidates)) != len(candidates):
+            raise HookError(f"get_valid_actions returned duplicate candidates {candidates}")
+        return candidates
+
+    def _check_action(self, action, response: str) -> None:
+        if self.action_space is not None and not _space_contains(self.action_space, action):
+            raise InvalidActionError(
+                f"extract_action({response!r}) returned {action!r}, which is not in the action space "
+                f"{self.action_space}"
+            )
+
+    # ------------------------------------------------------------------ prompts
+    def _slot(self, env_id: int) -> _EnvSlot:
+        slot = self._slots.get(env_id)
+        if slot is None:
+            slot = self._slots[env_id] = _EnvSlot(messages=[{"role": "system", "content": self._system_prompt()}])
+        return slot
+
+    def _prompt_ids(self, slot: _EnvSlot) -> list[int]:
+        ids = self.chat.prompt_ids(slot.messages)
+        # Drop the oldest (observation, reply) pairs until the prompt fits, keeping the system prompt.
+        while len(ids) > self.max_prompt_tokens and len(slot.messages) > 3:
+            del slot.messages[1:3]
+            ids = self.chat.prompt_ids(slot.messages)
+        if len(ids) > self.max_prompt_tokens:
+            raise RLlamaError(
+                f"the prompt of the current observation alone is {len(ids)} tokens, over max_prompt_tokens="
+                f"{self.max_prompt_tokens}; shorten the system prompt or format_observation's text"
+            )
+        return ids
+
+    # ------------------------------------------------------------------ acting
+    def act(self, observation):
+        """Choose an action for one environment's observation (environment id 0)."""
+        return self.act_batch([observation], env_ids=[0])[0]
+
+    def act_batch(self, observations: Sequence, env_ids: Sequence[int] | None = None) -> list:
+        """Choose actions for several environments' observations in one batched forward pass.
+
+        Args:
+            observations: one observation per environment (unbatch a vector env's observation with
+                ``rllama.envs.unbatch(envs.single_observation_space, obs, envs.num_envs)``).
+            env_ids: which environment each observation comes from (default ``0..N-1``); each
+                environment keeps its own chat.
+
+        Returns:
+            One action per observation, each as returned by ``extract_action``.
+        """
+        observations = list(observations)
+        env_ids = list(range(len(observations))) if env_ids is None else [int(i) for i in env_ids]
+        if len(env_ids) != len(observations):
+            raise ValueError(f"{len(observations)} observations but {len(env_ids)} env_ids")
+        if len(set(env_ids)) != len(env_ids):
+            raise ValueError(f"env_ids must be distinct, got {env_ids}")
+        if not observations:
+            return []
+        slots, prompts, candidates = [], [], []
+        for env_id, obs in zip(env_ids, observations):
+            slot = self._slot(env_id)
+            text = self._observation_text(obs)
+            cands = self._valid_actions(obs)
+            slot.messages.append({"role": "user", "content": text})
+            slots.append(slot)
+            prompts.append(self._prompt_ids(slot))
+            candidates.append(cands)
+
+        steps: list[Step | None] = [None] * len(observations)
+        scored = [i for i, c in enumerate(candidates) if c is not None]
+        generated = [i for i, c in enumerate(candidates) if c is None]
+        with torch.no_grad():
+            if scored:
+                self._score(scored, prompts, candidates, steps)
+            if generated:
+                self._generate(generated, prompts, steps)
+
+        actions = []
+        for i, (slot, step, obs) in enumerate(zip(slots, steps, observations)):
+            if step.is_scored:
+                action = self._hook("extract_action", step.text)
+                self._check_action(action, step.text)
+            else:
+                action = self._parse_generated(obs, step.text)
+            step.action = action
+            slot.messages.append({"role": "assistant", "content": step.text})
+            if self._recording:
+                slot.steps.append(step)
+                self.total_steps += 1
+            actions.append(action)
+        return actions
+
+    def _score(self, rows, prompts, candidates, steps) -> None:
+        cand_ids = [[self.chat.reply_ids(c) for c in candidates[i]] for i in rows]
+        logprobs, values = self.policy.score_candidates([prompts[i] for i in rows], cand_ids)
+        for j, i in enumerate(rows):
+            lp = logprobs[j].float().cpu()
+            if self._greedy:
+                k = int(lp.argmax())
+            else:
+                k = int(torch.multinomial(lp.exp(), 1, generator=self._rng))
+            steps[i] = Step(
+                prompt_ids=prompts[i], candidate_ids=cand_ids[j], action_index=k, logprob=float(lp[k]),
+                value=float(values[j]), text=candidates[i][k],
+            )
+
+    def _generate(self, rows, prompts, steps) -> None:
+        replies = self.policy.generate(
+            [prompts[i] for i in rows], max_new_tokens=self.max_new_tokens, greedy=self._greedy,
+            stop_token_ids=self.chat.end_of_turn_ids, generator=self._rng,
+        )
+        for i, reply in zip(rows, replies):
+            steps[i] = Step(
+                prompt_ids=prompts[i], response_ids=reply.token_ids, logprob=float(sum(reply.token_logprobs)),
+                token_logprobs=reply.token_logprobs, value=reply.value, text=self.chat.decode_reply(reply.token_ids),
+            )
+
+    def _parse_generated(self, observation, text: str):
+        try:
+            action = self.extract_action(text)
+            if action is None:
+                raise ValueError("extract_action returned None")
+            self._check_action(action, text)
+            return action
+        except Exception as exc:  # generate mode: unparseable text falls back, counted in the stats
+            self._parse_failures += 1
+            if not self._warned_fallback:
+                logger.warning("extract_action failed on %r (%s: %s); using fallback_action (warned once)",
+                               text, type(exc).__name__, exc)
+                self._warned_fallback = True
+            action = self._hook("fallback_action", observation, text)
+            self._check_action(action, text)
+            return action
+
+    # ------------------------------------------------------------------ rewards and episode ends
+    def assign_reward(self, reward: float) -> None:
+        """Add ``reward`` to the last step of environment 0's episode."""
+        self.assign_rewards([reward], env_ids=[0])
+
+    def assign_rewards(self, rewards: Sequence[float], env_ids: Sequence[int] | None = None) -> None:
+        """Add each reward to the last step of its environment's episode (default ids ``0..N-1``)."""
+        rewards = list(np.asarray(rewards, dtype=np.float64).reshape(-1))
+        env_ids = list(range(len(rewards))) if env_ids is None else [int(i) for i in env_ids]
+        if len(env_ids) != len(rewards):
+            raise ValueError(f"{len(rewards)} rewards but {len(env_ids)} env_ids")
+        for env_id, r in zip(env_ids, rewards):
+            if not math.isfinite(r):
+                raise ValueError(f"reward {r} for env {env_id} is not finite")
+            if not self._recording:
+                continue
+            slot = self._slots.get(env_id)
+            if slot is None or not slot.steps:
+                raise AgentStateError(f"assign_reward for env {env_id} before any act() in its episode")
+            slot.steps[-1].reward += float(r)
+
+    def terminate_episode(self, truncated: bool = False) -> dict[str, float]:
+        """End environment 0's episode. Trains when a batch of episodes is full.
+
+        Args:
+            truncated: the episode was cut by a time limit rather than ending (bootstraps the value).
+
+        Returns:
+            The training statistics when an update ran, else an empty dict.
+        """
+        return self.terminate_episodes([0], truncated=[truncated])
+
+    def terminate_episodes(
+        self, env_ids: Sequence[int] | np.ndarray, truncated: Sequence[bool] | None = None
+    ) -> dict[str, float]:
+        """End the episodes of several environments; trains once if a batch became full.
+
+        Args:
+            env_ids: environment ids, or a boolean mask over environments (``terminated | truncated``).
+            truncated: per ended environment, whether it was truncated.
+        """
+        ids = np.asarray(env_ids)
+        ids = np.flatnonzero(ids).tolist() if ids.dtype == bool else [int(i) for i in ids.reshape(-1)]
+        truncated = [False] * len(ids) if truncated is None else [bool(t) for t in truncated]
+        if len(truncated) != len(ids):
+            raise ValueError(f"{len(ids)} env_ids but {len(truncated)} truncated flags")
+        for env_id, trunc in zip(ids, truncated):
+            slot = self._slots.pop(env_id, None)
+            if slot is None or (self._recording and not slot.steps):
+                raise AgentStateError(
+                    f"terminate_episode for env {env_id} with no steps since its last episode ended; call act() first"
+                )
+            if self._recording:
+                self.algorithm.add_episode(Episode(slot.steps, env_id=env_id, truncated=trunc))
+                self.total_episodes += 1
+        if self._recording and self.algorithm.ready():
+            stats = self.algorithm.update()
+            stats["rollout/parse_failures"] = float(self._parse_failures)
+            stats["rollout/total_episodes"] = float(self.total_episodes)
+            stats["rollout/total_steps"] = float(self.total_steps)
+            self._parse_failures = 0
+            return stats
+        return {}
+
+    def reset(self) -> None:
+        """Forget the running episodes (their unfinished steps are dropped)."""
+        self._slots.clear()
+
+    # ------------------------------------------------------------------ evaluation
+    @contextlib.contextmanager
+    def evaluating(self, greedy: bool = True):
+        """Context in which the agent acts without recording experience or training.
+
+        Running training episodes are set aside and restored afterwards.
+        """
+        saved = (self._slots, self._recording, self._greedy)
+        self._slots, self._recording, self._greedy = {}, False, greedy
+        try:
+            yield self
+        finally:
+            self._slots, self._recording, self._greedy = saved
+
+    def evaluate(self, env, n_episodes: int, *, greedy: bool = True, seed: int | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+        """Mean return over ``n_episodes`` evaluation episodes (no training, nothing recorded).
+
+        With a seed, episode ``k`` of a single env is reset with ``seed + k`` (of a vector env, env
+        ``i`` is reset with ``seed + i`` once), so policies can be compared on the same deals.
+
+        Returns:
+            ``{"mean_return", "std_return", "stderr", "n_episodes", "returns"}``.
+        """
+        with self.evaluating(greedy=greedy):
+            returns = run_episodes(self, env, n_episodes, seed=seed, progress=progress, desc="eval",
+                                   reseed_each_episode=True)
+        arr = np.asarray(returns, dtype=np.float64)
+        std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+        return {
+            "mean_return": float(arr.mean()),
+            "std_return": std,
+            "stderr": std / math.sqrt(len(arr)),
+            "n_episodes": len(arr),
+            "returns": arr.tolist(),
+        }
+
+    def train(self, env, n_episodes: int, *, seed: int | None = None, progress: bool = True,
+              callback: Callable[[dict], Any] | None = None) -> list[dict[str, float]]:
+        """Run ``n_episodes`` training episodes on ``env`` (single or vector env).
+
+        Args:
+            callback: called with each update's statistics; returning ``False`` stops training.
+
+        Returns:
+            The statistics of every update.
+        """
+        history: list[dict[str, float]] = []
+
+        def on_update(stats: dict) -> bool:
+            history.append(stats)
+            return not (callback is not None and callback(stats) is False)
+
+        run_episodes(self, env, n_episodes, seed=seed, progress=progress, desc="train", on_update=on_update)
+        return history
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> None:
+        """Save the adapter and heads (safetensors) and a JSON config to folder ``path``."""
+        self.policy.save(path, extra={"agent_class": f"{type(self).__module__}.{type(self).__qualname__}",
+                                      "algorithm": self.algorithm.name})
+
+    def load(self, path) -> dict:
+        """Load adapter and head weights saved by :meth:`save`; returns the saved config."""
+        return self.policy.load(path)
+
+
+# ---------------------------------------------------------------------- environment loops
+def run_episodes(
+    agent: RLlamaAgent,
+    env,
+    n_episodes: int,
+    *,
+    seed: int | None = None,
+    progress: bool = False,
+    desc: str = "",
+    on_update: Callable[[dict], bool] | None = None,
+    reseed_each_episode: bool = False,
+) -> list[float]:
+    """Run ``n_episodes`` episodes of ``agent`` in a single or vector env; returns their returns.
+
+    Vector envs may use Gymnasium's ``NEXT_STEP`` (the default) or ``SAME_STEP`` autoreset. Each
+    vector sub-env runs a fixed share of the episodes, so short episodes are not over-represented.
+    """
+    import gymnasium as gym
+
+    if n_episodes < 1:
+        raise ValueError(f"n_episodes={n_episodes}; expected at least 1")
+    is_vector = isinstance(env, gym.vector.VectorEnv)
+    space = env.single_action_space if is_vector else env.action_space
+    previous_space = agent.action_space
+    agent.action_space = space
+    bar = _progress(n_episodes, desc, progress)
+    try:
+        if is_vector:
+            return _run_vector(agent, env, n_episodes, seed, bar, on_update)
+        return _run_single(agent, env, n_episodes, seed, bar, on_update, reseed_each_episode)
+    finally:
+        agent.action_space = previous_space
+        if bar is not None:
+            bar.close()
+
+
+def _run_single(agent, env, n_episodes, seed, bar, on_update, reseed_each_episode) -> list[float]:
+    returns = []
+    for k in range(n_episodes):
+        if seed is None:
+            reset_seed = None
+        else:
+            reset_seed = seed + k if reseed_each_episode else (seed if k == 0 else None)
+        obs, _info = env.reset(seed=reset_seed)
+        total, done = 0.0, False
+        while not done:
+            action = agent.act(obs)
+            obs, reward, terminated, truncated, _info = env.step(action)
+            agent.assign_reward(reward)
+            total += float(reward)
+            done = bool(terminated or truncated)
+        stats = agent.terminate_episode(truncated=bool(truncated and not terminated))
+        returns.append(total)
+        _tick(bar, returns)
+        if stats and on_update is not None and on_update(stats) is False:
+            break
+    return returns
+
+
+def _run_vector(agent, env, n_episodes, seed, bar, on_update) -> list[float]:
+    from gymnasium.vector import AutoresetMode
+    from gymnasium.vector.utils import concatenate, create_empty_array
+
+    from rllama.envs.vector import unbatch
+
+    n = env.num_envs
+    mode = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
+    if mode == AutoresetMode.DISABLED:
+        raise ValueError("vector envs with autoreset_mode=DISABLED are not supported; use NEXT_STEP or SAME_STEP")
+    quota = [n_episodes // n + (1 if i < n_episodes % n else 0) for i in range(n)]
+    finished = [0] * n
+    running = [0.0] * n
+    returns: list[float] = []
+    obs, _info = env.reset(seed=seed)
+    resetting = np.zeros(n, dtype=bool)  # NEXT_STEP: this step only resets the env
+    filler = [env.single_action_space.sample() for _ in range(n)]
+    stop = False
+    while len(returns) < n_episodes and not stop:
+        obs_list = unbatch(env.single_observation_space, obs, n)
+        ids = [i for i in range(n) if not resetting[i] and finished[i] < quota[i]]
+        acts = agent.act_batch([obs_list[i] for i in ids], env_ids=ids)
+        actions = list(filler)
+        for i, a in zip(ids, acts):
+            actions[i] = filler[i] = a
+        batched = concatenate(env.single_action_space, actions, create_empty_array(env.single_action_space, n=n))
+        obs, rewards, terminated, truncated, _info = env.step(batched)
+        agent.assign_rewards([rewards[i] for i in ids], env_ids=ids)
+        ended = [i for i in ids if terminated[i] or truncated[i]]
+        for i in ids:
+            running[i] += float(rewards[i])
+        stats = agent.terminate_episodes(ended, truncated=[truncated[i] and not terminated[i] for i in ended])
+        for i in ended:
+            finished[i] += 1
+            returns.append(running[i])
+            running[i] = 0.0
+            _tick(bar, returns)
+        if stats and on_update is not None and on_update(stats) is False:
+            stop = True
+        done = np.logical_or(terminated, truncated)
+        resetting = done if mode == AutoresetMode.NEXT_STEP else np.zeros(n, dtype=bool)
+    # Sub-envs stopped mid-episode by a callback leave unfinished chats behind.
+    for i in range(n):
+        agent._slots.pop(i, None)
+    return returns
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True)
+
+
+def _tick(bar, returns: list[float]) -> None:
+    if bar is None:
+        return
+    bar.update(1)
+    recent = returns[-100:]
+    bar.set_postfix(ret=f"{sum(recent) / len(recent):+.3f}", refresh=False)
+
+
+def _space_contains(space, action) -> bool:
+    try:
+        return bool(space.contains(action))
+    except Exception:  # a space may raise on values of the wrong type; that is a "no"
+        return False
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+

@@ -1,0 +1,202 @@
+"""The algorithm interface and what on-policy algorithms share.
+
+"The policy acts, the algorithm updates it": an :class:`Algorithm` receives finished episodes from
+the agent (:meth:`Algorithm.add_episode`), says when it has enough (:meth:`Algorithm.ready`) and
+turns them into parameter updates of the policy's adapter and heads (:meth:`Algorithm.update`),
+returning a dict of statistics. It never sees the environment, the agent or memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from rllama.algorithms.buffers import Episode, RolloutBuffer, Step
+from rllama.policy.model import PolicyModel, StepEvaluation
+
+
+@dataclass
+class AlgorithmConfig:
+    """Settings every algorithm has.
+
+    Attributes:
+        batch_episodes: finished episodes collected before each update.
+        learning_rate: AdamW learning rate of the adapter and heads.
+        max_grad_norm: gradients are clipped to this global norm.
+        weight_decay: AdamW weight decay.
+    """
+
+    batch_episodes: int = 16
+    learning_rate: float = 1e-4
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or f.name.startswith("_"):
+                continue
+            if value != value:  # NaN
+                raise ValueError(f"{type(self).__name__}.{f.name} is NaN")
+        _check(self, "batch_episodes", self.batch_episodes >= 1, "must be at least 1")
+        _check(self, "learning_rate", self.learning_rate > 0, "must be positive")
+        _check(self, "max_grad_norm", self.max_grad_norm > 0, "must be positive")
+        _check(self, "weight_decay", self.weight_decay >= 0, "must be non-negative")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """Build from a dict, rejecting unknown keys with the list of known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+
+def _check(config, name: str, ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{type(config).__name__}.{name}={getattr(config, name)!r} {what}")
+
+
+class Algorithm(ABC):
+    """Base class of every algorithm. A subclass sets ``config_class`` and implements :meth:`update`.
+
+    Args:
+        policy: the policy model to train.
+        config: an instance of ``config_class``, a dict of its fields, or ``None`` for the defaults.
+        seed: seeds the algorithm's own random generator (minibatch order, replay sampling).
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = AlgorithmConfig
+
+    def __init__(self, policy: PolicyModel, config=None, seed: int | None = None) -> None:
+        self.policy = policy
+        if config is None:
+            config = self.config_class()
+        elif isinstance(config, dict):
+            config = self.config_class.from_dict(config)
+        elif not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} expects a {self.config_class.__name__} or a dict, got {type(config).__name__}"
+            )
+        self.config = config
+        self.generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        self.buffer = RolloutBuffer()
+        self.optimizer = torch.optim.AdamW(
+            policy.trainable_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.num_updates = 0
+
+    def add_episode(self, episode: Episode) -> None:
+        """Receive a finished episode from the agent."""
+        self.buffer.add(episode)
+
+    def ready(self) -> bool:
+        """Whether enough experience has arrived for :meth:`update`."""
+        return self.buffer.num_episodes >= self.config.batch_episodes
+
+    @abstractmethod
+    def update(self) -> dict[str, float]:
+        """Train on the collected experience and return statistics (keys like ``"loss/policy"``)."""
+
+    def optimizer_step(self, loss: torch.Tensor) -> float:
+        """Backward, clip the global gradient norm, step; returns the norm before clipping."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        return float(norm)
+
+
+@dataclass
+class OnPolicyConfig(AlgorithmConfig):
+    """Settings shared by the on-policy algorithms.
+
+    Attributes:
+        minibatch_size: steps per gradient step.
+        gamma: discount factor.
+        gae_lambda: GAE lambda.
+        kl_coef: weight of the KL divergence to the reference policy (the base model with the
+            adapter disabled) in the loss; 0 turns the reference pass off.
+        ent_coef: weight of the entropy bonus.
+        normalize_advantages: standardise advantages over the batch.
+    """
+
+    minibatch_size: int = 16
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    kl_coef: float = 0.05
+    ent_coef: float = 0.01
+    normalize_advantages: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, "minibatch_size", self.minibatch_size >= 1, "must be at least 1")
+        _check(self, "gamma", 0 <= self.gamma <= 1, "must lie in [0, 1]")
+        _check(self, "gae_lambda", 0 <= self.gae_lambda <= 1, "must lie in [0, 1]")
+        _check(self, "kl_coef", self.kl_coef >= 0, "must be non-negative")
+
+
+class OnPolicyAlgorithm(Algorithm):
+    """Shared pieces of on-policy algorithms: the reference pass and old log-probabilities."""
+
+    config_class: ClassVar[type] = OnPolicyConfig
+
+    @torch.no_grad()
+    def reference_distributions(self, steps: Sequence[Step]) -> list[torch.Tensor]:
+        """Each step's action distribution under the reference policy (adapter disabled)."""
+        out: list[torch.Tensor] = []
+        size = self.config.minibatch_size
+        with self.policy.reference():
+            for start in range(0, len(steps), size):
+                ev = self.policy.evaluate(steps[start : start + size], with_values=False, with_entropy=False)
+                out.extend(ev.distributions)
+        return out
+
+
+def old_unit_logprobs(steps: Sequence[Step]) -> torch.Tensor:
+    """Log-probabilities recorded when acting, one per unit (see ``StepEvaluation.unit_logprobs``)."""
+    parts = [[s.logprob] if s.is_scored else list(s.token_logprobs or ()) for s in steps]
+    return torch.tensor([x for p in parts for x in p], dtype=torch.float32)
+
+
+def kl_to_reference(new: StepEvaluation, reference: Sequence[torch.Tensor], steps: Sequence[Step]) -> torch.Tensor:
+    """KL(policy || reference) per step, ``[S]``.
+
+    Scored steps get the exact KL over their candidates. Generated steps get the mean over reply
+    tokens of the non-negative estimator ``exp(d) - d - 1`` with ``d = log p_ref - log p``
+    (Schulman's k3), since the full-vocabulary KL of the sampled tokens is not summed exactly.
+    """
+    out = []
+    for dist, ref, step in zip(new.distributions, reference, steps):
+        ref = ref.to(dist.device)
+        if step.is_scored:
+            out.append((dist.exp() * (dist - ref)).sum())
+        else:
+            d = ref - dist
+            out.append((torch.exp(d) - d - 1).mean())
+    return torch.stack(out)
+
+
+def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - Var(target - pred) / Var(target); nan when the target is constant."""
+    var = target.var(unbiased=False)
+    if var.item() == 0:
+        return float("nan")
+    return float(1 - (target - pred).var(unbiased=False) / var)
+
+
+class Timer:
+    """Wall-clock seconds since creation."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.start

