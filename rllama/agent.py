@@ -38,8 +38,9 @@ import logging
 import math
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -306,7 +307,7 @@ class RLlamaAgent(ABC):
                 self._generate(generated, prompts, steps)
 
         actions = []
-        for i, (slot, step, obs) in enumerate(zip(slots, steps, observations)):
+        for slot, step, obs in zip(slots, steps, observations):
             if step.is_scored:
                 action = self._hook("extract_action", step.text)
                 self._check_action(action, step.text)

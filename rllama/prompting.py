@@ -20,7 +20,7 @@ the model saying exactly that text and stopping.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 

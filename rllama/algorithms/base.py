@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -26,13 +27,16 @@ class AlgorithmConfig:
 
     Attributes:
         batch_episodes: finished episodes collected before each update.
-        learning_rate: AdamW learning rate of the adapter and heads.
+        learning_rate: AdamW learning rate of the adapter.
+        head_learning_rate: AdamW learning rate of the value/Q heads (``None``: ``learning_rate``).
+            Heads start from zero and need to move further than the adapter, hence a larger rate.
         max_grad_norm: gradients are clipped to this global norm.
         weight_decay: AdamW weight decay.
     """
 
     batch_episodes: int = 16
     learning_rate: float = 1e-4
+    head_learning_rate: float | None = 1e-3
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
 
@@ -45,6 +49,8 @@ class AlgorithmConfig:
                 raise ValueError(f"{type(self).__name__}.{f.name} is NaN")
         _check(self, "batch_episodes", self.batch_episodes >= 1, "must be at least 1")
         _check(self, "learning_rate", self.learning_rate > 0, "must be positive")
+        _check(self, "head_learning_rate", self.head_learning_rate is None or self.head_learning_rate > 0,
+               "must be positive or None")
         _check(self, "max_grad_norm", self.max_grad_norm > 0, "must be positive")
         _check(self, "weight_decay", self.weight_decay >= 0, "must be non-negative")
 
@@ -88,8 +94,13 @@ class Algorithm(ABC):
         self.config = config
         self.generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
         self.buffer = RolloutBuffer()
+        heads = [p for p in policy.heads.parameters() if p.requires_grad]
+        head_ids = {id(p) for p in heads}
+        adapter = [p for p in policy.trainable_parameters() if id(p) not in head_ids]
+        head_lr = config.learning_rate if config.head_learning_rate is None else config.head_learning_rate
         self.optimizer = torch.optim.AdamW(
-            policy.trainable_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+            [{"params": adapter, "lr": config.learning_rate}, {"params": heads, "lr": head_lr}],
+            weight_decay=config.weight_decay,
         )
         self.num_updates = 0
 

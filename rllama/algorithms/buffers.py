@@ -8,8 +8,9 @@ several candidate action texts, and the policy is the softmax over the candidate
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -126,6 +126,7 @@ class PPO(OnPolicyAlgorithm):
         stats.update(
             {
                 "value/explained_variance": explained_variance(batch.old_values, batch.returns),
+                "value/mean": float(batch.old_values.mean()),
                 "rollout/episodes": float(len(episodes)),
                 "rollout/steps": float(len(batch)),
                 "rollout/mean_return": float(sum(e.total_reward for e in episodes) / len(episodes)),

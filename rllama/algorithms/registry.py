@@ -13,7 +13,8 @@ Example:
 from __future__ import annotations
 
 import difflib
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 _REGISTRY: dict[str, type] = {}
 

@@ -106,7 +106,9 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"Model folder {str(path)!r} has no config.json; is it a transformers model folder?")
+            raise ModelNotFoundError(
+                f"Model folder {str(path)!r} has no config.json; is it a transformers model folder?"
+            )
         return str(path)
     text = str(model)
     # A hub id is "name" or "owner/name"; anything else that does not exist is a mistyped path.

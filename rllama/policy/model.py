@@ -20,9 +20,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +160,7 @@ class PolicyModel(nn.Module):
             self.lm = get_peft_model(model, lora_config or default_lora_config())
         config = self.lm.get_base_model().config
         self.base_model_name = getattr(config, "_name_or_path", "") or ""
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+        hidden = getattr(config, "hidden_size", None) or config.n_embd
         self.heads = nn.ModuleDict({"value": ValueHead(hidden)})
         self.device = torch.device(device) if device is not None else next(self.lm.parameters()).device
         self.to(self.device)
@@ -404,7 +404,7 @@ class PolicyModel(nn.Module):
         enc = self.continuation_logprobs(prompts, conts, owner, entropy_rows=ent_rows)
         scores = self._candidate_scores(enc) / self.temperature  # [R], meaningful for scored rows
         dists, entropies, indices = [], [], []
-        for i, (s, (start, n)) in enumerate(zip(steps, spans)):
+        for s, (start, n) in zip(steps, spans):
             if s.is_scored:
                 logp = F.log_softmax(scores[start : start + n], dim=-1)
                 dists.append(logp)

@@ -1,0 +1,178 @@
+"""Blackjack-v1 learning benchmark: PPO on the embedded default model, several seeds.
+
+    python benchmarks/blackjack.py                       # the committed results
+    python benchmarks/blackjack.py --seeds 0 --episodes 400 --name blackjack_quick
+
+For every seed: evaluate the untrained agent, then train and evaluate every ``--eval-every``
+episodes on the same evaluation deals (env seeds 10000+). Writes ``results/<name>.json`` (curves,
+summary, seeds, versions, command) and ``results/<name>.png`` (learning curves against the exact
+reference returns of the sab rules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Exact dynamic-programming returns for Blackjack-v1 with sab=True (checked by 400k-episode Monte Carlo).
+REFERENCE_RETURNS = {
+    "optimal": -0.047,
+    "stick at 17+": -0.079,
+    "always stick": -0.186,
+    "uniform random": -0.396,
+}
+EVAL_SEED = 10_000
+
+
+def versions() -> dict:
+    import gymnasium
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "gymnasium": gymnasium.__version__,
+        "platform": platform.platform(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_seed(seed: int, args) -> dict:
+    import gymnasium as gym
+
+    from examples.blackjack import BlackjackAgent
+
+    t0 = time.perf_counter()
+    agent = BlackjackAgent(args.model, seed=seed, precision=args.precision,
+                           algorithm_config=json.loads(args.config) if args.config else None)
+    envs = gym.make_vec("Blackjack-v1", num_envs=args.envs, vectorization_mode="sync", sab=True)
+    curve = []
+
+    def evaluate(done: int) -> None:
+        r = agent.evaluate(envs, args.eval_episodes, seed=EVAL_SEED)
+        curve.append({"episodes": done, "mean_return": r["mean_return"], "stderr": r["stderr"],
+                      "elapsed_s": time.perf_counter() - t0})
+        print(f"seed {seed} episodes {done:5d}: eval return {r['mean_return']:+.3f} ± {r['stderr']:.3f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    sampled_before = agent.evaluate(envs, args.eval_episodes, seed=EVAL_SEED, greedy=False)["mean_return"]
+    evaluate(0)
+    updates = []
+    done = 0
+    while done < args.episodes:
+        chunk = min(args.eval_every, args.episodes - done)
+        for stats in agent.train(envs, chunk, seed=seed * 1_000_003 + done, progress=False):
+            updates.append({k: float(v) for k, v in stats.items()})
+        done += chunk
+        evaluate(done)
+    sampled_after = agent.evaluate(envs, args.eval_episodes, seed=EVAL_SEED, greedy=False)["mean_return"]
+    if args.save_dir:
+        agent.save(Path(args.save_dir) / f"seed{seed}")
+    return {
+        "seed": seed,
+        "curve": curve,
+        "untrained_greedy": curve[0]["mean_return"],
+        "trained_greedy": curve[-1]["mean_return"],
+        "untrained_sampled": sampled_before,
+        "trained_sampled": sampled_after,
+        "updates": updates,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = []
+    for run in result["runs"]:
+        x = [p["episodes"] for p in run["curve"]]
+        y = [p["mean_return"] for p in run["curve"]]
+        curves.append(y)
+        ax.plot(x, y, color="tab:blue", alpha=0.35, lw=1, marker="o", ms=3)
+    mean = np.mean(curves, axis=0)
+    ax.plot(x, mean, color="tab:blue", lw=2.5, label=f"rllama PPO, mean of {len(curves)} seeds")
+    styles = {"optimal": "tab:green", "stick at 17+": "tab:olive", "always stick": "tab:orange",
+              "uniform random": "tab:red"}
+    for name, value in REFERENCE_RETURNS.items():
+        ax.axhline(value, ls="--", lw=1, color=styles[name], label=f"{name} ({value:+.3f})")
+    ax.set_xlabel("training episodes")
+    ax.set_ylabel(f"mean return, {result['config']['eval_episodes']} greedy eval episodes")
+    ax.set_title(f"Blackjack-v1 (sab), {result['config']['model'] or 'SmolLM2-135M-Instruct'} + LoRA, PPO")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--episodes", type=int, default=1600, help="training episodes per seed")
+    parser.add_argument("--eval-every", type=int, default=400)
+    parser.add_argument("--eval-episodes", type=int, default=500)
+    parser.add_argument("--envs", type=int, default=16)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--config", default="", help="PPO config overrides as JSON")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--name", default="blackjack")
+    parser.add_argument("--save-dir", default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    runs = [run_seed(seed, args) for seed in args.seeds]
+    untrained = np.array([r["untrained_greedy"] for r in runs])
+    trained = np.array([r["trained_greedy"] for r in runs])
+    gain = trained - untrained
+    result = {
+        "benchmark": "blackjack",
+        "command": "python " + " ".join(sys.argv),
+        "config": {k: v for k, v in vars(args).items()},
+        "versions": versions(),
+        "reference_returns": REFERENCE_RETURNS,
+        "summary": {
+            "untrained_greedy_mean": float(untrained.mean()),
+            "trained_greedy_mean": float(trained.mean()),
+            "trained_greedy_std_across_seeds": float(trained.std(ddof=1)) if len(trained) > 1 else 0.0,
+            "gain_mean": float(gain.mean()),
+            "gain_min": float(gain.min()),
+            "untrained_sampled_mean": float(np.mean([r["untrained_sampled"] for r in runs])),
+            "trained_sampled_mean": float(np.mean([r["trained_sampled"] for r in runs])),
+            "wall_s": time.perf_counter() - t0,
+        },
+        "runs": runs,
+    }
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / f"{args.name}.png")
+    s = result["summary"]
+    print(f"untrained {s['untrained_greedy_mean']:+.3f} -> trained {s['trained_greedy_mean']:+.3f} "
+          f"(std across seeds {s['trained_greedy_std_across_seeds']:.3f}); wrote {out / args.name}.json/.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The Blackjack example agent: its hooks, and a short run on Blackjack-v1 with a tiny model."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import pytest
+
+from examples.blackjack import BlackjackAgent
+from tests.conftest import make_tiny_lm
+
+
+@pytest.fixture
+def agent(tokenizer):
+    return BlackjackAgent(make_tiny_lm(), tokenizer, seed=0,
+                          algorithm_config={"batch_episodes": 8, "minibatch_size": 8})
+
+
+def test_observation_text(agent):
+    assert agent.format_observation((14, 10, 0)) == "Your hand totals 14. The dealer shows 10. Hit or stick?"
+    assert agent.format_observation((13, 1, 1)) == (
+        "Your hand totals 13 (with a usable ace). The dealer shows an ace. Hit or stick?")
+
+
+@pytest.mark.parametrize("text,action", [("hit", 1), ("stick", 0), ("I will hit.", 1), ("Stand", 0), ("stay!", 0)])
+def test_extract_action(agent, text, action):
+    assert agent.extract_action(text) == action
+
+
+def test_extract_action_rejects_other_text(agent):
+    with pytest.raises(ValueError, match="no 'hit' or 'stick'"):
+        agent.extract_action("maybe")
+
+
+def test_candidates_map_to_the_action_space(agent):
+    space = gym.make("Blackjack-v1").action_space
+    assert [agent.extract_action(c) for c in agent.get_valid_actions((12, 2, 0))] == [0, 1]
+    assert all(space.contains(agent.extract_action(c)) for c in agent.get_valid_actions((12, 2, 0)))
+
+
+def test_short_training_run_on_blackjack_vector_env(agent):
+    envs = gym.make_vec("Blackjack-v1", num_envs=4, vectorization_mode="sync", sab=True)
+    history = agent.train(envs, 16, seed=0, progress=False)
+    assert len(history) >= 1 and all("loss/policy" in h for h in history)
+    result = agent.evaluate(envs, 8, seed=1)
+    assert result["n_episodes"] == 8 and -1.0 <= result["mean_return"] <= 1.5

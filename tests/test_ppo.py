@@ -1,0 +1,110 @@
+"""PPO: it moves probability toward rewarded actions, trains only the adapter and heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rllama.algorithms import PPO, PPOConfig
+from tests.conftest import ChoiceEnv, FreeTextAgent, right_probability
+
+
+def _params(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("reward_right", [1.0, -1.0])
+def test_one_update_moves_probability_toward_the_rewarded_action(make_agent, reward_right):
+    agent = make_agent(algorithm_config={"batch_episodes": 8, "minibatch_size": 8, "epochs": 1,
+                                         "learning_rate": 1e-3, "kl_coef": 0.0, "ent_coef": 0.0})
+    observations = [0, 3, 5, 9]
+    before = [right_probability(agent, o) for o in observations]
+    history = agent.train(ChoiceEnv(reward_right=reward_right), 8, seed=0, progress=False)
+    assert len(history) == 1
+    after = [right_probability(agent, o) for o in observations]
+    for b, a in zip(before, after):
+        if reward_right > 0:
+            assert a > b + 0.01, (before, after)
+        else:
+            assert a < b - 0.01, (before, after)
+
+
+def test_generate_mode_update_raises_logprob_of_positive_and_lowers_negative_replies(make_agent):
+    """Free text: replies with positive advantage become likelier, negative ones less likely."""
+    agent = make_agent(FreeTextAgent, max_new_tokens=3,
+                       algorithm_config={"batch_episodes": 8, "minibatch_size": 8, "epochs": 1,
+                                         "learning_rate": 1e-3, "kl_coef": 0.0, "ent_coef": 0.0,
+                                         "normalize_advantages": True})
+    # The reward depends on the first byte of the reply, so replies differ in advantage.
+    agent.extract_action = lambda response: 1 if response[:1] < "\x80" else 0
+    agent.action_space = ChoiceEnv().action_space
+    steps = []
+    for k in range(8):
+        agent.act(k)
+        agent.assign_reward(1.0 if k % 2 == 0 else -1.0)
+        steps.append(agent._slots[0].steps[-1])
+        stats = agent.terminate_episode()
+    assert stats, "the update should have run"
+    with torch.no_grad():
+        after = agent.policy.evaluate(steps, with_entropy=False).distributions
+    for k, (step, dist) in enumerate(zip(steps, after)):
+        delta = float(dist.sum()) - step.logprob
+        if k % 2 == 0:
+            assert delta > 0, (k, delta)
+        else:
+            assert delta < 0, (k, delta)
+
+
+def test_base_weights_never_change_and_every_trainable_parameter_does(make_agent):
+    agent = make_agent(algorithm_config={"batch_episodes": 4, "minibatch_size": 4, "learning_rate": 1e-3})
+    before = _params(agent.policy)
+    agent.train(ChoiceEnv(steps=2), 4, seed=0, progress=False)
+    after = _params(agent.policy)
+    trainable = {n for n, p in agent.policy.named_parameters() if p.requires_grad}
+    for name in before:
+        if name in trainable:
+            assert not torch.equal(before[name], after[name]), f"{name} did not change"
+        else:
+            assert torch.equal(before[name], after[name]), f"frozen {name} changed"
+
+
+def test_kl_to_reference_is_zero_before_training_and_grows(make_agent):
+    agent = make_agent(algorithm_config={"batch_episodes": 4, "minibatch_size": 2, "epochs": 2,
+                                         "learning_rate": 5e-3})
+    stats = agent.train(ChoiceEnv(), 4, seed=0, progress=False)[0]
+    # The adapter starts as the identity (LoRA B = 0), so the first minibatch has KL 0; later ones do not.
+    assert stats["policy/kl_ref"] > 0
+    steps = []
+    for k in range(3):
+        agent.act(k)
+        steps.append(agent._slots[0].steps[-1])
+        agent.assign_reward(0.0)
+        agent.terminate_episode()
+    reference = agent.algorithm.reference_distributions(steps)
+    with torch.no_grad():
+        ev = agent.policy.evaluate(steps)
+    from rllama.algorithms import kl_to_reference
+
+    assert torch.all(kl_to_reference(ev, reference, steps) > 0)
+    assert torch.allclose(kl_to_reference(ev, ev.distributions, steps), torch.zeros(3), atol=1e-6)
+
+
+def test_target_kl_stops_epochs_early(make_agent):
+    agent = make_agent(algorithm_config={"batch_episodes": 8, "minibatch_size": 2, "epochs": 8,
+                                         "learning_rate": 5e-2, "target_kl": 1e-4})
+    stats = agent.train(ChoiceEnv(), 8, seed=0, progress=False)[0]
+    assert stats["train/minibatches"] < 8 * 4
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("clip_range", 0.0), ("gamma", 1.5),
+                                         ("learning_rate", -1.0), ("batch_episodes", 0), ("kl_coef", -0.1)])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        PPOConfig(**{field: value})
+
+
+def test_config_instance_and_dict_are_accepted(make_agent):
+    agent = make_agent(algorithm_config=PPOConfig(epochs=3))
+    assert isinstance(agent.algorithm, PPO) and agent.algorithm.config.epochs == 3
+    agent = make_agent(algorithm_config={"epochs": 5})
+    assert agent.algorithm.config.epochs == 5
