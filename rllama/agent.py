@@ -79,7 +79,8 @@ class RLlamaAgent(ABC):
         algorithm: a registered name (``"ppo"``), an Algorithm subclass or instance.
         algorithm_config: the algorithm's config dataclass or a dict of its fields.
         lora_config: a ``peft.LoraConfig`` (default: rank 16 on every linear layer).
-        precision: ``"fp32"`` or ``"bf16"`` autocast.
+        precision: ``"auto"`` (bf16 autocast where the hardware runs it natively, else fp32),
+            ``"fp32"`` or ``"bf16"``.
         score_normalization: ``"mean"`` or ``"sum"`` of a candidate's token log-probs.
         temperature: policy temperature (scoring and generation, acting and training).
         max_new_tokens: longest generated reply.
@@ -102,7 +103,7 @@ class RLlamaAgent(ABC):
         algorithm_config=None,
         *,
         lora_config=None,
-        precision: str = "fp32",
+        precision: str = "auto",
         score_normalization: str = "mean",
         temperature: float = 1.0,
         max_new_tokens: int = 32,
@@ -249,18 +250,21 @@ class RLlamaAgent(ABC):
             slot = self._slots[env_id] = _EnvSlot(messages=[{"role": "system", "content": self._system_prompt()}])
         return slot
 
-    def _prompt_ids(self, slot: _EnvSlot) -> list[int]:
-        ids = self.chat.prompt_ids(slot.messages)
-        # Drop the oldest (observation, reply) pairs until the prompt fits, keeping the system prompt.
-        while len(ids) > self.max_prompt_tokens and len(slot.messages) > 3:
-            del slot.messages[1:3]
-            ids = self.chat.prompt_ids(slot.messages)
+    def _fit_prompt(self, messages: list[dict]) -> tuple[list[int], list[dict]]:
+        """Prompt ids of ``messages``, dropping the oldest (observation, reply) pairs until it fits.
+
+        Returns the ids and the messages they were rendered from (the system prompt always stays).
+        """
+        ids = self.chat.prompt_ids(messages)
+        while len(ids) > self.max_prompt_tokens and len(messages) > 3:
+            messages = messages[:1] + messages[3:]
+            ids = self.chat.prompt_ids(messages)
         if len(ids) > self.max_prompt_tokens:
             raise RLlamaError(
                 f"the prompt of the current observation alone is {len(ids)} tokens, over max_prompt_tokens="
                 f"{self.max_prompt_tokens}; shorten the system prompt or format_observation's text"
             )
-        return ids
+        return ids, messages
 
     # ------------------------------------------------------------------ acting
     def act(self, observation):
@@ -287,14 +291,17 @@ class RLlamaAgent(ABC):
             raise ValueError(f"env_ids must be distinct, got {env_ids}")
         if not observations:
             return []
-        slots, prompts, candidates = [], [], []
+        # Nothing is written to an env's chat until its action is known, so an error in a hook
+        # leaves every chat as it was.
+        slots, chats, prompts, candidates = [], [], [], []
         for env_id, obs in zip(env_ids, observations):
             slot = self._slot(env_id)
             text = self._observation_text(obs)
             cands = self._valid_actions(obs)
-            slot.messages.append({"role": "user", "content": text})
+            ids, chat = self._fit_prompt(slot.messages + [{"role": "user", "content": text}])
             slots.append(slot)
-            prompts.append(self._prompt_ids(slot))
+            chats.append(chat)
+            prompts.append(ids)
             candidates.append(cands)
 
         steps: list[Step | None] = [None] * len(observations)
@@ -307,18 +314,18 @@ class RLlamaAgent(ABC):
                 self._generate(generated, prompts, steps)
 
         actions = []
-        for slot, step, obs in zip(slots, steps, observations):
+        for step, obs in zip(steps, observations):
             if step.is_scored:
-                action = self._hook("extract_action", step.text)
-                self._check_action(action, step.text)
+                step.action = self._hook("extract_action", step.text)
+                self._check_action(step.action, step.text)
             else:
-                action = self._parse_generated(obs, step.text)
-            step.action = action
-            slot.messages.append({"role": "assistant", "content": step.text})
+                step.action = self._parse_generated(obs, step.text)
+            actions.append(step.action)
+        for slot, chat, step in zip(slots, chats, steps):
+            slot.messages = chat + [{"role": "assistant", "content": step.text}]
             if self._recording:
                 slot.steps.append(step)
                 self.total_steps += 1
-            actions.append(action)
         return actions
 
     def _score(self, rows, prompts, candidates, steps) -> None:
@@ -573,6 +580,8 @@ def _run_vector(agent, env, n_episodes, seed, bar, on_update) -> list[float]:
     returns: list[float] = []
     obs, _info = env.reset(seed=seed)
     resetting = np.zeros(n, dtype=bool)  # NEXT_STEP: this step only resets the env
+    if seed is not None:
+        env.single_action_space.seed(seed)
     filler = [env.single_action_space.sample() for _ in range(n)]
     stop = False
     while len(returns) < n_episodes and not stop:

@@ -126,6 +126,7 @@ def make_agent(tokenizer):
 
     def factory(cls=ChoiceAgent, kind="llama", model_seed=0, **kwargs):
         kwargs.setdefault("seed", 0)
+        kwargs.setdefault("precision", "fp32")  # exact comparisons; bf16 has its own test
         return cls(make_tiny_lm(kind, seed=model_seed), tokenizer, **kwargs)
 
     return factory

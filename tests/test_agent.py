@@ -279,3 +279,21 @@ class _Minimal(RLlamaAgent):
 def test_minimal_subclass_needs_only_three_hooks(tokenizer):
     agent = _Minimal(make_tiny_lm(), tokenizer, max_new_tokens=2)
     assert agent.act(0) == 0
+
+
+def test_a_failing_hook_leaves_the_chat_unchanged(make_agent):
+    class FailsOnSeven(ChoiceAgent):
+        def format_observation(self, observation):
+            if observation == 7:
+                raise ValueError("seven")
+            return super().format_observation(observation)
+
+    agent = make_agent(FailsOnSeven)
+    agent.act(1)
+    before = [dict(m) for m in agent._slots[0].messages]
+    with pytest.raises(HookError):
+        agent.act_batch([7, 2], env_ids=[0, 1])
+    assert agent._slots[0].messages == before and len(agent._slots[0].steps) == 1
+    assert 1 not in agent._slots or not agent._slots[1].steps
+    agent.act(3)  # the agent carries on
+    assert [m["role"] for m in agent._slots[0].messages] == ["system", "user", "assistant", "user", "assistant"]

@@ -34,7 +34,7 @@ def _naive_logprobs(policy: PolicyModel, prompt, continuation):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("shared_prefix", [False, True])
 def test_continuation_logprobs_match_unbatched_forward(tokenizer, kind, shared_prefix):
-    policy = PolicyModel(make_tiny_lm(kind), tokenizer)
+    policy = PolicyModel(make_tiny_lm(kind), tokenizer, precision='fp32')
     _randomise_adapter(policy)
     head = list(range(40, 60)) if shared_prefix else []
     prompts = [head + [5, 6, 7, 8], head + [9], head + [10, 11, 12, 13, 14, 15, 16]]
@@ -51,7 +51,7 @@ def test_continuation_logprobs_match_unbatched_forward(tokenizer, kind, shared_p
 
 
 def test_shared_prefix_gives_same_results_as_plain_padding(tokenizer):
-    policy = PolicyModel(make_tiny_lm(), tokenizer)
+    policy = PolicyModel(make_tiny_lm(), tokenizer, precision='fp32')
     _randomise_adapter(policy)
     head = list(range(40, 70))
     prompts = [head + [5, 6], head + [7], head + [8, 9, 10, 11]]
@@ -65,7 +65,7 @@ def test_shared_prefix_gives_same_results_as_plain_padding(tokenizer):
 
 
 def test_score_candidates_is_a_distribution_per_prompt(tokenizer, tiny_lm):
-    policy = PolicyModel(tiny_lm, tokenizer)
+    policy = PolicyModel(tiny_lm, tokenizer, precision='fp32')
     logprobs, values = policy.score_candidates([[5, 6, 7], [8, 9]], [[[10], [11, 12], [13]], [[14], [15]]])
     assert [lp.shape[0] for lp in logprobs] == [3, 2]
     for lp in logprobs:
@@ -75,7 +75,7 @@ def test_score_candidates_is_a_distribution_per_prompt(tokenizer, tiny_lm):
 
 
 def test_sum_and_mean_normalisation_differ_for_long_candidates(tokenizer, tiny_lm):
-    policy = PolicyModel(tiny_lm, tokenizer, score_normalization="sum")
+    policy = PolicyModel(tiny_lm, tokenizer, score_normalization="sum", precision='fp32')
     cands = [[[10], [11, 12, 13, 14, 15]]]
     with torch.no_grad():
         lp_sum, _ = policy.score_candidates([[5, 6]], cands)
@@ -86,7 +86,7 @@ def test_sum_and_mean_normalisation_differ_for_long_candidates(tokenizer, tiny_l
 
 
 def test_generate_logprobs_match_rescoring_and_stop_at_stop_token(tokenizer, tiny_lm):
-    policy = PolicyModel(tiny_lm, tokenizer)
+    policy = PolicyModel(tiny_lm, tokenizer, precision='fp32')
     _randomise_adapter(policy)
     prompts = [[5, 6, 7, 8], [9, 10]]
     g = torch.Generator().manual_seed(0)
@@ -105,7 +105,7 @@ def test_generate_logprobs_match_rescoring_and_stop_at_stop_token(tokenizer, tin
 
 
 def test_evaluate_matches_acting_logprobs(tokenizer, tiny_lm):
-    policy = PolicyModel(tiny_lm, tokenizer)
+    policy = PolicyModel(tiny_lm, tokenizer, precision='fp32')
     _randomise_adapter(policy)
     prompts = [[5, 6, 7], [8, 9, 10, 11]]
     cands = [[[20, 1], [21, 22, 1]], [[23, 1], [24, 1], [25, 1]]]
@@ -132,7 +132,7 @@ def test_reference_is_the_base_model_with_adapter_disabled(tokenizer):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         base_logits = lm(input_ids=ids).logits.clone()
-    policy = PolicyModel(lm, tokenizer)
+    policy = PolicyModel(lm, tokenizer, precision='fp32')
     _randomise_adapter(policy)
     with torch.no_grad():
         adapted = policy.lm(input_ids=ids).logits
@@ -147,13 +147,13 @@ def test_reference_is_the_base_model_with_adapter_disabled(tokenizer):
 
 
 def test_only_adapter_and_heads_are_trainable(tokenizer, tiny_lm):
-    policy = PolicyModel(tiny_lm, tokenizer)
+    policy = PolicyModel(tiny_lm, tokenizer, precision='fp32')
     names = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n or n.startswith("heads.") for n in names)
 
 
 def test_save_load_round_trip_gives_identical_outputs(tokenizer, tmp_path):
-    policy = PolicyModel(make_tiny_lm(), tokenizer)
+    policy = PolicyModel(make_tiny_lm(), tokenizer, precision='fp32')
     _randomise_adapter(policy, seed=3)
     policy.save(tmp_path / "ckpt")
     files = sorted(p.name for p in (tmp_path / "ckpt").rglob("*") if p.is_file())
@@ -161,7 +161,7 @@ def test_save_load_round_trip_gives_identical_outputs(tokenizer, tmp_path):
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     json.loads((tmp_path / "ckpt" / "policy.json").read_text())
 
-    other = PolicyModel(make_tiny_lm(), tokenizer)
+    other = PolicyModel(make_tiny_lm(), tokenizer, precision='fp32')
     prompts, cands = [[5, 6, 7]], [[[10, 1], [11, 12, 1]]]
     with torch.no_grad():
         before, vb = policy.score_candidates(prompts, cands)
@@ -174,7 +174,7 @@ def test_save_load_round_trip_gives_identical_outputs(tokenizer, tmp_path):
 
 
 def test_save_overwrites_atomically(tokenizer, tmp_path):
-    policy = PolicyModel(make_tiny_lm(), tokenizer)
+    policy = PolicyModel(make_tiny_lm(), tokenizer, precision='fp32')
     policy.save(tmp_path / "ckpt")
     _randomise_adapter(policy, seed=5)
     policy.save(tmp_path / "ckpt")
@@ -182,7 +182,7 @@ def test_save_overwrites_atomically(tokenizer, tmp_path):
 
 
 def test_load_errors_name_the_problem(tokenizer, tmp_path):
-    policy = PolicyModel(make_tiny_lm(), tokenizer)
+    policy = PolicyModel(make_tiny_lm(), tokenizer, precision='fp32')
     with pytest.raises(ModelNotFoundError, match="not an rllama checkpoint"):
         policy.load(tmp_path)
     policy.save(tmp_path / "ckpt")
@@ -206,9 +206,20 @@ def test_bad_settings_are_rejected(tokenizer, tiny_lm):
 
 
 def test_bf16_precision_runs_and_stays_close(tokenizer, tiny_lm):
-    policy = PolicyModel(tiny_lm, tokenizer)
+    policy = PolicyModel(tiny_lm, tokenizer, precision='fp32')
     with torch.no_grad():
         fp32, _ = policy.score_candidates([[5, 6, 7]], [[[10, 1], [11, 1]]])
         policy.precision = "bf16"
         bf16, _ = policy.score_candidates([[5, 6, 7]], [[[10, 1], [11, 1]]])
     torch.testing.assert_close(bf16[0], fp32[0], atol=0.05, rtol=0.05)
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    from rllama.policy.model import resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
