@@ -51,6 +51,22 @@ def versions() -> dict:
     }
 
 
+def hit_probabilities(agent) -> list[list[float]]:
+    """The policy's probability of "hit" at the first step, for player totals 4-21 x dealer cards 1-10 (no ace)."""
+    import torch
+
+    system = {"role": "system", "content": agent.get_system_prompt()}
+    table = []
+    candidates = [agent.chat.reply_ids(c) for c in agent.get_valid_actions((12, 2, 0))]
+    for total in range(4, 22):
+        prompts = [agent.chat.prompt_ids([system, {"role": "user", "content": agent.format_observation((total, d, 0))}])
+                   for d in range(1, 11)]
+        with torch.no_grad():
+            logprobs, _ = agent.policy.score_candidates(prompts, [candidates] * len(prompts))
+        table.append([float(lp.exp()[1]) for lp in logprobs])
+    return table
+
+
 def run_seed(seed: int, args) -> dict:
     import gymnasium as gym
 
@@ -70,6 +86,7 @@ def run_seed(seed: int, args) -> dict:
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     sampled_before = agent.evaluate(envs, args.eval_episodes, seed=EVAL_SEED, greedy=False)["mean_return"]
+    hit_before = hit_probabilities(agent)
     evaluate(0)
     updates = []
     done = 0
@@ -89,6 +106,8 @@ def run_seed(seed: int, args) -> dict:
         "trained_greedy": curve[-1]["mean_return"],
         "untrained_sampled": sampled_before,
         "trained_sampled": sampled_after,
+        "hit_probability_untrained": hit_before,
+        "hit_probability_trained": hit_probabilities(agent),
         "updates": updates,
         "wall_s": time.perf_counter() - t0,
     }
@@ -100,7 +119,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     curves = []
     for run in result["runs"]:
         x = [p["episodes"] for p in run["curve"]]
@@ -113,6 +132,17 @@ def plot(result: dict, path: Path) -> None:
               "uniform random": "tab:red"}
     for name, value in REFERENCE_RETURNS.items():
         ax.axhline(value, ls="--", lw=1, color=styles[name], label=f"{name} ({value:+.3f})")
+    totals = list(range(4, 22))
+    for key, color, label in (("hit_probability_untrained", "tab:gray", "untrained"),
+                              ("hit_probability_trained", "tab:blue", "trained")):
+        per_seed = np.array([np.mean(run[key], axis=1) for run in result["runs"]])  # [seeds, totals]
+        ax2.plot(totals, per_seed.mean(0), color=color, lw=2, marker="o", ms=3, label=f"{label} (mean of seeds)")
+    ax2.axvline(16.5, ls="--", color="tab:olive", lw=1, label="stick-at-17 threshold")
+    ax2.set_xlabel("player total (first decision, no usable ace)")
+    ax2.set_ylabel("P(hit), averaged over dealer cards")
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
     ax.set_xlabel("training episodes")
     ax.set_ylabel(f"mean return, {result['config']['eval_episodes']} greedy eval episodes")
     ax.set_title(f"Blackjack-v1 (sab), {result['config']['model'] or 'SmolLM2-135M-Instruct'} + LoRA, PPO")

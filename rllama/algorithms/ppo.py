@@ -30,7 +30,7 @@ from rllama.algorithms.registry import register_algorithm
 
 @dataclass
 class PPOConfig(OnPolicyConfig):
-    """PPO settings (defaults tuned on Blackjack-v1 with SmolLM2-135M; see benchmarks/README.md).
+    """PPO settings. Defaults were chosen on Blackjack-v1 with SmolLM2-135M (benchmarks/README.md).
 
     Attributes:
         epochs: passes over each batch.
@@ -41,7 +41,7 @@ class PPOConfig(OnPolicyConfig):
     """
 
     batch_episodes: int = 16
-    learning_rate: float = 2e-4
+    learning_rate: float = 3e-5
     max_grad_norm: float = 0.5
     epochs: int = 2
     clip_range: float = 0.2
