@@ -12,7 +12,7 @@ Quick start::
     agent = BlackjackAgent()              # embedded SmolLM2-135M-Instruct, PPO on a LoRA adapter
 """
 
-from rllama.agent import RLlamaAgent, run_episodes, set_seed
+from rllama.agent import RLlamaAgent, set_seed
 from rllama.algorithms import (
     PPO,
     Algorithm,
@@ -29,6 +29,7 @@ from rllama.errors import (
     ModelNotFoundError,
     RLlamaError,
 )
+from rllama.loops import run_episodes
 from rllama.policy import DEFAULT_MODEL, PolicyModel, default_lora_config, load_model
 from rllama.prompting import ChatFormat
 

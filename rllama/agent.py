@@ -38,6 +38,7 @@ import logging
 import math
 import random
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ import torch
 
 from rllama.algorithms import Episode, Step, make_algorithm
 from rllama.errors import AgentStateError, HookError, InvalidActionError, RLlamaError
+from rllama.loops import run_episodes
 from rllama.policy import PolicyModel, load_model
 from rllama.prompting import ChatFormat
 
@@ -135,6 +137,8 @@ class RLlamaAgent(ABC):
         self._warned_fallback = False
         self.total_steps = 0
         self.total_episodes = 0
+        self._next_group = 0  # ids of start-state groups (GRPO)
+        self._pending_group_slots: deque = deque()  # (group id, reset seed) still to play
 
     # ------------------------------------------------------------------ hooks
     @abstractmethod
@@ -391,39 +395,49 @@ class RLlamaAgent(ABC):
                 raise AgentStateError(f"assign_reward for env {env_id} before any act() in its episode")
             slot.steps[-1].reward += float(r)
 
-    def terminate_episode(self, truncated: bool = False) -> dict[str, float]:
+    def terminate_episode(self, truncated: bool = False, group: int | None = None) -> dict[str, float]:
         """End environment 0's episode. Trains when a batch of episodes is full.
 
         Args:
             truncated: the episode was cut by a time limit rather than ending (bootstraps the value).
+            group: for group-relative algorithms (GRPO), the id shared by episodes that started
+                from the same state (``train`` sets it for you).
 
         Returns:
             The training statistics when an update ran, else an empty dict.
         """
-        return self.terminate_episodes([0], truncated=[truncated])
+        return self.terminate_episodes([0], truncated=[truncated], groups=None if group is None else [group])
 
     def terminate_episodes(
-        self, env_ids: Sequence[int] | np.ndarray, truncated: Sequence[bool] | None = None
+        self,
+        env_ids: Sequence[int] | np.ndarray,
+        truncated: Sequence[bool] | None = None,
+        groups: Sequence[int] | None = None,
     ) -> dict[str, float]:
         """End the episodes of several environments; trains once if a batch became full.
 
         Args:
             env_ids: environment ids, or a boolean mask over environments (``terminated | truncated``).
             truncated: per ended environment, whether it was truncated.
+            groups: per ended environment, its start-state group id (see ``terminate_episode``).
         """
         ids = np.asarray(env_ids)
         ids = np.flatnonzero(ids).tolist() if ids.dtype == bool else [int(i) for i in ids.reshape(-1)]
         truncated = [False] * len(ids) if truncated is None else [bool(t) for t in truncated]
         if len(truncated) != len(ids):
             raise ValueError(f"{len(ids)} env_ids but {len(truncated)} truncated flags")
-        for env_id, trunc in zip(ids, truncated):
+        groups = [None] * len(ids) if groups is None else list(groups)
+        if len(groups) != len(ids):
+            raise ValueError(f"{len(ids)} env_ids but {len(groups)} groups")
+        for env_id, trunc, group in zip(ids, truncated, groups):
             slot = self._slots.pop(env_id, None)
             if slot is None or (self._recording and not slot.steps):
                 raise AgentStateError(
                     f"terminate_episode for env {env_id} with no steps since its last episode ended; call act() first"
                 )
             if self._recording:
-                self.algorithm.add_episode(Episode(slot.steps, env_id=env_id, truncated=trunc))
+                info = {} if group is None else {"group": int(group)}
+                self.algorithm.add_episode(Episode(slot.steps, env_id=env_id, truncated=trunc, info=info))
                 self.total_episodes += 1
         if self._recording and self.algorithm.ready():
             stats = self.algorithm.update()
@@ -503,130 +517,6 @@ class RLlamaAgent(ABC):
     def load(self, path) -> dict:
         """Load adapter and head weights saved by :meth:`save`; returns the saved config."""
         return self.policy.load(path)
-
-
-# ---------------------------------------------------------------------- environment loops
-def run_episodes(
-    agent: RLlamaAgent,
-    env,
-    n_episodes: int,
-    *,
-    seed: int | None = None,
-    progress: bool = False,
-    desc: str = "",
-    on_update: Callable[[dict], bool] | None = None,
-    reseed_each_episode: bool = False,
-) -> list[float]:
-    """Run ``n_episodes`` episodes of ``agent`` in a single or vector env; returns their returns.
-
-    Vector envs may use Gymnasium's ``NEXT_STEP`` (the default) or ``SAME_STEP`` autoreset. Each
-    vector sub-env runs a fixed share of the episodes, so short episodes are not over-represented.
-    """
-    import gymnasium as gym
-
-    if n_episodes < 1:
-        raise ValueError(f"n_episodes={n_episodes}; expected at least 1")
-    is_vector = isinstance(env, gym.vector.VectorEnv)
-    space = env.single_action_space if is_vector else env.action_space
-    previous_space = agent.action_space
-    agent.action_space = space
-    bar = _progress(n_episodes, desc, progress)
-    try:
-        if is_vector:
-            return _run_vector(agent, env, n_episodes, seed, bar, on_update)
-        return _run_single(agent, env, n_episodes, seed, bar, on_update, reseed_each_episode)
-    finally:
-        agent.action_space = previous_space
-        if bar is not None:
-            bar.close()
-
-
-def _run_single(agent, env, n_episodes, seed, bar, on_update, reseed_each_episode) -> list[float]:
-    returns = []
-    for k in range(n_episodes):
-        if seed is None:
-            reset_seed = None
-        else:
-            reset_seed = seed + k if reseed_each_episode else (seed if k == 0 else None)
-        obs, _info = env.reset(seed=reset_seed)
-        total, done = 0.0, False
-        while not done:
-            action = agent.act(obs)
-            obs, reward, terminated, truncated, _info = env.step(action)
-            agent.assign_reward(reward)
-            total += float(reward)
-            done = bool(terminated or truncated)
-        stats = agent.terminate_episode(truncated=bool(truncated and not terminated))
-        returns.append(total)
-        _tick(bar, returns)
-        if stats and on_update is not None and on_update(stats) is False:
-            break
-    return returns
-
-
-def _run_vector(agent, env, n_episodes, seed, bar, on_update) -> list[float]:
-    from gymnasium.vector import AutoresetMode
-    from gymnasium.vector.utils import concatenate, create_empty_array
-
-    from rllama.envs.vector import unbatch
-
-    n = env.num_envs
-    mode = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
-    if mode == AutoresetMode.DISABLED:
-        raise ValueError("vector envs with autoreset_mode=DISABLED are not supported; use NEXT_STEP or SAME_STEP")
-    quota = [n_episodes // n + (1 if i < n_episodes % n else 0) for i in range(n)]
-    finished = [0] * n
-    running = [0.0] * n
-    returns: list[float] = []
-    obs, _info = env.reset(seed=seed)
-    resetting = np.zeros(n, dtype=bool)  # NEXT_STEP: this step only resets the env
-    if seed is not None:
-        env.single_action_space.seed(seed)
-    filler = [env.single_action_space.sample() for _ in range(n)]
-    stop = False
-    while len(returns) < n_episodes and not stop:
-        obs_list = unbatch(env.single_observation_space, obs, n)
-        ids = [i for i in range(n) if not resetting[i] and finished[i] < quota[i]]
-        acts = agent.act_batch([obs_list[i] for i in ids], env_ids=ids)
-        actions = list(filler)
-        for i, a in zip(ids, acts):
-            actions[i] = filler[i] = a
-        batched = concatenate(env.single_action_space, actions, create_empty_array(env.single_action_space, n=n))
-        obs, rewards, terminated, truncated, _info = env.step(batched)
-        agent.assign_rewards([rewards[i] for i in ids], env_ids=ids)
-        ended = [i for i in ids if terminated[i] or truncated[i]]
-        for i in ids:
-            running[i] += float(rewards[i])
-        stats = agent.terminate_episodes(ended, truncated=[truncated[i] and not terminated[i] for i in ended])
-        for i in ended:
-            finished[i] += 1
-            returns.append(running[i])
-            running[i] = 0.0
-            _tick(bar, returns)
-        if stats and on_update is not None and on_update(stats) is False:
-            stop = True
-        done = np.logical_or(terminated, truncated)
-        resetting = done if mode == AutoresetMode.NEXT_STEP else np.zeros(n, dtype=bool)
-    # Sub-envs stopped mid-episode by a callback leave unfinished chats behind.
-    for i in range(n):
-        agent._slots.pop(i, None)
-    return returns
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True)
-
-
-def _tick(bar, returns: list[float]) -> None:
-    if bar is None:
-        return
-    bar.update(1)
-    recent = returns[-100:]
-    bar.set_postfix(ret=f"{sum(recent) / len(recent):+.3f}", refresh=False)
 
 
 def _space_contains(space, action) -> bool:

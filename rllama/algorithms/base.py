@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from rllama.algorithms.buffers import Episode, RolloutBuffer, Step
+from rllama.algorithms.buffers import Episode, RolloutBatch, RolloutBuffer, Step
 from rllama.policy.model import PolicyModel, StepEvaluation
 
 
@@ -136,6 +136,7 @@ class OnPolicyConfig(AlgorithmConfig):
         kl_coef: weight of the KL divergence to the reference policy (the base model with the
             adapter disabled) in the loss; 0 turns the reference pass off.
         ent_coef: weight of the entropy bonus.
+        vf_coef: weight of the value loss (algorithms that learn a value).
         normalize_advantages: standardise advantages over the batch.
     """
 
@@ -144,6 +145,7 @@ class OnPolicyConfig(AlgorithmConfig):
     gae_lambda: float = 0.95
     kl_coef: float = 0.05
     ent_coef: float = 0.01
+    vf_coef: float = 0.5
     normalize_advantages: bool = True
 
     def __post_init__(self) -> None:
@@ -152,12 +154,40 @@ class OnPolicyConfig(AlgorithmConfig):
         _check(self, "gamma", 0 <= self.gamma <= 1, "must lie in [0, 1]")
         _check(self, "gae_lambda", 0 <= self.gae_lambda <= 1, "must lie in [0, 1]")
         _check(self, "kl_coef", self.kl_coef >= 0, "must be non-negative")
+        _check(self, "vf_coef", self.vf_coef >= 0, "must be non-negative")
+
+
+@dataclass
+class Minibatch:
+    """What an on-policy loss sees: steps, their re-evaluation, and the targets."""
+
+    steps: list[Step]
+    evaluation: StepEvaluation  # under the current parameters, with gradients
+    new_logprobs: torch.Tensor  # [U] per unit (a scored step is one unit, a generated step one per token)
+    old_logprobs: torch.Tensor  # [U] recorded when acting
+    owner: torch.Tensor  # [U] step index of each unit
+    unit_weights: torch.Tensor  # [U] 1 / units of the step: every step weighs the same
+    advantages: torch.Tensor  # [S]
+    returns: torch.Tensor  # [S]
+
+    def unit_advantages(self) -> torch.Tensor:
+        return self.advantages[self.owner]
+
+    def mean_over_steps(self, per_unit: torch.Tensor) -> torch.Tensor:
+        """Average of a per-unit quantity in which every step weighs the same."""
+        return (per_unit * self.unit_weights).sum() / len(self.steps)
 
 
 class OnPolicyAlgorithm(Algorithm):
-    """Shared pieces of on-policy algorithms: the reference pass and old log-probabilities."""
+    """Policy-gradient algorithms: collect episodes, compute targets, minimise a loss over minibatches.
+
+    A subclass implements :meth:`policy_loss` and may override :meth:`compute_targets`; the
+    loop adds the value loss (when ``uses_value``), the entropy bonus and the KL penalty to the
+    reference policy, and handles epochs, minibatches, the optimizer step and statistics.
+    """
 
     config_class: ClassVar[type] = OnPolicyConfig
+    uses_value: ClassVar[bool] = True
 
     @torch.no_grad()
     def reference_distributions(self, steps: Sequence[Step]) -> list[torch.Tensor]:
@@ -169,6 +199,99 @@ class OnPolicyAlgorithm(Algorithm):
                 ev = self.policy.evaluate(steps[start : start + size], with_values=False, with_entropy=False)
                 out.extend(ev.distributions)
         return out
+
+    def compute_targets(self, batch: RolloutBatch, episodes: list[Episode]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(advantages [S], returns [S])``; the default is GAE from the value estimates made when acting."""
+        return batch.advantages, batch.returns
+
+    @abstractmethod
+    def policy_loss(self, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The policy-gradient part of the loss and its statistics."""
+
+    @property
+    def epochs(self) -> int:
+        return int(getattr(self.config, "epochs", 1))
+
+    def update(self) -> dict[str, float]:
+        cfg = self.config
+        timer = Timer()
+        episodes = self.buffer.episodes
+        batch = self.buffer.to_batch(cfg.gamma, cfg.gae_lambda)
+        self.buffer.clear()
+        advantages, returns = self.compute_targets(batch, episodes)
+        if cfg.normalize_advantages and len(advantages) > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        reference = self.reference_distributions(batch.steps) if cfg.kl_coef > 0 else None
+        target_kl = getattr(cfg, "target_kl", None)
+
+        sums: dict[str, float] = {}
+        n_minibatches = 0
+        for _epoch in range(self.epochs):
+            stop = False
+            for idx in batch.minibatches(cfg.minibatch_size, self.generator):
+                rows = idx.tolist()
+                steps = [batch.steps[i] for i in rows]
+                ev = self.policy.evaluate(steps, with_values=self.uses_value)
+                new_lp, owner = ev.unit_logprobs()
+                units_per_step = torch.bincount(owner, minlength=len(steps)).float()
+                mb = Minibatch(
+                    steps=steps, evaluation=ev, new_logprobs=new_lp, owner=owner,
+                    old_logprobs=old_unit_logprobs(steps).to(new_lp.device),
+                    unit_weights=1.0 / units_per_step[owner],
+                    advantages=advantages[idx].to(new_lp.device), returns=returns[idx].to(new_lp.device),
+                )
+                pg_loss, stats = self.policy_loss(mb)
+                entropy = ev.entropy.mean()
+                loss = pg_loss - cfg.ent_coef * entropy
+                stats["loss/policy"] = pg_loss.item()
+                stats["policy/entropy"] = entropy.item()
+                if self.uses_value:
+                    v_loss = 0.5 * (ev.values - mb.returns).pow(2).mean()
+                    loss = loss + cfg.vf_coef * v_loss
+                    stats["loss/value"] = v_loss.item()
+                if reference is not None:
+                    kl_ref = kl_to_reference(ev, [reference[i] for i in rows], steps).mean()
+                    loss = loss + cfg.kl_coef * kl_ref
+                    stats["policy/kl_ref"] = kl_ref.item()
+                with torch.no_grad():
+                    log_ratio = new_lp - mb.old_logprobs
+                    approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean().item()
+                stats["policy/approx_kl"] = approx_kl
+                stats["train/grad_norm"] = self.optimizer_step(loss)
+                stats["loss/total"] = loss.item()
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                n_minibatches += 1
+                if target_kl is not None and approx_kl > 1.5 * target_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+        self.num_updates += 1
+        out = {k: v / n_minibatches for k, v in sums.items()}
+        out.update(
+            {
+                "rollout/episodes": float(len(episodes)),
+                "rollout/steps": float(len(batch)),
+                "rollout/mean_return": float(sum(e.total_reward for e in episodes) / len(episodes)),
+                "train/minibatches": float(n_minibatches),
+                "train/updates": float(self.num_updates),
+                "time/update_s": timer(),
+            }
+        )
+        if self.uses_value:
+            out["value/explained_variance"] = explained_variance(batch.old_values, returns)
+            out["value/mean"] = float(batch.old_values.mean())
+        return out
+
+
+def clipped_surrogate(mb: Minibatch, clip_range: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate loss ``-E[min(r A, clip(r, 1-eps, 1+eps) A)]`` over the minibatch's units."""
+    ratio = (mb.new_logprobs - mb.old_logprobs).exp()
+    adv = mb.unit_advantages()
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_range, 1 + clip_range) * adv)
+    clipfrac = ((ratio - 1).abs() > clip_range).float().mean().item()
+    return -mb.mean_over_steps(surrogate), {"policy/clipfrac": clipfrac}
 
 
 def old_unit_logprobs(steps: Sequence[Step]) -> torch.Tensor:

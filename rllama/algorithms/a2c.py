@@ -1,0 +1,40 @@
+"""Advantage actor-critic (synchronous, A2C): one gradient step per batch, no clipping.
+
+    L = -E[A_t log pi(a_t|s_t)] + vf_coef * E[(V(s_t) - R_t)^2] / 2 - ent_coef * H[pi]
+        + kl_coef * KL(pi || pi_ref)
+
+``A_t`` is GAE over the value head's estimates (``gae_lambda=1`` gives Monte-Carlo returns minus
+the value; smaller values n-step-like bootstrapping). The actor and the critic share the LoRA
+adapter and train together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rllama.algorithms.base import Minibatch, OnPolicyAlgorithm, OnPolicyConfig
+from rllama.algorithms.registry import register_algorithm
+
+
+@dataclass
+class A2CConfig(OnPolicyConfig):
+    """A2C settings: one pass over each batch in minibatches of ``minibatch_size`` steps."""
+
+    batch_episodes: int = 16
+    minibatch_size: int = 64
+    learning_rate: float = 3e-5
+    max_grad_norm: float = 0.5
+    gae_lambda: float = 1.0
+    normalize_advantages: bool = False
+
+
+@register_algorithm("a2c")
+class A2C(OnPolicyAlgorithm):
+    """Advantage actor-critic with the value head as critic."""
+
+    config_class = A2CConfig
+
+    def policy_loss(self, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
+        return -mb.mean_over_steps(mb.unit_advantages() * mb.new_logprobs), {}

@@ -1,0 +1,217 @@
+"""Environment loops: run an agent for a number of episodes in a single or vector Gymnasium env.
+
+``RLlamaAgent.train`` and ``RLlamaAgent.evaluate`` use these; users may call :func:`run_episodes`
+directly or write their own loop with ``act``/``assign_reward``/``terminate_episode``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from rllama.agent import RLlamaAgent
+
+
+def run_episodes(
+    agent: RLlamaAgent,
+    env,
+    n_episodes: int,
+    *,
+    seed: int | None = None,
+    progress: bool = False,
+    desc: str = "",
+    on_update: Callable[[dict], bool] | None = None,
+    reseed_each_episode: bool = False,
+) -> list[float]:
+    """Run ``n_episodes`` episodes of ``agent`` in a single or vector env; returns their returns.
+
+    Vector envs may use Gymnasium's ``NEXT_STEP`` (the default) or ``SAME_STEP`` autoreset. Each
+    vector sub-env runs a fixed share of the episodes, so short episodes are not over-represented.
+
+    When the agent is training with a group-relative algorithm (``algorithm.group_size > 1``,
+    GRPO), episodes run in groups that start from the same state: each group's episodes reset the
+    env with one seed, and every episode is labelled with its group.
+    """
+    import gymnasium as gym
+
+    if n_episodes < 1:
+        raise ValueError(f"n_episodes={n_episodes}; expected at least 1")
+    is_vector = isinstance(env, gym.vector.VectorEnv)
+    space = env.single_action_space if is_vector else env.action_space
+    previous_space = agent.action_space
+    agent.action_space = space
+    bar = _progress(n_episodes, desc, progress)
+    group_size = int(getattr(agent.algorithm, "group_size", 1)) if agent._recording else 1
+    try:
+        if group_size > 1:
+            return _run_grouped(agent, env, n_episodes, group_size, seed, bar, on_update)
+        if is_vector:
+            return _run_vector(agent, env, n_episodes, seed, bar, on_update)
+        return _run_single(agent, env, n_episodes, seed, bar, on_update, reseed_each_episode)
+    finally:
+        agent.action_space = previous_space
+        if bar is not None:
+            bar.close()
+
+
+def _run_single(agent, env, n_episodes, seed, bar, on_update, reseed_each_episode) -> list[float]:
+    returns = []
+    for k in range(n_episodes):
+        if seed is None:
+            reset_seed = None
+        else:
+            reset_seed = seed + k if reseed_each_episode else (seed if k == 0 else None)
+        obs, _info = env.reset(seed=reset_seed)
+        total, done = 0.0, False
+        while not done:
+            action = agent.act(obs)
+            obs, reward, terminated, truncated, _info = env.step(action)
+            agent.assign_reward(reward)
+            total += float(reward)
+            done = bool(terminated or truncated)
+        stats = agent.terminate_episode(truncated=bool(truncated and not terminated))
+        returns.append(total)
+        _tick(bar, returns)
+        if stats and on_update is not None and on_update(stats) is False:
+            break
+    return returns
+
+
+def _run_vector(agent, env, n_episodes, seed, bar, on_update) -> list[float]:
+    from gymnasium.vector import AutoresetMode
+
+    from rllama.envs.vector import unbatch
+
+    n = env.num_envs
+    mode = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
+    if mode == AutoresetMode.DISABLED:
+        raise ValueError("vector envs with autoreset_mode=DISABLED are not supported; use NEXT_STEP or SAME_STEP")
+    quota = [n_episodes // n + (1 if i < n_episodes % n else 0) for i in range(n)]
+    finished = [0] * n
+    running = [0.0] * n
+    returns: list[float] = []
+    obs, _info = env.reset(seed=seed)
+    resetting = np.zeros(n, dtype=bool)  # NEXT_STEP: this step only resets the env
+    if seed is not None:
+        env.single_action_space.seed(seed)
+    filler = [env.single_action_space.sample() for _ in range(n)]
+    stop = False
+    while len(returns) < n_episodes and not stop:
+        obs_list = unbatch(env.single_observation_space, obs, n)
+        ids = [i for i in range(n) if not resetting[i] and finished[i] < quota[i]]
+        acts = agent.act_batch([obs_list[i] for i in ids], env_ids=ids)
+        actions = list(filler)
+        for i, a in zip(ids, acts):
+            actions[i] = filler[i] = a
+        obs, rewards, terminated, truncated, _info = env.step(_batch_actions(env, actions))
+        agent.assign_rewards([rewards[i] for i in ids], env_ids=ids)
+        ended = [i for i in ids if terminated[i] or truncated[i]]
+        for i in ids:
+            running[i] += float(rewards[i])
+        stats = agent.terminate_episodes(ended, truncated=[truncated[i] and not terminated[i] for i in ended])
+        for i in ended:
+            finished[i] += 1
+            returns.append(running[i])
+            running[i] = 0.0
+            _tick(bar, returns)
+        if stats and on_update is not None and on_update(stats) is False:
+            stop = True
+        done = np.logical_or(terminated, truncated)
+        resetting = done if mode == AutoresetMode.NEXT_STEP else np.zeros(n, dtype=bool)
+    # Sub-envs stopped mid-episode by a callback leave unfinished chats behind.
+    for i in range(n):
+        agent._slots.pop(i, None)
+    return returns
+
+
+def _run_grouped(agent, env, n_episodes, group_size, seed, bar, on_update) -> list[float]:
+    """Episodes in groups of ``group_size`` that start from the same state (same reset seed).
+
+    Runs in rounds: every round resets the active sub-envs explicitly, each with the seed of the
+    group its slot belongs to, and plays until they have all finished.
+    """
+    import gymnasium as gym
+
+    from rllama.envs.vector import unbatch
+
+    is_vector = isinstance(env, gym.vector.VectorEnv)
+    n = env.num_envs if is_vector else 1
+    seeds = np.random.default_rng(seed) if seed is not None else None
+    # (group id, reset seed) of each episode still to run; kept on the agent so that a group cut by
+    # the end of one call is completed by the next.
+    pending = agent._pending_group_slots
+    returns: list[float] = []
+    space = env.single_action_space if is_vector else env.action_space
+    if seed is not None:
+        space.seed(seed)
+    stop = False
+    while len(returns) < n_episodes and not stop:
+        active = min(n, n_episodes - len(returns))
+        while len(pending) < active:
+            if seeds is not None:
+                group_seed = int(seeds.integers(2**31))
+            else:
+                group_seed = int(torch.randint(2**31, (1,), generator=agent._rng))
+            group = agent._next_group
+            agent._next_group += 1
+            pending.extend((group, group_seed) for _ in range(group_size))
+        slots = [pending.popleft() for _ in range(active)]
+        reset_seeds = [s for _, s in slots] + [None] * (n - active)
+        obs, _ = env.reset(seed=reset_seeds if is_vector else reset_seeds[0])
+        running = [0.0] * n
+        playing = list(range(active))
+        filler = [space.sample() for _ in range(n)]
+        while playing:
+            obs_list = unbatch(env.single_observation_space, obs, n) if is_vector else [obs]
+            acts = agent.act_batch([obs_list[i] for i in playing], env_ids=playing)
+            for i, a in zip(playing, acts):
+                filler[i] = a
+            if is_vector:
+                obs, rewards, terminated, truncated, _ = env.step(_batch_actions(env, filler))
+            else:
+                obs, r, te, tr, _ = env.step(filler[0])
+                rewards, terminated, truncated = [r], [te], [tr]
+            agent.assign_rewards([rewards[i] for i in playing], env_ids=playing)
+            for i in playing:
+                running[i] += float(rewards[i])
+            ended = [i for i in playing if terminated[i] or truncated[i]]
+            stats = agent.terminate_episodes(ended, truncated=[truncated[i] and not terminated[i] for i in ended],
+                                             groups=[slots[i][0] for i in ended])
+            for i in ended:
+                returns.append(running[i])
+                _tick(bar, returns)
+            playing = [i for i in playing if i not in ended]
+            if stats and on_update is not None and on_update(stats) is False:
+                stop = True
+        for i in range(n):
+            agent._slots.pop(i, None)
+    return returns
+
+
+def _batch_actions(env, actions: list):
+    from gymnasium.vector.utils import concatenate, create_empty_array
+
+    space = env.single_action_space
+    return concatenate(space, actions, create_empty_array(space, n=env.num_envs))
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True)
+
+
+def _tick(bar, returns: list[float]) -> None:
+    if bar is None:
+        return
+    bar.update(1)
+    recent = returns[-100:]
+    bar.set_postfix(ret=f"{sum(recent) / len(recent):+.3f}", refresh=False)
+
+
