@@ -153,9 +153,15 @@ class RLlamaAgent(ABC):
     def extract_action(self, response: str):
         """The environment action for the model's reply (a generated text or a chosen candidate)."""
 
+    action_names: Sequence[str] | None = None
+    """Optional names of a ``Discrete`` action space's actions; used as the candidates when set."""
+
     def get_valid_actions(self, observation) -> list[str] | None:
-        """Candidate action texts to score, or ``None`` (the default) to generate free text."""
-        return None
+        """Candidate action texts to score, or ``None`` to generate free text.
+
+        The default returns ``action_names`` when the subclass sets it, else ``None``.
+        """
+        return list(self.action_names) if self.action_names else None
 
     def fallback_action(self, observation, response: str):
         """Action used in generate mode when ``extract_action`` fails on the model's reply.
@@ -311,6 +317,12 @@ class RLlamaAgent(ABC):
         steps: list[Step | None] = [None] * len(observations)
         scored = [i for i, c in enumerate(candidates) if c is not None]
         generated = [i for i, c in enumerate(candidates) if c is None]
+        if generated and self.algorithm.requires_candidates:
+            raise RLlamaError(
+                f"{type(self.algorithm).__name__} is value-based and needs a discrete set of candidate actions, "
+                f"but get_valid_actions({_short(observations[generated[0]])}) returned None (free text). "
+                "Implement get_valid_actions(observation) or set action_names on the agent."
+            )
         with torch.no_grad():
             if scored:
                 self._score(scored, prompts, candidates, steps)
@@ -334,16 +346,14 @@ class RLlamaAgent(ABC):
 
     def _score(self, rows, prompts, candidates, steps) -> None:
         cand_ids = [[self.chat.reply_ids(c) for c in candidates[i]] for i in rows]
-        logprobs, values = self.policy.score_candidates([prompts[i] for i in rows], cand_ids)
-        for j, i in enumerate(rows):
-            lp = logprobs[j].float().cpu()
-            if self._greedy:
-                k = int(lp.argmax())
-            else:
-                k = int(torch.multinomial(lp.exp(), 1, generator=self._rng))
+        outputs = self.policy.candidate_outputs([prompts[i] for i in rows], cand_ids,
+                                                q_heads=self.algorithm.acting_heads)
+        choices = self.algorithm.choose_actions(outputs, greedy=self._greedy, generator=self._rng,
+                                                training=self._recording)
+        for j, (i, (k, logprob)) in enumerate(zip(rows, choices)):
             steps[i] = Step(
-                prompt_ids=prompts[i], candidate_ids=cand_ids[j], action_index=k, logprob=float(lp[k]),
-                value=float(values[j]), text=candidates[i][k],
+                prompt_ids=prompts[i], candidate_ids=cand_ids[j], action_index=k, logprob=logprob,
+                value=float(outputs.values[j]), text=candidates[i][k],
             )
 
     def _generate(self, rows, prompts, steps) -> None:

@@ -148,3 +148,129 @@ def test_reinforce_uses_monte_carlo_returns(make_agent):
     batch_adv, returns = agent.algorithm.compute_targets(None, [episode])
     torch.testing.assert_close(returns, torch.tensor([2.0, 2.0, 4.0]))
     torch.testing.assert_close(batch_adv, returns)
+
+
+# ---------------------------------------------------------------------- value-based: DQN, SAC
+OFF_POLICY = {"batch_episodes": 4, "learning_starts": 8, "gradient_steps": 8, "minibatch_size": 8,
+              "learning_rate": 1e-3, "head_learning_rate": 1e-2}
+
+
+def greedy_q_action(agent, observation) -> int:
+    messages = [{"role": "system", "content": agent.get_system_prompt()},
+                {"role": "user", "content": agent.format_observation(observation)}]
+    cands = [agent.chat.reply_ids(c) for c in agent.get_valid_actions(observation)]
+    with torch.no_grad():
+        out = agent.policy.candidate_outputs([agent.chat.prompt_ids(messages)], [cands], q_heads=("q",))
+    return int(out.q["q"][0].argmax())
+
+
+@pytest.mark.parametrize("reward_right", [1.0, -1.0])
+def test_dqn_greedy_action_moves_to_the_rewarded_one(make_agent, reward_right):
+    agent = make_agent(algorithm="dqn", algorithm_config=dict(OFF_POLICY, exploration_steps=10))
+    history = agent.train(ChoiceEnv(reward_right=reward_right), 16, seed=0, progress=False)
+    assert history and "loss/q" in history[0]
+    want = 1 if reward_right > 0 else 0
+    assert [greedy_q_action(agent, o) for o in (0, 3, 5, 9)] == [want] * 4
+    result = agent.evaluate(ChoiceEnv(reward_right=reward_right), 6, seed=1)
+    assert result["mean_return"] == 1.0  # greedy on Q picks the rewarded side every time
+
+
+@pytest.mark.parametrize("reward_right", [1.0, -1.0])
+def test_sac_moves_probability_toward_the_rewarded_action(make_agent, reward_right):
+    agent = make_agent(algorithm="sac", algorithm_config=dict(OFF_POLICY))
+    before = [right_probability(agent, o) for o in (0, 3, 5, 9)]
+    alpha0 = agent.algorithm.alpha
+    history = agent.train(ChoiceEnv(reward_right=reward_right), 16, seed=0, progress=False)
+    assert history and "loss/critic" in history[0] and "sac/alpha" in history[0]
+    after = [right_probability(agent, o) for o in (0, 3, 5, 9)]
+    for b, a in zip(before, after):
+        assert (a > b + 0.01) if reward_right > 0 else (a < b - 0.01), (before, after)
+    assert agent.algorithm.alpha != alpha0  # the temperature is tuned
+
+
+def test_target_network_lags_then_syncs(make_agent):
+    agent = make_agent(algorithm="dqn", algorithm_config=dict(OFF_POLICY, target_update_interval=1000))
+    algo = agent.algorithm
+    target_before = {k: v.clone() for k, v in algo.target.items()}
+    agent.train(ChoiceEnv(), 8, seed=0, progress=False)
+    online = agent.policy.snapshot(heads=("q",))
+    assert set(online) == set(algo.target)
+    assert all(torch.equal(target_before[k], algo.target[k]) for k in algo.target)  # lagging
+    assert any(not torch.equal(online[k], algo.target[k]) for k in online)
+    algo.update_target()
+    assert all(torch.equal(online[k], algo.target[k]) for k in online)
+    assert not any("lm_head" in k and "lora" not in k for k in online)  # no base-model copy
+
+
+def test_polyak_target_moves_part_way(make_agent):
+    agent = make_agent(algorithm="sac", algorithm_config=dict(OFF_POLICY, tau=0.5, target_update_interval=10**6))
+    algo = agent.algorithm
+    name = "heads.q1.linear.weight"
+    with torch.no_grad():
+        dict(agent.policy.named_parameters())[name].fill_(2.0)
+    old = algo.target[name].clone()
+    algo.update_target()
+    torch.testing.assert_close(algo.target[name], 0.5 * old + 0.5 * torch.full_like(old, 2.0))
+
+
+def test_replay_samples_uniformly_and_overwrites_oldest():
+    from rllama.algorithms import ReplayBuffer, Transition
+
+    buffer = ReplayBuffer(10, torch.Generator().manual_seed(0))
+    for k in range(15):
+        buffer.add(Transition(Step([k]), float(k), None))
+    assert len(buffer) == 10
+    assert sorted(int(t.reward) for t in buffer.items) == list(range(5, 15))  # 0-4 were overwritten
+    counts = np.bincount([int(t.reward) for t in buffer.sample(20_000)], minlength=15)[5:]
+    chi2 = float(((counts - 2000) ** 2 / 2000).sum())
+    assert chi2 < 30, counts  # 9 degrees of freedom: p < 0.001 above 27.9
+
+
+def test_replay_links_steps_to_next_states():
+    from rllama.algorithms import ReplayBuffer
+
+    buffer = ReplayBuffer(100, torch.Generator())
+    steps = [Step([1], candidate_ids=[[1]], action_index=0, reward=r) for r in (0.0, 1.0, 2.0)]
+    buffer.add_episode(Episode(steps))
+    assert [t.next_step for t in buffer.items] == [steps[1], steps[2], None]
+    assert [t.reward for t in buffer.items] == [0.0, 1.0, 2.0]
+
+
+def test_dqn_epsilon_decays_with_env_steps(make_agent):
+    agent = make_agent(algorithm="dqn", algorithm_config=dict(OFF_POLICY, exploration_steps=10,
+                                                              exploration_final_eps=0.1))
+    assert agent.algorithm.epsilon == 1.0
+    agent.train(ChoiceEnv(), 5, seed=0, progress=False)
+    assert agent.algorithm.epsilon == pytest.approx(1.0 - 0.9 * 0.5)
+    agent.train(ChoiceEnv(), 10, seed=0, progress=False)
+    assert agent.algorithm.epsilon == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("algorithm", ["dqn", "sac"])
+def test_value_based_algorithms_refuse_free_text_agents(make_agent, algorithm):
+    from rllama import RLlamaError
+    from tests.conftest import FreeTextAgent
+
+    agent = make_agent(FreeTextAgent, algorithm=algorithm)
+    with pytest.raises(RLlamaError, match="needs a discrete set of candidate actions"):
+        agent.train(ChoiceEnv(), 1, progress=False)
+
+
+def test_action_names_serve_as_candidates(make_agent):
+    from rllama import RLlamaAgent
+
+    class Named(RLlamaAgent):
+        action_names = ("left", "right")
+
+        def get_system_prompt(self):
+            return "Pick a side."
+
+        def format_observation(self, observation):
+            return f"n={observation}"
+
+        def extract_action(self, response):
+            return self.action_names.index(response)
+
+    agent = make_agent(Named, algorithm="dqn", algorithm_config=OFF_POLICY)
+    agent.train(ChoiceEnv(), 2, progress=False)
+    assert agent.algorithm.replay.items[0].step.text in ("left", "right")

@@ -9,34 +9,55 @@ from rllama.algorithms.base import (
     Algorithm,
     AlgorithmConfig,
     Minibatch,
+    OffPolicyAlgorithm,
+    OffPolicyConfig,
     OnPolicyAlgorithm,
     OnPolicyConfig,
     kl_to_reference,
 )
-from rllama.algorithms.buffers import Episode, RolloutBatch, RolloutBuffer, Step, compute_gae, discounted_returns
+from rllama.algorithms.buffers import (
+    Episode,
+    ReplayBuffer,
+    RolloutBatch,
+    RolloutBuffer,
+    Step,
+    Transition,
+    compute_gae,
+    discounted_returns,
+)
+from rllama.algorithms.dqn import DQN, DQNConfig
 from rllama.algorithms.grpo import GRPO, GRPOConfig
 from rllama.algorithms.ppo import PPO, PPOConfig
 from rllama.algorithms.registry import available, get_algorithm_class, make_algorithm, register_algorithm
 from rllama.algorithms.reinforce import REINFORCE, REINFORCEConfig
+from rllama.algorithms.sac import SAC, SACConfig
 
 __all__ = [
     "A2C",
     "A2CConfig",
+    "DQN",
+    "DQNConfig",
     "GRPO",
     "GRPOConfig",
     "PPO",
     "REINFORCE",
     "REINFORCEConfig",
+    "SAC",
+    "SACConfig",
     "Algorithm",
     "AlgorithmConfig",
     "Episode",
     "Minibatch",
     "OnPolicyAlgorithm",
+    "OffPolicyAlgorithm",
+    "OffPolicyConfig",
     "OnPolicyConfig",
     "PPOConfig",
     "RolloutBatch",
+    "ReplayBuffer",
     "RolloutBuffer",
     "Step",
+    "Transition",
     "available",
     "compute_gae",
     "discounted_returns",

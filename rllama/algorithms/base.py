@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from rllama.algorithms.buffers import Episode, RolloutBatch, RolloutBuffer, Step
-from rllama.policy.model import PolicyModel, StepEvaluation
+from rllama.algorithms.buffers import Episode, ReplayBuffer, RolloutBatch, RolloutBuffer, Step, Transition
+from rllama.policy.model import CandidateOutputs, PolicyModel, StepEvaluation
 
 
 @dataclass
@@ -80,6 +80,10 @@ class Algorithm(ABC):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = AlgorithmConfig
+    requires_candidates: ClassVar[bool] = False
+    """Value-based algorithms need a list of candidate actions for every observation."""
+    acting_heads: ClassVar[tuple[str, ...]] = ()
+    """State-action heads whose values :meth:`choose_actions` needs when acting."""
 
     def __init__(self, policy: PolicyModel, config=None, seed: int | None = None) -> None:
         self.policy = policy
@@ -107,6 +111,21 @@ class Algorithm(ABC):
     def add_episode(self, episode: Episode) -> None:
         """Receive a finished episode from the agent."""
         self.buffer.add(episode)
+
+    def choose_actions(
+        self, outputs: CandidateOutputs, greedy: bool, generator: torch.Generator, training: bool
+    ) -> list[tuple[int, float]]:
+        """Pick a candidate for each prompt: ``(index, log-probability of that choice)``.
+
+        The default samples from the policy's softmax over candidate scores (``greedy``: argmax).
+        Value-based algorithms override this (epsilon-greedy on Q-values).
+        """
+        choices = []
+        for lp in outputs.logprobs:
+            lp = lp.detach().float().cpu()
+            k = int(lp.argmax()) if greedy else int(torch.multinomial(lp.exp(), 1, generator=generator))
+            choices.append((k, float(lp[k])))
+        return choices
 
     def ready(self) -> bool:
         """Whether enough experience has arrived for :meth:`update`."""
@@ -283,6 +302,141 @@ class OnPolicyAlgorithm(Algorithm):
             out["value/explained_variance"] = explained_variance(batch.old_values, returns)
             out["value/mean"] = float(batch.old_values.mean())
         return out
+
+
+@dataclass
+class OffPolicyConfig(AlgorithmConfig):
+    """Settings shared by the value-based (replay) algorithms.
+
+    Attributes:
+        batch_episodes: finished episodes between two updates.
+        buffer_size: transitions the replay buffer keeps.
+        learning_starts: transitions collected before the first update.
+        gradient_steps: minibatches per update.
+        minibatch_size: transitions per minibatch.
+        gamma: discount factor.
+        tau: target update: 1 copies the online weights every ``target_update_interval`` gradient
+            steps; smaller values move the target by ``tau`` toward them (Polyak) at that interval.
+        target_update_interval: gradient steps between target updates.
+    """
+
+    batch_episodes: int = 4
+    buffer_size: int = 20_000
+    learning_starts: int = 64
+    gradient_steps: int = 4
+    minibatch_size: int = 32
+    learning_rate: float = 3e-5
+    head_learning_rate: float | None = 1e-3
+    gamma: float = 0.99
+    tau: float = 1.0
+    target_update_interval: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, "buffer_size", self.buffer_size >= 1, "must be at least 1")
+        _check(self, "learning_starts", self.learning_starts >= 1, "must be at least 1")
+        _check(self, "gradient_steps", self.gradient_steps >= 1, "must be at least 1")
+        _check(self, "minibatch_size", self.minibatch_size >= 1, "must be at least 1")
+        _check(self, "gamma", 0 <= self.gamma <= 1, "must lie in [0, 1]")
+        _check(self, "tau", 0 < self.tau <= 1, "must lie in (0, 1]")
+        _check(self, "target_update_interval", self.target_update_interval >= 1, "must be at least 1")
+
+
+class OffPolicyAlgorithm(Algorithm):
+    """Value-based algorithms: transitions go to a replay buffer; updates sample it.
+
+    Subclasses name their state-action heads in ``q_heads`` (created on the policy, zero-initialised)
+    and implement :meth:`train_step`. The target network is a snapshot of the adapter and the Q
+    heads (:meth:`PolicyModel.snapshot`), never a copy of the base model.
+    """
+
+    config_class: ClassVar[type] = OffPolicyConfig
+    requires_candidates: ClassVar[bool] = True
+    q_heads: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, policy: PolicyModel, config=None, seed: int | None = None) -> None:
+        for name in self.q_heads:
+            policy.add_head(name)  # before the optimizer is built
+        super().__init__(policy, config, seed)
+        self.replay = ReplayBuffer(self.config.buffer_size, self.generator)
+        self.target = policy.snapshot(heads=self.q_heads)
+        self.gradient_steps_done = 0
+        self.env_steps = 0
+        self._episodes_since_update: list[Episode] = []
+
+    def add_episode(self, episode: Episode) -> None:
+        bad = [s for s in episode.steps if not s.is_scored]
+        if bad:
+            raise ValueError(f"{type(self).__name__} learns from scored steps only (candidate actions)")
+        self.replay.add_episode(episode)
+        self._episodes_since_update.append(episode)
+
+    def ready(self) -> bool:
+        return (len(self.replay) >= self.config.learning_starts
+                and len(self._episodes_since_update) >= self.config.batch_episodes)
+
+    @abstractmethod
+    def train_step(self, batch: list[Transition]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one sampled minibatch and its statistics."""
+
+    def update_target(self) -> None:
+        """Copy (``tau=1``) or move (Polyak) the target snapshot toward the online weights."""
+        online = self.policy.snapshot(heads=self.q_heads)
+        if self.config.tau >= 1:
+            self.target = online
+        else:
+            for name, value in online.items():
+                self.target[name].lerp_(value, self.config.tau)
+
+    def target_outputs(self, prompts, candidates) -> CandidateOutputs:
+        """Candidate outputs (with the Q heads) under the target weights, without gradients."""
+        with torch.no_grad(), self.policy.weights(self.target):
+            return self.policy.candidate_outputs(prompts, candidates, q_heads=self.q_heads)
+
+    def update(self) -> dict[str, float]:
+        cfg = self.config
+        timer = Timer()
+        episodes, self._episodes_since_update = self._episodes_since_update, []
+        sums: dict[str, float] = {}
+        for _ in range(cfg.gradient_steps):
+            loss, stats = self.train_step(self.replay.sample(cfg.minibatch_size))
+            stats["train/grad_norm"] = self.optimizer_step(loss)
+            stats["loss/total"] = loss.item()
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+            self.gradient_steps_done += 1
+            if self.gradient_steps_done % cfg.target_update_interval == 0:
+                self.update_target()
+        self.num_updates += 1
+        out = {k: v / cfg.gradient_steps for k, v in sums.items()}
+        out.update(
+            {
+                "rollout/episodes": float(len(episodes)),
+                "rollout/steps": float(sum(len(e) for e in episodes)),
+                "rollout/mean_return": float(sum(e.total_reward for e in episodes) / max(1, len(episodes))),
+                "replay/size": float(len(self.replay)),
+                "train/gradient_steps": float(self.gradient_steps_done),
+                "train/updates": float(self.num_updates),
+                "time/update_s": timer(),
+            }
+        )
+        return out
+
+
+def transition_batch(batch: Sequence[Transition]):
+    """Split transitions into tensors and lists the losses need.
+
+    Returns ``(prompts, candidates, actions [N], rewards [N], nonterminal indices, next prompts,
+    next candidates)``.
+    """
+    prompts = [t.step.prompt_ids for t in batch]
+    candidates = [t.step.candidate_ids for t in batch]
+    actions = torch.tensor([t.step.action_index for t in batch], dtype=torch.long)
+    rewards = torch.tensor([t.reward for t in batch], dtype=torch.float32)
+    live = [i for i, t in enumerate(batch) if not t.done]
+    next_prompts = [batch[i].next_step.prompt_ids for i in live]
+    next_candidates = [batch[i].next_step.candidate_ids for i in live]
+    return prompts, candidates, actions, rewards, live, next_prompts, next_candidates
 
 
 def clipped_surrogate(mb: Minibatch, clip_range: float) -> tuple[torch.Tensor, dict[str, float]]:

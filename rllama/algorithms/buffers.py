@@ -176,3 +176,64 @@ class RolloutBuffer:
             values.append(v)
         as_tensor = lambda parts: torch.tensor(np.concatenate(parts), dtype=torch.float32)  # noqa: E731
         return RolloutBatch(steps, as_tensor(advantages), as_tensor(returns), as_tensor(values))
+
+
+@dataclass
+class Transition:
+    """One step for value-based learning: ``(s, a)`` in ``step``, the reward, and the next step's state.
+
+    ``next_step`` is ``None`` when the episode ended after this step (its prompt and candidates
+    give ``s'`` otherwise).
+    """
+
+    step: Step
+    reward: float
+    next_step: Step | None
+
+    @property
+    def done(self) -> bool:
+        return self.next_step is None
+
+
+class ReplayBuffer:
+    """A ring buffer of transitions sampled uniformly at random.
+
+    Args:
+        capacity: transitions kept; the oldest is overwritten first.
+        generator: torch generator for sampling (seeded by the algorithm).
+    """
+
+    def __init__(self, capacity: int, generator: torch.Generator) -> None:
+        if capacity < 1:
+            raise ValueError(f"replay capacity={capacity}; expected at least 1")
+        self.capacity = int(capacity)
+        self.generator = generator
+        self.items: list[Transition] = []
+        self.position = 0  # next slot to overwrite once full
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, transition: Transition) -> None:
+        if len(self.items) < self.capacity:
+            self.items.append(transition)
+        else:
+            self.items[self.position] = transition
+        self.position = (self.position + 1) % self.capacity
+
+    def add_episode(self, episode: Episode) -> None:
+        """Add every step of a finished episode; the last one is terminal.
+
+        A truncated episode's last step is stored as terminal too: its next state was never
+        observed by the agent, so there is nothing to bootstrap from.
+        """
+        steps = episode.steps
+        for t, step in enumerate(steps):
+            self.add(Transition(step, step.reward, steps[t + 1] if t + 1 < len(steps) else None))
+
+    def sample(self, n: int) -> list[Transition]:
+        """``n`` transitions drawn uniformly with replacement."""
+        if not self.items:
+            raise ValueError("cannot sample from an empty replay buffer")
+        idx = torch.randint(len(self.items), (n,), generator=self.generator)
+        return [self.items[i] for i in idx.tolist()]

@@ -68,6 +68,20 @@ class Continuations:
     token_logprobs: torch.Tensor  # [R, L] log p of each continuation token, 0 at padding
     mask: torch.Tensor  # [R, L] 1 for real tokens
     entropy: torch.Tensor | None  # [R, L] entropy of the next-token distribution, or None
+    action_hidden: torch.Tensor  # [R, H] hidden state after the continuation's text (before its last token)
+
+
+@dataclass
+class CandidateOutputs:
+    """Per prompt: the policy's log-probabilities over its candidates and each head's values.
+
+    ``q[name][b]`` is ``[K_b]``: head ``name`` applied to the hidden state of prompt ``b`` followed
+    by each candidate's text (the state-action features of value-based algorithms).
+    """
+
+    logprobs: list[torch.Tensor]
+    values: torch.Tensor  # [B]
+    q: dict[str, list[torch.Tensor]]
 
 
 @dataclass
@@ -306,7 +320,11 @@ class PolicyModel(nn.Module):
             ent = torch.zeros((R, Lc), dtype=torch.float32, device=self.device)
             lp = logp[want]
             entropy = ent.index_put((rows[want], cols[want]), -(lp.exp() * lp).sum(-1))
-        return Continuations(prompt_hidden, token_logprobs, cmask, entropy)
+        # The state after reading a continuation's text: the position that predicts its last token
+        # (the end-of-turn token for candidates), so the text itself is seen in full.
+        last = cmask.sum(-1) - 1
+        action_hidden = hidden[torch.arange(R, device=self.device), last]
+        return Continuations(prompt_hidden, token_logprobs, cmask, entropy, action_hidden)
 
     def values(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Value estimates ``[B]`` of the prompts."""
@@ -332,12 +350,62 @@ class PolicyModel(nn.Module):
             ``(logprobs, values)``: ``logprobs[b]`` is ``[K_b]`` (a log-softmax over prompt ``b``'s
             candidates); ``values`` is ``[B]``.
         """
+        out = self.candidate_outputs(prompts, candidates)
+        return out.logprobs, out.values
+
+    def candidate_outputs(
+        self,
+        prompts: Sequence[Sequence[int]],
+        candidates: Sequence[Sequence[Sequence[int]]],
+        q_heads: Sequence[str] = (),
+    ) -> CandidateOutputs:
+        """Like :meth:`score_candidates`, plus the values of state-action heads ``q_heads``."""
         flat = [c for cands in candidates for c in cands]
         owner = [b for b, cands in enumerate(candidates) for _ in cands]
         enc = self.continuation_logprobs(prompts, flat, owner)
+        sizes = [len(c) for c in candidates]
         scores = self._candidate_scores(enc) / self.temperature  # [R]
         values = self.heads["value"](enc.prompt_hidden).squeeze(-1)
-        return list(_segment_log_softmax(scores, [len(c) for c in candidates])), values
+        q = {name: list(torch.split(self.heads[name](enc.action_hidden).squeeze(-1), sizes)) for name in q_heads}
+        return CandidateOutputs(_segment_log_softmax(scores, sizes), values, q)
+
+    # ------------------------------------------------------------------ heads and weight snapshots
+    def add_head(self, name: str, out_features: int = 1) -> ValueHead:
+        """Add a zero-initialised head (e.g. a Q head) on the hidden state; returns the existing one if present."""
+        if name not in self.heads:
+            self.heads[name] = ValueHead(self.hidden_size, out_features).to(self.device)
+        return self.heads[name]
+
+    def snapshot(self, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """A detached copy of the adapter's weights and of the given heads (all heads when ``None``).
+
+        Target networks of value-based algorithms are such snapshots: a copy of the adapter and
+        heads, never of the base model.
+        """
+        keep = set(self.heads.keys() if heads is None else heads)
+        out = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith("heads.") and name.split(".")[1] not in keep:
+                continue
+            out[name] = p.detach().clone()
+        return out
+
+    @contextlib.contextmanager
+    def weights(self, snapshot: dict[str, torch.Tensor]):
+        """Context in which the parameters named in ``snapshot`` hold its values (restored on exit)."""
+        params = dict(self.named_parameters())
+        saved = {name: params[name].detach().clone() for name in snapshot}
+        with torch.no_grad():
+            for name, value in snapshot.items():
+                params[name].copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
 
     @torch.no_grad()
     def generate(

@@ -1,0 +1,105 @@
+"""Deep Q-learning over candidate actions (Double DQN, Huber loss, replay, target network).
+
+``Q(s, a)`` is a linear head on the hidden state of the prompt followed by the action's text, so
+actions are compared by what they say. The target network is a snapshot of the LoRA adapter and
+the Q head (the base model is shared). For a transition ``(s, a, r, s')``:
+
+    y = r + gamma * Q_target(s', argmax_a' Q(s', a'))      (0 after the last step)
+    L = Huber(Q(s, a) - y)
+
+Acting is epsilon-greedy on ``Q``; epsilon falls linearly from ``exploration_initial_eps`` to
+``exploration_final_eps`` over ``exploration_steps`` environment steps. Ties (an untrained, all-zero
+Q head) are broken by the language model's own preference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rllama.algorithms.base import OffPolicyAlgorithm, OffPolicyConfig, _check, transition_batch
+from rllama.algorithms.buffers import Transition
+from rllama.algorithms.registry import register_algorithm
+from rllama.policy.model import CandidateOutputs
+
+
+@dataclass
+class DQNConfig(OffPolicyConfig):
+    """DQN settings.
+
+    Attributes:
+        exploration_initial_eps: epsilon at the start.
+        exploration_final_eps: epsilon after ``exploration_steps`` environment steps.
+        exploration_steps: length of the linear epsilon schedule, in environment steps.
+        huber_delta: threshold of the Huber loss.
+    """
+
+    exploration_initial_eps: float = 1.0
+    exploration_final_eps: float = 0.05
+    exploration_steps: int = 1000
+    huber_delta: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("exploration_initial_eps", "exploration_final_eps"):
+            _check(self, name, 0 <= getattr(self, name) <= 1, "must lie in [0, 1]")
+        _check(self, "exploration_steps", self.exploration_steps >= 1, "must be at least 1")
+        _check(self, "huber_delta", self.huber_delta > 0, "must be positive")
+
+
+def greedy_index(q: torch.Tensor, prior: torch.Tensor) -> int:
+    """Index of the largest Q-value; among equal values, the one the language model prefers."""
+    best = q.max()
+    tied = (q >= best - 1e-7).nonzero().flatten()
+    return int(tied[prior[tied].argmax()])
+
+
+@register_algorithm("dqn")
+class DQN(OffPolicyAlgorithm):
+    """Double DQN with a Q head on (prompt + action text) hidden states."""
+
+    config_class = DQNConfig
+    q_heads = ("q",)
+    acting_heads = ("q",)
+
+    @property
+    def epsilon(self) -> float:
+        cfg = self.config
+        frac = min(1.0, self.env_steps / cfg.exploration_steps)
+        return cfg.exploration_initial_eps + frac * (cfg.exploration_final_eps - cfg.exploration_initial_eps)
+
+    def choose_actions(self, outputs: CandidateOutputs, greedy: bool, generator: torch.Generator,
+                       training: bool) -> list[tuple[int, float]]:
+        eps = 0.0 if greedy else self.epsilon
+        choices = []
+        for q, prior in zip(outputs.q["q"], outputs.logprobs):
+            q, prior = q.detach().float().cpu(), prior.detach().float().cpu()
+            n = len(q)
+            best = greedy_index(q, prior)
+            explore = eps > 0 and float(torch.rand((), generator=generator)) < eps
+            k = int(torch.randint(n, (), generator=generator)) if explore else best
+            prob = eps / n + (1 - eps) * (k == best)
+            choices.append((k, float(torch.log(torch.tensor(prob)))))
+        if training:
+            self.env_steps += len(choices)
+        return choices
+
+    def train_step(self, batch: list[Transition]) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        prompts, candidates, actions, rewards, live, next_prompts, next_candidates = transition_batch(batch)
+        out = self.policy.candidate_outputs(prompts, candidates, q_heads=("q",))
+        q_sa = torch.stack([q[a] for q, a in zip(out.q["q"], actions.tolist())])  # [N]
+        targets = rewards.clone().to(q_sa.device)
+        if live:
+            with torch.no_grad():
+                online = self.policy.candidate_outputs(next_prompts, next_candidates, q_heads=("q",))
+                best = [greedy_index(q.float().cpu(), lp.float().cpu())
+                        for q, lp in zip(online.q["q"], online.logprobs)]
+                target = self.target_outputs(next_prompts, next_candidates)
+                next_q = torch.stack([q[b] for q, b in zip(target.q["q"], best)])
+            targets[live] += cfg.gamma * next_q.to(targets.device)
+        loss = F.huber_loss(q_sa, targets, delta=cfg.huber_delta)
+        return loss, {"loss/q": loss.item(), "q/mean": q_sa.mean().item(), "q/target_mean": targets.mean().item(),
+                      "explore/epsilon": self.epsilon}

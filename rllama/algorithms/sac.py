@@ -1,0 +1,108 @@
+"""Soft actor-critic for discrete candidate actions (Christodoulou, 2019), on a LoRA policy.
+
+The actor is the policy itself: the softmax over the candidates' scores. Two Q heads on the hidden
+state of (prompt + action text) are the critics, with a target snapshot of the adapter and Q heads.
+The entropy temperature ``alpha`` is tuned so the policy's entropy tracks
+``target_entropy_ratio * log(K)`` for a state with ``K`` candidates.
+
+    y      = r + gamma * sum_a' pi(a'|s') [min_i Q_target_i(s', a') - alpha log pi(a'|s')]
+    L_Q    = sum_i (Q_i(s, a) - y)^2 / 2
+    L_pi   = sum_a pi(a|s) [alpha log pi(a|s) - min_i Q_i(s, a)]        (Q detached)
+    L_alpha = log(alpha) * (H[pi(.|s)] - H_target)                        (H detached)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rllama.algorithms.base import OffPolicyAlgorithm, OffPolicyConfig, _check, transition_batch
+from rllama.algorithms.buffers import Transition
+from rllama.algorithms.registry import register_algorithm
+
+
+@dataclass
+class SACConfig(OffPolicyConfig):
+    """Discrete SAC settings.
+
+    Attributes:
+        initial_alpha: starting entropy temperature.
+        alpha_learning_rate: Adam learning rate of ``log(alpha)``.
+        target_entropy_ratio: target entropy as a fraction of the uniform policy's, ``log(K)``.
+        actor_coef: weight of the actor loss against the critics' (they share the adapter).
+    """
+
+    tau: float = 0.05
+    target_update_interval: int = 1
+    initial_alpha: float = 0.1
+    alpha_learning_rate: float = 3e-3
+    target_entropy_ratio: float = 0.5
+    actor_coef: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self, "initial_alpha", self.initial_alpha > 0, "must be positive")
+        _check(self, "alpha_learning_rate", self.alpha_learning_rate > 0, "must be positive")
+        _check(self, "target_entropy_ratio", 0 <= self.target_entropy_ratio <= 1, "must lie in [0, 1]")
+        _check(self, "actor_coef", self.actor_coef >= 0, "must be non-negative")
+
+
+@register_algorithm("sac")
+class SAC(OffPolicyAlgorithm):
+    """Discrete soft actor-critic: the LLM's candidate softmax is the actor, two Q heads the critics."""
+
+    config_class = SACConfig
+    q_heads = ("q1", "q2")
+
+    def __init__(self, policy, config=None, seed: int | None = None) -> None:
+        super().__init__(policy, config, seed)
+        self.log_alpha = torch.tensor(math.log(self.config.initial_alpha), requires_grad=True)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=self.config.alpha_learning_rate)
+
+    @property
+    def alpha(self) -> float:
+        return float(self.log_alpha.detach().exp())
+
+    def train_step(self, batch: list[Transition]) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        alpha = self.alpha
+        prompts, candidates, actions, rewards, live, next_prompts, next_candidates = transition_batch(batch)
+        out = self.policy.candidate_outputs(prompts, candidates, q_heads=self.q_heads)
+        targets = rewards.clone().to(out.values.device)
+        if live:
+            with torch.no_grad():
+                next_pi = self.policy.candidate_outputs(next_prompts, next_candidates).logprobs
+                target = self.target_outputs(next_prompts, next_candidates)
+                soft_values = torch.stack([
+                    (lp.exp() * (torch.min(q1, q2) - alpha * lp)).sum()
+                    for lp, q1, q2 in zip(next_pi, target.q["q1"], target.q["q2"])
+                ])
+            targets[live] += cfg.gamma * soft_values.to(targets.device)
+
+        critic_loss = actor_loss = 0.0
+        entropies, target_entropies = [], []
+        for i, a in enumerate(actions.tolist()):
+            q1, q2, logp = out.q["q1"][i], out.q["q2"][i], out.logprobs[i]
+            critic_loss = critic_loss + 0.5 * ((q1[a] - targets[i]) ** 2 + (q2[a] - targets[i]) ** 2)
+            p = logp.exp()
+            actor_loss = actor_loss + (p * (alpha * logp - torch.min(q1, q2).detach())).sum()
+            entropies.append(-(p * logp).sum())
+            target_entropies.append(cfg.target_entropy_ratio * math.log(len(logp)))
+        n = len(batch)
+        critic_loss, actor_loss = critic_loss / n, actor_loss / n
+        entropy = torch.stack(entropies)
+        alpha_loss = (self.log_alpha * (entropy.detach() - torch.tensor(target_entropies))).mean()
+        self.alpha_optimizer.zero_grad()
+        alpha_loss.backward()
+        self.alpha_optimizer.step()
+        loss = critic_loss + cfg.actor_coef * actor_loss
+        return loss, {
+            "loss/critic": float(critic_loss),
+            "loss/actor": float(actor_loss),
+            "loss/alpha": alpha_loss.item(),
+            "policy/entropy": entropy.mean().item(),
+            "sac/alpha": alpha,
+            "q/mean": float(torch.stack([q[a] for q, a in zip(out.q["q1"], actions.tolist())]).mean()),
+        }
