@@ -84,3 +84,19 @@ def test_algorithm_instance_is_used_as_is(make_agent, tokenizer):
     assert agent.algorithm is algo
     with pytest.raises(ValueError, match="not both"):
         ChoiceAgent(policy, algorithm=algo, algorithm_config={"epochs": 1})
+
+
+def test_custom_algorithm_example_registers_and_learns(clean_registry, make_agent):
+    import importlib
+
+    import examples.custom_algorithm as example
+
+    registry._REGISTRY.pop("top_half_pg", None)
+    importlib.reload(example)  # runs the module's @register_algorithm("top_half_pg") again
+    assert "top_half_pg" in available()
+    from tests.conftest import right_probability
+
+    agent = make_agent(algorithm="top_half_pg", algorithm_config={"batch_episodes": 8, "learning_rate": 1e-3})
+    before = right_probability(agent, 3)
+    agent.train(ChoiceEnv(), 8, seed=0, progress=False)
+    assert right_probability(agent, 3) > before

@@ -320,16 +320,17 @@ class OffPolicyConfig(AlgorithmConfig):
         target_update_interval: gradient steps between target updates.
     """
 
-    batch_episodes: int = 4
+    batch_episodes: int = 16
     buffer_size: int = 20_000
     learning_starts: int = 64
     gradient_steps: int = 4
-    minibatch_size: int = 32
+    minibatch_size: int = 16
     learning_rate: float = 3e-5
     head_learning_rate: float | None = 1e-3
+    max_grad_norm: float = 1.0
     gamma: float = 0.99
     tau: float = 1.0
-    target_update_interval: int = 20
+    target_update_interval: int = 10
 
     def __post_init__(self) -> None:
         super().__post_init__()
