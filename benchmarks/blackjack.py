@@ -13,58 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-# Exact dynamic-programming returns for Blackjack-v1 with sab=True (checked by 400k-episode Monte Carlo).
-REFERENCE_RETURNS = {
-    "optimal": -0.047,
-    "stick at 17+": -0.079,
-    "always stick": -0.186,
-    "uniform random": -0.396,
-}
-EVAL_SEED = 10_000
-
-
-def versions() -> dict:
-    import gymnasium
-    import peft
-    import torch
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "gymnasium": gymnasium.__version__,
-        "platform": platform.platform(),
-        "cpu_count": __import__("os").cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def hit_probabilities(agent) -> list[list[float]]:
-    """The policy's probability of "hit" at the first step, for player totals 4-21 x dealer cards 1-10 (no ace)."""
-    import torch
-
-    system = {"role": "system", "content": agent.get_system_prompt()}
-    table = []
-    candidates = [agent.chat.reply_ids(c) for c in agent.get_valid_actions((12, 2, 0))]
-    for total in range(4, 22):
-        prompts = [agent.chat.prompt_ids([system, {"role": "user", "content": agent.format_observation((total, d, 0))}])
-                   for d in range(1, 11)]
-        with torch.no_grad():
-            logprobs, _ = agent.policy.score_candidates(prompts, [candidates] * len(prompts))
-        table.append([float(lp.exp()[1]) for lp in logprobs])
-    return table
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    EVAL_SEED,
+    REFERENCE_RETURNS,
+    REFERENCE_STYLES,
+    RESULTS,
+    hit_probabilities,
+    train_with_evaluations,
+    versions,
+)
 
 
 def run_seed(seed: int, args) -> dict:
@@ -76,26 +40,11 @@ def run_seed(seed: int, args) -> dict:
     agent = BlackjackAgent(args.model, seed=seed, precision=args.precision,
                            algorithm_config=json.loads(args.config) if args.config else None)
     envs = gym.make_vec("Blackjack-v1", num_envs=args.envs, vectorization_mode="sync", sab=True)
-    curve = []
-
-    def evaluate(done: int) -> None:
-        r = agent.evaluate(envs, args.eval_episodes, seed=EVAL_SEED)
-        curve.append({"episodes": done, "mean_return": r["mean_return"], "stderr": r["stderr"],
-                      "elapsed_s": time.perf_counter() - t0})
-        print(f"seed {seed} episodes {done:5d}: eval return {r['mean_return']:+.3f} ± {r['stderr']:.3f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-
     sampled_before = agent.evaluate(envs, args.eval_episodes, seed=EVAL_SEED, greedy=False)["mean_return"]
     hit_before = hit_probabilities(agent)
-    evaluate(0)
-    updates = []
-    done = 0
-    while done < args.episodes:
-        chunk = min(args.eval_every, args.episodes - done)
-        for stats in agent.train(envs, chunk, seed=seed * 1_000_003 + done, progress=False):
-            updates.append({k: float(v) for k, v in stats.items()})
-        done += chunk
-        evaluate(done)
+    curve, updates = train_with_evaluations(agent, envs, budget=args.episodes, unit="episodes",
+                                            eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+                                            seed=seed, label=f"seed {seed}")
     sampled_after = agent.evaluate(envs, args.eval_episodes, seed=EVAL_SEED, greedy=False)["mean_return"]
     if args.save_dir:
         agent.save(Path(args.save_dir) / f"seed{seed}")
@@ -128,10 +77,8 @@ def plot(result: dict, path: Path) -> None:
         ax.plot(x, y, color="tab:blue", alpha=0.35, lw=1, marker="o", ms=3)
     mean = np.mean(curves, axis=0)
     ax.plot(x, mean, color="tab:blue", lw=2.5, label=f"rllama PPO, mean of {len(curves)} seeds")
-    styles = {"optimal": "tab:green", "stick at 17+": "tab:olive", "always stick": "tab:orange",
-              "uniform random": "tab:red"}
     for name, value in REFERENCE_RETURNS.items():
-        ax.axhline(value, ls="--", lw=1, color=styles[name], label=f"{name} ({value:+.3f})")
+        ax.axhline(value, ls="--", lw=1, color=REFERENCE_STYLES[name], label=f"{name} ({value:+.3f})")
     totals = list(range(4, 22))
     for key, color, label in (("hit_probability_untrained", "tab:gray", "untrained"),
                               ("hit_probability_trained", "tab:blue", "trained")):
@@ -195,7 +142,7 @@ def main() -> None:
         },
         "runs": runs,
     }
-    out = ROOT / "benchmarks" / "results"
+    out = RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     plot(result, out / f"{args.name}.png")

@@ -274,3 +274,12 @@ def test_action_names_serve_as_candidates(make_agent):
     agent = make_agent(Named, algorithm="dqn", algorithm_config=OFF_POLICY)
     agent.train(ChoiceEnv(), 2, progress=False)
     assert agent.algorithm.replay.items[0].step.text in ("left", "right")
+
+
+@pytest.mark.parametrize("algorithm", ["dqn", "sac"])
+def test_value_based_multi_step_episodes_bootstrap_from_targets(make_agent, algorithm):
+    """Episodes of several steps exercise the target network (terminal-only episodes do not)."""
+    agent = make_agent(algorithm=algorithm, algorithm_config=dict(OFF_POLICY))
+    history = agent.train(ChoiceEnv(steps=3), 8, seed=0, progress=False)
+    assert history and all(np.isfinite(h["loss/total"]) for h in history)
+    assert any(not t.done for t in agent.algorithm.replay.items)

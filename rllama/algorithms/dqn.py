@@ -89,17 +89,20 @@ class DQN(OffPolicyAlgorithm):
     def train_step(self, batch: list[Transition]) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         prompts, candidates, actions, rewards, live, next_prompts, next_candidates = transition_batch(batch)
-        out = self.policy.candidate_outputs(prompts, candidates, q_heads=("q",))
-        q_sa = torch.stack([q[a] for q, a in zip(out.q["q"], actions.tolist())])  # [N]
-        targets = rewards.clone().to(q_sa.device)
+        # Targets first: the target weights are swapped into the parameters in place, which must
+        # not happen while the online forward's graph holds them.
+        targets = rewards.clone()
         if live:
             with torch.no_grad():
                 online = self.policy.candidate_outputs(next_prompts, next_candidates, q_heads=("q",))
                 best = [greedy_index(q.float().cpu(), lp.float().cpu())
                         for q, lp in zip(online.q["q"], online.logprobs)]
                 target = self.target_outputs(next_prompts, next_candidates)
-                next_q = torch.stack([q[b] for q, b in zip(target.q["q"], best)])
-            targets[live] += cfg.gamma * next_q.to(targets.device)
+                next_q = torch.stack([q[b] for q, b in zip(target.q["q"], best)]).float().cpu()
+            targets[live] += cfg.gamma * next_q
+        out = self.policy.candidate_outputs(prompts, candidates, q_heads=("q",))
+        q_sa = torch.stack([q[a] for q, a in zip(out.q["q"], actions.tolist())])  # [N]
+        targets = targets.to(q_sa.device)
         loss = F.huber_loss(q_sa, targets, delta=cfg.huber_delta)
         return loss, {"loss/q": loss.item(), "q/mean": q_sa.mean().item(), "q/target_mean": targets.mean().item(),
                       "explore/epsilon": self.epsilon}

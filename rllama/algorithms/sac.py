@@ -69,8 +69,9 @@ class SAC(OffPolicyAlgorithm):
         cfg = self.config
         alpha = self.alpha
         prompts, candidates, actions, rewards, live, next_prompts, next_candidates = transition_batch(batch)
-        out = self.policy.candidate_outputs(prompts, candidates, q_heads=self.q_heads)
-        targets = rewards.clone().to(out.values.device)
+        # Targets first: the target weights are swapped into the parameters in place, which must
+        # not happen while the online forward's graph holds them.
+        targets = rewards.clone()
         if live:
             with torch.no_grad():
                 next_pi = self.policy.candidate_outputs(next_prompts, next_candidates).logprobs
@@ -78,8 +79,10 @@ class SAC(OffPolicyAlgorithm):
                 soft_values = torch.stack([
                     (lp.exp() * (torch.min(q1, q2) - alpha * lp)).sum()
                     for lp, q1, q2 in zip(next_pi, target.q["q1"], target.q["q2"])
-                ])
-            targets[live] += cfg.gamma * soft_values.to(targets.device)
+                ]).float().cpu()
+            targets[live] += cfg.gamma * soft_values
+        out = self.policy.candidate_outputs(prompts, candidates, q_heads=self.q_heads)
+        targets = targets.to(out.values.device)
 
         critic_loss = actor_loss = 0.0
         entropies, target_entropies = [], []

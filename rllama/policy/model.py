@@ -394,7 +394,11 @@ class PolicyModel(nn.Module):
 
     @contextlib.contextmanager
     def weights(self, snapshot: dict[str, torch.Tensor]):
-        """Context in which the parameters named in ``snapshot`` hold its values (restored on exit)."""
+        """Context in which the parameters named in ``snapshot`` hold its values (restored on exit).
+
+        The values are copied into the parameters in place: use it under ``torch.no_grad()`` and
+        before (not while) a forward pass whose graph holds the parameters is waiting for backward.
+        """
         params = dict(self.named_parameters())
         saved = {name: params[name].detach().clone() for name in snapshot}
         with torch.no_grad():

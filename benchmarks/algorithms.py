@@ -1,0 +1,138 @@
+"""Every algorithm on Blackjack-v1 with the embedded default model, at an equal budget of env steps.
+
+    python benchmarks/algorithms.py                                  # the committed results
+    python benchmarks/algorithms.py --algorithms ppo dqn --seeds 0   # a subset
+
+Each (algorithm, seed) starts from the same untrained agent (``examples/blackjack.py``, scoring
+"stick"/"hit"), trains with the algorithm's default config on 16 vector envs for ``--steps``
+environment steps, and is evaluated greedily on the same deals (env seeds 10000+) every
+``--eval-every`` steps. Writes ``results/<name>.json`` (a table and the curves) and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REFERENCE_RETURNS, REFERENCE_STYLES, RESULTS, train_with_evaluations, versions  # noqa: E402
+
+ALGORITHMS = ["ppo", "a2c", "reinforce", "grpo", "dqn", "sac"]
+COLORS = {"ppo": "tab:blue", "a2c": "tab:purple", "reinforce": "tab:brown", "grpo": "tab:cyan", "dqn": "tab:pink",
+          "sac": "tab:gray"}
+
+
+def run(algorithm: str, seed: int, args) -> dict:
+    import gymnasium as gym
+
+    from examples.blackjack import BlackjackAgent
+
+    t0 = time.perf_counter()
+    agent = BlackjackAgent(args.model, seed=seed, algorithm=algorithm)
+    envs = gym.make_vec("Blackjack-v1", num_envs=args.envs, vectorization_mode="sync", sab=True)
+    curve, updates = train_with_evaluations(agent, envs, budget=args.steps, unit="steps", eval_every=args.eval_every,
+                                            eval_episodes=args.eval_episodes, seed=seed,
+                                            label=f"{algorithm} seed {seed}")
+    return {"algorithm": algorithm, "seed": seed, "curve": curve, "updates": updates,
+            "untrained": curve[0]["mean_return"], "trained": curve[-1]["mean_return"],
+            "config": {k: v for k, v in vars(agent.algorithm.config).items()}, "wall_s": time.perf_counter() - t0}
+
+
+def summarise(runs: list[dict]) -> dict:
+    table = {}
+    for algorithm in dict.fromkeys(r["algorithm"] for r in runs):
+        rs = [r for r in runs if r["algorithm"] == algorithm]
+        before = np.array([r["untrained"] for r in rs])
+        after = np.array([r["trained"] for r in rs])
+        gain = after - before
+        spread = float(np.ptp(after)) if len(after) > 1 else 0.0
+        table[algorithm] = {
+            "untrained_mean": float(before.mean()), "trained_mean": float(after.mean()),
+            "trained_std": float(after.std(ddof=1)) if len(after) > 1 else 0.0,
+            "trained_min": float(after.min()), "trained_max": float(after.max()),
+            "gain_mean": float(gain.mean()), "gain_min": float(gain.min()),
+            "beats_untrained_beyond_spread": bool(gain.mean() > spread and gain.min() > 0),
+            "seeds": [r["seed"] for r in rs], "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
+        }
+    return table
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for algorithm, row in result["table"].items():
+        rs = [r for r in result["runs"] if r["algorithm"] == algorithm]
+        n = min(len(r["curve"]) for r in rs)
+        x = np.mean([[p["steps"] for p in r["curve"][:n]] for r in rs], axis=0)
+        y = np.array([[p["mean_return"] for p in r["curve"][:n]] for r in rs])
+        ax.plot(x, y.mean(0), color=COLORS.get(algorithm), lw=2, marker="o", ms=3,
+                label=f"{algorithm}: {row['untrained_mean']:+.2f} → {row['trained_mean']:+.2f}")
+        if len(rs) > 1:
+            ax.fill_between(x, y.min(0), y.max(0), color=COLORS.get(algorithm), alpha=0.12)
+    for name, value in REFERENCE_RETURNS.items():
+        ax.axhline(value, ls="--", lw=1, color=REFERENCE_STYLES[name], label=f"{name} ({value:+.3f})")
+    cfg = result["config"]
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel(f"mean return, {cfg['eval_episodes']} greedy eval episodes")
+    ax.set_title(f"Blackjack-v1 (sab), SmolLM2-135M + LoRA, seeds {cfg['seeds']} (band: min-max)")
+    ax.legend(fontsize=8, loc="lower right", ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=1200, help="environment steps of training per run")
+    parser.add_argument("--eval-every", type=int, default=400)
+    parser.add_argument("--eval-episodes", type=int, default=300)
+    parser.add_argument("--envs", type=int, default=16)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--name", default="algorithms")
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    runs = []
+    for algorithm in args.algorithms:
+        for seed in args.seeds:
+            runs.append(run(algorithm, seed, args))
+            partial = {"runs": runs, "table": summarise(runs)}
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            (RESULTS / f"{args.name}.partial.json").write_text(json.dumps(partial, indent=1))
+    result = {
+        "benchmark": "algorithms",
+        "command": "python " + " ".join(sys.argv),
+        "config": vars(args),
+        "versions": versions(),
+        "reference_returns": REFERENCE_RETURNS,
+        "table": summarise(runs),
+        "wall_s": time.perf_counter() - t0,
+        "runs": runs,
+    }
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
+    plot(result, RESULTS / f"{args.name}.png")
+    for algorithm, row in result["table"].items():
+        print(f"{algorithm:10s} untrained {row['untrained_mean']:+.3f} -> trained {row['trained_mean']:+.3f} "
+              f"(seed range {row['trained_min']:+.3f}..{row['trained_max']:+.3f})")
+
+
+if __name__ == "__main__":
+    main()

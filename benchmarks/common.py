@@ -1,0 +1,96 @@
+"""Pieces the benchmarks share: reference returns, version records, training with evaluation points."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Exact dynamic-programming returns for Blackjack-v1 with sab=True (checked by 400k-episode Monte Carlo).
+REFERENCE_RETURNS = {
+    "optimal": -0.047,
+    "stick at 17+": -0.079,
+    "always stick": -0.186,
+    "uniform random": -0.396,
+}
+REFERENCE_STYLES = {"optimal": "tab:green", "stick at 17+": "tab:olive", "always stick": "tab:orange",
+                    "uniform random": "tab:red"}
+EVAL_SEED = 10_000
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def versions() -> dict:
+    import gymnasium
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "gymnasium": gymnasium.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def hit_probabilities(agent) -> list[list[float]]:
+    """The policy's P(hit) at the first step, for player totals 4-21 x dealer cards 1-10 (no usable ace)."""
+    import torch
+
+    system = {"role": "system", "content": agent.get_system_prompt()}
+    candidates = [agent.chat.reply_ids(c) for c in agent.get_valid_actions((12, 2, 0))]
+    table = []
+    for total in range(4, 22):
+        prompts = [agent.chat.prompt_ids([system, {"role": "user", "content": agent.format_observation((total, d, 0))}])
+                   for d in range(1, 11)]
+        with torch.no_grad():
+            logprobs, _ = agent.policy.score_candidates(prompts, [candidates] * len(prompts))
+        table.append([float(lp.exp()[1]) for lp in logprobs])
+    return table
+
+
+def train_with_evaluations(agent, envs, *, budget: int, unit: str, eval_every: int, eval_episodes: int,
+                           seed: int, label: str = "") -> tuple[list[dict], list[dict]]:
+    """Train until ``budget`` episodes or env steps (``unit``), evaluating greedily every ``eval_every``.
+
+    Returns ``(curve, updates)``: evaluation points ``{episodes, steps, mean_return, stderr, elapsed_s}``
+    and every update's statistics.
+    """
+    if unit not in ("episodes", "steps"):
+        raise ValueError(f"unit={unit!r}; expected 'episodes' or 'steps'")
+    t0 = time.perf_counter()
+    curve, updates = [], []
+
+    def evaluate() -> None:
+        r = agent.evaluate(envs, eval_episodes, seed=EVAL_SEED)
+        curve.append({"episodes": agent.total_episodes, "steps": agent.total_steps, "mean_return": r["mean_return"],
+                      "stderr": r["stderr"], "elapsed_s": time.perf_counter() - t0})
+        print(f"{label} episodes {agent.total_episodes:5d} steps {agent.total_steps:5d}: eval return "
+              f"{r['mean_return']:+.3f} ± {r['stderr']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    def progress() -> int:
+        return agent.total_episodes if unit == "episodes" else agent.total_steps
+
+    evaluate()
+    next_eval = eval_every
+    chunk = 0
+    while progress() < budget:
+        # Train in slices of 16 episodes so the step budget is met closely.
+        n = min(16, budget - progress()) if unit == "episodes" else 16
+        for stats in agent.train(envs, n, seed=seed * 1_000_003 + chunk, progress=False):
+            updates.append({k: float(v) for k, v in stats.items()})
+        chunk += 1
+        if progress() >= next_eval or progress() >= budget:
+            evaluate()
+            next_eval += eval_every
+    return curve, updates
