@@ -102,8 +102,8 @@ class SAC(OffPolicyAlgorithm):
         self.alpha_optimizer.step()
         loss = critic_loss + cfg.actor_coef * actor_loss
         return loss, {
-            "loss/critic": float(critic_loss),
-            "loss/actor": float(actor_loss),
+            "loss/critic": critic_loss.item(),
+            "loss/actor": actor_loss.item(),
             "loss/alpha": alpha_loss.item(),
             "policy/entropy": entropy.mean().item(),
             "sac/alpha": alpha,
