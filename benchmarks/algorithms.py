@@ -91,18 +91,43 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge(args) -> None:
+    parts = [json.loads(Path(p).read_text()) for p in args.merge]
+    runs = [r for part in parts for r in part["runs"]]
+    result = dict(parts[0])
+    result["command"] = " && ".join(p["command"] for p in parts) + " && python " + " ".join(sys.argv)
+    result["config"] = dict(parts[0]["config"], algorithms=list(dict.fromkeys(r["algorithm"] for r in runs)))
+    result["runs"] = runs
+    result["table"] = summarise(runs)
+    result["wall_s"] = max(p["wall_s"] for p in parts)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    plot(result, RESULTS / f"{args.name}.png")
+    print_table(result)
+
+
+def print_table(result: dict) -> None:
+    for algorithm, row in result["table"].items():
+        print(f"{algorithm:10s} untrained {row['untrained_mean']:+.3f} -> trained {row['trained_mean']:+.3f} "
+              f"(seed range {row['trained_min']:+.3f}..{row['trained_max']:+.3f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=1200, help="environment steps of training per run")
-    parser.add_argument("--eval-every", type=int, default=400)
-    parser.add_argument("--eval-episodes", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1000, help="environment steps of training per run")
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-episodes", type=int, default=200)
     parser.add_argument("--envs", type=int, default=16)
     parser.add_argument("--model", default=None)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--name", default="algorithms")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="combine result files of runs made in parallel into --name, then stop")
     args = parser.parse_args()
+    if args.merge:
+        merge(args)
+        return
 
     import torch
 
@@ -129,9 +154,7 @@ def main() -> None:
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
     plot(result, RESULTS / f"{args.name}.png")
-    for algorithm, row in result["table"].items():
-        print(f"{algorithm:10s} untrained {row['untrained_mean']:+.3f} -> trained {row['trained_mean']:+.3f} "
-              f"(seed range {row['trained_min']:+.3f}..{row['trained_max']:+.3f})")
+    print_table(result)
 
 
 if __name__ == "__main__":
