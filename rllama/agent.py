@@ -41,6 +41,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,7 @@ import torch
 from rllama.algorithms import Episode, Step, make_algorithm
 from rllama.errors import AgentStateError, HookError, InvalidActionError, RLlamaError
 from rllama.loops import run_episodes
+from rllama.memory import EpisodicMemory, Retrieved, WorkingMemory
 from rllama.policy import PolicyModel, load_model
 from rllama.prompting import ChatFormat
 
@@ -68,6 +70,10 @@ class _EnvSlot:
 
     messages: list[dict] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
+    # what episodic memory stores when the episode ends: observation texts, action texts, rewards
+    observations: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
 
 
 class RLlamaAgent(ABC):
@@ -94,6 +100,10 @@ class RLlamaAgent(ABC):
             checked against it. ``train``/``evaluate`` set it from the environment.
         use_chat_template: ``None`` uses the tokenizer's chat template if it has one, else the
             plain format documented in :mod:`rllama.prompting`.
+        memory: an :class:`~rllama.memory.EpisodicMemory`, a :class:`~rllama.memory.WorkingMemory`,
+            or a list with one of each. Episodic memory is searched with each observation and the
+            results are put into the prompt (:meth:`inject_memories`); finished training episodes
+            are written to it. Working memory keeps the episode's history within its token budget.
     """
 
     def __init__(
@@ -113,6 +123,7 @@ class RLlamaAgent(ABC):
         seed: int | None = None,
         action_space=None,
         use_chat_template: bool | None = None,
+        memory=None,
     ) -> None:
         if seed is not None:
             set_seed(seed)
@@ -139,6 +150,11 @@ class RLlamaAgent(ABC):
         self.total_episodes = 0
         self._next_group = 0  # ids of start-state groups (GRPO)
         self._pending_group_slots: deque = deque()  # (group id, reset seed) still to play
+        self.episodic_memory, self.working_memory = _split_memory(memory)
+        self._write_memory = True  # False while evaluating, unless evaluating(write_memory=True)
+        self.last_prompt_ids: dict[int, list[int]] = {}  # env id -> the prompt of its last action
+        self.last_retrieved: dict[int, list[Retrieved]] = {}  # env id -> what memory gave it
+        self._last_env_id = 0
 
     # ------------------------------------------------------------------ hooks
     @abstractmethod
@@ -178,6 +194,47 @@ class RLlamaAgent(ABC):
         return self.action_space.sample()
 
     # ------------------------------------------------------------------ construction
+    def format_memories(self, retrieved: list[Retrieved]) -> str:
+        """The text block that presents retrieved experiences (override to change the template).
+
+        The default lists each as ``- <observation> -> <action> (reward r, return g[, outcome][: lesson])``.
+        """
+        lines = ["Relevant past experience:"]
+        for r in retrieved:
+            e = r.experience
+            extra = f", {e.outcome}" if e.outcome else ""
+            lesson = f": {e.lesson}" if e.lesson else ""
+            lines.append(f"- {e.observation} -> {e.action} "
+                         f"(reward {e.reward:+g}, return {e.return_to_go:+g}{extra}){lesson}")
+        return "\n".join(lines)
+
+    def inject_memories(self, observation_text: str, retrieved: list[Retrieved]) -> str:
+        """The user message shown for the current step: memories (if any) before the observation."""
+        if not retrieved:
+            return observation_text
+        return f"{self.format_memories(retrieved)}\n\nNow:\n{observation_text}"
+
+    def episode_outcome(self, episode_return: float, truncated: bool) -> str:
+        """A word for how an episode ended, stored with its experiences in episodic memory."""
+        if truncated:
+            return "truncated"
+        return "won" if episode_return > 0 else "lost" if episode_return < 0 else "draw"
+
+    def episode_lesson(self, observations: list[str], actions: list[str], rewards: list[float]) -> str | None:
+        """Optional free-text lesson stored with an episode's experiences (default: none)."""
+        return None
+
+    @property
+    def last_prompt(self) -> str | None:
+        """The exact prompt text of the most recent action (memories and history included)."""
+        ids = self.last_prompt_ids.get(self._last_env_id)
+        return None if ids is None else self.tokenizer.decode(ids)
+
+    def prompt_of(self, env_id: int) -> str | None:
+        """The exact prompt text of environment ``env_id``'s last action."""
+        ids = self.last_prompt_ids.get(int(env_id))
+        return None if ids is None else self.tokenizer.decode(ids)
+
     @staticmethod
     def _build_policy(model, tokenizer, device, lora_config, precision, score_normalization, temperature):
         if isinstance(model, PolicyModel):
@@ -260,6 +317,17 @@ class RLlamaAgent(ABC):
             slot = self._slots[env_id] = _EnvSlot(messages=[{"role": "system", "content": self._system_prompt()}])
         return slot
 
+    def _compose(self, slot: _EnvSlot, content: str) -> list[dict]:
+        """System prompt + history (through working memory, if any) + the current user message."""
+        system, history = slot.messages[:1], slot.messages[1:]
+        current = [{"role": "user", "content": content}]
+        if self.working_memory is not None and history:
+            base = len(self.chat.prompt_ids(system + current))
+            history = self.working_memory.select(
+                history, lambda msgs: len(self.chat.prompt_ids(system + msgs + current)) - base
+            )
+        return system + history + current
+
     def _fit_prompt(self, messages: list[dict]) -> tuple[list[int], list[dict]]:
         """Prompt ids of ``messages``, dropping the oldest (observation, reply) pairs until it fits.
 
@@ -303,16 +371,21 @@ class RLlamaAgent(ABC):
             return []
         # Nothing is written to an env's chat until its action is known, so an error in a hook
         # leaves every chat as it was.
-        slots, chats, prompts, candidates = [], [], [], []
+        slots, texts, prompts, candidates = [], [], [], []
         for env_id, obs in zip(env_ids, observations):
-            slot = self._slot(env_id)
-            text = self._observation_text(obs)
-            cands = self._valid_actions(obs)
-            ids, chat = self._fit_prompt(slot.messages + [{"role": "user", "content": text}])
-            slots.append(slot)
-            chats.append(chat)
+            slots.append(self._slot(env_id))
+            texts.append(self._observation_text(obs))
+            candidates.append(self._valid_actions(obs))
+        retrieved = self._retrieve(texts)
+        for slot, text, found in zip(slots, texts, retrieved):
+            content = self._hook("inject_memories", text, found) if found else text
+            if not isinstance(content, str):
+                raise HookError(f"inject_memories returned {type(content).__name__}; expected str")
+            messages = self._compose(slot, content)
+            ids, fitted = self._fit_prompt(messages)
+            if self.working_memory is None and len(fitted) < len(messages):
+                slot.messages = fitted[:-1]  # turns that no longer fit are gone for good
             prompts.append(ids)
-            candidates.append(cands)
 
         steps: list[Step | None] = [None] * len(observations)
         scored = [i for i, c in enumerate(candidates) if c is not None]
@@ -337,12 +410,26 @@ class RLlamaAgent(ABC):
             else:
                 step.action = self._parse_generated(obs, step.text)
             actions.append(step.action)
-        for slot, chat, step in zip(slots, chats, steps):
-            slot.messages = chat + [{"role": "assistant", "content": step.text}]
+        # The history keeps the plain observation text; retrieved memories appear only in the
+        # prompt of the step they were retrieved for.
+        for env_id, slot, text, found, ids, step in zip(env_ids, slots, texts, retrieved, prompts, steps):
+            slot.messages = slot.messages + [{"role": "user", "content": text},
+                                             {"role": "assistant", "content": step.text}]
+            slot.observations.append(text)
+            slot.actions.append(step.text)
+            slot.rewards.append(0.0)
+            self.last_prompt_ids[env_id] = ids
+            self.last_retrieved[env_id] = found
             if self._recording:
                 slot.steps.append(step)
                 self.total_steps += 1
+        self._last_env_id = env_ids[-1]
         return actions
+
+    def _retrieve(self, texts: list[str]) -> list[list[Retrieved]]:
+        if self.episodic_memory is None or len(self.episodic_memory) == 0:
+            return [[] for _ in texts]
+        return self.episodic_memory.search(texts)
 
     def _score(self, rows, prompts, candidates, steps) -> None:
         cand_ids = [[self.chat.reply_ids(c) for c in candidates[i]] for i in rows]
@@ -398,12 +485,14 @@ class RLlamaAgent(ABC):
         for env_id, r in zip(env_ids, rewards):
             if not math.isfinite(r):
                 raise ValueError(f"reward {r} for env {env_id} is not finite")
-            if not self._recording:
-                continue
             slot = self._slots.get(env_id)
-            if slot is None or not slot.steps:
+            if slot is None or not slot.rewards:
+                if not self._recording:
+                    continue
                 raise AgentStateError(f"assign_reward for env {env_id} before any act() in its episode")
-            slot.steps[-1].reward += float(r)
+            slot.rewards[-1] += float(r)
+            if self._recording:
+                slot.steps[-1].reward += float(r)
 
     def terminate_episode(self, truncated: bool = False, group: int | None = None) -> dict[str, float]:
         """End environment 0's episode. Trains when a batch of episodes is full.
@@ -449,6 +538,7 @@ class RLlamaAgent(ABC):
                 info = {} if group is None else {"group": int(group)}
                 self.algorithm.add_episode(Episode(slot.steps, env_id=env_id, truncated=trunc, info=info))
                 self.total_episodes += 1
+            self._remember(slot, trunc)
         if self._recording and self.algorithm.ready():
             stats = self.algorithm.update()
             stats["rollout/parse_failures"] = float(self._parse_failures)
@@ -458,26 +548,36 @@ class RLlamaAgent(ABC):
             return stats
         return {}
 
+    def _remember(self, slot: _EnvSlot, truncated: bool) -> None:
+        if self.episodic_memory is None or not self._write_memory or not slot.observations:
+            return
+        total = float(sum(slot.rewards))
+        outcome = self._hook("episode_outcome", total, truncated)
+        lesson = self._hook("episode_lesson", list(slot.observations), list(slot.actions), list(slot.rewards))
+        self.episodic_memory.add_episode(slot.observations, slot.actions, slot.rewards, outcome=outcome,
+                                         lesson=lesson, metadata={"episode": self.total_episodes})
+
     def reset(self) -> None:
         """Forget the running episodes (their unfinished steps are dropped)."""
         self._slots.clear()
 
     # ------------------------------------------------------------------ evaluation
     @contextlib.contextmanager
-    def evaluating(self, greedy: bool = True):
+    def evaluating(self, greedy: bool = True, write_memory: bool = False):
         """Context in which the agent acts without recording experience or training.
 
-        Running training episodes are set aside and restored afterwards.
+        Running training episodes are set aside and restored afterwards. Episodic memory is still
+        read; it is written only with ``write_memory=True``.
         """
-        saved = (self._slots, self._recording, self._greedy)
-        self._slots, self._recording, self._greedy = {}, False, greedy
+        saved = (self._slots, self._recording, self._greedy, self._write_memory)
+        self._slots, self._recording, self._greedy, self._write_memory = {}, False, greedy, write_memory
         try:
             yield self
         finally:
-            self._slots, self._recording, self._greedy = saved
+            self._slots, self._recording, self._greedy, self._write_memory = saved
 
     def evaluate(self, env, n_episodes: int, *, greedy: bool = True, seed: int | None = None,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, write_memory: bool = False) -> dict[str, Any]:
         """Mean return over ``n_episodes`` evaluation episodes (no training, nothing recorded).
 
         With a seed, episode ``k`` of a single env is reset with ``seed + k`` (of a vector env, env
@@ -486,7 +586,7 @@ class RLlamaAgent(ABC):
         Returns:
             ``{"mean_return", "std_return", "stderr", "n_episodes", "returns"}``.
         """
-        with self.evaluating(greedy=greedy):
+        with self.evaluating(greedy=greedy, write_memory=write_memory):
             returns = run_episodes(self, env, n_episodes, seed=seed, progress=progress, desc="eval",
                                    reseed_each_episode=True)
         arr = np.asarray(returns, dtype=np.float64)
@@ -520,13 +620,33 @@ class RLlamaAgent(ABC):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> None:
-        """Save the adapter and heads (safetensors) and a JSON config to folder ``path``."""
+        """Save the adapter and heads (safetensors), a JSON config, and the episodic memory store
+        (subfolder ``memory/``) to folder ``path``."""
         self.policy.save(path, extra={"agent_class": f"{type(self).__module__}.{type(self).__qualname__}",
                                       "algorithm": self.algorithm.name})
+        if self.episodic_memory is not None:
+            self.episodic_memory.save(Path(path) / "memory")
 
     def load(self, path) -> dict:
-        """Load adapter and head weights saved by :meth:`save`; returns the saved config."""
-        return self.policy.load(path)
+        """Load adapter and head weights (and the episodic memory store, if the agent has a memory
+        and the folder holds one) saved by :meth:`save`; returns the saved config."""
+        config = self.policy.load(path)
+        store = Path(path) / "memory"
+        if self.episodic_memory is not None and (store / "memory.json").exists():
+            self.episodic_memory = EpisodicMemory.load(store, embedder=self.episodic_memory.embedder)
+        return config
+
+
+def _split_memory(memory) -> tuple[EpisodicMemory | None, WorkingMemory | None]:
+    items = [] if memory is None else list(memory) if isinstance(memory, (list, tuple)) else [memory]
+    episodic = [m for m in items if isinstance(m, EpisodicMemory)]
+    working = [m for m in items if isinstance(m, WorkingMemory)]
+    other = [m for m in items if not isinstance(m, (EpisodicMemory, WorkingMemory))]
+    if other or len(episodic) > 1 or len(working) > 1:
+        raise TypeError(
+            f"memory={memory!r}: expected an EpisodicMemory, a WorkingMemory, or a list with at most one of each"
+        )
+    return (episodic[0] if episodic else None), (working[0] if working else None)
 
 
 def _space_contains(space, action) -> bool:

@@ -1,0 +1,416 @@
+"""Episodic memory: past experience in a FAISS index, retrieved by similarity to the observation.
+
+Each :class:`Experience` is one step of a past episode (observation text, the action taken, its
+reward, the return that followed, the episode's outcome, an optional lesson). Its observation text is
+embedded (see :mod:`rllama.memory.embedding`) and kept in an exact inner-product FAISS index
+(``IndexIDMap2(IndexFlatIP)``; vectors are normalised, so the inner product is cosine similarity).
+
+Retrieval score of an entry for a query::
+
+    score = similarity + return_weight * tanh(return_to_go) + recency_weight * 0.5 ** (age / recency_half_life)
+
+where ``age`` counts the experiences added after it. With both weights 0 (the default) this is plain
+nearest-neighbour search. With weights, the ``k * oversample`` most similar entries are re-ranked.
+
+Capacity: when an insert would exceed ``capacity``, entries are evicted by the rule ``eviction``:
+``"oldest"`` (first in, first out) or ``"lowest_return"`` (lowest ``return_to_go``, oldest first among
+equals). Eviction removes at least what is needed, in chunks of ``max(1, capacity // 64)``, because each
+removal compacts the index (O(capacity)); so a full memory holds between ``capacity - capacity // 64``
+and ``capacity`` entries.
+
+Persistence: ``save(dir)`` writes ``index-<hash>.faiss`` and then ``memory.json`` (config, entries, the
+index file's name and SHA-256), each atomically (temporary file + rename); ``memory.json`` is the commit
+point, so an interrupted save leaves the previous store loadable. ``load`` checks the hash, the count and
+the ids and raises :class:`MemoryStoreError` on any mismatch rather than returning a corrupted memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RLlamaError
+from .embedding import HashingEmbedder, SentenceEmbedder, make_embedder
+
+FORMAT_VERSION = 1
+
+
+class MemoryStoreError(RLlamaError):
+    """A memory store on disk is missing, inconsistent or written by an incompatible version."""
+
+
+@dataclass
+class Experience:
+    """One remembered step.
+
+    Attributes:
+        observation: the observation text the agent saw (what retrieval matches against).
+        action: the action text it chose.
+        reward: the reward of that step.
+        return_to_go: the discounted return from this step to the episode's end.
+        episode_return: the episode's undiscounted total return.
+        outcome: a short word for how the episode ended (``"won"``, ``"lost"``, ``"truncated"``, ...).
+        lesson: optional free text (written by the agent's ``episode_lesson`` hook or by hand).
+        metadata: anything JSON-serialisable.
+        id: assigned by the memory on insertion (increasing; also the insertion order).
+    """
+
+    observation: str
+    action: str
+    reward: float = 0.0
+    return_to_go: float = 0.0
+    episode_return: float = 0.0
+    outcome: str | None = None
+    lesson: str | None = None
+    metadata: dict = field(default_factory=dict)
+    id: int = -1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.observation, str) or not isinstance(self.action, str):
+            raise TypeError(
+                f"Experience needs observation and action as str, got {type(self.observation).__name__} and "
+                f"{type(self.action).__name__}"
+            )
+        for name in ("reward", "return_to_go", "episode_return"):
+            value = float(getattr(self, name))
+            if not math.isfinite(value):
+                raise ValueError(f"Experience.{name}={value} is not finite")
+            setattr(self, name, value)
+
+
+@dataclass
+class Retrieved:
+    """A retrieved experience with its cosine similarity to the query and its ranking score."""
+
+    experience: Experience
+    similarity: float
+    score: float
+
+
+class EpisodicMemory:
+    """Experiences in a FAISS index, retrieved by similarity (optionally weighted by return and recency).
+
+    Args:
+        embedder: ``None`` for the embedded all-MiniLM-L6-v2, ``"hashing"`` for a bag-of-words
+            embedder with no model, a sentence-transformers folder / hub id, or an embedder object.
+        capacity: most entries kept; see the module docstring for the eviction rule.
+        k: entries retrieved per query by default.
+        eviction: ``"oldest"`` or ``"lowest_return"``.
+        return_weight: weight of ``tanh(return_to_go)`` in the ranking score.
+        recency_weight: weight of ``0.5 ** (age / recency_half_life)`` in the ranking score.
+        recency_half_life: age, in insertions, at which the recency bonus halves.
+        min_similarity: entries less similar than this are never returned.
+        oversample: with non-zero weights, ``k * oversample`` nearest entries are re-ranked.
+        gamma: discount for the ``return_to_go`` the agent computes when it writes episodes.
+        write_steps: which steps of an episode the agent writes: ``"all"`` or ``"last"``.
+    """
+
+    def __init__(
+        self,
+        embedder=None,
+        capacity: int = 10_000,
+        k: int = 4,
+        *,
+        eviction: str = "oldest",
+        return_weight: float = 0.0,
+        recency_weight: float = 0.0,
+        recency_half_life: float = 1000.0,
+        min_similarity: float | None = None,
+        oversample: int = 4,
+        gamma: float = 1.0,
+        write_steps: str = "all",
+    ) -> None:
+        import faiss
+
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity}; expected at least 1")
+        if k < 1:
+            raise ValueError(f"k={k}; expected at least 1")
+        if eviction not in ("oldest", "lowest_return"):
+            raise ValueError(f"eviction={eviction!r}; expected 'oldest' or 'lowest_return'")
+        if recency_half_life <= 0:
+            raise ValueError(f"recency_half_life={recency_half_life}; expected > 0")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma={gamma}; expected within [0, 1]")
+        if write_steps not in ("all", "last"):
+            raise ValueError(f"write_steps={write_steps!r}; expected 'all' or 'last'")
+        self.embedder = make_embedder(embedder)
+        self.dim = int(self.embedder.dim)
+        self.capacity = int(capacity)
+        self.k = int(k)
+        self.eviction = eviction
+        self.return_weight = float(return_weight)
+        self.recency_weight = float(recency_weight)
+        self.recency_half_life = float(recency_half_life)
+        self.min_similarity = None if min_similarity is None else float(min_similarity)
+        self.oversample = max(1, int(oversample))
+        self.gamma = float(gamma)
+        self.write_steps = write_steps
+        self._faiss = faiss
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        self.entries: dict[int, Experience] = {}
+        self._next_id = 0
+
+    # ------------------------------------------------------------------ size
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, experience_id: int) -> bool:
+        return int(experience_id) in self.entries
+
+    def __iter__(self):
+        return iter(self.entries[i] for i in sorted(self.entries))
+
+    def __repr__(self) -> str:
+        return (f"EpisodicMemory({len(self)}/{self.capacity} entries, embedder={self.embedder.name}, k={self.k}, "
+                f"eviction={self.eviction!r})")
+
+    # ------------------------------------------------------------------ writing
+    def add(self, experiences: Experience | Iterable[Experience]) -> list[int]:
+        """Embed and store experiences; returns their ids. Evicts first when over capacity."""
+        batch = [experiences] if isinstance(experiences, Experience) else list(experiences)
+        for e in batch:
+            if not isinstance(e, Experience):
+                raise TypeError(f"EpisodicMemory.add expects Experience objects, got {type(e).__name__}")
+        if not batch:
+            return []
+        if len(batch) > self.capacity:  # only what can be kept is embedded
+            if self.eviction == "oldest":
+                batch = batch[-self.capacity:]
+            else:
+                order = sorted(range(len(batch)), key=lambda i: (-batch[i].return_to_go, -i))
+                batch = [batch[i] for i in sorted(order[: self.capacity])]
+        vectors = self._embed([e.observation for e in batch])
+        self._evict(len(self.entries) + len(batch) - self.capacity)
+        ids = np.arange(self._next_id, self._next_id + len(batch), dtype=np.int64)
+        self._next_id += len(batch)
+        self.index.add_with_ids(vectors, ids)
+        for e, i in zip(batch, ids.tolist()):
+            e.id = i
+            self.entries[i] = e
+        return ids.tolist()
+
+    def add_episode(
+        self,
+        observations: Sequence[str],
+        actions: Sequence[str],
+        rewards: Sequence[float],
+        *,
+        outcome: str | None = None,
+        lesson: str | None = None,
+        metadata: dict | None = None,
+    ) -> list[int]:
+        """Store a finished episode, one experience per step (or the last, with ``write_steps="last"``)."""
+        if not (len(observations) == len(actions) == len(rewards)):
+            raise ValueError(
+                f"add_episode: {len(observations)} observations, {len(actions)} actions and {len(rewards)} rewards; "
+                "expected one of each per step"
+            )
+        if not observations:
+            return []
+        rewards = [float(r) for r in rewards]
+        returns, g = [0.0] * len(rewards), 0.0
+        for t in range(len(rewards) - 1, -1, -1):
+            g = rewards[t] + self.gamma * g
+            returns[t] = g
+        total = float(sum(rewards))
+        steps = range(len(rewards)) if self.write_steps == "all" else [len(rewards) - 1]
+        return self.add([
+            Experience(observation=observations[t], action=actions[t], reward=rewards[t], return_to_go=returns[t],
+                       episode_return=total, outcome=outcome, lesson=lesson,
+                       metadata=dict(metadata or {}, step=t, steps=len(rewards)))
+            for t in steps
+        ])
+
+    def delete(self, ids: int | Iterable[int]) -> int:
+        """Remove entries by id; returns how many were removed (unknown ids are ignored)."""
+        ids = [int(ids)] if isinstance(ids, (int, np.integer)) else [int(i) for i in ids]
+        present = [i for i in dict.fromkeys(ids) if i in self.entries]
+        if present:
+            self.index.remove_ids(np.asarray(present, dtype=np.int64))
+            for i in present:
+                del self.entries[i]
+        return len(present)
+
+    def delete_where(self, predicate: Callable[[Experience], bool]) -> int:
+        """Remove every entry for which ``predicate(experience)`` is true; returns how many."""
+        return self.delete([i for i, e in self.entries.items() if predicate(e)])
+
+    def clear(self) -> None:
+        self.index.reset()
+        self.entries.clear()
+
+    def _evict(self, needed: int) -> None:
+        if needed <= 0:
+            return
+        count = min(len(self.entries), max(needed, self.capacity // 64, 1))
+        ids = np.fromiter(self.entries.keys(), dtype=np.int64, count=len(self.entries))
+        if self.eviction == "oldest":
+            victims = np.sort(ids)[:count]
+        else:
+            returns = np.array([self.entries[i].return_to_go for i in ids.tolist()])
+            order = np.lexsort((ids, returns))  # lowest return first, then oldest
+            victims = ids[order[:count]]
+        self.delete(victims.tolist())
+
+    # ------------------------------------------------------------------ reading
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"memory texts must be str, got {type(t).__name__}: {t!r:.80}")
+        vectors = np.asarray(self.embedder(list(texts)), dtype=np.float32)
+        if vectors.shape != (len(texts), self.dim):
+            raise MemoryStoreError(
+                f"embedder {self.embedder.name} returned shape {vectors.shape}; expected ({len(texts)}, {self.dim})"
+            )
+        return np.ascontiguousarray(vectors)
+
+    def search(self, queries: str | Sequence[str], k: int | None = None) -> list[Retrieved] | list[list[Retrieved]]:
+        """The ``k`` best entries for a query text (a list of them for a list of queries), best first."""
+        single = isinstance(queries, str)
+        texts = [queries] if single else list(queries)
+        results = self.search_vectors(self._embed(texts), k) if texts else []
+        return results[0] if single else results
+
+    def search_vectors(self, vectors: np.ndarray, k: int | None = None) -> list[list[Retrieved]]:
+        """Like :meth:`search` for query vectors already embedded (shape ``(n, dim)``, normalised)."""
+        k = self.k if k is None else int(k)
+        if k < 1:
+            raise ValueError(f"k={k}; expected at least 1")
+        n = len(vectors)
+        if not self.entries:
+            return [[] for _ in range(n)]
+        weighted = self.return_weight != 0.0 or self.recency_weight != 0.0
+        pool = min(len(self.entries), k * self.oversample if weighted else k)
+        sims, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), pool)
+        newest = self._next_id - 1
+        out = []
+        for row_sims, row_ids in zip(sims.tolist(), ids.tolist()):
+            found = []
+            for s, i in zip(row_sims, row_ids):
+                if i < 0 or (self.min_similarity is not None and s < self.min_similarity):
+                    continue
+                e = self.entries[i]
+                score = s
+                if weighted:
+                    score += self.return_weight * math.tanh(e.return_to_go)
+                    score += self.recency_weight * 0.5 ** ((newest - i) / self.recency_half_life)
+                found.append(Retrieved(e, float(s), float(score)))
+            found.sort(key=lambda r: (-r.score, -r.experience.id))
+            out.append(found[:k])
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def config(self) -> dict:
+        return {
+            "capacity": self.capacity, "k": self.k, "eviction": self.eviction, "return_weight": self.return_weight,
+            "recency_weight": self.recency_weight, "recency_half_life": self.recency_half_life,
+            "min_similarity": self.min_similarity, "oversample": self.oversample, "gamma": self.gamma,
+            "write_steps": self.write_steps,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the store to the folder ``path`` (created if needed); see the module docstring."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        blob = self._faiss.serialize_index(self.index).tobytes()
+        digest = hashlib.sha256(blob).hexdigest()
+        index_name = f"index-{digest[:16]}.faiss"
+        manifest_path = folder / "memory.json"
+        previous = _read_manifest(manifest_path) if manifest_path.exists() else None
+        _atomic_write(folder / index_name, blob)
+        manifest = {
+            "format": "rllama.EpisodicMemory", "version": FORMAT_VERSION,
+            "embedder": getattr(self.embedder, "config", lambda: {"name": self.embedder.name, "dim": self.dim})(),
+            "config": self.config(), "next_id": self._next_id, "index_file": index_name, "index_sha256": digest,
+            "entries": [asdict(self.entries[i]) for i in sorted(self.entries)],
+        }
+        _atomic_write(manifest_path, json.dumps(manifest, ensure_ascii=False).encode("utf-8"))
+        if previous and previous.get("index_file") not in (None, index_name):
+            (folder / previous["index_file"]).unlink(missing_ok=True)
+        return folder
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, embedder=None, **overrides) -> EpisodicMemory:
+        """Read a store written by :meth:`save`.
+
+        Args:
+            embedder: the embedder to use; by default the one recorded in the store (the embedded
+                MiniLM, a hashing embedder, or the recorded sentence-transformers path).
+            overrides: config fields to change (``k=8``, ``return_weight=0.5``, ...).
+        """
+        folder = Path(path)
+        manifest_path = folder / "memory.json"
+        if not manifest_path.exists():
+            raise MemoryStoreError(f"no episodic memory store at {folder} (missing memory.json)")
+        manifest = _read_manifest(manifest_path)
+        if manifest.get("format") != "rllama.EpisodicMemory" or manifest.get("version") != FORMAT_VERSION:
+            raise MemoryStoreError(
+                f"{manifest_path} is not an rllama EpisodicMemory store of format version {FORMAT_VERSION}"
+            )
+        recorded = manifest["embedder"]
+        if embedder is None:
+            if recorded.get("type") == "hashing":
+                embedder = HashingEmbedder(recorded["dim"])
+            elif recorded.get("name") == "all-MiniLM-L6-v2":
+                embedder = None
+            else:
+                embedder = recorded.get("name")
+        memory = cls(embedder, **dict(manifest["config"], **overrides))
+        if memory.dim != recorded["dim"]:
+            raise MemoryStoreError(
+                f"the store at {folder} holds {recorded['dim']}-dimensional vectors ({recorded.get('name')}); "
+                f"the embedder {memory.embedder.name} gives {memory.dim}"
+            )
+        index_path = folder / manifest["index_file"]
+        if not index_path.exists():
+            raise MemoryStoreError(f"{index_path} is missing; the store at {folder} is incomplete")
+        blob = index_path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != manifest["index_sha256"]:
+            raise MemoryStoreError(f"{index_path} does not match the hash in memory.json; the store is corrupted")
+        index = memory._faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+        entries = {}
+        for raw in manifest["entries"]:
+            e = Experience(**raw)
+            entries[e.id] = e
+        stored_ids = sorted(int(index.id_map.at(j)) for j in range(index.ntotal)) if index.ntotal else []
+        if index.ntotal != len(entries) or stored_ids != sorted(entries):
+            raise MemoryStoreError(
+                f"the store at {folder} is inconsistent: the index holds {index.ntotal} vectors, memory.json "
+                f"{len(entries)} entries"
+            )
+        memory.index = index
+        memory.entries = entries
+        memory._next_id = int(manifest["next_id"])
+        return memory
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MemoryStoreError(f"cannot read {path}: {exc}") from exc
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["EpisodicMemory", "Experience", "Retrieved", "MemoryStoreError", "SentenceEmbedder", "HashingEmbedder"]
