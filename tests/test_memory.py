@@ -339,3 +339,30 @@ def test_agent_rejects_unknown_memory_objects(make_agent):
         make_agent(memory="yes please")
     with pytest.raises(TypeError, match="at most one of each"):
         make_agent(memory=[hashing_memory(), hashing_memory()])
+
+
+def test_write_filter_and_precomputed_vectors():
+    memory = hashing_memory(write_filter=lambda e: e.episode_return > 0)
+    memory.add_episode(["lost here"], ["a"], [-1.0])
+    memory.add_episode(["won here"], ["b"], [1.0])
+    assert [e.observation for e in memory] == ["won here"]
+    vectors = memory.embedder(["alpha", "beta"])
+    plain = hashing_memory(k=1)
+    plain.add([exp("x", action="1"), exp("y", action="2")], vectors=vectors)
+    assert plain.search("beta")[0].experience.action == "2"
+    with pytest.raises(ValueError, match="shape"):
+        plain.add([exp("z")], vectors=vectors)
+
+
+def test_fp16_index_agrees_with_exact_and_persists(tmp_path):
+    exact, half = hashing_memory(k=3), hashing_memory(k=3, index="fp16")
+    items = [exp(f"{a} {b}") for a in WORDS for b in WORDS[:4]]
+    exact.add(items)
+    half.add([exp(e.observation) for e in items])
+    for q in ["apple river", "tiger castle", "violin"]:
+        a, b = exact.search(q), half.search(q)
+        np.testing.assert_allclose([r.similarity for r in a], [r.similarity for r in b], atol=2e-3)
+    half.delete([0, 1])
+    loaded = EpisodicMemory.load(half.save(tmp_path / "half"))
+    assert loaded.index_type == "fp16" and len(loaded) == len(half)
+    assert [r.experience.id for r in loaded.search("tiger")] == [r.experience.id for r in half.search("tiger")]

@@ -4,6 +4,8 @@ Each :class:`Experience` is one step of a past episode (observation text, the ac
 reward, the return that followed, the episode's outcome, an optional lesson). Its observation text is
 embedded (see :mod:`rllama.memory.embedding`) and kept in an exact inner-product FAISS index
 (``IndexIDMap2(IndexFlatIP)``; vectors are normalised, so the inner product is cosine similarity).
+``index="fp16"`` stores the vectors as float16 (``IndexScalarQuantizer``): half the memory and about
+twice as fast at 100 k entries, with similarities exact to about 1e-3.
 
 Retrieval score of an entry for a query::
 
@@ -111,6 +113,11 @@ class EpisodicMemory:
         oversample: with non-zero weights, ``k * oversample`` nearest entries are re-ranked.
         gamma: discount for the ``return_to_go`` the agent computes when it writes episodes.
         write_steps: which steps of an episode the agent writes: ``"all"`` or ``"last"``.
+        write_filter: optional ``filter(experience) -> bool``; only experiences it accepts are stored
+            (for instance ``lambda e: e.episode_return > 0`` keeps successful episodes only).
+        index: ``"flat"`` (exact float32) or ``"fp16"`` (float16 storage; see the module docstring).
+        search_threads: FAISS threads for a search (default 1: on a few cores one thread answers
+            a query much faster than several); ``None`` leaves FAISS's global setting alone.
     """
 
     def __init__(
@@ -127,6 +134,9 @@ class EpisodicMemory:
         oversample: int = 4,
         gamma: float = 1.0,
         write_steps: str = "all",
+        write_filter: Callable[[Experience], bool] | None = None,
+        search_threads: int | None = 1,
+        index: str = "flat",
     ) -> None:
         import faiss
 
@@ -154,8 +164,21 @@ class EpisodicMemory:
         self.oversample = max(1, int(oversample))
         self.gamma = float(gamma)
         self.write_steps = write_steps
+        if write_filter is not None and not callable(write_filter):
+            raise TypeError(f"write_filter={write_filter!r}: expected a callable(experience) -> bool")
+        self.write_filter = write_filter
+        if search_threads is not None and search_threads < 1:
+            raise ValueError(f"search_threads={search_threads}; expected None or at least 1")
+        self.search_threads = search_threads
+        if index not in ("flat", "fp16"):
+            raise ValueError(f"index={index!r}; expected 'flat' or 'fp16'")
+        self.index_type = index
         self._faiss = faiss
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        if index == "flat":
+            inner = faiss.IndexFlatIP(self.dim)
+        else:
+            inner = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        self.index = faiss.IndexIDMap2(inner)
         self.entries: dict[int, Experience] = {}
         self._next_id = 0
 
@@ -174,21 +197,36 @@ class EpisodicMemory:
                 f"eviction={self.eviction!r})")
 
     # ------------------------------------------------------------------ writing
-    def add(self, experiences: Experience | Iterable[Experience]) -> list[int]:
-        """Embed and store experiences; returns their ids. Evicts first when over capacity."""
+    def add(self, experiences: Experience | Iterable[Experience], vectors: np.ndarray | None = None) -> list[int]:
+        """Embed and store experiences; returns their ids. Evicts first when over capacity.
+
+        Args:
+            vectors: their observations' embeddings, if already computed (normalised, ``(n, dim)``).
+        """
         batch = [experiences] if isinstance(experiences, Experience) else list(experiences)
         for e in batch:
             if not isinstance(e, Experience):
                 raise TypeError(f"EpisodicMemory.add expects Experience objects, got {type(e).__name__}")
-        if not batch:
-            return []
-        if len(batch) > self.capacity:  # only what can be kept is embedded
+        keep = list(range(len(batch)))
+        if vectors is not None:
+            vectors = np.asarray(vectors, dtype=np.float32)
+            if vectors.shape != (len(batch), self.dim):
+                raise ValueError(f"vectors of shape {vectors.shape}; expected ({len(batch)}, {self.dim})")
+        if self.write_filter is not None:
+            keep = [i for i in keep if self.write_filter(batch[i])]
+        if len(keep) > self.capacity:  # only what can be kept is embedded
             if self.eviction == "oldest":
-                batch = batch[-self.capacity:]
+                keep = keep[-self.capacity:]
             else:
-                order = sorted(range(len(batch)), key=lambda i: (-batch[i].return_to_go, -i))
-                batch = [batch[i] for i in sorted(order[: self.capacity])]
-        vectors = self._embed([e.observation for e in batch])
+                order = sorted(keep, key=lambda i: (-batch[i].return_to_go, -i))
+                keep = sorted(order[: self.capacity])
+        if not keep:
+            return []
+        batch = [batch[i] for i in keep]
+        if vectors is None:
+            vectors = self._embed([e.observation for e in batch])
+        else:
+            vectors = np.ascontiguousarray(vectors[keep])
         self._evict(len(self.entries) + len(batch) - self.capacity)
         ids = np.arange(self._next_id, self._next_id + len(batch), dtype=np.int64)
         self._next_id += len(batch)
@@ -290,7 +328,7 @@ class EpisodicMemory:
             return [[] for _ in range(n)]
         weighted = self.return_weight != 0.0 or self.recency_weight != 0.0
         pool = min(len(self.entries), k * self.oversample if weighted else k)
-        sims, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), pool)
+        sims, ids = self._search_index(np.ascontiguousarray(vectors, dtype=np.float32), pool)
         newest = self._next_id - 1
         out = []
         for row_sims, row_ids in zip(sims.tolist(), ids.tolist()):
@@ -308,13 +346,23 @@ class EpisodicMemory:
             out.append(found[:k])
         return out
 
+    def _search_index(self, vectors: np.ndarray, pool: int):
+        if self.search_threads is None:
+            return self.index.search(vectors, pool)
+        previous = self._faiss.omp_get_max_threads()
+        self._faiss.omp_set_num_threads(self.search_threads)
+        try:
+            return self.index.search(vectors, pool)
+        finally:
+            self._faiss.omp_set_num_threads(previous)
+
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict:
         return {
             "capacity": self.capacity, "k": self.k, "eviction": self.eviction, "return_weight": self.return_weight,
             "recency_weight": self.recency_weight, "recency_half_life": self.recency_half_life,
             "min_similarity": self.min_similarity, "oversample": self.oversample, "gamma": self.gamma,
-            "write_steps": self.write_steps,
+            "write_steps": self.write_steps, "search_threads": self.search_threads, "index": self.index_type,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -345,7 +393,8 @@ class EpisodicMemory:
         Args:
             embedder: the embedder to use; by default the one recorded in the store (the embedded
                 MiniLM, a hashing embedder, or the recorded sentence-transformers path).
-            overrides: config fields to change (``k=8``, ``return_weight=0.5``, ...).
+            overrides: config fields to change (``k=8``, ``return_weight=0.5``, ...); a
+                ``write_filter`` (a function, not saved) is passed here again.
         """
         folder = Path(path)
         manifest_path = folder / "memory.json"
