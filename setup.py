@@ -41,6 +41,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5"],
+        # TextWorld builds jericho from source at install time: needs gcc and make.
+        "textworld": ["textworld>=1.6"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
