@@ -25,7 +25,7 @@ def games(tmp_path_factory):
 def env(games):
     from rllama.envs.textworld import TextWorldEnv
 
-    e = TextWorldEnv(games, max_episode_steps=8)
+    e = TextWorldEnv(games, max_steps=8)
     yield e
     e.close()
 
@@ -34,7 +34,7 @@ def test_check_env_passes(games):
     from rllama.envs.textworld import TextWorldEnv
 
     for in_obs in (False, True):
-        e = TextWorldEnv(games, max_episode_steps=8, admissible_commands_in_observation=in_obs)
+        e = TextWorldEnv(games, max_steps=8, admissible_commands_in_observation=in_obs)
         check_env(e, skip_render_check=True)
         e.close()
 
@@ -89,7 +89,9 @@ def test_non_string_action_is_a_clear_error(env):
 
 
 def test_gym_make_and_vector_env(games):
-    e = gym.make("rllama/TextWorld-v0", games=games, admissible_commands_in_observation=True)
+    e = gym.make("rllama/TextWorld-v0", games=games, admissible_commands_in_observation=True, max_episode_steps=3)
+    obs, info = e.reset(seed=1)
+    assert [e.step("look")[3] for _ in range(3)] == [False, False, True]  # Gymnasium's TimeLimit
     obs, info = e.reset(seed=1)
     assert set(obs) == {"text", "admissible_commands"} and "look" in obs["admissible_commands"]
     e.close()

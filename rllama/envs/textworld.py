@@ -6,7 +6,9 @@ envs use a 4-tuple API. :class:`TextWorldEnv` is a real Gymnasium env:
 - ``reset(seed=..., options={"game": i})`` picks one of its games (at random from the seed, or game
   ``i``) and starts it; ``step(command)`` returns the 5-tuple. The reward is the change of the game's
   score (plus ``intermediate_reward_weight`` times TextWorld's intermediate reward, 0 by default).
-  ``terminated`` when the game is won or lost, ``truncated`` after ``max_episode_steps`` commands.
+  ``terminated`` when the game is won or lost. ``gym.make`` wraps it in Gymnasium's ``TimeLimit``
+  (50 commands; ``gym.make(..., max_episode_steps=20)`` to change); the class made directly
+  truncates after ``max_steps`` commands if given.
 - Observation: the game's text (``spaces.Text``), cleaned of the interpreter's banner and status
   line. With ``admissible_commands_in_observation=True`` it is a dict ``{"text": ..., "admissible_commands":
   (...)}`` instead, so an agent's ``get_valid_actions(observation)`` can score the admissible commands.
@@ -76,7 +78,8 @@ class TextWorldEnv(gym.Env):
     Args:
         games: game files (``.z8`` / ``.ulx``), a folder of them, or ``None`` for the default family
             (:data:`rllama.envs.textworld_games.DEFAULT_FAMILY`, 8 games, generated on first use).
-        max_episode_steps: commands before the episode is truncated.
+        max_steps: commands before the env itself truncates the episode (``None``: never; ``gym.make``
+            adds a ``TimeLimit`` of ``max_episode_steps`` instead).
         admissible_commands_in_observation: observations are ``{"text", "admissible_commands"}`` dicts.
         intermediate_reward_weight: weight of TextWorld's intermediate reward (+1 for a step toward
             the goal, -1 for one that makes it unreachable) added to the score change.
@@ -89,7 +92,7 @@ class TextWorldEnv(gym.Env):
         self,
         games: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         *,
-        max_episode_steps: int = 50,
+        max_steps: int | None = None,
         admissible_commands_in_observation: bool = False,
         intermediate_reward_weight: float = 0.0,
         max_observation_length: int = 4096,
@@ -98,11 +101,11 @@ class TextWorldEnv(gym.Env):
     ) -> None:
         self._tw = _require_textworld()
         self.games = _resolve_games(games)
-        if max_episode_steps < 1:
-            raise ValueError(f"max_episode_steps={max_episode_steps}; expected at least 1")
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps={max_steps}; expected None or at least 1")
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode={render_mode!r}; TextWorldEnv supports None or 'ansi'")
-        self.max_episode_steps = int(max_episode_steps)
+        self.max_steps = None if max_steps is None else int(max_steps)
         self.admissible_commands_in_observation = bool(admissible_commands_in_observation)
         self.intermediate_reward_weight = float(intermediate_reward_weight)
         self.max_observation_length = int(max_observation_length)
@@ -174,7 +177,7 @@ class TextWorldEnv(gym.Env):
         if self.intermediate_reward_weight:
             reward += self.intermediate_reward_weight * float(self._state["intermediate_reward"] or 0)
         terminated = bool(self._state["won"] or self._state["lost"] or done)
-        truncated = not terminated and self._steps >= self.max_episode_steps
+        truncated = not terminated and self.max_steps is not None and self._steps >= self.max_steps
         self._done = terminated or truncated
         return self._observation(self._state.feedback), reward, terminated, truncated, self._info(command)
 

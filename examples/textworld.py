@@ -1,0 +1,129 @@
+"""An LLM agent that learns to play generated TextWorld games, on the embedded default model.
+
+    python examples/textworld.py                      # scoring mode: ranks the admissible commands
+    python examples/textworld.py --generate           # free-text commands instead
+
+Games come from a small family (3 rooms, 4 objects, quests of 2 commands) generated offline on the
+first run and cached (``rllama.envs.textworld_games``). The agent trains on one set of games and is
+evaluated on held-out games of the same family: success rate (games won) and score.
+
+``TextWorldAgent`` is the shape of the RLlama README's TextWorld agent: a system prompt, observation
+clean-up, command extraction. In scoring mode the env puts the admissible commands into the
+observation and ``get_valid_actions`` hands them to the policy; in generate mode the model writes a
+command and ``extract_action`` takes its first line. Working memory keeps long episodes' history
+within 256 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rllama import RLlamaAgent
+from rllama.envs.textworld_games import GameFamily, make_games
+from rllama.memory import WorkingMemory
+
+FAMILY = GameFamily(nb_rooms=3, nb_objects=4, quest_length=2)
+TRAIN_SEEDS = range(0, 32)
+HELD_OUT_SEEDS = range(1000, 1016)
+
+
+class TextWorldAgent(RLlamaAgent):
+    """Plays TextWorld games; scores admissible commands or generates one (``generate=True``)."""
+
+    def __init__(self, *args, generate: bool = False, **kwargs) -> None:
+        self.generate = generate
+        kwargs.setdefault("memory", WorkingMemory(max_tokens=256))
+        kwargs.setdefault("max_new_tokens", 12)
+        super().__init__(*args, **kwargs)
+
+    def get_system_prompt(self) -> str:
+        return ("You are playing a text adventure game. Read the goal and the room, then reply with exactly "
+                "one command, such as 'go north', 'take key' or 'open chest'.")
+
+    def format_observation(self, observation) -> str:
+        text = observation["text"] if isinstance(observation, dict) else str(observation)
+        text = re.sub(r"\n{2,}", "\n", text).strip()
+        if self.generate and isinstance(observation, dict):
+            text += "\nCommands you can use: " + ", ".join(observation["admissible_commands"])
+        return text
+
+    def get_valid_actions(self, observation):
+        if self.generate or not isinstance(observation, dict):
+            return None
+        return list(observation["admissible_commands"])
+
+    def extract_action(self, response: str) -> str:
+        line = response.strip().splitlines()[0] if response.strip() else ""
+        command = line.strip().lstrip("> ").strip("'\"` ").rstrip(".!")
+        if not command:
+            raise ValueError(f"no command in {response!r}")
+        return command.lower()
+
+    def fallback_action(self, observation, response: str) -> str:
+        return "look"
+
+
+def make_env(seeds, max_episode_steps: int = 20, num_envs: int = 1):
+    games = make_games(FAMILY, seeds=seeds, progress=True)
+    kwargs = {"games": games, "max_episode_steps": max_episode_steps, "admissible_commands_in_observation": True}
+    # max_episode_steps goes to Gymnasium's TimeLimit wrapper
+    if num_envs == 1:
+        return gym.make("rllama/TextWorld-v0", **kwargs)
+    return gym.make_vec("rllama/TextWorld-v0", num_envs=num_envs, vectorization_mode="sync", **kwargs)
+
+
+def play_each_game(agent: TextWorldAgent, env, greedy: bool = True) -> dict:
+    """One episode per game of ``env`` (nothing recorded): success rate and normalised score."""
+    base = env.unwrapped
+    won, scores = [], []
+    with agent.evaluating(greedy=greedy):
+        for game in range(len(base.games)):
+            obs, info = env.reset(seed=game, options={"game": game})
+            total, done = 0.0, False
+            while not done:
+                obs, reward, terminated, truncated, info = env.step(agent.act(obs))
+                agent.assign_reward(reward)
+                total += reward
+                done = terminated or truncated
+            agent.terminate_episode(truncated=truncated)
+            won.append(float(info["won"]))
+            scores.append(total / max(1, info["max_score"]))
+    return {"success": float(np.mean(won)), "score": float(np.mean(scores)), "won": won}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--episodes", type=int, default=96, help="training episodes")
+    parser.add_argument("--envs", type=int, default=8)
+    parser.add_argument("--generate", action="store_true", help="free-text commands instead of scoring")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    agent = TextWorldAgent(args.model, seed=args.seed, generate=args.generate,
+                           algorithm_config={"batch_episodes": args.envs})
+    held_out = make_env(HELD_OUT_SEEDS)
+    before = play_each_game(agent, held_out)
+    print(f"untrained on {len(HELD_OUT_SEEDS)} held-out games: success {before['success']:.2f}, "
+          f"score {before['score']:.2f} ({time.perf_counter() - t0:.0f} s)")
+    train_envs = make_env(TRAIN_SEEDS, num_envs=args.envs)
+    agent.train(train_envs, args.episodes, seed=args.seed)
+    after = play_each_game(agent, held_out)
+    print(f"trained on {args.episodes} episodes: success {after['success']:.2f}, score {after['score']:.2f} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    print("\nlast prompt:\n" + (agent.last_prompt or ""))
+
+
+if __name__ == "__main__":
+    main()
