@@ -42,7 +42,8 @@ class TextWorldAgent(RLlamaAgent):
 
     def __init__(self, *args, generate: bool = False, **kwargs) -> None:
         self.generate = generate
-        kwargs.setdefault("memory", WorkingMemory(max_tokens=256))
+        # keep_first=1: the first observation states the goal; keep it in sight all episode.
+        kwargs.setdefault("memory", WorkingMemory(max_tokens=256, keep_first=1))
         kwargs.setdefault("max_new_tokens", 12)
         super().__init__(*args, **kwargs)
 

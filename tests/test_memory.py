@@ -262,6 +262,15 @@ def test_working_memory_drops_oldest_pairs_and_adds_a_note():
     assert bare == h[len(h) - len(bare):] and bare[0]["role"] == "user" and len(bare) >= len(kept)
 
 
+def test_working_memory_keep_first_pins_the_opening_turns():
+    h = history(6)
+    shown = WorkingMemory(max_tokens=40, keep_first=1).select(h, word_count)
+    assert shown[:2] == h[:2] and "earlier turns" in shown[2]["content"]
+    assert shown[3:] == h[len(h) - len(shown[3:]):] and word_count(shown) <= 40
+    tight = WorkingMemory(max_tokens=3, keep_first=1).select(h, word_count)
+    assert word_count(tight) <= 3  # pinned turns go too when nothing else fits
+
+
 # ---------------------------------------------------------------------------------------------- in the agent
 def test_agent_writes_episodes_to_memory_and_injects_retrievals(make_agent):
     memory = hashing_memory(k=2)

@@ -9,6 +9,10 @@ the budget (more pairs are dropped until history plus note fit); if even the new
 not fit, no history is shown, only the note when it fits. The system prompt and the current
 observation are never dropped and do not count.
 
+``keep_first=n`` pins the episode's first ``n`` (observation, reply) pairs: they are dropped only
+after every other pair, and the note goes after them. In text games the first observation carries
+the goal, so ``keep_first=1`` keeps the goal in sight for the whole episode.
+
 Token counts are of the history as it is rendered in the prompt (chat template included): the agent
 measures them with its own tokenizer and chat format. Standalone use::
 
@@ -36,16 +40,20 @@ class WorkingMemory:
         summarize: ``None`` for the default note, ``False`` for no note, or a callable
             ``summarize(dropped_messages) -> str`` (for instance one that lists the rooms visited).
         note_role: the chat role of the note (``"user"`` by default, so chat templates accept it).
+        keep_first: leading (observation, reply) pairs dropped last (see the module docstring).
     """
 
     def __init__(self, max_tokens: int = 512, summarize: Callable[[Sequence[dict]], str] | bool | None = None,
-                 note_role: str = "user") -> None:
+                 note_role: str = "user", keep_first: int = 0) -> None:
         if max_tokens < 0:
             raise ValueError(f"max_tokens={max_tokens}; expected >= 0")
         if summarize is True:
             summarize = None
         if summarize is not None and summarize is not False and not callable(summarize):
             raise TypeError(f"summarize={summarize!r}: expected None, False or a callable(dropped_messages) -> str")
+        if keep_first < 0:
+            raise ValueError(f"keep_first={keep_first}; expected >= 0")
+        self.keep_first = int(keep_first)
         self.max_tokens = int(max_tokens)
         self.summarize = summarize
         self.note_role = note_role
@@ -72,6 +80,15 @@ class WorkingMemory:
         history = list(history)
         if count_tokens(history) <= self.max_tokens:
             return history
+        pinned, rest = history[: 2 * self.keep_first], history[2 * self.keep_first:]
+        if pinned and rest:
+            start = 0
+            while start < len(rest):
+                start += 2 if start + 1 < len(rest) else 1
+                note = self.note(rest[:start])
+                shown = pinned + ([note] if note else []) + rest[start:]
+                if count_tokens(shown) <= self.max_tokens:
+                    return shown
         # Binary search would save renders, but histories are short and this keeps the rule obvious.
         start = 0
         while start < len(history):
