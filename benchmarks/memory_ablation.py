@@ -2,18 +2,19 @@
 
     python benchmarks/memory_ablation.py            # the committed results
 
-Task (``examples/memory_rooms.py``): 16 rooms, each with one exit among four doors, drawn from the
+Task (``examples/memory_rooms.py``): 8 rooms (``--rooms``), each with one exit among four doors, drawn from the
 seed and not guessable from the text; one choice per episode, reward 1 at the exit. For each seed
-three agents start from the same untrained model (SmolLM2-135M-Instruct + LoRA, fp32) and see the
-same number of episodes on 16 vector envs:
+each condition starts from the same untrained model (SmolLM2-135M-Instruct + LoRA, fp32) and sees
+the same number of episodes on 16 vector envs:
 
-- ``no memory``: PPO (default config) for ``--episodes`` episodes;
+- ``no memory``: PPO for ``--episodes`` episodes;
 - ``memory``: the same with episodic memory (successful episodes, same room recalled, k=1);
 - ``memory, no updates``: the same episodes played with the sampling policy, written to memory,
-  and no gradient step: what memory alone gives.
+  and no gradient step: what memory alone gives (not run by default; ``--conditions``).
 
-Each is evaluated greedily once in every room (success = fraction of the 16 rooms whose exit it
-opens), before and after. Writes ``results/memory_ablation.json`` and ``.png``.
+Each is evaluated greedily once in every room (success = fraction of the rooms whose exit it
+opens), before and after. PPO runs with learning rate 1e-4 and 4 epochs in both conditions
+(a bandit-like task: one step per episode). Writes ``results/memory_ablation.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ def run(condition: str, seed: int, args) -> dict:
 
     t0 = time.perf_counter()
     memory = None if condition == "no memory" else make_memory()
-    agent = RoomsAgent(args.model, seed=seed, memory=memory, precision=args.precision)
-    env = RoomsEnv(world_seed=seed)
+    config = {"learning_rate": args.lr, "epochs": args.epochs}
+    agent = RoomsAgent(args.model, seed=seed, memory=memory, precision=args.precision, algorithm_config=config)
+    env = RoomsEnv(n_rooms=args.rooms, world_seed=seed)
     before = success_per_room(agent, env)
-    envs = gym.vector.SyncVectorEnv([lambda: RoomsEnv(world_seed=seed) for _ in range(args.envs)])
+    envs = gym.vector.SyncVectorEnv([lambda: RoomsEnv(n_rooms=args.rooms, world_seed=seed) for _ in range(args.envs)])
     curve = [{"episodes": 0, "success": float(np.mean(before))}]
     done = 0
     while done < args.episodes:
@@ -92,8 +94,9 @@ def plot(result: dict, path: Path) -> None:
     ax.axhline(0.25, ls="--", color="tab:red", lw=1, label="random door (0.25)")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("training episodes")
-    ax.set_ylabel("greedy success, fraction of the 16 rooms")
-    ax.set_title(f"Rooms task, SmolLM2-135M + LoRA, PPO; seeds {result['config']['seeds']} (band: min-max)")
+    ax.set_ylabel(f"greedy success, fraction of the {result['config']['rooms']} rooms")
+    ax.set_title(f"Rooms task ({result['config']['rooms']} rooms), SmolLM2-135M + LoRA, PPO; "
+                 f"seeds {result['config']['seeds']} (band: min-max)")
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -104,9 +107,12 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--conditions", nargs="+", default=CONDITIONS, choices=CONDITIONS)
-    parser.add_argument("--episodes", type=int, default=192)
-    parser.add_argument("--eval-every", type=int, default=64)
+    parser.add_argument("--conditions", nargs="+", default=["no memory", "memory"], choices=CONDITIONS)
+    parser.add_argument("--episodes", type=int, default=384)
+    parser.add_argument("--eval-every", type=int, default=96)
+    parser.add_argument("--rooms", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4, help="PPO learning rate (both conditions)")
+    parser.add_argument("--epochs", type=int, default=4, help="PPO epochs per batch (both conditions)")
     parser.add_argument("--envs", type=int, default=16)
     parser.add_argument("--model", default=None)
     parser.add_argument("--precision", default="fp32")
