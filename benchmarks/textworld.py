@@ -1,0 +1,172 @@
+"""TextWorld: train on generated games, evaluate on held-out games of the same family.
+
+    python benchmarks/textworld.py                  # the committed results
+
+Family: ``examples/textworld.py``'s ``FAMILY`` (3 rooms, 4 objects, quests of 2 commands); training
+games seeds 0-31, held-out games seeds 1000-1015; at most ``--max-steps`` commands an episode. For
+each seed, on the held-out games:
+
+- ``untrained``: the agent (``TextWorldAgent``, scoring the admissible commands) before training;
+- ``trained``: the same after ``--episodes`` PPO episodes on the training games (8 vector envs);
+- ``random``: a uniformly random admissible command each step;
+- ``walkthrough``: TextWorld's winning commands (the upper bound).
+
+The agents are evaluated greedily (one episode per game) and sampling (``--sampled-episodes`` per
+game). Success = fraction of games won; score = mean of score / max score. Writes
+``results/textworld.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, versions  # noqa: E402
+
+
+def play(env, choose, episodes_per_game: int = 1) -> dict:
+    """Play every game of ``env``; ``choose(obs, info, rng)`` gives the command."""
+    won, scores = [], []
+    rng = np.random.default_rng(0)
+    for game in range(len(env.unwrapped.games)):
+        for k in range(episodes_per_game):
+            obs, info = env.reset(seed=game * 100 + k, options={"game": game})
+            start, total, done, t = info, 0.0, False, 0
+            while not done:
+                obs, reward, terminated, truncated, info = env.step(choose(obs, start, t, rng))
+                total += reward
+                t += 1
+                done = terminated or truncated
+            won.append(float(info["won"]))
+            scores.append(total / max(1, info["max_score"]))
+    return {"success": float(np.mean(won)), "score": float(np.mean(scores)), "n": len(won)}
+
+
+def agent_play(agent, env, greedy: bool, episodes_per_game: int) -> dict:
+    out = {"won": [], "score": []}
+    with agent.evaluating(greedy=greedy):
+        for game in range(len(env.unwrapped.games)):
+            for k in range(episodes_per_game):
+                obs, info = env.reset(seed=game * 100 + k, options={"game": game})
+                total, done = 0.0, False
+                while not done:
+                    obs, reward, terminated, truncated, info = env.step(agent.act(obs))
+                    agent.assign_reward(reward)
+                    total += reward
+                    done = terminated or truncated
+                agent.terminate_episode(truncated=truncated)
+                out["won"].append(float(info["won"]))
+                out["score"].append(total / max(1, info["max_score"]))
+    return {"success": float(np.mean(out["won"])), "score": float(np.mean(out["score"])), "n": len(out["won"])}
+
+
+def evaluate_agent(agent, env, args) -> dict:
+    return {"greedy": agent_play(agent, env, True, 1), "sampled": agent_play(agent, env, False, args.sampled_episodes)}
+
+
+def run(seed: int, args) -> dict:
+    from examples.textworld import HELD_OUT_SEEDS, TRAIN_SEEDS, TextWorldAgent, make_env
+
+    t0 = time.perf_counter()
+    held_out = make_env(HELD_OUT_SEEDS, max_episode_steps=args.max_steps)
+    agent = TextWorldAgent(args.model, seed=seed, precision=args.precision,
+                           algorithm_config={"batch_episodes": args.envs, "learning_rate": args.lr})
+    result = {"seed": seed, "untrained": evaluate_agent(agent, held_out, args)}
+    print(f"seed {seed} untrained {result['untrained']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    train = make_env(TRAIN_SEEDS, max_episode_steps=args.max_steps, num_envs=args.envs)
+    result["updates"] = agent.train(train, args.episodes, seed=seed, progress=False)
+    result["trained"] = evaluate_agent(agent, held_out, args)
+    print(f"seed {seed} trained {result['trained']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    result["random"] = play(held_out, lambda obs, info, t, rng: str(rng.choice(obs["admissible_commands"])),
+                            args.sampled_episodes)
+    result["walkthrough"] = play(held_out, lambda obs, info, t, rng: info["walkthrough"][t]
+                                 if t < len(info["walkthrough"]) else "look")
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def _std(x: np.ndarray) -> float:
+    return float(x.std(ddof=1)) if len(x) > 1 else 0.0
+
+
+def summarise(runs: list[dict]) -> dict:
+    rows = {}
+    for name, mode in [("untrained", "greedy"), ("untrained", "sampled"), ("trained", "greedy"),
+                       ("trained", "sampled"), ("random", None), ("walkthrough", None)]:
+        vals = [r[name][mode] if mode else r[name] for r in runs]
+        key = f"{name} ({mode})" if mode else name
+        succ = np.array([v["success"] for v in vals])
+        score = np.array([v["score"] for v in vals])
+        rows[key] = {"success_mean": float(succ.mean()), "success_std": _std(succ),
+                     "score_mean": float(score.mean()), "score_std": _std(score), "per_seed_success": succ.tolist()}
+    return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = result["table"]
+    names = list(table)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric, label in [(axes[0], "success", "success rate (games won)"),
+                              (axes[1], "score", "score / max score")]:
+        means = [table[n][f"{metric}_mean"] for n in names]
+        stds = [table[n][f"{metric}_std"] for n in names]
+        colors = ["tab:gray", "silver", "tab:blue", "lightsteelblue", "tab:red", "tab:green"]
+        ax.bar(range(len(names)), means, yerr=stds, color=colors[: len(names)], capsize=4)
+        ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y")
+    cfg = result["config"]
+    fig.suptitle(f"TextWorld held-out games (16), SmolLM2-135M + LoRA, PPO {cfg['episodes']} episodes; "
+                 f"seeds {cfg['seeds']} (error bars: std over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--episodes", type=int, default=64)
+    parser.add_argument("--envs", type=int, default=8)
+    parser.add_argument("--max-steps", type=int, default=15)
+    parser.add_argument("--sampled-episodes", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--name", default="textworld")
+    args = parser.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    runs = []
+    for seed in args.seeds:
+        runs.append(run(seed, args))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{args.name}.partial.json").write_text(json.dumps({"runs": runs}, indent=1))
+    result = {"benchmark": "textworld", "command": "python " + " ".join(sys.argv), "config": vars(args),
+              "versions": versions(), "table": summarise(runs), "wall_s": time.perf_counter() - t0, "runs": runs}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
+    plot(result, RESULTS / f"{args.name}.png")
+    for name, row in result["table"].items():
+        print(f"{name:22s} success {row['success_mean']:.3f} ± {row['success_std']:.3f}  "
+              f"score {row['score_mean']:.3f} ± {row['score_std']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
