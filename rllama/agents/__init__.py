@@ -1,0 +1,12 @@
+"""Ready-made agents (also what the CLI's built-in agent names refer to).
+
+- ``blackjack``: :class:`BlackjackAgent` for Gymnasium's ``Blackjack-v1``.
+- ``textworld``: :class:`TextWorldAgent` for ``rllama/TextWorld-v0``.
+"""
+
+from rllama.agents.blackjack import BlackjackAgent
+from rllama.agents.textworld import TextWorldAgent
+
+BUILTIN_AGENTS = {"blackjack": BlackjackAgent, "textworld": TextWorldAgent}
+
+__all__ = ["BUILTIN_AGENTS", "BlackjackAgent", "TextWorldAgent"]
