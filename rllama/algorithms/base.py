@@ -17,7 +17,19 @@ from typing import Any, ClassVar
 
 import torch
 
-from rllama.algorithms.buffers import Episode, ReplayBuffer, RolloutBatch, RolloutBuffer, Step, Transition
+from rllama.algorithms.buffers import (
+    Episode,
+    ReplayBuffer,
+    RolloutBatch,
+    RolloutBuffer,
+    Step,
+    Transition,
+    episode_from_dict,
+    episode_to_dict,
+    replay_from_dict,
+    replay_to_dict,
+)
+from rllama.errors import RLlamaError
 from rllama.policy.model import CandidateOutputs, PolicyModel, StepEvaluation
 
 
@@ -134,6 +146,29 @@ class Algorithm(ABC):
     @abstractmethod
     def update(self) -> dict[str, float]:
         """Train on the collected experience and return statistics (keys like ``"loss/policy"``)."""
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything an update depends on besides the policy's weights, for an exact resume.
+
+        Returns ``(tensors, meta)``: tensors for safetensors, JSON-serialisable metadata (the
+        optimizer's hyperparameters, counters, the buffered experience). Subclasses with more state
+        extend both (and :meth:`load_state_dict`).
+        """
+        tensors = {"generator": self.generator.get_state()}
+        meta: dict[str, Any] = {"name": self.name, "num_updates": self.num_updates}
+        meta["optimizer"] = optimizer_state("optimizer", self.optimizer, tensors)
+        meta["buffer"] = [episode_to_dict(e) for e in self.buffer.episodes]
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (the policy's weights are loaded separately)."""
+        if meta.get("name") != self.name:
+            raise RLlamaError(f"checkpoint state is of algorithm {meta.get('name')!r}, not {self.name!r}")
+        self.generator.set_state(tensors["generator"])
+        self.num_updates = int(meta["num_updates"])
+        load_optimizer_state("optimizer", self.optimizer, meta["optimizer"], tensors)
+        self.buffer.episodes = [episode_from_dict(e) for e in meta["buffer"]]
 
     def optimizer_step(self, loss: torch.Tensor) -> float:
         """Backward, clip the global gradient norm, step; returns the norm before clipping."""
@@ -389,6 +424,22 @@ class OffPolicyAlgorithm(Algorithm):
             for name, value in online.items():
                 self.target[name].lerp_(value, self.config.tau)
 
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = super().state_dict()
+        tensors.update({f"target.{k}": v for k, v in self.target.items()})
+        meta.update(gradient_steps_done=self.gradient_steps_done, env_steps=self.env_steps,
+                    replay=replay_to_dict(self.replay),
+                    episodes_since_update=[episode_to_dict(e) for e in self._episodes_since_update])
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().load_state_dict(tensors, meta)
+        self.target = {k[len("target."):]: v.clone() for k, v in tensors.items() if k.startswith("target.")}
+        self.gradient_steps_done = int(meta["gradient_steps_done"])
+        self.env_steps = int(meta["env_steps"])
+        replay_from_dict(self.replay, meta["replay"])
+        self._episodes_since_update = [episode_from_dict(e) for e in meta["episodes_since_update"]]
+
     def target_outputs(self, prompts, candidates) -> CandidateOutputs:
         """Candidate outputs (with the Q heads) under the target weights, without gradients."""
         with torch.no_grad(), self.policy.weights(self.target):
@@ -422,6 +473,33 @@ class OffPolicyAlgorithm(Algorithm):
             }
         )
         return out
+
+
+def optimizer_state(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> dict:
+    """Put an optimizer's tensor state into ``tensors`` (keys ``prefix.state.<param>.<name>``);
+    return the rest (hyperparameters, non-tensor state) as JSON-serialisable metadata."""
+    state = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.state.{index}.{name}"] = value.detach().clone()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(prefix: str, optimizer: torch.optim.Optimizer, meta: dict,
+                         tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    head = f"{prefix}.state."
+    for key, value in tensors.items():
+        if key.startswith(head):
+            index, name = key[len(head):].split(".", 1)
+            state.setdefault(int(index), {})[name] = value.clone()
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def transition_batch(batch: Sequence[Transition]):

@@ -237,3 +237,72 @@ class ReplayBuffer:
             raise ValueError("cannot sample from an empty replay buffer")
         idx = torch.randint(len(self.items), (n,), generator=self.generator)
         return [self.items[i] for i in idx.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------- serialisation
+def _jsonable(value):
+    """``value`` as JSON can hold it (NumPy scalars and arrays become Python values; others their repr)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+def step_to_dict(step: Step) -> dict:
+    """A JSON-serialisable copy of a step (for checkpoints; never pickle)."""
+    return {
+        "prompt_ids": list(map(int, step.prompt_ids)),
+        "candidate_ids": None if step.candidate_ids is None else [list(map(int, c)) for c in step.candidate_ids],
+        "action_index": step.action_index,
+        "response_ids": None if step.response_ids is None else list(map(int, step.response_ids)),
+        "logprob": float(step.logprob),
+        "token_logprobs": None if step.token_logprobs is None else [float(x) for x in step.token_logprobs],
+        "value": float(step.value),
+        "reward": float(step.reward),
+        "text": step.text,
+        "action": _jsonable(step.action),
+    }
+
+
+def step_from_dict(d: dict) -> Step:
+    return Step(**d)
+
+
+def episode_to_dict(episode: Episode) -> dict:
+    return {"steps": [step_to_dict(s) for s in episode.steps], "env_id": int(episode.env_id),
+            "truncated": bool(episode.truncated), "info": _jsonable(episode.info)}
+
+
+def episode_from_dict(d: dict) -> Episode:
+    return Episode([step_from_dict(s) for s in d["steps"]], env_id=d["env_id"], truncated=d["truncated"],
+                   info=dict(d["info"]))
+
+
+def replay_to_dict(replay: ReplayBuffer) -> dict:
+    """The replay buffer's transitions, with steps stored once even when two transitions share one."""
+    index: dict[int, int] = {}
+    steps: list[dict] = []
+
+    def ref(step: Step | None) -> int:
+        if step is None:
+            return -1
+        if id(step) not in index:
+            index[id(step)] = len(steps)
+            steps.append(step_to_dict(step))
+        return index[id(step)]
+
+    items = [[ref(t.step), float(t.reward), ref(t.next_step)] for t in replay.items]
+    return {"capacity": replay.capacity, "position": replay.position, "steps": steps, "items": items}
+
+
+def replay_from_dict(replay: ReplayBuffer, d: dict) -> None:
+    steps = [step_from_dict(s) for s in d["steps"]]
+    replay.items = [Transition(steps[a], r, None if b < 0 else steps[b]) for a, r, b in d["items"]]
+    replay.position = int(d["position"])

@@ -54,6 +54,15 @@ class REINFORCE(OnPolicyAlgorithm):
         self.uses_value = self.config.baseline == "value"
         self.running_mean: float | None = None
 
+    def state_dict(self):
+        tensors, meta = super().state_dict()
+        meta["running_mean"] = self.running_mean
+        return tensors, meta
+
+    def load_state_dict(self, tensors, meta) -> None:
+        super().load_state_dict(tensors, meta)
+        self.running_mean = meta["running_mean"]
+
     def compute_targets(self, batch: RolloutBatch, episodes: list[Episode]) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         returns = torch.tensor(

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from rllama.algorithms.base import OffPolicyAlgorithm, OffPolicyConfig, _check, transition_batch
+from rllama.algorithms.base import (
+    OffPolicyAlgorithm,
+    OffPolicyConfig,
+    _check,
+    load_optimizer_state,
+    optimizer_state,
+    transition_batch,
+)
 from rllama.algorithms.buffers import Transition
 from rllama.algorithms.registry import register_algorithm
 
@@ -60,6 +67,18 @@ class SAC(OffPolicyAlgorithm):
         super().__init__(policy, config, seed)
         self.log_alpha = torch.tensor(math.log(self.config.initial_alpha), requires_grad=True)
         self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=self.config.alpha_learning_rate)
+
+    def state_dict(self):
+        tensors, meta = super().state_dict()
+        tensors["log_alpha"] = self.log_alpha.detach().clone()
+        meta["alpha_optimizer"] = optimizer_state("alpha_optimizer", self.alpha_optimizer, tensors)
+        return tensors, meta
+
+    def load_state_dict(self, tensors, meta) -> None:
+        super().load_state_dict(tensors, meta)
+        with torch.no_grad():
+            self.log_alpha.copy_(tensors["log_alpha"])
+        load_optimizer_state("alpha_optimizer", self.alpha_optimizer, meta["alpha_optimizer"], tensors)
 
     @property
     def alpha(self) -> float:
@@ -107,5 +126,5 @@ class SAC(OffPolicyAlgorithm):
             "loss/alpha": alpha_loss.item(),
             "policy/entropy": entropy.mean().item(),
             "sac/alpha": alpha,
-            "q/mean": float(torch.stack([q[a] for q, a in zip(out.q["q1"], actions.tolist())]).mean()),
+            "q/mean": float(torch.stack([q[a] for q, a in zip(out.q["q1"], actions.tolist())]).detach().mean()),
         }

@@ -1,0 +1,139 @@
+"""Training checkpoints that resume exactly.
+
+``save_training_state(agent, folder)`` writes everything the next update depends on:
+
+- ``policy/``: the adapter and heads (safetensors) and their JSON config (:meth:`PolicyModel.save`);
+- ``state.safetensors``: the optimizer's tensors, target snapshots, SAC's temperature, and the
+  states of torch's global generator, the agent's action-sampling generator and the algorithm's;
+- ``state.json``: optimizer hyperparameters, counters, the Python and NumPy random states, the
+  experience still buffered (rollout and replay buffers) and the caller's ``extra`` (the runner's
+  progress);
+- ``memory/``: the episodic memory store, when the agent has one.
+
+Nothing is pickled. The folder is written under a temporary name and renamed into place when
+complete, so a crash mid-save never leaves a half-written checkpoint under the final name.
+``load_training_state(agent, folder)`` restores all of it into an agent built with the same
+configuration; training then continues bit for bit as if it had never stopped (same thread count,
+same machine type).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rllama.errors import RLlamaError
+
+FORMAT = "rllama.TrainingState"
+VERSION = 1
+STATE_JSON = "state.json"
+STATE_TENSORS = "state.safetensors"
+
+
+class CheckpointError(RLlamaError):
+    """A checkpoint folder is missing, incomplete, or does not match the agent."""
+
+
+def _python_rng() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _numpy_rng() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def save_training_state(agent, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write the agent's full training state to folder ``path`` (replacing it atomically)."""
+    from safetensors.torch import save_file
+
+    if any(slot.steps for slot in agent._slots.values()):
+        raise CheckpointError("save_training_state between episodes only: some environments are mid-episode")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        agent.save(tmp / "policy")  # adapter, heads and (under policy/memory) the memory store
+        tensors, algorithm_meta = agent.algorithm.state_dict()
+        tensors = {f"algorithm.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.agent"] = agent._rng.get_state()
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        meta = {
+            "format": FORMAT, "version": VERSION,
+            "agent_class": f"{type(agent).__module__}.{type(agent).__qualname__}",
+            "algorithm": algorithm_meta,
+            "agent": {
+                "total_steps": agent.total_steps, "total_episodes": agent.total_episodes,
+                "next_group": agent._next_group, "pending_group_slots": [list(x) for x in agent._pending_group_slots],
+                "parse_failures": agent._parse_failures,
+            },
+            "rng": {"python": _python_rng(), "numpy": _numpy_rng()},
+            "extra": extra or {},
+        }
+        (tmp / STATE_JSON).write_text(json.dumps(meta))
+        _fsync_tree(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_training_state(agent, path: str | os.PathLike) -> dict[str, Any]:
+    """Restore a state written by :func:`save_training_state`; returns its ``extra``."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / STATE_JSON).is_file() or not (path / STATE_TENSORS).is_file():
+        raise CheckpointError(f"{str(path)!r} is not a complete rllama training checkpoint "
+                              f"({STATE_JSON} or {STATE_TENSORS} is missing)")
+    meta = json.loads((path / STATE_JSON).read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{path / STATE_JSON} is not an rllama training state of version {VERSION}")
+    if meta["algorithm"].get("name") != agent.algorithm.name:
+        raise CheckpointError(
+            f"the checkpoint at {str(path)!r} was trained with {meta['algorithm'].get('name')!r}; this agent runs "
+            f"{agent.algorithm.name!r}"
+        )
+    agent.load(path / "policy")
+    tensors = load_file(str(path / STATE_TENSORS))
+    algorithm_tensors = {k[len("algorithm."):]: v for k, v in tensors.items() if k.startswith("algorithm.")}
+    agent.algorithm.load_state_dict(algorithm_tensors, meta["algorithm"])
+    torch.set_rng_state(tensors["rng.torch"])
+    agent._rng.set_state(tensors["rng.agent"])
+    a = meta["agent"]
+    agent.total_steps, agent.total_episodes = int(a["total_steps"]), int(a["total_episodes"])
+    agent._next_group = int(a["next_group"])
+    agent._pending_group_slots.clear()
+    agent._pending_group_slots.extend(tuple(x) for x in a["pending_group_slots"])
+    agent._parse_failures = int(a["parse_failures"])
+    agent.reset()
+    version, internal, gauss = meta["rng"]["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = meta["rng"]["numpy"]
+    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    return meta["extra"]
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

@@ -1,0 +1,80 @@
+"""Training checkpoints: a run saved and resumed continues exactly like an uninterrupted one."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import pytest
+import torch
+
+from rllama.checkpoint import CheckpointError, load_training_state, save_training_state
+from rllama.loops import run_episodes
+from rllama.memory import EpisodicMemory
+from tests.conftest import ChoiceEnv
+
+CONFIGS = {
+    "ppo": {"batch_episodes": 4, "minibatch_size": 4},
+    "reinforce": {"batch_episodes": 6, "minibatch_size": 4, "baseline": "mean"},  # buffer non-empty at saves
+    "dqn": {"batch_episodes": 2, "learning_starts": 2, "minibatch_size": 4, "target_update_interval": 3},
+    "sac": {"batch_episodes": 2, "learning_starts": 2, "minibatch_size": 4},
+}
+
+
+def segments(agent, envs, start: int, stop: int) -> None:
+    for k in range(start, stop):
+        run_episodes(agent, envs, 4, seed=1000 + k)
+
+
+def params(agent) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in agent.policy.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("algorithm", list(CONFIGS))
+def test_resume_continues_bit_for_bit(make_agent, tmp_path, algorithm):
+    def new_agent():
+        return make_agent(algorithm=algorithm, algorithm_config=CONFIGS[algorithm],
+                          memory=EpisodicMemory("hashing", k=1))
+
+    def envs():
+        return gym.vector.SyncVectorEnv([lambda: ChoiceEnv(steps=2) for _ in range(2)])
+
+    straight = new_agent()
+    segments(straight, envs(), 0, 4)
+
+    first = new_agent()
+    segments(first, envs(), 0, 2)
+    save_training_state(first, tmp_path / "ckpt", extra={"segment": 2})
+    del first
+    resumed = make_agent(algorithm=algorithm, algorithm_config=CONFIGS[algorithm], seed=123,  # other seed: all
+                         memory=EpisodicMemory("hashing", k=1))                              # state comes from disk
+    assert load_training_state(resumed, tmp_path / "ckpt") == {"segment": 2}
+    segments(resumed, envs(), 2, 4)
+
+    a, b = params(straight), params(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert straight.algorithm.num_updates == resumed.algorithm.num_updates > 0
+    assert (straight.total_steps, straight.total_episodes) == (resumed.total_steps, resumed.total_episodes)
+    assert [vars(e) for e in straight.episodic_memory] == [vars(e) for e in resumed.episodic_memory]
+
+
+def test_checkpoint_refuses_mismatches_and_half_episodes(make_agent, tmp_path):
+    agent = make_agent(algorithm="ppo")
+    agent.act(1)
+    with pytest.raises(CheckpointError, match="mid-episode"):
+        save_training_state(agent, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    agent.reset()
+    save_training_state(agent, tmp_path / "x")
+    with pytest.raises(CheckpointError, match="trained with 'ppo'"):
+        load_training_state(make_agent(algorithm="a2c"), tmp_path / "x")
+    with pytest.raises(CheckpointError, match="not a complete"):
+        load_training_state(agent, tmp_path / "nothing")
+
+
+def test_save_replaces_an_existing_checkpoint_atomically(make_agent, tmp_path):
+    agent = make_agent(algorithm="ppo")
+    save_training_state(agent, tmp_path / "ckpt", extra={"n": 1})
+    save_training_state(agent, tmp_path / "ckpt", extra={"n": 2})
+    assert load_training_state(agent, tmp_path / "ckpt") == {"n": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
