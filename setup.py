@@ -38,7 +38,9 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "pyyaml>=6.0",
+        "optuna>=3.6",
     ],
+    entry_points={"console_scripts": ["rllama=rllama.cli:main"]},
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5"],
         # TextWorld builds jericho from source at install time: needs gcc and make.

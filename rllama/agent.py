@@ -154,6 +154,7 @@ class RLlamaAgent(ABC):
         self._write_memory = True  # False while evaluating, unless evaluating(write_memory=True)
         self.last_prompt_ids: dict[int, list[int]] = {}  # env id -> the prompt of its last action
         self.last_retrieved: dict[int, list[Retrieved]] = {}  # env id -> what memory gave it
+        self.last_replies: dict[int, str] = {}  # env id -> the reply text of its last action
         self._last_env_id = 0
 
     # ------------------------------------------------------------------ hooks
@@ -229,6 +230,11 @@ class RLlamaAgent(ABC):
         """The exact prompt text of the most recent action (memories and history included)."""
         ids = self.last_prompt_ids.get(self._last_env_id)
         return None if ids is None else self.tokenizer.decode(ids)
+
+    @property
+    def last_reply(self) -> str | None:
+        """The reply text of the most recent action (the chosen candidate or the generated text)."""
+        return self.last_replies.get(self._last_env_id)
 
     def prompt_of(self, env_id: int) -> str | None:
         """The exact prompt text of environment ``env_id``'s last action."""
@@ -420,6 +426,7 @@ class RLlamaAgent(ABC):
             slot.rewards.append(0.0)
             self.last_prompt_ids[env_id] = ids
             self.last_retrieved[env_id] = found
+            self.last_replies[env_id] = step.text
             if self._recording:
                 slot.steps.append(step)
                 self.total_steps += 1

@@ -44,7 +44,7 @@ def run_episodes(
     space = env.single_action_space if is_vector else env.action_space
     previous_space = agent.action_space
     agent.action_space = space
-    bar = _progress(n_episodes, desc, progress)
+    bar = _progress(n_episodes, desc, progress, agent)
     group_size = int(getattr(agent.algorithm, "group_size", 1)) if agent._recording else 1
     try:
         if group_size > 1:
@@ -199,19 +199,31 @@ def _batch_actions(env, actions: list):
     return concatenate(space, actions, create_empty_array(space, n=env.num_envs))
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, agent=None):
     if not enabled:
         return None
+    import time
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True)
+    bar.rllama_start = (time.perf_counter(), agent.total_steps if agent is not None else 0, agent)
+    return bar
 
 
 def _tick(bar, returns: list[float]) -> None:
+    """Advance the bar by one episode; show the mean return of the last 100 and env steps/s."""
     if bar is None:
         return
+    import time
+
     bar.update(1)
     recent = returns[-100:]
-    bar.set_postfix(ret=f"{sum(recent) / len(recent):+.3f}", refresh=False)
+    postfix = {"ret": f"{sum(recent) / len(recent):+.3f}"}
+    start, steps0, agent = getattr(bar, "rllama_start", (None, 0, None))
+    if agent is not None and agent._recording:
+        elapsed = time.perf_counter() - start
+        postfix["steps/s"] = f"{(agent.total_steps - steps0) / max(elapsed, 1e-9):.1f}"
+    bar.set_postfix(postfix, refresh=False)
 
 

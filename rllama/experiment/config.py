@@ -1,0 +1,229 @@
+"""Run configuration: one dataclass, read from YAML and overridden by flags.
+
+A YAML file holds any subset of :class:`RunConfig`'s fields::
+
+    env: Blackjack-v1
+    env_kwargs: {sab: true}
+    agent: blackjack                 # a built-in name, "package.module:Class" or "path/to/file.py:Class"
+    algorithm: ppo
+    algorithm_config: {learning_rate: 3.0e-5}
+    episodes: 640
+    memory: {episodic: {k: 4}, working: {max_tokens: 256}}
+
+and ``--set algorithm_config.learning_rate=1e-4`` (dotted keys, YAML values) overrides any field
+from the command line. Unknown keys are errors that name the key and the known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rllama.errors import RLlamaError
+
+
+class ConfigError(RLlamaError):
+    """A run configuration is invalid (unknown key, wrong type, impossible value)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run.
+
+    Attributes:
+        env: a Gymnasium env id (``"Blackjack-v1"``, ``"rllama/TextWorld-v0"``, ...).
+        env_kwargs: keyword arguments of ``gym.make`` for each env.
+        num_envs: environments in the (synchronous) vector env.
+        agent: ``"blackjack"`` / ``"textworld"`` (:mod:`rllama.agents`), ``"module:Class"`` or
+            ``"file.py:Class"``.
+        agent_kwargs: extra keyword arguments of the agent's constructor.
+        model: ``None`` (embedded default), a local folder or a hub id.
+        precision: ``"auto"``, ``"fp32"`` or ``"bf16"``.
+        algorithm: a registered algorithm name.
+        algorithm_config: fields of the algorithm's config dataclass.
+        memory: ``{"episodic": {EpisodicMemory kwargs}, "working": {WorkingMemory kwargs}}`` (either optional).
+        episodes: training episodes in total.
+        segment_episodes: episodes per segment. Each segment starts by resetting the envs with a
+            seed derived from ``seed`` and the segment's index and ends when all its episodes are
+            done; checkpoints and evaluations happen between segments.
+        eval_every: episodes between evaluations (a multiple of ``segment_episodes``; 0: only at
+            the start and the end).
+        eval_episodes: greedy evaluation episodes (0: no evaluation).
+        eval_seed: env seed of evaluation episodes (the same episodes every time).
+        checkpoint_every: episodes between checkpoints (a multiple of ``segment_episodes``).
+        keep_checkpoints: checkpoints kept on disk (oldest removed first; the final one always stays).
+        seed: seeds the agent, the algorithm and the env resets.
+        output_dir: folder under which the run folder is made.
+        name: the run folder's name (default: ``<agent>-<algorithm>-seed<seed>``).
+        loggers: any of ``"console"``, ``"jsonl"``, ``"wandb"``.
+        wandb: ``wandb.init`` keyword arguments (``project``, ``group``, ``mode``, ``tags``, ...).
+        threads: torch threads (``None``: torch's default).
+        progress: show progress bars.
+    """
+
+    env: str = "Blackjack-v1"
+    env_kwargs: dict[str, Any] = field(default_factory=lambda: {"sab": True})
+    num_envs: int = 16
+    agent: str = "blackjack"
+    agent_kwargs: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    precision: str = "auto"
+    algorithm: str = "ppo"
+    algorithm_config: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] | None = None
+    episodes: int = 640
+    segment_episodes: int = 64
+    eval_every: int = 320
+    eval_episodes: int = 200
+    eval_seed: int = 10_000
+    checkpoint_every: int = 64
+    keep_checkpoints: int = 2
+    seed: int = 0
+    output_dir: str = "runs"
+    name: str | None = None
+    loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    wandb: dict[str, Any] = field(default_factory=lambda: {"project": "rllama"})
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = {"int": int, "str": str, "bool": bool}.get(str(f.type))
+            if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{f.name}={value!r}: expected an integer")
+            if expected is str and not isinstance(value, str):
+                raise ConfigError(f"{f.name}={value!r}: expected a string")
+        for name in ("num_envs", "episodes", "segment_episodes", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: expected at least 1")
+        for name in ("eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value < 0 or value % self.segment_episodes:
+                raise ConfigError(f"{name}={value}: expected 0 or a multiple of segment_episodes="
+                                  f"{self.segment_episodes}")
+        if self.eval_episodes < 0:
+            raise ConfigError(f"eval_episodes={self.eval_episodes}: expected >= 0")
+        unknown = set(self.loggers) - {"console", "jsonl", "wandb"}
+        if unknown:
+            raise ConfigError(f"loggers {sorted(unknown)} unknown; choose from console, jsonl, wandb")
+        if self.memory is not None:
+            if not isinstance(self.memory, dict) or set(self.memory) - {"episodic", "working"}:
+                raise ConfigError(f"memory={self.memory!r}: expected a dict with keys 'episodic' and/or 'working'")
+        for name in ("env_kwargs", "agent_kwargs", "algorithm_config", "wandb"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: expected a mapping")
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.agent.split(':')[-1].lower()}-{self.algorithm}-seed{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    # ------------------------------------------------------------------ reading and writing
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys, not {type(values).__name__}")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
+        """A copy with dotted keys set (``{"algorithm_config.learning_rate": 1e-4}``)."""
+        values = self.to_dict()
+        for key, value in overrides.items():
+            set_dotted(values, key, value)
+        return type(self).from_dict(values)
+
+
+def set_dotted(values: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"bad override key {key!r}")
+    target = values
+    for part in parts[:-1]:
+        if target.get(part) is None:
+            target[part] = {}
+        if not isinstance(target[part], dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is not a mapping")
+        target = target[part]
+    target[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[1, 2]"]`` -> ``{"a.b": 1, "c": [1, 2]}`` (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
+    return out
+
+
+def resolve_agent_class(spec: str):
+    """The agent class for a built-in name, ``"module:Class"`` or ``"path/to/file.py:Class"``."""
+    from rllama.agent import RLlamaAgent
+    from rllama.agents import BUILTIN_AGENTS
+
+    if spec in BUILTIN_AGENTS:
+        return BUILTIN_AGENTS[spec]
+    if ":" not in spec:
+        raise ConfigError(
+            f"agent={spec!r}: expected one of {sorted(BUILTIN_AGENTS)}, 'module:Class' or 'file.py:Class'"
+        )
+    where, name = spec.rsplit(":", 1)
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise ConfigError(f"agent={spec!r}: {where} does not exist")
+        module_name = f"rllama_user_agent_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise ConfigError(f"agent={spec!r}: cannot import {where!r} ({exc})") from exc
+    cls = getattr(module, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, RLlamaAgent)):
+        raise ConfigError(f"agent={spec!r}: {name!r} is not an RLlamaAgent subclass in {where}")
+    return cls

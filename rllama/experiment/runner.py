@@ -1,0 +1,264 @@
+"""Running a configured experiment: training in segments, evaluations, checkpoints that resume exactly.
+
+A run folder (``<output_dir>/<name>/``) holds::
+
+    config.yaml              the run's configuration
+    metrics.jsonl            every update, segment and evaluation record (see rllama.experiment.loggers)
+    checkpoints/segment-N/   the latest checkpoints (rllama.checkpoint), and latest.json naming the newest
+    final/                   the final checkpoint (load the policy with agent.load("final/policy"))
+    learning_curve.png       training and evaluation return against training episodes
+    wandb/                   the offline wandb run, with the wandb logger
+
+Training runs in segments of ``segment_episodes`` episodes; segment ``k`` starts by resetting the
+envs with seed ``seed * 100003 + k`` and ends when its episodes are all done. Evaluations and
+checkpoints happen between segments, so a run resumed from a checkpoint (``resume(run_dir)``)
+continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rllama.checkpoint import load_training_state, save_training_state
+from rllama.errors import RLlamaError
+from rllama.experiment.config import ConfigError, RunConfig, resolve_agent_class
+from rllama.experiment.loggers import Callback, make_loggers
+
+CONFIG_FILE = "config.yaml"
+LATEST = "latest.json"
+
+
+def segment_seed(config: RunConfig, k: int) -> int:
+    return config.seed * 100_003 + k
+
+
+def make_env(config: RunConfig):
+    """The run's vector env: ``gym.make_vec`` of the env id, or a ``"module:Class"`` env built directly."""
+    import importlib
+
+    import gymnasium as gym
+
+    import rllama.envs  # noqa: F401  (registers rllama/TextWorld-v0)
+
+    if ":" in config.env and config.env.split(":", 1)[0] not in ("",):
+        module_name, class_name = config.env.rsplit(":", 1)
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, gym.Env):
+            kwargs = dict(config.env_kwargs)
+            return gym.vector.SyncVectorEnv([lambda: cls(**kwargs) for _ in range(config.num_envs)])
+    try:
+        return gym.make_vec(config.env, num_envs=config.num_envs, vectorization_mode="sync", **config.env_kwargs)
+    except gym.error.Error as exc:
+        raise ConfigError(f"env={config.env!r} with env_kwargs={config.env_kwargs}: {exc}") from exc
+
+
+def make_agent(config: RunConfig):
+    """The run's agent, built from its configuration."""
+    from rllama.memory import EpisodicMemory, WorkingMemory
+
+    cls = resolve_agent_class(config.agent)
+    kwargs: dict[str, Any] = dict(config.agent_kwargs)
+    if config.memory is not None:
+        memory = []
+        if config.memory.get("episodic") is not None:
+            memory.append(EpisodicMemory(**config.memory["episodic"]))
+        if config.memory.get("working") is not None:
+            memory.append(WorkingMemory(**config.memory["working"]))
+        kwargs["memory"] = memory
+    return cls(config.model, seed=config.seed, algorithm=config.algorithm, algorithm_config=config.algorithm_config,
+               precision=config.precision, **kwargs)
+
+
+class Experiment:
+    """One training run (see the module docstring).
+
+    Args:
+        config: the run's configuration.
+        callbacks: extra :class:`Callback` objects besides the configured loggers.
+    """
+
+    def __init__(self, config: RunConfig, callbacks: list[Callback] | None = None) -> None:
+        self.config = config
+        self.run_dir = config.run_dir
+        self.callbacks = make_loggers(config.loggers, config.wandb) + list(callbacks or [])
+        self.agent = None
+        self.envs = None
+
+    # ------------------------------------------------------------------ entry points
+    def run(self, resume_from: str | os.PathLike | None = None) -> dict[str, Any]:
+        """Train (from scratch, or from the checkpoint ``resume_from``); returns a summary."""
+        import torch
+
+        cfg = self.config
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and (self.run_dir / "checkpoints" / LATEST).exists():
+            raise RLlamaError(f"{self.run_dir} already holds a run; resume it (rllama train --resume {self.run_dir}) "
+                              "or choose another --name / --output-dir")
+        cfg.to_yaml(self.run_dir / CONFIG_FILE)
+        self.agent = make_agent(cfg)
+        self.envs = make_env(cfg)
+        state = {"segment": 0, "episodes": 0, "evals": [], "wall_s": 0.0}
+        if resume_from is not None:
+            state = load_training_state(self.agent, resume_from)
+            _truncate_metrics(self.run_dir / "metrics.jsonl", state["segment"])
+        for cb in self.callbacks:
+            cb.on_run_start(cfg.to_dict(), self.run_dir, Path(resume_from) if resume_from else None)
+        try:
+            summary = self._train(state)
+        finally:
+            self.envs.close()
+        for cb in self.callbacks:
+            cb.on_run_end(summary)
+        return summary
+
+    # ------------------------------------------------------------------ the loop
+    def _train(self, state: dict[str, Any]) -> dict[str, Any]:
+        from rllama.loops import run_episodes
+
+        cfg, agent = self.config, self.agent
+        n_segments = math.ceil(cfg.episodes / cfg.segment_episodes)
+        started = time.perf_counter() - state["wall_s"]
+        if state["segment"] == 0 and cfg.eval_episodes:
+            state["evals"].append(self._evaluate(segment=-1))
+        stop = False
+        for k in range(state["segment"], n_segments):
+            n = min(cfg.segment_episodes, cfg.episodes - k * cfg.segment_episodes)
+            t0, steps0 = time.perf_counter(), agent.total_steps
+
+            def on_update(stats: dict, k=k) -> bool:
+                record = {"kind": "update", "segment": k, "episodes": agent.total_episodes, "steps": agent.total_steps,
+                          **stats}
+                return not any(cb.on_update(record) is False for cb in self.callbacks)
+
+            returns = run_episodes(agent, self.envs, n, seed=segment_seed(cfg, k), on_update=on_update,
+                                   progress=cfg.progress, desc=f"train {k + 1}/{n_segments}")
+            elapsed = time.perf_counter() - t0
+            state["episodes"] += len(returns)
+            record = {"kind": "segment", "segment": k, "episodes": agent.total_episodes, "steps": agent.total_steps,
+                      "train/mean_return": float(np.mean(returns)),
+                      "train/success_rate": float(np.mean(np.asarray(returns) > 0)),
+                      "time/env_steps_per_s": (agent.total_steps - steps0) / max(elapsed, 1e-9),
+                      "time/segment_s": elapsed}
+            stop = any(cb.on_segment(record) is False for cb in self.callbacks) or len(returns) < n
+            last = k == n_segments - 1 or stop
+            done_episodes = (k + 1) * cfg.segment_episodes
+            if cfg.eval_episodes and (last or (cfg.eval_every and done_episodes % cfg.eval_every == 0)):
+                state["evals"].append(self._evaluate(segment=k))
+            state["segment"] = k + 1
+            state["wall_s"] = time.perf_counter() - started
+            if last or (cfg.checkpoint_every and done_episodes % cfg.checkpoint_every == 0):
+                self._checkpoint(state, final=last, record=record)
+            if stop:
+                break
+        return self._summary(state, time.perf_counter() - started)
+
+    def _evaluate(self, segment: int) -> dict[str, Any]:
+        cfg, agent = self.config, self.agent
+        result = agent.evaluate(self.envs, cfg.eval_episodes, seed=cfg.eval_seed, progress=cfg.progress)
+        returns = np.asarray(result["returns"])
+        record = {"kind": "eval", "segment": segment, "episodes": agent.total_episodes, "steps": agent.total_steps,
+                  "eval/mean_return": result["mean_return"], "eval/stderr": result["stderr"],
+                  "eval/success_rate": float(np.mean(returns > 0)),
+                  "sample": {"prompt": agent.last_prompt or "", "reply": agent.last_reply or ""}}
+        for cb in self.callbacks:
+            cb.on_eval(record)
+        return {k: v for k, v in record.items() if k not in ("kind", "sample")}
+
+    def _checkpoint(self, state: dict[str, Any], final: bool, record: dict[str, Any]) -> Path:
+        folder = self.run_dir / "checkpoints"
+        path = save_training_state(self.agent, folder / f"segment-{state['segment']:06d}", extra=dict(state))
+        _atomic_json(folder / LATEST, {"checkpoint": path.name, "segment": state["segment"],
+                                       "episodes": state["episodes"], "final": final})
+        kept = sorted(p for p in folder.glob("segment-*") if p.is_dir())
+        for old in kept[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        if final:
+            final_dir = self.run_dir / "final"
+            if final_dir.exists():
+                shutil.rmtree(final_dir)
+            shutil.copytree(path, final_dir)
+        for cb in self.callbacks:
+            cb.on_checkpoint(path, record)
+        return path
+
+    def _summary(self, state: dict[str, Any], wall_s: float) -> dict[str, Any]:
+        evals = state["evals"]
+        summary: dict[str, Any] = {"run_dir": str(self.run_dir), "episodes": self.agent.total_episodes,
+                                   "steps": self.agent.total_steps, "wall_s": wall_s}
+        if evals:
+            summary["eval/mean_return"] = evals[-1]["eval/mean_return"]
+            summary["eval/success_rate"] = evals[-1]["eval/success_rate"]
+            summary["eval/initial_mean_return"] = evals[0]["eval/mean_return"]
+            summary["eval/best_mean_return"] = max(e["eval/mean_return"] for e in evals)
+        try:
+            from rllama.experiment.plotting import plot_run
+
+            summary["plot"] = str(plot_run(self.run_dir))
+        except Exception as exc:  # a missing plot must not lose a finished run
+            summary["plot_error"] = f"{type(exc).__name__}: {exc}"
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+
+def train(config: RunConfig, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+    """Run ``config`` from scratch; returns the summary."""
+    return Experiment(config, callbacks).run()
+
+
+def resume(run_dir: str | os.PathLike, callbacks: list[Callback] | None = None,
+           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its latest checkpoint (``overrides``: e.g. more ``episodes``)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise RLlamaError(f"{run_dir} is not a run folder ({CONFIG_FILE} is missing)")
+    config = RunConfig.from_yaml(run_dir / CONFIG_FILE)
+    allowed = {"episodes", "loggers", "progress", "threads", "wandb", "keep_checkpoints"}
+    bad = set(overrides or {}) - allowed
+    if bad:
+        raise ConfigError(f"cannot change {sorted(bad)} when resuming (only {sorted(allowed)}): the run would differ")
+    config = config.with_overrides(overrides or {})
+    # the run folder is where it is now, whatever output_dir said when it was made
+    config = config.with_overrides({"output_dir": str(run_dir.parent), "name": run_dir.name})
+    latest = run_dir / "checkpoints" / LATEST
+    if not latest.is_file():
+        raise RLlamaError(f"{run_dir} has no checkpoint to resume from ({latest} is missing)")
+    pointer = json.loads(latest.read_text())
+    return Experiment(config, callbacks).run(resume_from=run_dir / "checkpoints" / pointer["checkpoint"])
+
+
+def _truncate_metrics(path: Path, segment: int) -> None:
+    """Drop records written after the checkpoint being resumed (they will be written again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the crash
+        if record.get("segment", -1) < segment:
+            keep.append(line)
+    _atomic_text(path, "".join(line + "\n" for line in keep))
+
+
+def _atomic_json(path: Path, value: Any) -> None:
+    _atomic_text(path, json.dumps(value))
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
