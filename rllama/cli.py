@@ -1,0 +1,184 @@
+"""The ``rllama`` command line: ``train``, ``eval``, ``sweep``, ``plot``.
+
+    rllama train                                        # PPO on Blackjack with the embedded model
+    rllama train --config run.yaml --set algorithm_config.learning_rate=1e-4
+    rllama train --resume runs/blackjack-ppo-seed0      # continue a stopped run exactly
+    rllama eval runs/blackjack-ppo-seed0 --episodes 500
+    rllama sweep examples/sweep.yaml --trials 8
+    rllama plot runs/blackjack-ppo-seed0 runs/blackjackagent-dqn-seed0 --output compare.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rllama.errors import RLlamaError
+
+
+def _config_from_args(args):
+    from rllama.experiment import RunConfig, parse_overrides
+
+    config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    overrides = {}
+    for flag, key in [("env", "env"), ("agent", "agent"), ("algorithm", "algorithm"), ("model", "model"),
+                      ("episodes", "episodes"), ("seed", "seed"), ("num_envs", "num_envs"),
+                      ("output_dir", "output_dir"), ("name", "name"), ("loggers", "loggers"),
+                      ("precision", "precision"), ("threads", "threads")]:
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    if getattr(args, "quiet", False):
+        overrides["progress"] = False
+        if "loggers" not in overrides:
+            overrides["loggers"] = [x for x in config.loggers if x != "console"]
+    overrides.update(parse_overrides(args.set or []))
+    return config.with_overrides(overrides)
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of RunConfig fields (see docs/experiments.md)")
+    p.add_argument("--env", help="Gymnasium env id, or module:Class (default Blackjack-v1)")
+    p.add_argument("--agent", help="blackjack | textworld | module:Class | path/to/file.py:Class")
+    p.add_argument("--algorithm", help="a registered algorithm: " + _algorithms())
+    p.add_argument("--model", help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--episodes", type=int, help="training episodes")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-envs", type=int, dest="num_envs", help="environments in the vector env")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--output-dir", dest="output_dir", help="folder of run folders (default runs/)")
+    p.add_argument("--name", help="run folder name (default <agent>-<algorithm>-seed<seed>)")
+    p.add_argument("--loggers", nargs="+", choices=["console", "jsonl", "wandb"])
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config field, dotted keys allowed: --set algorithm_config.learning_rate=1e-4")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or console lines")
+
+
+def _algorithms() -> str:
+    from rllama.algorithms import available
+
+    return ", ".join(available())
+
+
+def cmd_train(args) -> dict:
+    from rllama.experiment import parse_overrides, resume, train
+
+    if args.resume:
+        overrides = parse_overrides(args.set or [])
+        if args.episodes is not None:
+            overrides["episodes"] = args.episodes
+        if args.quiet:
+            overrides["progress"] = False
+        return resume(args.resume, overrides=overrides)
+    return train(_config_from_args(args))
+
+
+def cmd_eval(args) -> dict:
+    from rllama.experiment import RunConfig, make_agent, make_env
+
+    path = Path(args.run)
+    run_dir = path if (path / "config.yaml").is_file() else path.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise RLlamaError(f"{path} is neither a run folder nor a checkpoint inside one (no config.yaml found)")
+    config = RunConfig.from_yaml(run_dir / "config.yaml")
+    overrides = {"num_envs": args.num_envs} if args.num_envs else {}
+    config = config.with_overrides(overrides)
+    checkpoint = path if (path / "policy").is_dir() else run_dir / "final"
+    if not (checkpoint / "policy").is_dir():
+        raise RLlamaError(f"no trained policy at {checkpoint}/policy (has the run finished? evaluate a "
+                          f"checkpoint: rllama eval {run_dir}/checkpoints/segment-...)")
+    agent = make_agent(config)
+    agent.load(checkpoint / "policy")
+    envs = make_env(config)
+    try:
+        result = agent.evaluate(envs, args.episodes, seed=args.seed, greedy=not args.sample,
+                                progress=not args.quiet)
+    finally:
+        envs.close()
+    returns = result.pop("returns")
+    result["success_rate"] = float(sum(r > 0 for r in returns) / len(returns))
+    result.update(checkpoint=str(checkpoint), greedy=not args.sample, seed=args.seed)
+    return result
+
+
+def cmd_sweep(args) -> dict:
+    from rllama.experiment.sweep import load_sweep, run_sweep
+
+    base = _config_from_args(args)
+    mode = "offline" if args.offline else "online" if args.online else "auto"
+    return run_sweep(load_sweep(args.sweep), base, trials=args.trials, mode=mode)
+
+
+def cmd_plot(args) -> dict:
+    from rllama.experiment import plot_runs
+
+    output = args.output or str(Path(args.runs[0]) / "learning_curve.png")
+    return {"plot": str(plot_runs(args.runs, output))}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rllama", description="Train LLM agents with reinforcement learning in Gymnasium environments.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an agent (or --resume a stopped run)",
+                       description="Train an agent. Flags override the --config file; --set overrides any field. "
+                                   "Writes a run folder with config.yaml, metrics.jsonl, checkpoints, final/ and "
+                                   "learning_curve.png.")
+    _add_run_flags(p)
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its latest checkpoint, exactly (other flags ignored "
+                        "except --episodes, --quiet and --set for loggers/progress)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained run or checkpoint",
+                       description="Evaluate a run's final policy (or a checkpoint folder) on N episodes.")
+    p.add_argument("run", help="run folder (uses final/) or a checkpoint folder inside it")
+    p.add_argument("--episodes", type=int, default=200)
+    p.add_argument("--seed", type=int, default=10_000, help="env seed of the evaluation episodes")
+    p.add_argument("--num-envs", type=int, dest="num_envs")
+    p.add_argument("--sample", action="store_true", help="sample actions instead of greedy")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="hyperparameter sweep from a wandb sweep YAML",
+                       description="Run a wandb sweep YAML (method, metric, parameters). With a W&B API key it "
+                                   "uses wandb.sweep/wandb.agent; offline it runs the same search on Optuna, each "
+                                   "trial an offline wandb run (with --loggers wandb) in one group.")
+    p.add_argument("sweep", help="wandb sweep YAML")
+    _add_run_flags(p)
+    p.add_argument("--trials", type=int, help="number of trials (default: run_cap in the YAML, or the grid size)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--offline", action="store_true", help="run on Optuna even if W&B is reachable")
+    mode.add_argument("--online", action="store_true", help="require wandb.sweep / wandb.agent")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("plot", help="plot learning curves of run folders",
+                       description="Plot evaluation and training return against episodes from metrics.jsonl.")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--output", help="PNG path (default: <first run>/learning_curve.png)")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (RLlamaError, FileNotFoundError, ValueError, TypeError) as exc:
+        if os.environ.get("RLLAMA_DEBUG"):
+            raise
+        print(f"rllama {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.command in ("eval", "plot") or getattr(args, "quiet", False):
+        print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

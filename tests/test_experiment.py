@@ -1,0 +1,186 @@
+"""Experiments: run folders, configs, loggers, the CLI, and runs that crash and resume exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rllama.experiment import ConfigError, RunConfig, read_metrics, resume, train
+from rllama.experiment.loggers import Callback
+from tests.conftest import make_tiny_lm, make_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    make_tiny_lm().save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def tiny_config(tmp_path, tiny_model_dir, **kw) -> RunConfig:
+    values = dict(model=str(tiny_model_dir), agent="tests.conftest:ChoiceAgent", env="tests.conftest:ChoiceEnv",
+                  env_kwargs={"steps": 2}, num_envs=2, episodes=16, segment_episodes=4, eval_every=8, eval_episodes=4,
+                  checkpoint_every=4, precision="fp32", algorithm="ppo",
+                  algorithm_config={"batch_episodes": 4, "minibatch_size": 4}, loggers=["jsonl"], progress=False,
+                  output_dir=str(tmp_path / "runs"), name="run", threads=1)
+    values.update(kw)
+    return RunConfig(**values)
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted((run_dir / "final" / "policy").rglob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def comparable(records):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+def test_run_writes_a_complete_run_folder(tmp_path, tiny_model_dir):
+    summary = train(tiny_config(tmp_path, tiny_model_dir))
+    run = tmp_path / "runs" / "run"
+    assert summary["episodes"] == 16 and summary["run_dir"] == str(run)
+    assert yaml.safe_load((run / "config.yaml").read_text())["algorithm"] == "ppo"
+    records = read_metrics(run)
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("segment") == 4 and kinds.count("eval") == 3 and kinds.count("update") == 4
+    assert [r["episodes"] for r in records if r["kind"] == "eval"] == [0, 8, 16]
+    assert (run / "final" / "policy").is_dir() and (run / "learning_curve.png").stat().st_size > 0
+    assert len(list((run / "checkpoints").glob("segment-*"))) == 2  # keep_checkpoints
+    assert json.loads((run / "summary.json").read_text())["eval/mean_return"] == summary["eval/mean_return"]
+    with pytest.raises(Exception, match="already holds a run"):
+        train(tiny_config(tmp_path, tiny_model_dir))
+
+
+class CrashAfter(Callback):
+    def __init__(self, segment):
+        self.segment = segment
+
+    def on_segment(self, record):
+        if record["segment"] == self.segment:
+            raise KeyboardInterrupt("simulated crash")
+
+
+@pytest.mark.parametrize("algorithm,config", [
+    ("ppo", {"batch_episodes": 4, "minibatch_size": 4}),
+    ("dqn", {"batch_episodes": 2, "learning_starts": 2, "minibatch_size": 4}),
+])
+def test_crashed_run_resumes_exactly(tmp_path, tiny_model_dir, algorithm, config):
+    straight = train(tiny_config(tmp_path, tiny_model_dir, name="straight", algorithm=algorithm,
+                                 algorithm_config=config))
+    cfg = tiny_config(tmp_path, tiny_model_dir, name="crashed", algorithm=algorithm, algorithm_config=config)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=[CrashAfter(segment=2)])  # dies mid-run: segments 0-1 checkpointed
+    resumed = resume(tmp_path / "runs" / "crashed")
+    a, b = final_params(Path(straight["run_dir"])), final_params(Path(resumed["run_dir"]))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert comparable(read_metrics(straight["run_dir"])) == comparable(read_metrics(resumed["run_dir"]))
+    assert straight["eval/mean_return"] == resumed["eval/mean_return"]
+
+
+def test_resume_can_extend_a_finished_run(tmp_path, tiny_model_dir):
+    train(tiny_config(tmp_path, tiny_model_dir, episodes=8))
+    summary = resume(tmp_path / "runs" / "run", overrides={"episodes": 12})
+    assert summary["episodes"] == 12
+    with pytest.raises(ConfigError, match="cannot change"):
+        resume(tmp_path / "runs" / "run", overrides={"algorithm": "a2c"})
+
+
+def test_config_validation_names_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config keys \\['episods'\\]"):
+        RunConfig.from_dict({"episods": 3})
+    with pytest.raises(ConfigError, match="multiple of segment_episodes"):
+        RunConfig(eval_every=10, segment_episodes=4)
+    with pytest.raises(ConfigError, match="episodes=.*integer"):
+        RunConfig(episodes="many")
+    with pytest.raises(ConfigError, match="loggers"):
+        RunConfig(loggers=["tensorboard"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        RunConfig.from_yaml(bad)
+    cfg = RunConfig().with_overrides({"algorithm_config.learning_rate": 1e-4, "env_kwargs.sab": False})
+    assert cfg.algorithm_config == {"learning_rate": 1e-4} and cfg.env_kwargs == {"sab": False}
+    from rllama.experiment import resolve_agent_class
+
+    with pytest.raises(ConfigError, match="not an RLlamaAgent subclass"):
+        resolve_agent_class("tests.conftest:ChoiceEnv")
+    with pytest.raises(ConfigError, match="expected one of"):
+        resolve_agent_class("poker")
+
+
+def run_cli(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "rllama.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def cli_flags(tmp_path, tiny_model_dir, name):
+    config = tiny_config(tmp_path, tiny_model_dir, name=name, episodes=40, eval_every=0, eval_episodes=4)
+    path = tmp_path / f"{name}.yaml"
+    config.to_yaml(path)
+    return ["train", "--config", str(path), "--quiet"]
+
+
+def test_cli_run_killed_mid_way_resumes_to_the_same_parameters(tmp_path, tiny_model_dir):
+    done = run_cli(*cli_flags(tmp_path, tiny_model_dir, "straight"))
+    assert done.returncode == 0, done.stderr
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "rllama.cli", *cli_flags(tmp_path, tiny_model_dir, "killed")],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "runs" / "killed" / "checkpoints" / "latest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["segment"] >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not json.loads(latest.read_text())["final"]
+    resumed = run_cli("train", "--resume", str(tmp_path / "runs" / "killed"), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = final_params(tmp_path / "runs" / "straight"), final_params(tmp_path / "runs" / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def test_cli_eval_plot_and_errors(tmp_path, tiny_model_dir):
+    train(tiny_config(tmp_path, tiny_model_dir, episodes=8))
+    run = tmp_path / "runs" / "run"
+    out = run_cli("eval", str(run), "--episodes", "4", "--quiet")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["n_episodes"] == 4 and 0 <= result["success_rate"] <= 1
+    out = run_cli("plot", str(run), "--output", str(tmp_path / "curve.png"))
+    assert out.returncode == 0 and (tmp_path / "curve.png").stat().st_size > 0
+    out = run_cli("train", "--set", "episods=3")
+    assert out.returncode == 2 and "unknown config keys" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("eval", str(tmp_path))
+    assert out.returncode == 2 and "no config.yaml" in out.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sweep", "plot"])
+def test_cli_help(command):
+    from rllama.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
