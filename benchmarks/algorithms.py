@@ -12,6 +12,7 @@ environment steps, and is evaluated greedily on the same deals (env seeds 10000+
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -38,9 +39,13 @@ def run(algorithm: str, seed: int, args) -> dict:
     curve, updates = train_with_evaluations(agent, envs, budget=args.steps, unit="steps", eval_every=args.eval_every,
                                             eval_episodes=args.eval_episodes, seed=seed,
                                             label=f"{algorithm} seed {seed}")
-    return {"algorithm": algorithm, "seed": seed, "curve": curve, "updates": updates,
-            "untrained": curve[0]["mean_return"], "trained": curve[-1]["mean_return"],
-            "config": {k: v for k, v in vars(agent.algorithm.config).items()}, "wall_s": time.perf_counter() - t0}
+    result = {"algorithm": algorithm, "seed": seed, "curve": curve, "updates": updates,
+              "untrained": curve[0]["mean_return"], "trained": curve[-1]["mean_return"],
+              "config": {k: v for k, v in vars(agent.algorithm.config).items()}, "wall_s": time.perf_counter() - t0}
+    envs.close()
+    del agent, envs
+    gc.collect()  # one process runs many agents: free each model before the next
+    return result
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -92,14 +97,19 @@ def plot(result: dict, path: Path) -> None:
 
 
 def merge(args) -> None:
+    """Combine result files of runs made in parallel (finished ``.json`` or ``.partial.json`` files)."""
     parts = [json.loads(Path(p).read_text()) for p in args.merge]
     runs = [r for part in parts for r in part["runs"]]
-    result = dict(parts[0])
-    result["command"] = " && ".join(p["command"] for p in parts) + " && python " + " ".join(sys.argv)
-    result["config"] = dict(parts[0]["config"], algorithms=list(dict.fromkeys(r["algorithm"] for r in runs)))
+    full = [p for p in parts if "config" in p]
+    if not full:
+        raise SystemExit("--merge needs at least one finished result file (with its config)")
+    result = dict(full[0])
+    result["command"] = " && ".join(p.get("command", f"(partial: {f})") for p, f in zip(parts, args.merge))
+    result["command"] += " && python " + " ".join(sys.argv)
+    result["config"] = dict(full[0]["config"], algorithms=list(dict.fromkeys(r["algorithm"] for r in runs)))
     result["runs"] = runs
     result["table"] = summarise(runs)
-    result["wall_s"] = max(p["wall_s"] for p in parts)
+    result["wall_s"] = sum(r["wall_s"] for r in runs)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     plot(result, RESULTS / f"{args.name}.png")
     print_table(result)

@@ -48,26 +48,11 @@ def play(env, choose, episodes_per_game: int = 1) -> dict:
     return {"success": float(np.mean(won)), "score": float(np.mean(scores)), "n": len(won)}
 
 
-def agent_play(agent, env, greedy: bool, episodes_per_game: int) -> dict:
-    out = {"won": [], "score": []}
-    with agent.evaluating(greedy=greedy):
-        for game in range(len(env.unwrapped.games)):
-            for k in range(episodes_per_game):
-                obs, info = env.reset(seed=game * 100 + k, options={"game": game})
-                total, done = 0.0, False
-                while not done:
-                    obs, reward, terminated, truncated, info = env.step(agent.act(obs))
-                    agent.assign_reward(reward)
-                    total += reward
-                    done = terminated or truncated
-                agent.terminate_episode(truncated=truncated)
-                out["won"].append(float(info["won"]))
-                out["score"].append(total / max(1, info["max_score"]))
-    return {"success": float(np.mean(out["won"])), "score": float(np.mean(out["score"])), "n": len(out["won"])}
-
-
 def evaluate_agent(agent, env, args) -> dict:
-    return {"greedy": agent_play(agent, env, True, 1), "sampled": agent_play(agent, env, False, args.sampled_episodes)}
+    from examples.textworld import play_each_game
+
+    return {mode: {k: v for k, v in play_each_game(agent, env, greedy, n).items() if k != "won"}
+            for mode, greedy, n in [("greedy", True, 1), ("sampled", False, args.sampled_episodes)]}
 
 
 def run(seed: int, args) -> dict:

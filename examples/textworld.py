@@ -46,23 +46,26 @@ def make_env(seeds, max_episode_steps: int = 20, num_envs: int = 1):
     return gym.make_vec("rllama/TextWorld-v0", num_envs=num_envs, vectorization_mode="sync", **kwargs)
 
 
-def play_each_game(agent: TextWorldAgent, env, greedy: bool = True) -> dict:
-    """One episode per game of ``env`` (nothing recorded): success rate and normalised score."""
-    base = env.unwrapped
+def play_each_game(agent: TextWorldAgent, env, greedy: bool = True, episodes_per_game: int = 1) -> dict:
+    """``episodes_per_game`` episodes of every game of ``env`` (nothing recorded): success rate and score.
+
+    Episode ``k`` of game ``g`` resets with seed ``100 * g + k``, so agents are compared on the same starts.
+    """
     won, scores = [], []
     with agent.evaluating(greedy=greedy):
-        for game in range(len(base.games)):
-            obs, info = env.reset(seed=game, options={"game": game})
-            total, done = 0.0, False
-            while not done:
-                obs, reward, terminated, truncated, info = env.step(agent.act(obs))
-                agent.assign_reward(reward)
-                total += reward
-                done = terminated or truncated
-            agent.terminate_episode(truncated=truncated)
-            won.append(float(info["won"]))
-            scores.append(total / max(1, info["max_score"]))
-    return {"success": float(np.mean(won)), "score": float(np.mean(scores)), "won": won}
+        for game in range(len(env.unwrapped.games)):
+            for k in range(episodes_per_game):
+                obs, info = env.reset(seed=100 * game + k, options={"game": game})
+                total, done = 0.0, False
+                while not done:
+                    obs, reward, terminated, truncated, info = env.step(agent.act(obs))
+                    agent.assign_reward(reward)
+                    total += reward
+                    done = terminated or truncated
+                agent.terminate_episode(truncated=truncated)
+                won.append(float(info["won"]))
+                scores.append(total / max(1, info["max_score"]))
+    return {"success": float(np.mean(won)), "score": float(np.mean(scores)), "won": won, "n": len(won)}
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from rllama.errors import RLlamaError
+from rllama.fileio import replace_dir
 
 FORMAT = "rllama.TrainingState"
 VERSION = 1
@@ -82,14 +83,7 @@ def save_training_state(agent, path: str | os.PathLike, extra: dict[str, Any] | 
         }
         (tmp / STATE_JSON).write_text(json.dumps(meta))
         _fsync_tree(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

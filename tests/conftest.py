@@ -141,3 +141,25 @@ def right_probability(agent, observation) -> float:
     with torch.no_grad():
         logprobs, _ = agent.policy.score_candidates([prompt], [cands])
     return float(np.exp(logprobs[0][1].item()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny model and its tokenizer saved to a folder (for runs configured by path, CLI subprocesses)."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    make_tiny_lm().save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def tiny_run_config(tmp_path, model_dir, **overrides):
+    """A RunConfig of a few seconds: ChoiceAgent on ChoiceEnv with the tiny model in ``model_dir``."""
+    from rllama.experiment import RunConfig
+
+    values = dict(model=str(model_dir), agent="tests.conftest:ChoiceAgent", env="tests.conftest:ChoiceEnv",
+                  env_kwargs={"steps": 2}, num_envs=2, episodes=16, segment_episodes=4, eval_every=8, eval_episodes=4,
+                  checkpoint_every=4, precision="fp32", algorithm="ppo",
+                  algorithm_config={"batch_episodes": 4, "minibatch_size": 4}, loggers=["jsonl"], progress=False,
+                  output_dir=str(tmp_path / "runs"), name="run", threads=1)
+    values.update(overrides)
+    return RunConfig(**values)

@@ -16,27 +16,13 @@ import yaml
 
 from rllama.experiment import ConfigError, RunConfig, read_metrics, resume, train
 from rllama.experiment.loggers import Callback
-from tests.conftest import make_tiny_lm, make_tokenizer
+from tests.conftest import tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    make_tiny_lm().save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
-
-
 def tiny_config(tmp_path, tiny_model_dir, **kw) -> RunConfig:
-    values = dict(model=str(tiny_model_dir), agent="tests.conftest:ChoiceAgent", env="tests.conftest:ChoiceEnv",
-                  env_kwargs={"steps": 2}, num_envs=2, episodes=16, segment_episodes=4, eval_every=8, eval_episodes=4,
-                  checkpoint_every=4, precision="fp32", algorithm="ppo",
-                  algorithm_config={"batch_episodes": 4, "minibatch_size": 4}, loggers=["jsonl"], progress=False,
-                  output_dir=str(tmp_path / "runs"), name="run", threads=1)
-    values.update(kw)
-    return RunConfig(**values)
+    return tiny_run_config(tmp_path, tiny_model_dir, **kw)
 
 
 def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -119,6 +105,14 @@ def test_config_validation_names_the_problem(tmp_path):
         RunConfig.from_yaml(bad)
     cfg = RunConfig().with_overrides({"algorithm_config.learning_rate": 1e-4, "env_kwargs.sab": False})
     assert cfg.algorithm_config == {"learning_rate": 1e-4} and cfg.env_kwargs == {"sab": False}
+    with pytest.raises(ConfigError, match="not fields of ppo's config"):
+        RunConfig(algorithm_config={"learning_rat": 1e-4})
+    with pytest.raises(ConfigError, match="not registered"):
+        RunConfig(algorithm="trpo")
+    from rllama.experiment import make_env
+
+    with pytest.raises(ConfigError, match="cannot import"):
+        make_env(RunConfig(env="no_such_module:Env"))
     from rllama.experiment import resolve_agent_class
 
     with pytest.raises(ConfigError, match="not an RLlamaAgent subclass"):

@@ -193,14 +193,14 @@ def test_interrupted_save_leaves_the_previous_store_loadable(tmp_path, monkeypat
     memory.add([exp(w) for w in WORDS[:3]])
     folder = memory.save(tmp_path / "store")
     memory.add([exp(w) for w in WORDS[3:]])
-    real = episodic._atomic_write
+    real = episodic.atomic_write
 
     def crash_on_manifest(path, data):
         if path.name == "memory.json":
             raise KeyboardInterrupt("killed mid-save")
         real(path, data)
 
-    monkeypatch.setattr(episodic, "_atomic_write", crash_on_manifest)
+    monkeypatch.setattr(episodic, "atomic_write", crash_on_manifest)
     with pytest.raises(KeyboardInterrupt):
         memory.save(folder)
     monkeypatch.undo()

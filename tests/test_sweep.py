@@ -11,25 +11,13 @@ import yaml
 from rllama.errors import RLlamaError
 from rllama.experiment import ConfigError, RunConfig
 from rllama.experiment.sweep import load_sweep, make_sampler, run_sweep, suggest_params, trial_count
-from tests.conftest import make_tiny_lm, make_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    make_tiny_lm().save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
+from tests.conftest import tiny_run_config
 
 
 def base_config(tmp_path, model_dir, **kw) -> RunConfig:
-    values = dict(model=str(model_dir), agent="tests.conftest:ChoiceAgent", env="tests.conftest:ChoiceEnv",
-                  env_kwargs={"steps": 1}, num_envs=2, episodes=8, segment_episodes=4, eval_every=4, eval_episodes=4,
-                  checkpoint_every=4, precision="fp32", algorithm="ppo",
-                  algorithm_config={"batch_episodes": 4, "minibatch_size": 4}, loggers=["jsonl"], progress=False,
-                  output_dir=str(tmp_path / "runs"), name="run", threads=1)
+    values = dict(env_kwargs={"steps": 1}, episodes=8, eval_every=4)
     values.update(kw)
-    return RunConfig(**values)
+    return tiny_run_config(tmp_path, model_dir, **values)
 
 
 GRID = {"method": "grid", "metric": {"name": "eval/mean_return", "goal": "maximize"},
@@ -88,6 +76,16 @@ def test_offline_sweep_trials_are_offline_wandb_runs_in_one_group(tmp_path, tiny
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["wandb"]["group"] == "lr"
 
 
+def test_a_metric_missing_from_the_summary_is_an_error(tmp_path, tiny_model_dir):
+    spec = {**GRID, "metric": {"name": "eval/mean_return"},
+            "parameters": {"algorithm_config.learning_rate": {"values": [1e-4, 1e-2]}}}
+    with pytest.raises(ConfigError, match="needs evaluations, but eval_episodes=0"):
+        run_sweep(spec, base_config(tmp_path, tiny_model_dir, eval_episodes=0), mode="offline")
+    spec = {**spec, "metric": {"name": "loss/policy"}}
+    with pytest.raises(RLlamaError, match="'loss/policy' is not in the run's summary"):
+        run_sweep(spec, base_config(tmp_path, tiny_model_dir, episodes=4, eval_every=0), trials=1, mode="offline")
+
+
 def test_online_sweeps_need_an_api_key(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -130,6 +128,9 @@ def test_trial_count_and_unsupported_offline_distributions(tmp_path):
         load_sweep(tmp_path / "missing.yaml")
     spec = {**GRID, "method": "random",
             "parameters": {"algorithm_config.kl_coef": {"distribution": "normal", "mu": 0, "sigma": 1}}}
+    typo = {**GRID, "parameters": {"algorithm_config.lerning_rate": {"values": [1e-4]}}}
+    with pytest.raises(ConfigError, match="'lerning_rate' is not a PPOConfig field"):
+        run_sweep(typo, RunConfig(output_dir=str(tmp_path)), mode="offline")
     with pytest.raises(ConfigError, match="offline sweeps"):
         run_sweep(spec, RunConfig(output_dir=str(tmp_path)), trials=1, mode="offline")
 
@@ -160,7 +161,6 @@ def sample(method: str, seed: int, n: int = 12) -> list[dict]:
 
 @pytest.mark.parametrize("method", ["random", "bayes"])
 def test_samplers_are_deterministic_given_the_seed(method):
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     first, again, other = sample(method, 0), sample(method, 0), sample(method, 1)
     assert first == again and first != other
     for p in first:

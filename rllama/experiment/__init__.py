@@ -12,6 +12,7 @@ from rllama.experiment.config import ConfigError, RunConfig, parse_overrides, re
 from rllama.experiment.loggers import Callback, ConsoleLogger, JSONLLogger, WandbLogger, make_loggers
 from rllama.experiment.plotting import plot_run, plot_runs, read_metrics
 from rllama.experiment.runner import Experiment, make_agent, make_env, resume, train
+from rllama.experiment.sweep import load_sweep, run_sweep
 
 __all__ = [
     "Callback",
@@ -19,6 +20,7 @@ __all__ = [
     "ConsoleLogger",
     "Experiment",
     "JSONLLogger",
+    "load_sweep",
     "RunConfig",
     "WandbLogger",
     "make_agent",
@@ -30,5 +32,6 @@ __all__ = [
     "read_metrics",
     "resolve_agent_class",
     "resume",
+    "run_sweep",
     "train",
 ]

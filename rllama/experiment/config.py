@@ -39,7 +39,8 @@ class RunConfig:
 
     Attributes:
         env: a Gymnasium env id (``"Blackjack-v1"``, ``"rllama/TextWorld-v0"``, ...).
-        env_kwargs: keyword arguments of ``gym.make`` for each env.
+        env_kwargs: keyword arguments of ``gym.make`` for each env (``Blackjack-v1`` gets
+            ``sab=True``, the rules of the exact reference returns, unless set here).
         num_envs: environments in the (synchronous) vector env.
         agent: ``"blackjack"`` / ``"textworld"`` (:mod:`rllama.agents`), ``"module:Class"`` or
             ``"file.py:Class"``.
@@ -69,7 +70,7 @@ class RunConfig:
     """
 
     env: str = "Blackjack-v1"
-    env_kwargs: dict[str, Any] = field(default_factory=lambda: {"sab": True})
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
     num_envs: int = 16
     agent: str = "blackjack"
     agent_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -124,6 +125,19 @@ class RunConfig:
         for name in ("env_kwargs", "agent_kwargs", "algorithm_config", "wandb"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected a mapping")
+        self._check_algorithm()
+
+    def _check_algorithm(self) -> None:
+        from rllama.algorithms import available
+        from rllama.algorithms.registry import get_algorithm_class
+
+        if self.algorithm not in available():
+            raise ConfigError(f"algorithm={self.algorithm!r} is not registered; available: {', '.join(available())}")
+        known = {f.name for f in dataclasses.fields(get_algorithm_class(self.algorithm).config_class)}
+        unknown = set(self.algorithm_config) - known
+        if unknown:
+            raise ConfigError(f"algorithm_config keys {sorted(unknown)} are not fields of {self.algorithm}'s config; "
+                              f"known: {sorted(known)}")
 
     @property
     def run_name(self) -> str:

@@ -31,6 +31,7 @@ from rllama.checkpoint import load_training_state, save_training_state
 from rllama.errors import RLlamaError
 from rllama.experiment.config import ConfigError, RunConfig, resolve_agent_class
 from rllama.experiment.loggers import Callback, make_loggers
+from rllama.fileio import atomic_write
 
 CONFIG_FILE = "config.yaml"
 LATEST = "latest.json"
@@ -48,17 +49,21 @@ def make_env(config: RunConfig):
 
     import rllama.envs  # noqa: F401  (registers rllama/TextWorld-v0)
 
-    if ":" in config.env and config.env.split(":", 1)[0] not in ("",):
+    kwargs = dict(config.env_kwargs)
+    if ":" in config.env:
         module_name, class_name = config.env.rsplit(":", 1)
         try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError):
-            cls = None
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(f"env={config.env!r}: cannot import {module_name!r} ({exc})") from exc
+        cls = getattr(module, class_name, None)
         if isinstance(cls, type) and issubclass(cls, gym.Env):
-            kwargs = dict(config.env_kwargs)
             return gym.vector.SyncVectorEnv([lambda: cls(**kwargs) for _ in range(config.num_envs)])
+        # otherwise Gymnasium's own "module:EnvId" form: the module registers the id
+    if config.env == "Blackjack-v1":
+        kwargs.setdefault("sab", True)
     try:
-        return gym.make_vec(config.env, num_envs=config.num_envs, vectorization_mode="sync", **config.env_kwargs)
+        return gym.make_vec(config.env, num_envs=config.num_envs, vectorization_mode="sync", **kwargs)
     except gym.error.Error as exc:
         raise ConfigError(f"env={config.env!r} with env_kwargs={config.env_kwargs}: {exc}") from exc
 
@@ -180,8 +185,8 @@ class Experiment:
     def _checkpoint(self, state: dict[str, Any], final: bool, record: dict[str, Any]) -> Path:
         folder = self.run_dir / "checkpoints"
         path = save_training_state(self.agent, folder / f"segment-{state['segment']:06d}", extra=dict(state))
-        _atomic_json(folder / LATEST, {"checkpoint": path.name, "segment": state["segment"],
-                                       "episodes": state["episodes"], "final": final})
+        atomic_write(folder / LATEST, json.dumps({"checkpoint": path.name, "segment": state["segment"],
+                                                  "episodes": state["episodes"], "final": final}))
         kept = sorted(p for p in folder.glob("segment-*") if p.is_dir())
         for old in kept[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
@@ -251,14 +256,4 @@ def _truncate_metrics(path: Path, segment: int) -> None:
             continue  # a line cut by the crash
         if record.get("segment", -1) < segment:
             keep.append(line)
-    _atomic_text(path, "".join(line + "\n" for line in keep))
-
-
-def _atomic_json(path: Path, value: Any) -> None:
-    _atomic_text(path, json.dumps(value))
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))

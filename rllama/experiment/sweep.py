@@ -302,6 +302,10 @@ def run_sweep(sweep: str | Path | dict[str, Any], base_config: RunConfig, trials
         if unsupported:
             raise ConfigError(f"offline sweeps (Optuna) support the distributions "
                               f"{', '.join(OFFLINE_DISTRIBUTIONS)}; not {unsupported}")
+    _check_algorithm_keys(spec, base_config)
+    metric = spec["metric"]["name"]
+    if metric.startswith("eval/") and not base_config.eval_episodes and "eval_episodes" not in flat_parameters(spec):
+        raise ConfigError(f"the sweep metric {metric!r} needs evaluations, but eval_episodes=0")
     name = spec.get("name") or f"sweep-{spec['method']}"
     sweep_dir = Path(base_config.output_dir) / name
     if (sweep_dir / "trials.jsonl").exists():
@@ -320,14 +324,36 @@ def run_sweep(sweep: str | Path | dict[str, Any], base_config: RunConfig, trials
     return summary
 
 
+def _check_algorithm_keys(spec: dict[str, Any], base_config: RunConfig) -> None:
+    """``algorithm_config.X`` parameters must be fields of the algorithm's config (caught before any trial runs)."""
+    import dataclasses
+
+    from rllama.algorithms import get_algorithm_class
+
+    names = flat_parameters(spec)
+    if "algorithm" in names:
+        return
+    cls = get_algorithm_class(base_config.algorithm).config_class
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in names:
+        head, _, rest = name.partition(".")
+        if head == "algorithm_config" and rest.split(".")[0] not in known:
+            raise ConfigError(f"parameters.{name}: {rest.split('.')[0]!r} is not a {cls.__name__} field "
+                              f"(algorithm={base_config.algorithm!r}); known fields: {sorted(known)}")
+
+
 def trial_config(base_config: RunConfig, params: dict[str, Any], sweep_name: str, sweep_dir: Path,
                  number: int) -> RunConfig:
     """The run configuration of trial ``number``: ``base_config`` with ``params`` set, run in ``sweep_dir``."""
     overrides = dict(params)
-    overrides.update(name=f"{base_config.run_name}-trial{number:03d}", output_dir=str(sweep_dir))
+    overrides.update(name=_trial_name(base_config, number), output_dir=str(sweep_dir))
     if "wandb" in base_config.loggers:
         overrides["wandb.group"] = sweep_name
     return base_config.with_overrides(overrides)
+
+
+def _trial_name(base_config: RunConfig, number: int) -> str:
+    return f"{base_config.run_name}-trial{number:03d}"
 
 
 def metric_value(summary: dict[str, Any], metric: str) -> float:
@@ -344,7 +370,7 @@ def _recorder(path: Path) -> Callable[[dict[str, Any]], None]:
     def record(trial: dict[str, Any]) -> None:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(trial) + "\n")
-        value = "failed" if trial["value"] is None else f"{trial['value']:.4g}"
+        value = "not finite" if trial["value"] is None else f"{trial['value']:.4g}"
         print(f"[rllama] sweep trial {trial['number']}: {value}  {json.dumps(trial['params'])}", flush=True)
 
     return record
@@ -386,9 +412,11 @@ def _run_online(spec, base_config, name, sweep_dir, n, record, callbacks) -> Non
     counter = itertools.count()
 
     def function() -> None:
-        run = wandb.init(dir=str(sweep_dir))  # joins the run wandb.agent started
-        params = {k: _lookup(dict(run.config), k) for k in names}
         number = next(counter)
+        run_dir = sweep_dir / _trial_name(base_config, number)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(dir=str(run_dir))  # joins the run wandb.agent started
+        params = {k: _lookup(dict(run.config), k) for k in names}
         config = trial_config(base_config, params, name, sweep_dir, number)
         config = config.with_overrides({"loggers": [x for x in config.loggers if x != "wandb"]})
         summary = train(config, [_AgentRunLogger()] + list(callbacks or []))

@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RLlamaError
+from ..fileio import atomic_write
 from .embedding import HashingEmbedder, SentenceEmbedder, make_embedder
 
 FORMAT_VERSION = 1
@@ -374,14 +374,14 @@ class EpisodicMemory:
         index_name = f"index-{digest[:16]}.faiss"
         manifest_path = folder / "memory.json"
         previous = _read_manifest(manifest_path) if manifest_path.exists() else None
-        _atomic_write(folder / index_name, blob)
+        atomic_write(folder / index_name, blob)
         manifest = {
             "format": "rllama.EpisodicMemory", "version": FORMAT_VERSION,
             "embedder": getattr(self.embedder, "config", lambda: {"name": self.embedder.name, "dim": self.dim})(),
             "config": self.config(), "next_id": self._next_id, "index_file": index_name, "index_sha256": digest,
             "entries": [asdict(self.entries[i]) for i in sorted(self.entries)],
         }
-        _atomic_write(manifest_path, json.dumps(manifest, ensure_ascii=False).encode("utf-8"))
+        atomic_write(manifest_path, json.dumps(manifest, ensure_ascii=False).encode("utf-8"))
         if previous and previous.get("index_file") not in (None, index_name):
             (folder / previous["index_file"]).unlink(missing_ok=True)
         return folder
@@ -447,19 +447,6 @@ def _read_manifest(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise MemoryStoreError(f"cannot read {path}: {exc}") from exc
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 __all__ = ["EpisodicMemory", "Experience", "Retrieved", "MemoryStoreError", "SentenceEmbedder", "HashingEmbedder"]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rllama.errors import ModelNotFoundError, RLlamaError
+from rllama.fileio import replace_dir
 
 POLICY_FILE = "policy.json"
 HEADS_FILE = "heads.safetensors"
@@ -517,7 +518,7 @@ class PolicyModel(nn.Module):
                 **(extra or {}),
             }
             (tmp / POLICY_FILE).write_text(json.dumps(meta, indent=2))
-            _replace_dir(tmp, path)
+            replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -586,15 +587,3 @@ def _segment_log_softmax(scores: torch.Tensor, sizes: Sequence[int]) -> list[tor
         out.append(F.log_softmax(scores[start : start + n], dim=-1))
         start += n
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``, replacing ``dst``; a crash leaves either the old or the new folder."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
