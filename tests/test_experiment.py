@@ -47,6 +47,11 @@ def test_run_writes_a_complete_run_folder(tmp_path, tiny_model_dir):
     kinds = [r["kind"] for r in records]
     assert kinds.count("segment") == 4 and kinds.count("eval") == 3 and kinds.count("update") == 4
     assert [r["episodes"] for r in records if r["kind"] == "eval"] == [0, 8, 16]
+    updates = [r for r in records if r["kind"] == "update"]
+    assert all(r["time/update_tokens_per_s"] > 0 and "loss/policy" in r and "policy/entropy" in r for r in updates)
+    assert all(r["time/env_steps_per_s"] > 0 for r in records if r["kind"] == "segment")
+    assert all(r["sample"]["prompt"] and r["sample"]["reply"] in ("left", "right")
+               for r in records if r["kind"] == "eval")
     assert (run / "final" / "policy").is_dir() and (run / "learning_curve.png").stat().st_size > 0
     assert len(list((run / "checkpoints").glob("segment-*"))) == 2  # keep_checkpoints
     assert json.loads((run / "summary.json").read_text())["eval/mean_return"] == summary["eval/mean_return"]

@@ -280,12 +280,14 @@ class OnPolicyAlgorithm(Algorithm):
 
         sums: dict[str, float] = {}
         n_minibatches = 0
+        tokens = tokens_of(batch.steps) if reference is not None else 0
         for _epoch in range(self.epochs):
             stop = False
             for idx in batch.minibatches(cfg.minibatch_size, self.generator):
                 rows = idx.tolist()
                 steps = [batch.steps[i] for i in rows]
                 ev = self.policy.evaluate(steps, with_values=self.uses_value)
+                tokens += tokens_of(steps)
                 new_lp, owner = ev.unit_logprobs()
                 units_per_step = torch.bincount(owner, minlength=len(steps)).float()
                 mb = Minibatch(
@@ -333,6 +335,7 @@ class OnPolicyAlgorithm(Algorithm):
                 "time/update_s": timer(),
             }
         )
+        out["time/update_tokens_per_s"] = tokens / max(out["time/update_s"], 1e-9)
         if self.uses_value:
             out["value/explained_variance"] = explained_variance(batch.old_values, returns)
             out["value/mean"] = float(batch.old_values.mean())
@@ -450,8 +453,11 @@ class OffPolicyAlgorithm(Algorithm):
         timer = Timer()
         episodes, self._episodes_since_update = self._episodes_since_update, []
         sums: dict[str, float] = {}
+        tokens = 0
         for _ in range(cfg.gradient_steps):
-            loss, stats = self.train_step(self.replay.sample(cfg.minibatch_size))
+            sample = self.replay.sample(cfg.minibatch_size)
+            tokens += tokens_of([t.step for t in sample]) + 2 * tokens_of([t.next_step for t in sample if t.next_step])
+            loss, stats = self.train_step(sample)
             stats["train/grad_norm"] = self.optimizer_step(loss)
             stats["loss/total"] = loss.item()
             for key, value in stats.items():
@@ -472,6 +478,7 @@ class OffPolicyAlgorithm(Algorithm):
                 "time/update_s": timer(),
             }
         )
+        out["time/update_tokens_per_s"] = tokens / max(out["time/update_s"], 1e-9)
         return out
 
 
@@ -500,6 +507,15 @@ def load_optimizer_state(prefix: str, optimizer: torch.optim.Optimizer, meta: di
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def tokens_of(steps: Sequence[Step]) -> int:
+    """Tokens a forward pass over ``steps`` processes: each prompt plus its candidates or its reply."""
+    total = 0
+    for s in steps:
+        total += len(s.prompt_ids)
+        total += sum(len(c) for c in s.candidate_ids) if s.candidate_ids is not None else len(s.response_ids or ())
+    return total
 
 
 def transition_batch(batch: Sequence[Transition]):
