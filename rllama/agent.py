@@ -74,6 +74,8 @@ class _EnvSlot:
     observations: list[str] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
+    prompts: list[list[dict]] = field(default_factory=list)  # the chat each action was chosen from
+    env_actions: list = field(default_factory=list)  # what extract_action returned
 
 
 class RLlamaAgent(ABC):
@@ -104,6 +106,11 @@ class RLlamaAgent(ABC):
             or a list with one of each. Episodic memory is searched with each observation and the
             results are put into the prompt (:meth:`inject_memories`); finished training episodes
             are written to it. Working memory keeps the episode's history within its token budget.
+        adapter: the name of the LoRA adapter this agent acts with and trains (created if the
+            policy lacks it; default: the policy's active adapter, ``"default"``). A skill taught
+            with :class:`rllama.skills.SkillModel` can be refined by RL this way, and the reverse.
+        trajectory_log: a JSONL file to which every finished episode is appended
+            (:mod:`rllama.trajectories`), for behaviour cloning or offline analysis.
     """
 
     def __init__(
@@ -124,6 +131,8 @@ class RLlamaAgent(ABC):
         action_space=None,
         use_chat_template: bool | None = None,
         memory=None,
+        adapter: str | None = None,
+        trajectory_log: str | None = None,
     ) -> None:
         if seed is not None:
             set_seed(seed)
@@ -133,6 +142,10 @@ class RLlamaAgent(ABC):
         )
         self.tokenizer = self.policy.tokenizer
         self.chat = ChatFormat(self.tokenizer, use_chat_template)
+        if adapter is not None:
+            if adapter not in self.policy.list_adapters():
+                self.policy.add_adapter(adapter)
+            self.policy.set_adapter(adapter)  # before the optimizer collects the trainable parameters
         self.algorithm = make_algorithm(algorithm, self.policy, algorithm_config, seed=seed)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; expected at least 1")
@@ -156,6 +169,11 @@ class RLlamaAgent(ABC):
         self.last_retrieved: dict[int, list[Retrieved]] = {}  # env id -> what memory gave it
         self.last_replies: dict[int, str] = {}  # env id -> the reply text of its last action
         self._last_env_id = 0
+        self.trajectory_log = None
+        if trajectory_log is not None:
+            from rllama.trajectories import TrajectoryWriter
+
+            self.trajectory_log = TrajectoryWriter(trajectory_log)
 
     # ------------------------------------------------------------------ hooks
     @abstractmethod
@@ -377,7 +395,7 @@ class RLlamaAgent(ABC):
             return []
         # Nothing is written to an env's chat until its action is known, so an error in a hook
         # leaves every chat as it was.
-        slots, texts, prompts, candidates = [], [], [], []
+        slots, texts, prompts, candidates, chats = [], [], [], [], []
         for env_id, obs in zip(env_ids, observations):
             slots.append(self._slot(env_id))
             texts.append(self._observation_text(obs))
@@ -392,6 +410,7 @@ class RLlamaAgent(ABC):
             if self.working_memory is None and len(fitted) < len(messages):
                 slot.messages = fitted[:-1]  # turns that no longer fit are gone for good
             prompts.append(ids)
+            chats.append(fitted)
 
         steps: list[Step | None] = [None] * len(observations)
         scored = [i for i, c in enumerate(candidates) if c is not None]
@@ -418,12 +437,15 @@ class RLlamaAgent(ABC):
             actions.append(step.action)
         # The history keeps the plain observation text; retrieved memories appear only in the
         # prompt of the step they were retrieved for.
-        for env_id, slot, text, found, ids, step in zip(env_ids, slots, texts, retrieved, prompts, steps):
+        for env_id, slot, text, found, ids, step, chat in zip(env_ids, slots, texts, retrieved, prompts, steps, chats):
             slot.messages = slot.messages + [{"role": "user", "content": text},
                                              {"role": "assistant", "content": step.text}]
             slot.observations.append(text)
             slot.actions.append(step.text)
             slot.rewards.append(0.0)
+            if self.trajectory_log is not None:
+                slot.prompts.append(chat)
+                slot.env_actions.append(step.action)
             self.last_prompt_ids[env_id] = ids
             self.last_retrieved[env_id] = found
             self.last_replies[env_id] = step.text
@@ -546,6 +568,8 @@ class RLlamaAgent(ABC):
                 self.algorithm.add_episode(Episode(slot.steps, env_id=env_id, truncated=trunc, info=info))
                 self.total_episodes += 1
             self._remember(slot, trunc)
+            if self.trajectory_log is not None and slot.observations and self._recording:
+                self.trajectory_log.write_episode(slot, truncated=trunc, metadata={"env_id": env_id})
         if self._recording and self.algorithm.ready():
             stats = self.algorithm.update()
             stats["rollout/parse_failures"] = float(self._parse_failures)

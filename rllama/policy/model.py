@@ -213,6 +213,100 @@ class PolicyModel(nn.Module):
         """The adapter's and heads' parameters (the base model's are frozen)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    # ------------------------------------------------------------------ named adapters
+    @property
+    def active_adapter(self) -> str:
+        """The adapter that acts and trains (PEFT's active adapter; ``"default"`` at first)."""
+        return self.lm.active_adapter
+
+    def list_adapters(self) -> list[str]:
+        """Names of the LoRA adapters this model holds."""
+        return list(self.lm.peft_config)
+
+    def add_adapter(self, name: str, lora_config=None) -> None:
+        """Add a new LoRA adapter ``name`` (zero-initialised B: it starts as the base model)."""
+        if not isinstance(name, str) or not name.strip() or "." in name:
+            raise ValueError(f"adapter name {name!r}: expected a non-empty string without dots")
+        if name in self.list_adapters():
+            raise RLlamaError(f"adapter {name!r} already exists; adapters: {self.list_adapters()}")
+        active = self.active_adapter
+        self.lm.add_adapter(name, lora_config or default_lora_config())
+        self.lm.set_adapter(active)  # keeps the active adapter trainable and the new one frozen
+        self.to(self.device)
+
+    def set_adapter(self, name: str) -> None:
+        """Make ``name`` the adapter that acts and trains (its parameters trainable, the others frozen)."""
+        self._require_adapter(name)
+        self.lm.set_adapter(name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (not the active one)."""
+        self._require_adapter(name)
+        if name == self.active_adapter:
+            raise RLlamaError(f"adapter {name!r} is active; set_adapter(another) before deleting it")
+        self.lm.delete_adapter(name)
+
+    def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        """The LoRA parameters of adapter ``name`` (default: the active one)."""
+        name = name or self.active_adapter
+        self._require_adapter(name)
+        return [p for n, p in self.lm.named_parameters() if "lora_" in n and f".{name}." in f"{n}."]
+
+    @contextlib.contextmanager
+    def using_adapter(self, name: str | None):
+        """Context in which adapter ``name`` is active (``None``: the base model, adapters disabled)."""
+        if name is None:
+            with self.reference():
+                yield
+            return
+        self._require_adapter(name)
+        previous = self.active_adapter
+        if name != previous:
+            self.lm.set_adapter(name)
+        try:
+            yield
+        finally:
+            if name != previous:
+                self.lm.set_adapter(previous)
+
+    def save_adapter(self, name: str, path: str | os.PathLike) -> Path:
+        """Write adapter ``name`` alone (PEFT format, safetensors) to folder ``path``, atomically."""
+        self._require_adapter(name)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            self.lm.save_pretrained(str(tmp), selected_adapters=[name], safe_serialization=True)
+            found = _adapter_folder(tmp)
+            if found != tmp:  # PEFT nests non-default adapters in a subfolder; keep one flat layout
+                for f in found.iterdir():
+                    shutil.move(str(f), str(tmp / f.name))
+                shutil.rmtree(found)
+            replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Load an adapter saved by :meth:`save_adapter` (or any PEFT LoRA folder) as adapter ``name``."""
+        path = Path(path)
+        if not (path / "adapter_config.json").is_file():
+            raise ModelNotFoundError(f"{str(path)!r} holds no PEFT adapter (adapter_config.json is missing)")
+        if name in self.list_adapters():
+            raise RLlamaError(f"adapter {name!r} already exists; delete_adapter({name!r}) first or pick another name")
+        active = self.active_adapter
+        try:
+            self.lm.load_adapter(str(path), adapter_name=name, is_trainable=True)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise RLlamaError(f"cannot load the adapter at {str(path)!r} into this model: {exc}") from exc
+        self.lm.set_adapter(active)
+        self.to(self.device)
+
+    def _require_adapter(self, name: str) -> None:
+        if name not in self.list_adapters():
+            raise RLlamaError(f"no adapter named {name!r}; adapters: {self.list_adapters()}")
+
     @contextlib.contextmanager
     def reference(self):
         """Context in which the model is the reference policy: the base model, adapter disabled."""
@@ -568,6 +662,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
         return "bf16" if any(check is not None and check() for check in checks) else "fp32"
     return "fp32"
+
+
+def _adapter_folder(root: Path) -> Path:
+    for cfg in sorted(root.rglob("adapter_config.json")):
+        return cfg.parent
+    raise RLlamaError(f"PEFT wrote no adapter_config.json under {root}")
 
 
 def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
