@@ -173,3 +173,13 @@ def test_trajectory_schema_errors_name_the_line(tmp_path, records, message):
     write_lines(path, records)
     with pytest.raises(TrajectoryError, match=message.replace("(", "\\(").replace(")", "\\)")):
         read_trajectories(path)
+
+
+def test_zoggian_example_runs_end_to_end(tiny_model_dir, monkeypatch, capsys):
+    from examples import zoggian
+
+    validate_examples(zoggian.EXAMPLES)
+    monkeypatch.setattr("sys.argv", ["zoggian.py", "--model", str(tiny_model_dir), "--epochs", "1"])
+    zoggian.main()
+    out = capsys.readouterr().out
+    assert "adapter 'zoggian' on" in out and "saved, deleted and loaded back" in out and "learned 'zoggian'" in out
