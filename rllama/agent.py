@@ -405,10 +405,7 @@ class RLlamaAgent(ABC):
             content = self._hook("inject_memories", text, found) if found else text
             if not isinstance(content, str):
                 raise HookError(f"inject_memories returned {type(content).__name__}; expected str")
-            messages = self._compose(slot, content)
-            ids, fitted = self._fit_prompt(messages)
-            if self.working_memory is None and len(fitted) < len(messages):
-                slot.messages = fitted[:-1]  # turns that no longer fit are gone for good
+            ids, fitted = self._fit_prompt(self._compose(slot, content))
             prompts.append(ids)
             chats.append(fitted)
 
@@ -438,6 +435,8 @@ class RLlamaAgent(ABC):
         # The history keeps the plain observation text; retrieved memories appear only in the
         # prompt of the step they were retrieved for.
         for env_id, slot, text, found, ids, step, chat in zip(env_ids, slots, texts, retrieved, prompts, steps, chats):
+            if self.working_memory is None and len(chat) < len(slot.messages) + 1:
+                slot.messages = chat[:-1]  # turns that no longer fit the context are gone for good
             slot.messages = slot.messages + [{"role": "user", "content": text},
                                              {"role": "assistant", "content": step.text}]
             slot.observations.append(text)
