@@ -118,7 +118,18 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--name", default="memory_ablation")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="combine result files (finished or .partial.json) of runs made apart into --name")
     args = parser.parse_args()
+    if args.merge:
+        runs = [r for f in args.merge for r in json.loads(Path(f).read_text())["runs"]]
+        args.seeds = sorted({r["seed"] for r in runs})
+        result = {"benchmark": "memory_ablation", "command": "python " + " ".join(sys.argv), "config": vars(args),
+                  "versions": versions(), "table": summarise(runs), "wall_s": sum(r["wall_s"] for r in runs),
+                  "runs": runs}
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+        plot(result, RESULTS / f"{args.name}.png")
+        return
     import torch
 
     if args.threads:
