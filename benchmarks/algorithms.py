@@ -67,28 +67,51 @@ def summarise(runs: list[dict]) -> dict:
     return table
 
 
+MARKERS = {"ppo": "o", "a2c": "s", "reinforce": "^", "grpo": "D", "dqn": "v", "sac": "P"}
+STYLES = {"ppo": "-", "a2c": "--", "reinforce": "-.", "grpo": ":", "dqn": "-", "sac": "--"}
+
+
 def plot(result: dict, path: Path) -> None:
+    """Left: learning curves (mean over seeds, min-max band). Right: return before and after training,
+    per algorithm, with each seed as a dot (curves that coincide stay readable here)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for algorithm, row in result["table"].items():
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 2]})
+    table = result["table"]
+    for algorithm, row in table.items():
         rs = [r for r in result["runs"] if r["algorithm"] == algorithm]
         n = min(len(r["curve"]) for r in rs)
         x = np.mean([[p["steps"] for p in r["curve"][:n]] for r in rs], axis=0)
         y = np.array([[p["mean_return"] for p in r["curve"][:n]] for r in rs])
-        ax.plot(x, y.mean(0), color=COLORS.get(algorithm), lw=2, marker="o", ms=3,
-                label=f"{algorithm}: {row['untrained_mean']:+.2f} → {row['trained_mean']:+.2f}")
+        ax.plot(x, y.mean(0), color=COLORS.get(algorithm), lw=2, ls=STYLES.get(algorithm, "-"),
+                marker=MARKERS.get(algorithm, "o"), ms=6, mfc="none",
+                label=f"{algorithm}: {row['untrained_mean']:+.3f} → {row['trained_mean']:+.3f}")
         if len(rs) > 1:
             ax.fill_between(x, y.min(0), y.max(0), color=COLORS.get(algorithm), alpha=0.12)
     for name, value in REFERENCE_RETURNS.items():
-        ax.axhline(value, ls="--", lw=1, color=REFERENCE_STYLES[name], label=f"{name} ({value:+.3f})")
+        for axis in (ax, bx):
+            axis.axhline(value, ls="--", lw=1, color=REFERENCE_STYLES[name], label=f"{name} ({value:+.3f})"
+                         if axis is ax else None)
+    names = list(table)
+    for i, algorithm in enumerate(names):
+        rs = [r for r in result["runs"] if r["algorithm"] == algorithm]
+        bx.bar(i - 0.2, table[algorithm]["untrained_mean"], width=0.38, color="silver",
+               label="untrained" if i == 0 else None)
+        bx.bar(i + 0.2, table[algorithm]["trained_mean"], width=0.38, color=COLORS.get(algorithm))
+        bx.plot([i + 0.2] * len(rs), [r["trained"] for r in rs], "k.", ms=8, label="each seed" if i == 0 else None)
+    bx.set_xticks(range(len(names)), names)
+    bx.set_ylabel("greedy mean return")
+    bx.set_title("before (grey) and after training")
+    bx.legend(fontsize=8, loc="lower right")
+    bx.grid(alpha=0.3, axis="y")
     cfg = result["config"]
+    seeds = sorted({r["seed"] for r in result["runs"]})
     ax.set_xlabel("environment steps")
     ax.set_ylabel(f"mean return, {cfg['eval_episodes']} greedy eval episodes")
-    ax.set_title(f"Blackjack-v1 (sab), SmolLM2-135M + LoRA, seeds {cfg['seeds']} (band: min-max)")
+    ax.set_title(f"Blackjack-v1 (sab), SmolLM2-135M + LoRA, seeds {seeds} (band: min-max)")
     ax.legend(fontsize=8, loc="lower right", ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -106,7 +129,8 @@ def merge(args) -> None:
     result = dict(full[0])
     result["command"] = " && ".join(p.get("command", f"(partial: {f})") for p, f in zip(parts, args.merge))
     result["command"] += " && python " + " ".join(sys.argv)
-    result["config"] = dict(full[0]["config"], algorithms=list(dict.fromkeys(r["algorithm"] for r in runs)))
+    result["config"] = dict(full[0]["config"], algorithms=list(dict.fromkeys(r["algorithm"] for r in runs)),
+                            seeds=sorted({r["seed"] for r in runs}))
     result["runs"] = runs
     result["table"] = summarise(runs)
     result["wall_s"] = sum(r["wall_s"] for r in runs)
