@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import EVAL_SEED, REFERENCE_RETURNS, REFERENCE_STYLES, RESULTS, versions  # noqa: E402
+from common import EVAL_SEED, REFERENCE_RETURNS, REFERENCE_STYLES, add_common_args, save_result, set_threads  # noqa: E402,E501
 
 
 def run(seed: int, args) -> dict:
@@ -85,22 +85,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--ppo-episodes", type=int, default=0)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--name", default="behaviour_cloning")
+    add_common_args(parser, "behaviour_cloning")
     args = parser.parse_args()
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     runs = [run(seed, args) for seed in args.seeds]
-    result = {"benchmark": "behaviour_cloning", "command": "python " + " ".join(sys.argv), "config": vars(args),
-              "versions": versions(), "runs": runs,
-              "summary": {name: float(np.mean([r["evals"][name] for r in runs])) for name in runs[0]["evals"]}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    plot(result, RESULTS / f"{args.name}.png")
+    summary = {name: float(np.mean([r["evals"][name] for r in runs])) for name in runs[0]["evals"]}
+    result = save_result("behaviour_cloning", args, runs, plot, summary=summary)
     print(json.dumps(result["summary"], indent=1))
 
 

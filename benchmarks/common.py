@@ -94,3 +94,39 @@ def train_with_evaluations(agent, envs, *, budget: int, unit: str, eval_every: i
             evaluate()
             next_eval += eval_every
     return curve, updates
+
+
+def add_common_args(parser, name: str, precision: str = "fp32") -> None:
+    """The flags every benchmark has: --model, --precision, --threads, --name."""
+    parser.add_argument("--model", default=None, help="model folder or hub id (default: the embedded SmolLM2)")
+    parser.add_argument("--precision", default=precision)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--name", default=name, help="results/<name>.json and .png")
+
+
+def set_threads(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def save_partial(name: str, runs: list) -> None:
+    """The finished runs so far, in ``results/<name>.partial.json`` (a long benchmark may be stopped)."""
+    import json
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.partial.json").write_text(json.dumps({"runs": runs}, indent=1))
+
+
+def save_result(benchmark: str, args, runs: list, plot, **fields) -> dict:
+    """Write ``results/<args.name>.json`` (command, config, versions, ``fields``, runs) and its PNG."""
+    import json
+
+    result = {"benchmark": benchmark, "command": "python " + " ".join(sys.argv), "config": vars(args),
+              "versions": versions(), **fields, "runs": runs}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
+    plot(result, RESULTS / f"{args.name}.png")
+    return result

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, versions  # noqa: E402
+from common import add_common_args, save_partial, save_result, set_threads  # noqa: E402
 
 CONDITIONS = ["no memory", "memory", "memory, no updates"]
 COLORS = {"no memory": "tab:gray", "memory": "tab:blue", "memory, no updates": "tab:green"}
@@ -114,38 +114,23 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4, help="PPO learning rate (both conditions)")
     parser.add_argument("--epochs", type=int, default=4, help="PPO epochs per batch (both conditions)")
     parser.add_argument("--envs", type=int, default=16)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--name", default="memory_ablation")
+    add_common_args(parser, "memory_ablation")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="combine result files (finished or .partial.json) of runs made apart into --name")
     args = parser.parse_args()
     if args.merge:
         runs = [r for f in args.merge for r in json.loads(Path(f).read_text())["runs"]]
         args.seeds = sorted({r["seed"] for r in runs})
-        result = {"benchmark": "memory_ablation", "command": "python " + " ".join(sys.argv), "config": vars(args),
-                  "versions": versions(), "table": summarise(runs), "wall_s": sum(r["wall_s"] for r in runs),
-                  "runs": runs}
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-        plot(result, RESULTS / f"{args.name}.png")
+        save_result("memory_ablation", args, runs, plot, table=summarise(runs), wall_s=sum(r["wall_s"] for r in runs))
         return
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     t0 = time.perf_counter()
     runs = []
     for seed in args.seeds:
         for condition in args.conditions:
             runs.append(run(condition, seed, args))
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            (RESULTS / f"{args.name}.partial.json").write_text(json.dumps({"runs": runs}, indent=1))
-    result = {"benchmark": "memory_ablation", "command": "python " + " ".join(sys.argv), "config": vars(args),
-              "versions": versions(), "table": summarise(runs), "wall_s": time.perf_counter() - t0, "runs": runs}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
-    plot(result, RESULTS / f"{args.name}.png")
+            save_partial(args.name, runs)
+    result = save_result("memory_ablation", args, runs, plot, table=summarise(runs), wall_s=time.perf_counter() - t0)
     for condition, row in result["table"].items():
         print(f"{condition:20s} {row['before_mean']:.3f} -> {row['after_mean']:.3f} ± {row['after_std']:.3f}")
 

@@ -19,7 +19,6 @@ game). Success = fraction of games won; score = mean of score / max score. Write
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, versions  # noqa: E402
+from common import add_common_args, save_partial, save_result, set_threads  # noqa: E402
 
 
 def play(env, choose, episodes_per_game: int = 1) -> dict:
@@ -128,26 +127,15 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=15)
     parser.add_argument("--sampled-episodes", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-5)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--name", default="textworld")
+    add_common_args(parser, "textworld")
     args = parser.parse_args()
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     t0 = time.perf_counter()
     runs = []
     for seed in args.seeds:
         runs.append(run(seed, args))
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{args.name}.partial.json").write_text(json.dumps({"runs": runs}, indent=1))
-    result = {"benchmark": "textworld", "command": "python " + " ".join(sys.argv), "config": vars(args),
-              "versions": versions(), "table": summarise(runs), "wall_s": time.perf_counter() - t0, "runs": runs}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
-    plot(result, RESULTS / f"{args.name}.png")
+        save_partial(args.name, runs)
+    result = save_result("textworld", args, runs, plot, table=summarise(runs), wall_s=time.perf_counter() - t0)
     for name, row in result["table"].items():
         print(f"{name:22s} success {row['success_mean']:.3f} ± {row['success_std']:.3f}  "
               f"score {row['score_mean']:.3f} ± {row['score_std']:.3f}")
