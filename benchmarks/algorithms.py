@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REFERENCE_RETURNS, REFERENCE_STYLES, RESULTS, train_with_evaluations, versions  # noqa: E402
+from common import REFERENCE_RETURNS, REFERENCE_STYLES, RESULTS, save_figure, train_with_evaluations, versions  # noqa: E402
 
 ALGORITHMS = ["ppo", "a2c", "reinforce", "grpo", "dqn", "sac"]
 COLORS = {"ppo": "tab:blue", "a2c": "tab:purple", "reinforce": "tab:brown", "grpo": "tab:cyan", "dqn": "tab:pink",
@@ -114,9 +114,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"Blackjack-v1 (sab), SmolLM2-135M + LoRA, seeds {seeds} (band: min-max)")
     ax.legend(fontsize=8, loc="lower right", ncol=2)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def merge(args) -> None:

@@ -21,7 +21,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import EVAL_SEED, REFERENCE_RETURNS, REFERENCE_STYLES, add_common_args, save_result, set_threads  # noqa: E402,E501
+from common import (  # noqa: E402,E501
+    EVAL_SEED,
+    REFERENCE_RETURNS,
+    REFERENCE_STYLES,
+    add_common_args,
+    save_figure,
+    save_result,
+    set_threads,
+)
 
 
 def run(seed: int, args) -> dict:
@@ -72,9 +80,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"Blackjack: behaviour cloning from logged winning episodes; seeds {result['config']['seeds']}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

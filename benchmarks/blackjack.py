@@ -26,6 +26,7 @@ from common import (  # noqa: E402
     REFERENCE_STYLES,
     RESULTS,
     hit_probabilities,
+    save_figure,
     train_with_evaluations,
     versions,
 )
@@ -95,9 +96,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"Blackjack-v1 (sab), {result['config']['model'] or 'SmolLM2-135M-Instruct'} + LoRA, PPO")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

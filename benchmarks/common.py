@@ -130,3 +130,12 @@ def save_result(benchmark: str, args, runs: list, plot, **fields) -> dict:
     (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
     plot(result, RESULTS / f"{args.name}.png")
     return result
+
+
+def save_figure(fig, path) -> None:
+    """Lay out, write at 120 dpi and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

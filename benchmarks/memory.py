@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, versions  # noqa: E402
+from common import RESULTS, save_figure, versions  # noqa: E402
 
 DIM = 384
 DEFAULT_FAISS_THREADS = 2  # set in main() from FAISS before anything changes it
@@ -166,9 +166,7 @@ def plot(result: dict, path: Path) -> None:
     t = result["text"]
     bx.set_title(f"Inserts; with MiniLM embedding: {t['add_texts_per_s (MiniLM embedding)']:.0f} texts/s")
     bx.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, save_partial, save_result, set_threads  # noqa: E402
+from common import add_common_args, save_figure, save_partial, save_result, set_threads  # noqa: E402
 
 CONDITIONS = ["no memory", "memory", "memory, no updates"]
 COLORS = {"no memory": "tab:gray", "memory": "tab:blue", "memory, no updates": "tab:green"}
@@ -99,9 +99,7 @@ def plot(result: dict, path: Path) -> None:
                  f"seeds {result['config']['seeds']} (band: min-max)")
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, save_partial, save_result, set_threads  # noqa: E402
+from common import add_common_args, save_figure, save_partial, save_result, set_threads  # noqa: E402
 
 
 def play(env, choose, episodes_per_game: int = 1) -> dict:
@@ -114,9 +114,7 @@ def plot(result: dict, path: Path) -> None:
     cfg = result["config"]
     fig.suptitle(f"TextWorld held-out games (16), SmolLM2-135M + LoRA, PPO {cfg['episodes']} episodes; "
                  f"seeds {cfg['seeds']} (error bars: std over seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
