@@ -119,6 +119,13 @@ def save_partial(name: str, runs: list) -> None:
     (RESULTS / f"{name}.partial.json").write_text(json.dumps({"runs": runs}, indent=1))
 
 
+def load_runs(files: list[str]) -> list:
+    """The runs of several result files (finished or ``.partial.json``) made apart, in order."""
+    import json
+
+    return [r for f in files for r in json.loads(Path(f).read_text())["runs"]]
+
+
 def save_result(benchmark: str, args, runs: list, plot, **fields) -> dict:
     """Write ``results/<args.name>.json`` (command, config, versions, ``fields``, runs) and its PNG."""
     import json

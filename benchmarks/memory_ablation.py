@@ -20,7 +20,6 @@ opens), before and after. PPO runs with learning rate 1e-4 and 4 epochs in both 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, save_figure, save_partial, save_result, set_threads  # noqa: E402
+from common import add_common_args, load_runs, save_figure, save_partial, save_result, set_threads  # noqa: E402
 
 CONDITIONS = ["no memory", "memory", "memory, no updates"]
 COLORS = {"no memory": "tab:gray", "memory": "tab:blue", "memory, no updates": "tab:green"}
@@ -117,7 +116,7 @@ def main() -> None:
                         help="combine result files (finished or .partial.json) of runs made apart into --name")
     args = parser.parse_args()
     if args.merge:
-        runs = [r for f in args.merge for r in json.loads(Path(f).read_text())["runs"]]
+        runs = load_runs(args.merge)
         args.seeds = sorted({r["seed"] for r in runs})
         save_result("memory_ablation", args, runs, plot, table=summarise(runs), wall_s=sum(r["wall_s"] for r in runs))
         return

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, save_figure, save_partial, save_result, set_threads  # noqa: E402
+from common import add_common_args, load_runs, save_figure, save_partial, save_result, set_threads  # noqa: E402
 
 
 def play(env, choose, episodes_per_game: int = 1) -> dict:
@@ -126,7 +126,14 @@ def main() -> None:
     parser.add_argument("--sampled-episodes", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-5)
     add_common_args(parser, "textworld")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="combine result files (finished or .partial.json) of runs made apart into --name")
     args = parser.parse_args()
+    if args.merge:
+        runs = load_runs(args.merge)
+        args.seeds = [r["seed"] for r in runs]
+        save_result("textworld", args, runs, plot, table=summarise(runs), wall_s=sum(r["wall_s"] for r in runs))
+        return
     set_threads(args)
     t0 = time.perf_counter()
     runs = []
