@@ -1,6 +1,6 @@
 """TextWorld: train on generated games, evaluate on held-out games of the same family.
 
-    python benchmarks/textworld.py                  # the committed results
+    python benchmarks/textworld_heldout.py                  # the committed results
 
 Family: ``examples/textworld.py``'s ``FAMILY`` (3 rooms, 4 objects, quests of 2 commands); training
 games seeds 0-31, held-out games seeds 1000-1015; at most ``--max-steps`` commands an episode. For
@@ -14,6 +14,9 @@ each seed, on the held-out games:
 The agents are evaluated greedily (one episode per game) and sampling (``--sampled-episodes`` per
 game). Success = fraction of games won; score = mean of score / max score. Writes
 ``results/textworld.json`` and ``.png``.
+
+(Not named ``textworld.py``: the script's folder comes first on ``sys.path`` and would shadow the
+``textworld`` package.)
 """
 
 from __future__ import annotations
