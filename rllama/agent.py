@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rllama import distributed
 from rllama.algorithms import Episode, Step, make_algorithm
 from rllama.errors import AgentStateError, HookError, InvalidActionError, RLlamaError
 from rllama.loops import run_episodes
@@ -146,6 +147,8 @@ class RLlamaAgent(ABC):
             if adapter not in self.policy.list_adapters():
                 self.policy.add_adapter(adapter)
             self.policy.set_adapter(adapter)  # before the optimizer collects the trainable parameters
+        # Launched as several processes (torchrun / accelerate launch): train data-parallel.
+        self.data_parallel = distributed.setup()
         self.algorithm = make_algorithm(algorithm, self.policy, algorithm_config, seed=seed)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; expected at least 1")
@@ -153,7 +156,8 @@ class RLlamaAgent(ABC):
         context = getattr(self.policy.lm.get_base_model().config, "max_position_embeddings", None) or 2048
         self.max_prompt_tokens = int(max_prompt_tokens or max(16, context - self.max_new_tokens))
         self.action_space = action_space
-        self._rng = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        rank = self.data_parallel.rank if self.data_parallel is not None else 0
+        self._rng = torch.Generator().manual_seed((0 if seed is None else int(seed)) + 7919 * rank)
         self._slots: dict[int, _EnvSlot] = {}
         self._recording = True  # False in evaluation mode
         self._greedy = False
@@ -169,6 +173,7 @@ class RLlamaAgent(ABC):
         self.last_retrieved: dict[int, list[Retrieved]] = {}  # env id -> what memory gave it
         self.last_replies: dict[int, str] = {}  # env id -> the reply text of its last action
         self._last_env_id = 0
+        self._others_active = False  # data-parallel: whether another process still plays episodes
         self.trajectory_log = None
         if trajectory_log is not None:
             from rllama.trajectories import TrajectoryWriter
@@ -569,7 +574,7 @@ class RLlamaAgent(ABC):
             self._remember(slot, trunc)
             if self.trajectory_log is not None and slot.observations and self._recording:
                 self.trajectory_log.write_episode(slot, truncated=trunc, metadata={"env_id": env_id})
-        if self._recording and self.algorithm.ready():
+        if self._recording and self._ready_everywhere(active=True):
             stats = self.algorithm.update()
             stats["rollout/parse_failures"] = float(self._parse_failures)
             stats["rollout/total_episodes"] = float(self.total_episodes)
@@ -577,6 +582,32 @@ class RLlamaAgent(ABC):
             self._parse_failures = 0
             return stats
         return {}
+
+    def _ready_everywhere(self, active: bool) -> bool:
+        """Whether to update now: the algorithm has a full batch — in every process, when data-parallel.
+
+        Data-parallel processes call this in lockstep (one small all-reduce each time); ``active``
+        tells the others whether this process still has episodes to play.
+        """
+        if self.data_parallel is None:
+            return self.algorithm.ready()
+        ready, _active = self.data_parallel.sum([float(self.algorithm.ready()), float(active)])
+        self._others_active = _active > float(active)
+        return ready == self.data_parallel.world_size
+
+    def finish_data_parallel(self) -> list[dict[str, float]]:
+        """After this process's last training episode: keep taking part in the other processes' update
+        checks (and their updates) until every process has finished. ``train`` calls it; a hand-written
+        training loop calls it once at the end. Returns the statistics of updates that ran meanwhile.
+        """
+        history = []
+        if self.data_parallel is None:
+            return history
+        while True:
+            if self._ready_everywhere(active=False):
+                history.append(self.algorithm.update())
+            if not self._others_active:
+                return history
 
     def _remember(self, slot: _EnvSlot, truncated: bool) -> None:
         if self.episodic_memory is None or not self._write_memory or not slot.observations:
@@ -645,7 +676,10 @@ class RLlamaAgent(ABC):
             history.append(stats)
             return not (callback is not None and callback(stats) is False)
 
+        if seed is not None and self.data_parallel is not None:
+            seed += 1_000_003 * self.data_parallel.rank  # each process plays different episodes
         run_episodes(self, env, n_episodes, seed=seed, progress=progress, desc="train", on_update=on_update)
+        history.extend(self.finish_data_parallel())
         return history
 
     # ------------------------------------------------------------------ persistence

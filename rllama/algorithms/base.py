@@ -29,6 +29,7 @@ from rllama.algorithms.buffers import (
     replay_from_dict,
     replay_to_dict,
 )
+from rllama.distributed import current as current_data_parallel
 from rllama.errors import RLlamaError
 from rllama.policy.model import CandidateOutputs, PolicyModel, StepEvaluation
 
@@ -119,6 +120,10 @@ class Algorithm(ABC):
             weight_decay=config.weight_decay,
         )
         self.num_updates = 0
+        # Several processes (torchrun / accelerate launch): start from rank 0's weights, average gradients.
+        self.data_parallel = current_data_parallel()
+        if self.data_parallel is not None:
+            self.data_parallel.broadcast_parameters(policy.trainable_parameters())
 
     def add_episode(self, episode: Episode) -> None:
         """Receive a finished episode from the agent."""
@@ -170,10 +175,16 @@ class Algorithm(ABC):
         load_optimizer_state("optimizer", self.optimizer, meta["optimizer"], tensors)
         self.buffer.episodes = [episode_from_dict(e) for e in meta["buffer"]]
 
+    def _agree(self, flag: bool) -> bool:
+        """``flag`` if in one process; across processes, whether any process raised it."""
+        return flag if self.data_parallel is None else self.data_parallel.any(flag)
+
     def optimizer_step(self, loss: torch.Tensor) -> float:
         """Backward, clip the global gradient norm, step; returns the norm before clipping."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.data_parallel is not None:
+            self.data_parallel.average_gradients(self.policy.trainable_parameters())
         norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         return float(norm)
@@ -281,9 +292,13 @@ class OnPolicyAlgorithm(Algorithm):
         sums: dict[str, float] = {}
         n_minibatches = 0
         tokens = tokens_of(batch.steps) if reference is not None else 0
+        # Across processes every one takes the same number of gradient steps (the fewest minibatches any has).
+        count = None
+        if self.data_parallel is not None:
+            count = self.data_parallel.min_int(-(-len(batch) // cfg.minibatch_size))
         for _epoch in range(self.epochs):
             stop = False
-            for idx in batch.minibatches(cfg.minibatch_size, self.generator):
+            for idx in batch.minibatches(cfg.minibatch_size, self.generator, count=count):
                 rows = idx.tolist()
                 steps = [batch.steps[i] for i in rows]
                 ev = self.policy.evaluate(steps, with_values=self.uses_value)
@@ -318,7 +333,7 @@ class OnPolicyAlgorithm(Algorithm):
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value
                 n_minibatches += 1
-                if target_kl is not None and approx_kl > 1.5 * target_kl:
+                if target_kl is not None and self._agree(approx_kl > 1.5 * target_kl):
                     stop = True
                     break
             if stop:

@@ -123,18 +123,31 @@ class RolloutBatch:
     def __len__(self) -> int:
         return len(self.steps)
 
-    def minibatches(self, size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    def minibatches(self, size: int, generator: torch.Generator, count: int | None = None) -> Iterator[torch.Tensor]:
         """Yield shuffled index tensors of at most ``size`` steps covering the batch once.
 
         Steps are shuffled, then sorted by prompt length within windows of four minibatches, so
         each minibatch holds prompts of similar length (less padding); minibatch order is shuffled.
+        With ``count`` (data-parallel processes must agree on it), the batch is split into exactly
+        ``count`` minibatches of near-equal size instead, which may exceed ``size``.
         """
         order = torch.randperm(len(self.steps), generator=generator).tolist()
+        if count is not None:
+            if not 1 <= count <= len(order):
+                raise ValueError(f"count={count}; expected 1 to {len(order)} minibatches")
+            size = -(-len(order) // count)
         window = 4 * size
         chunks = []
         for start in range(0, len(order), window):
             part = sorted(order[start : start + window], key=lambda i: len(self.steps[i].prompt_ids))
-            chunks.extend(part[j : j + size] for j in range(0, len(part), size))
+            if count is None:
+                chunks.extend(part[j : j + size] for j in range(0, len(part), size))
+            else:
+                chunks.append(part)
+        if count is not None:
+            ordered = [i for part in chunks for i in part]
+            bounds = [len(ordered) * k // count for k in range(count + 1)]
+            chunks = [ordered[bounds[k] : bounds[k + 1]] for k in range(count)]
         for k in torch.randperm(len(chunks), generator=generator).tolist():
             yield torch.tensor(chunks[k], dtype=torch.long)
 

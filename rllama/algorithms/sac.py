@@ -118,6 +118,8 @@ class SAC(OffPolicyAlgorithm):
         alpha_loss = (self.log_alpha * (entropy.detach() - torch.tensor(target_entropies))).mean()
         self.alpha_optimizer.zero_grad()
         alpha_loss.backward()
+        if self.data_parallel is not None:
+            self.data_parallel.average_gradients([self.log_alpha])
         self.alpha_optimizer.step()
         loss = critic_loss + cfg.actor_coef * actor_loss
         return loss, {
