@@ -107,6 +107,22 @@ def test_gym_make_and_vector_env(games):
     vec.close()
 
 
+def test_async_vector_env_gives_what_the_sync_one_gives(games):
+    """Text observations have no fixed size, so AsyncVectorEnv runs with shared_memory=False."""
+    kwargs = dict(num_envs=2, games=games, admissible_commands_in_observation=True)
+    sync = gym.make_vec("rllama/TextWorld-v0", vectorization_mode="sync", **kwargs)
+    asyn = gym.make_vec("rllama/TextWorld-v0", vectorization_mode="async", vector_kwargs={"shared_memory": False},
+                        **kwargs)
+    try:
+        for vec_obs in zip(sync.reset(seed=3)[0]["text"], asyn.reset(seed=3)[0]["text"]):
+            assert vec_obs[0] == vec_obs[1]
+        a, b = sync.step(("look", "inventory")), asyn.step(("look", "inventory"))
+        assert list(a[0]["text"]) == list(b[0]["text"]) and list(a[1]) == list(b[1])
+    finally:
+        sync.close()
+        asyn.close()
+
+
 def test_games_are_cached(tmp_path):
     from rllama.envs.textworld_games import GameFamily, game_path, make_games
 
