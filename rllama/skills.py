@@ -73,8 +73,10 @@ class SkillModel:
         model: ``None`` for the embedded default model, a folder or hub id, or a transformers model.
         tokenizer: the tokenizer of a model object.
         policy: an existing :class:`PolicyModel` (an agent's ``agent.policy``) instead of ``model``.
-        precision, lora_config: as for :class:`PolicyModel`.
+        precision: as for :class:`PolicyModel`.
+        lora_config: as for :class:`PolicyModel`.
         system_prompt: system message of every chat (``None``: none).
+        use_chat_template: as for :class:`~rllama.agent.RLlamaAgent`.
         seed: seeds the order of examples in :meth:`learn`.
     """
 

@@ -83,7 +83,9 @@ class TextWorldEnv(gym.Env):
         admissible_commands_in_observation: observations are ``{"text", "admissible_commands"}`` dicts.
         intermediate_reward_weight: weight of TextWorld's intermediate reward (+1 for a step toward
             the goal, -1 for one that makes it unreachable) added to the score change.
-        max_observation_length / max_command_length: bounds of the text spaces.
+        max_observation_length: longest observation text (the observation space's bound).
+        max_command_length: longest command (the action space's bound); longer ones are cut.
+        render_mode: ``"ansi"`` or ``None``.
     """
 
     metadata = {"render_modes": ["ansi"]}
