@@ -7,8 +7,9 @@ know; this rewrites them while the package is loaded:
   ``:exc:``, ``:obj:`` roles become code that links to the object's entry in the API reference
   when the reference documents it (an optional cross-reference: no link, no warning otherwise).
   A leading ``~`` shows the last component only, as in Sphinx.
-- A paragraph ending in ``::`` (reST's literal-block marker) ends in ``:`` (the indented block after
-  it is already a Markdown code block).
+- A paragraph ending in ``::`` (reST's literal-block marker) ends in ``:``, and a
+  ``.. code-block:: lang`` line is dropped: the indented block after either is already a Markdown
+  code block.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import griffe
 
 ROLE = re.compile(r":(?:py:)?(?:class|meth|func|mod|data|attr|exc|obj):`(?P<tilde>~?)(?P<name>[^`]+)`")
 LITERAL_MARKER = re.compile(r"(?<=\S)::[ \t]*$", re.MULTILINE)
+CODE_BLOCK_DIRECTIVE = re.compile(r"^[ \t]*\.\. code-block::.*\n", re.MULTILINE)
 
 
 class RSTRoles(griffe.Extension):
@@ -54,6 +56,7 @@ def rewrite(text: str, obj) -> str:
         return f'<autoref identifier="{html.escape(identifier)}" optional>{code}</autoref>'
 
     text = ROLE.sub(role, text)
+    text = CODE_BLOCK_DIRECTIVE.sub("", text)
     return LITERAL_MARKER.sub(":", text)
 
 

@@ -7,10 +7,14 @@
   to a file the site has (a figure), the link points there; to another file of the repository, the
   link becomes the file's path in code font (the site holds only ``docs/``). A missing file is an
   error, so the strict build fails on it.
+- Math (``$...$`` and ``$$...$$``, marked by ``pymdownx.arithmatex``) is converted to MathML when
+  the site is built (``latex2mathml``), which browsers render natively: no JavaScript, no network.
+  A formula that does not convert is an error.
 """
 
 from __future__ import annotations
 
+import html
 import posixpath
 import re
 from pathlib import Path
@@ -23,6 +27,7 @@ FIGURES = "benchmarks/results"
 INCLUDE = re.compile(r"^<!-- docs: include (?P<path>\S+) -->[ \t]*$", re.MULTILINE)
 LINK = re.compile(r"(?P<bang>!?)\[(?P<text>[^\]]*)\]\((?P<target>[^)\s]+)\)")
 FENCE = re.compile(r"^(```|~~~)")
+MATH = re.compile(r'<(?P<tag>span|div) class="arithmatex">(?P<tex>.*?)</(?P=tag)>', re.DOTALL)
 
 
 def on_files(files, config):
@@ -40,6 +45,25 @@ def on_page_markdown(markdown, page, config, files):
         return included_markdown(path.read_text(encoding="utf-8"), rel, page.file.src_uri, files)
 
     return INCLUDE.sub(include, markdown)
+
+
+def on_page_content(content, page, config, files):
+    from latex2mathml.converter import convert
+
+    def mathml(match: re.Match) -> str:
+        tex = html.unescape(match["tex"]).strip()
+        display = match["tag"] == "div"
+        if tex[:2] in ("\\(", "\\[") and tex[-2:] in ("\\)", "\\]"):
+            tex = tex[2:-2]
+        try:
+            out = convert(tex, display="block" if display else "inline")
+        except Exception as exc:
+            raise PluginError(f"{page.file.src_uri}: cannot convert the formula {tex!r} to MathML: {exc}") from exc
+        if "<merror" in out:
+            raise PluginError(f"{page.file.src_uri}: the formula {tex!r} converts to a MathML error")
+        return f'<div class="math">{out}</div>' if display else out
+
+    return MATH.sub(mathml, content)
 
 
 def included_markdown(text: str, rel: str, page_uri: str, files) -> str:
