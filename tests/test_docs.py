@@ -16,6 +16,8 @@ The convention (docs/contributing.md):
   or at most N on a page that says
   ``<!-- docs-test: max-episodes N -->`` (for pages whose episodes are long). Everything else runs
   as written.
+- A page that says ``<!-- docs-test: requires MODULE -->`` (an optional extra, such as
+  ``textworld``) is skipped, with that reason, where the module is not installed.
 
 A block that raises fails the test, with a traceback that points at the page and line.
 """
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)(?P<info>.*)$")
 SKIP = re.compile(r"^\s*<!--\s*docs-test:\s*skip\b(?P<reason>.*?)-->\s*$")
+REQUIRES = re.compile(r"^<!--\s*docs-test:\s*requires\s+([\w.]+)\s*-->\s*$", re.MULTILINE)
 MAX_EPISODES = re.compile(r"^<!--\s*docs-test:\s*max-episodes\s+(\d+)\s*-->\s*$", re.MULTILINE)
 LOOP_CAP = 16
 EPISODE_CAP = 32
@@ -189,6 +192,11 @@ def run_page(page: Path) -> None:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("page", [p for p in PAGES if runnable(p)], ids=lambda p: str(p.relative_to(ROOT)))
 def test_page_code_runs(page, docs_environment):
+    import importlib.util
+
+    for module in REQUIRES.findall(page.read_text(encoding="utf-8")):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed")
     run_page(page)
 
 
@@ -212,3 +220,25 @@ def test_algorithm_page_lists_the_config_defaults(name):
     config_class = get_algorithm_class(name).config_class
     expected = {f.name: f.default for f in dataclasses.fields(config_class)}
     assert defaults_table(ROOT / "docs" / "algorithms" / f"{name}.md") == expected
+
+
+# ----------------------------------------------------------------------------------- site hooks
+def test_included_markdown_rebases_links(tmp_path):
+    """benchmarks/README.md inside docs/performance.md: figures link to the site's copies, other files become paths."""
+    pytest.importorskip("mkdocs")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mkdocs_hooks", ROOT / "tools" / "mkdocs_hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+
+    class Files:
+        def get_file_from_path(self, path):
+            return object() if path in ("benchmarks/results/a.png", "memory.md") else None
+
+    text = ("# Benchmarks\n\n![curve](results/a.png)\nSee [the script](memory.py), [memory](../docs/memory.md#x)"
+            " and [Gymnasium](https://gymnasium.farama.org).\n\n```bash\n[not](a link)\n```\n")
+    out = hooks.included_markdown(text, "benchmarks/README.md", "performance.md", Files())
+    assert out == ("\n![curve](benchmarks/results/a.png)\n"
+                   "See the script (`benchmarks/memory.py`), [memory](memory.md#x)"
+                   " and [Gymnasium](https://gymnasium.farama.org).\n\n```bash\n[not](a link)\n```\n")
