@@ -172,7 +172,13 @@ def docs_environment(tiny_default_model, tmp_path, monkeypatch):
     monkeypatch.setenv("RLLAMA_CACHE", str(tmp_path.parent / "docs-cache"))  # TextWorld games: once per session
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(ROOT))  # `from examples... import ...` works as from the repository root
-    return tmp_path
+    # Pages register algorithms (docs/extending.md); what they register must not outlive the page.
+    from rllama.algorithms import registry
+
+    saved = dict(registry._REGISTRY)
+    yield tmp_path
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
 
 
 def run_page(page: Path) -> None:
