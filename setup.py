@@ -45,6 +45,8 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5"],
         # TextWorld builds jericho from source at install time: needs gcc and make.
         "textworld": ["textworld>=1.6"],
+        # The MLflow logger: the MLflow client, enough for a local mlruns/ folder or a tracking server.
+        "mlflow": ["mlflow-skinny>=2.16"],
         # The documentation site (`make docs`: mkdocs build --strict); versions the strict build was checked
         # with. latex2mathml turns the pages' formulas into MathML at build time (no JavaScript, no network).
         "docs": ["mkdocs~=1.6.1", "mkdocs-material~=9.8.1", "mkdocstrings~=1.0.8", "mkdocstrings-python~=2.0.11",

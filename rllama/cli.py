@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from rllama.errors import RLlamaError
+from rllama.experiment.loggers import LOGGERS
 
 
 def _config_from_args(args):
@@ -52,7 +53,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--output-dir", dest="output_dir", help="folder of run folders (default runs/)")
     p.add_argument("--name", help="run folder name (default <agent>-<algorithm>-seed<seed>)")
-    p.add_argument("--loggers", nargs="+", choices=["console", "jsonl", "wandb"])
+    p.add_argument("--loggers", nargs="+", choices=list(LOGGERS))
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any config field, dotted keys allowed: --set algorithm_config.learning_rate=1e-4")
     p.add_argument("--quiet", action="store_true", help="no progress bars or console lines")

@@ -183,3 +183,57 @@ def test_cli_help(command):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])
     assert exit_info.value.code == 0
+
+
+def _mlflow_runs(uri):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("rllama-test")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def test_mlflow_logs_params_metrics_and_artifacts_offline(tmp_path, tiny_model_dir, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)  # the default store is ./mlruns
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    summary = train(tiny_config(tmp_path, tiny_model_dir, loggers=["jsonl", "mlflow"],
+                                mlflow={"experiment": "rllama-test", "tags": {"who": "test"}}))
+    assert (tmp_path / "mlruns").is_dir()
+    client, runs = _mlflow_runs("file:" + str(tmp_path / "mlruns"))
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "run" and run.data.tags["who"] == "test"
+    assert run.data.params["algorithm"] == "ppo" and run.data.params["algorithm_config.batch_episodes"] == "4"
+    # every eval the JSONL logger wrote is in MLflow, at the same env step
+    evals = [r for r in read_metrics(summary["run_dir"]) if r["kind"] == "eval"]
+    history = client.get_metric_history(run.info.run_id, "eval/mean_return")
+    assert sorted((m.step, m.value) for m in history) == sorted((r["steps"], r["eval/mean_return"]) for r in evals)
+    assert client.get_metric_history(run.info.run_id, "loss/policy")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "learning_curve.png", "samples"} <= artifacts
+
+
+def test_mlflow_run_continues_after_a_resume(tmp_path, tiny_model_dir):
+    pytest.importorskip("mlflow")
+    uri = str(tmp_path / "store")  # a folder path is taken as a file store
+    cfg = tiny_config(tmp_path, tiny_model_dir, loggers=["jsonl", "mlflow"],
+                      mlflow={"experiment": "rllama-test", "tracking_uri": uri})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=[CrashAfter(segment=2)])
+    client, runs = _mlflow_runs("file:" + uri)
+    assert len(runs) == 1 and runs[0].info.status == "RUNNING"
+    resume(tmp_path / "runs" / "run")
+    client, runs = _mlflow_runs("file:" + uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    # what was logged after the last checkpoint is logged again by the resumed run, with the same values
+    logged = {(m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, "eval/mean_return")}
+    evals = [r for r in read_metrics(tmp_path / "runs" / "run") if r["kind"] == "eval"]
+    assert logged == {(r["steps"], r["eval/mean_return"]) for r in evals} and len(evals) == 3
+
+
+def test_mlflow_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="mlflow: unknown keys \\['uri'\\]"):
+        RunConfig.from_dict({"mlflow": {"uri": "x"}})
+    with pytest.raises(ConfigError, match="choose from console, jsonl, wandb, mlflow"):
+        RunConfig.from_dict({"loggers": ["mlfow"]})

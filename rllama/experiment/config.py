@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from rllama.errors import RLlamaError
+from rllama.experiment.loggers import LOGGERS
 
 
 class ConfigError(RLlamaError):
@@ -63,8 +64,10 @@ class RunConfig:
         seed: seeds the agent, the algorithm and the env resets.
         output_dir: folder under which the run folder is made.
         name: the run folder's name (default: ``<agent>-<algorithm>-seed<seed>``).
-        loggers: any of ``"console"``, ``"jsonl"``, ``"wandb"``.
+        loggers: any of ``"console"``, ``"jsonl"``, ``"wandb"``, ``"mlflow"``.
         wandb: ``wandb.init`` keyword arguments (``project``, ``group``, ``mode``, ``tags``, ...).
+        mlflow: :class:`~rllama.experiment.loggers.MLflowLogger` arguments (``tracking_uri``,
+            ``experiment``, ``run_name``, ``tags``); by default a local ``mlruns/`` folder.
         threads: torch threads (``None``: torch's default).
         progress: show progress bars.
     """
@@ -91,6 +94,7 @@ class RunConfig:
     name: str | None = None
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
     wandb: dict[str, Any] = field(default_factory=lambda: {"project": "rllama"})
+    mlflow: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
     progress: bool = True
 
@@ -116,13 +120,17 @@ class RunConfig:
                                   f"{self.segment_episodes}")
         if self.eval_episodes < 0:
             raise ConfigError(f"eval_episodes={self.eval_episodes}: expected >= 0")
-        unknown = set(self.loggers) - {"console", "jsonl", "wandb"}
+        unknown = set(self.loggers) - set(LOGGERS)
         if unknown:
-            raise ConfigError(f"loggers {sorted(unknown)} unknown; choose from console, jsonl, wandb")
+            raise ConfigError(f"loggers {sorted(unknown)} unknown; choose from {', '.join(LOGGERS)}")
+        mlflow_keys = {"tracking_uri", "experiment", "run_name", "tags"}
+        bad = set(self.mlflow) - mlflow_keys if isinstance(self.mlflow, dict) else ()
+        if bad:
+            raise ConfigError(f"mlflow: unknown keys {sorted(bad)}; expected tracking_uri, experiment, run_name, tags")
         if self.memory is not None:
             if not isinstance(self.memory, dict) or set(self.memory) - {"episodic", "working"}:
                 raise ConfigError(f"memory={self.memory!r}: expected a dict with keys 'episodic' and/or 'working'")
-        for name in ("env_kwargs", "agent_kwargs", "algorithm_config", "wandb"):
+        for name in ("env_kwargs", "agent_kwargs", "algorithm_config", "wandb", "mlflow"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: expected a mapping")
         self._check_algorithm()

@@ -132,6 +132,124 @@ class WandbLogger(Callback):
             self.run = None
 
 
+class MLflowLogger(Callback):
+    """Logs to MLflow: the config as params, every record's numbers as metrics (step = env steps),
+    evaluation samples as text, and at the end the run's ``config.yaml``, ``metrics.jsonl``,
+    ``summary.json`` and learning curve as artifacts.
+
+    Offline by default: the tracking URI is ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a
+    local ``mlruns/`` folder (MLflow's file store; ``mlflow ui --backend-store-uri mlruns`` shows it).
+    A resumed run continues the same MLflow run (its id is kept in the run folder).
+
+    Args:
+        tracking_uri: where to log (a folder, ``file:``, ``sqlite:`` or ``http(s):`` URI).
+        experiment: MLflow experiment name (made if missing).
+        run_name: MLflow run name (default: the run folder's name).
+        tags: MLflow tags of the run.
+    """
+
+    RUN_ID_FILE = "mlflow_run_id"
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "rllama", run_name: str | None = None,
+                 tags: dict[str, str] | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.tags = dict(tags or {})
+        self.client = None
+        self.run_id: str | None = None
+
+    def on_run_start(self, config, run_dir, resumed_from):
+        try:
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+        except ImportError as exc:
+            raise ImportError("the mlflow logger needs MLflow: pip install mlflow-skinny (or rllama[mlflow])") from exc
+        uri = mlflow_tracking_uri(self.tracking_uri)
+        if uri.startswith("file:"):
+            # MLflow 3 keeps its file store in maintenance mode behind this switch; it is the offline default here.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.run_dir = Path(run_dir)
+        self.client = MlflowClient(tracking_uri=uri)
+        id_file = self.run_dir / self.RUN_ID_FILE
+        if resumed_from is not None and id_file.is_file():
+            self.run_id = id_file.read_text().strip()
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        found = self.client.get_experiment_by_name(self.experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
+        run = self.client.create_run(experiment_id, run_name=self.run_name or self.run_dir.name,
+                                     tags={"rllama.run_dir": str(self.run_dir), **self.tags})
+        self.run_id = run.info.run_id
+        id_file.write_text(self.run_id)
+        params = [Param(k, json.dumps(v) if not isinstance(v, str) else v)
+                  for k, v in _flatten(config).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+
+    def _log(self, record):
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(_mlflow_key(k), float(v), now, int(record["steps"])) for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def on_update(self, record):
+        self._log(record)
+
+    def on_segment(self, record):
+        self._log(record)
+
+    def on_eval(self, record):
+        self._log(record)
+        sample = record.get("sample")
+        if sample:
+            text = f"prompt:\n{sample.get('prompt', '')}\n\nreply:\n{sample.get('reply', '')}\n"
+            self.client.log_text(self.run_id, text, f"samples/eval-{int(record['episodes']):07d}.txt")
+
+    def on_run_end(self, summary):
+        if self.client is None or self.run_id is None:
+            return
+        for name in ("config.yaml", "metrics.jsonl", "summary.json", "learning_curve.png"):
+            path = self.run_dir / name
+            if path.is_file():
+                self.client.log_artifact(self.run_id, str(path))
+        for key, value in summary.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.client.log_metric(self.run_id, "summary/" + _mlflow_key(key), float(value),
+                                       step=int(summary.get("steps", 0)))
+        self.client.set_terminated(self.run_id, "FINISHED")
+        self.run_id = None
+
+
+def mlflow_tracking_uri(uri: str | os.PathLike | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``file:`` + the absolute path of ``./mlruns``;
+    a plain folder path becomes a ``file:`` URI."""
+    uri = str(uri) if uri else os.environ.get("MLFLOW_TRACKING_URI") or "mlruns"
+    if "://" in uri or uri.startswith("file:"):
+        return uri
+    return "file:" + str(Path(uri).resolve())
+
+
+def _mlflow_key(key: str) -> str:
+    # MLflow keys allow letters, digits, and _ - . space / : only
+    return "".join(c if c.isalnum() or c in "_-. /:" else "_" for c in key)
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def wandb_mode() -> str:
     """``"online"`` when W&B can reach an account (an API key in the environment or netrc), else ``"offline"``."""
     if os.environ.get("WANDB_MODE"):
@@ -144,7 +262,11 @@ def wandb_mode() -> str:
     return "offline"
 
 
-def make_loggers(names: list[str], wandb_kwargs: dict[str, Any] | None = None) -> list[Callback]:
+LOGGERS = ("console", "jsonl", "wandb", "mlflow")
+
+
+def make_loggers(names: list[str], wandb_kwargs: dict[str, Any] | None = None,
+                 mlflow_kwargs: dict[str, Any] | None = None) -> list[Callback]:
     out: list[Callback] = []
     for name in names:
         if name == "console":
@@ -153,8 +275,10 @@ def make_loggers(names: list[str], wandb_kwargs: dict[str, Any] | None = None) -
             out.append(JSONLLogger())
         elif name == "wandb":
             out.append(WandbLogger(**(wandb_kwargs or {})))
+        elif name == "mlflow":
+            out.append(MLflowLogger(**(mlflow_kwargs or {})))
         else:
-            raise ValueError(f"unknown logger {name!r}; choose from console, jsonl, wandb")
+            raise ValueError(f"unknown logger {name!r}; choose from {', '.join(LOGGERS)}")
     return out
 
 

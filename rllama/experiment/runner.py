@@ -8,6 +8,7 @@ A run folder (``<output_dir>/<name>/``) holds::
     final/                   the final checkpoint (load the policy with agent.load("final/policy"))
     learning_curve.png       training and evaluation return against training episodes
     wandb/                   the offline wandb run, with the wandb logger
+    mlflow_run_id            the MLflow run this folder logs to, with the mlflow logger (a resume continues it)
 
 Training runs in segments of ``segment_episodes`` episodes; segment ``k`` starts by resetting the
 envs with seed ``seed * 100003 + k`` and ends when its episodes are all done. Evaluations and
@@ -96,7 +97,7 @@ class Experiment:
     def __init__(self, config: RunConfig, callbacks: list[Callback] | None = None) -> None:
         self.config = config
         self.run_dir = config.run_dir
-        self.callbacks = make_loggers(config.loggers, config.wandb) + list(callbacks or [])
+        self.callbacks = make_loggers(config.loggers, config.wandb, config.mlflow) + list(callbacks or [])
         self.agent = None
         self.envs = None
 
@@ -230,7 +231,7 @@ def resume(run_dir: str | os.PathLike, callbacks: list[Callback] | None = None,
     if not (run_dir / CONFIG_FILE).is_file():
         raise RLlamaError(f"{run_dir} is not a run folder ({CONFIG_FILE} is missing)")
     config = RunConfig.from_yaml(run_dir / CONFIG_FILE)
-    allowed = {"episodes", "loggers", "progress", "threads", "wandb", "keep_checkpoints"}
+    allowed = {"episodes", "loggers", "progress", "threads", "wandb", "mlflow", "keep_checkpoints"}
     bad = set(overrides or {}) - allowed
     if bad:
         raise ConfigError(f"cannot change {sorted(bad)} when resuming (only {sorted(allowed)}): the run would differ")
