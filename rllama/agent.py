@@ -49,6 +49,7 @@ import torch
 
 from rllama import distributed
 from rllama.algorithms import Episode, Step, make_algorithm
+from rllama.backends import make_backend
 from rllama.errors import AgentStateError, HookError, InvalidActionError, RLlamaError
 from rllama.loops import run_episodes
 from rllama.memory import EpisodicMemory, Retrieved, WorkingMemory
@@ -112,6 +113,8 @@ class RLlamaAgent(ABC):
             with :class:`rllama.skills.SkillModel` can be refined by RL this way, and the reverse.
         trajectory_log: a JSONL file to which every finished episode is appended
             (:mod:`rllama.trajectories`), for behaviour cloning or offline analysis.
+        backend: where acting runs (:mod:`rllama.backends`): ``None`` for this process's model, or an
+            :class:`~rllama.backends.OpenAIBackend` for a vLLM / SGLang server of the same base model.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class RLlamaAgent(ABC):
         memory=None,
         adapter: str | None = None,
         trajectory_log: str | None = None,
+        backend=None,
     ) -> None:
         if seed is not None:
             set_seed(seed)
@@ -150,6 +154,11 @@ class RLlamaAgent(ABC):
         # Launched as several processes (torchrun / accelerate launch): train data-parallel.
         self.data_parallel = distributed.setup()
         self.algorithm = make_algorithm(algorithm, self.policy, algorithm_config, seed=seed)
+        self.backend = make_backend(backend)
+        if self.algorithm.acting_heads and not self.backend.provides_values:
+            raise ValueError(f"algorithm {self.algorithm.name!r} acts on Q heads {list(self.algorithm.acting_heads)}, "
+                             f"which {type(self.backend).__name__} does not serve; use the in-process backend")
+        self.backend.bind(self.policy)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; expected at least 1")
         self.max_new_tokens = int(max_new_tokens)
@@ -466,18 +475,19 @@ class RLlamaAgent(ABC):
 
     def _score(self, rows, prompts, candidates, steps) -> None:
         cand_ids = [[self.chat.reply_ids(c) for c in candidates[i]] for i in rows]
-        outputs = self.policy.candidate_outputs([prompts[i] for i in rows], cand_ids,
-                                                q_heads=self.algorithm.acting_heads)
+        outputs = self.backend.candidate_outputs([prompts[i] for i in rows], cand_ids,
+                                                 q_heads=self.algorithm.acting_heads)
         choices = self.algorithm.choose_actions(outputs, greedy=self._greedy, generator=self._rng,
                                                 training=self._recording)
         for j, (i, (k, logprob)) in enumerate(zip(rows, choices)):
             steps[i] = Step(
                 prompt_ids=prompts[i], candidate_ids=cand_ids[j], action_index=k, logprob=logprob,
                 value=float(outputs.values[j]), text=candidates[i][k],
+                learner_recompute=not self.backend.provides_values,
             )
 
     def _generate(self, rows, prompts, steps) -> None:
-        replies = self.policy.generate(
+        replies = self.backend.generate(
             [prompts[i] for i in rows], max_new_tokens=self.max_new_tokens, greedy=self._greedy,
             stop_token_ids=self.chat.end_of_turn_ids, generator=self._rng,
         )
@@ -485,6 +495,7 @@ class RLlamaAgent(ABC):
             steps[i] = Step(
                 prompt_ids=prompts[i], response_ids=reply.token_ids, logprob=float(sum(reply.token_logprobs)),
                 token_logprobs=reply.token_logprobs, value=reply.value, text=self.chat.decode_reply(reply.token_ids),
+                learner_recompute=not self.backend.provides_values,
             )
 
     def _parse_generated(self, observation, text: str):
@@ -575,13 +586,18 @@ class RLlamaAgent(ABC):
             if self.trajectory_log is not None and slot.observations and self._recording:
                 self.trajectory_log.write_episode(slot, truncated=trunc, metadata={"env_id": env_id})
         if self._recording and self._ready_everywhere(active=True):
-            stats = self.algorithm.update()
+            stats = self._update()
             stats["rollout/parse_failures"] = float(self._parse_failures)
             stats["rollout/total_episodes"] = float(self.total_episodes)
             stats["rollout/total_steps"] = float(self.total_steps)
             self._parse_failures = 0
             return stats
         return {}
+
+    def _update(self) -> dict[str, float]:
+        stats = self.algorithm.update()
+        self.backend.after_update(self.policy)
+        return stats
 
     def _ready_everywhere(self, active: bool) -> bool:
         """Whether to update now: the algorithm has a full batch — in every process, when data-parallel.
@@ -605,7 +621,7 @@ class RLlamaAgent(ABC):
             return history
         while True:
             if self._ready_everywhere(active=False):
-                history.append(self.algorithm.update())
+                history.append(self._update())
             if not self._others_active:
                 return history
 

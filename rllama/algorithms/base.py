@@ -144,6 +144,25 @@ class Algorithm(ABC):
             choices.append((k, float(lp[k])))
         return choices
 
+    @torch.no_grad()
+    def recompute_behaviour(self, steps: Sequence[Step]) -> int:
+        """Value and behaviour log-probs, under the learner's weights, of steps marked ``learner_recompute``
+        (acted by a generation server, :mod:`rllama.backends`). Returns how many were recomputed."""
+        todo = [s for s in steps if s.learner_recompute]
+        size = int(getattr(self.config, "minibatch_size", 16))
+        for start in range(0, len(todo), size):
+            part = todo[start : start + size]
+            ev = self.policy.evaluate(part, with_values=True, with_entropy=False)
+            for step, dist, value, index in zip(part, ev.distributions, ev.values.tolist(), ev.action_indices):
+                step.value = float(value)
+                if step.is_scored:
+                    step.logprob = float(dist[index])
+                else:
+                    step.token_logprobs = dist.float().tolist()
+                    step.logprob = float(dist.sum())
+                step.learner_recompute = False
+        return len(todo)
+
     def ready(self) -> bool:
         """Whether enough experience has arrived for :meth:`update`."""
         return self.buffer.num_episodes >= self.config.batch_episodes
@@ -281,6 +300,7 @@ class OnPolicyAlgorithm(Algorithm):
         cfg = self.config
         timer = Timer()
         episodes = self.buffer.episodes
+        recomputed = self.recompute_behaviour([s for e in episodes for s in e.steps])
         batch = self.buffer.to_batch(cfg.gamma, cfg.gae_lambda)
         self.buffer.clear()
         advantages, returns = self.compute_targets(batch, episodes)
@@ -351,6 +371,8 @@ class OnPolicyAlgorithm(Algorithm):
             }
         )
         out["time/update_tokens_per_s"] = tokens / max(out["time/update_s"], 1e-9)
+        if recomputed:
+            out["rollout/recomputed_steps"] = float(recomputed)
         if self.uses_value:
             out["value/explained_variance"] = explained_variance(batch.old_values, returns)
             out["value/mean"] = float(batch.old_values.mean())

@@ -33,6 +33,9 @@ class Step:
         reward: reward received after this step (summed when assigned several times).
         text: the reply text, as given to ``extract_action``.
         action: what ``extract_action`` returned (what the environment received).
+        learner_recompute: the step was acted by a policy other than the learner's model (a
+            generation server, :mod:`rllama.backends`): its ``value`` is unknown (NaN) and the learner
+            recomputes ``value`` and the behaviour log-probs under its own weights before the update.
     """
 
     prompt_ids: list[int]
@@ -45,6 +48,7 @@ class Step:
     reward: float = 0.0
     text: str = ""
     action: Any = None
+    learner_recompute: bool = False
 
     @property
     def is_scored(self) -> bool:
@@ -281,6 +285,7 @@ def step_to_dict(step: Step) -> dict:
         "reward": float(step.reward),
         "text": step.text,
         "action": _jsonable(step.action),
+        "learner_recompute": bool(step.learner_recompute),
     }
 
 

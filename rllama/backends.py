@@ -1,0 +1,235 @@
+"""Generation backends: where the agent's acting forward passes run.
+
+The agent scores candidate actions and samples replies through a :class:`Backend`. The default,
+:class:`InProcessBackend`, runs the agent's own :class:`~rllama.policy.PolicyModel` (log-probs, the
+value head and Q heads in one pass). :class:`OpenAIBackend` sends the same requests to a server that
+speaks the OpenAI completions API — vLLM and SGLang do — so that rollouts run on GPUs serving the
+same base model, while the learner trains the adapter in this process:
+
+.. code-block:: python
+
+    from rllama.backends import OpenAIBackend
+
+    backend = OpenAIBackend("http://gpu-host:8000/v1", model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                            adapter_sync="vllm", sync_dir="/shared/adapters")
+    agent = BlackjackAgent(backend=backend)
+
+A server gives log-probabilities only, not the value head; steps acted through it are marked
+``learner_recompute`` and the learner recomputes their values and behaviour log-probs under its own
+weights before the update (the server's numerics differ from the learner's anyway). Value-based
+algorithms (DQN, SAC) act on Q heads, so they need the in-process backend.
+
+After each update the agent calls :meth:`Backend.after_update`; with ``adapter_sync="vllm"`` the
+HTTP backend saves the adapter to ``sync_dir`` (a folder the server can read) and asks the server to
+load it (vLLM's ``/v1/load_lora_adapter``, served with ``--enable-lora`` and
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``), then acts with it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rllama.errors import RLlamaError
+from rllama.policy.model import CandidateOutputs, GeneratedReply
+
+
+class Backend:
+    """The acting interface: score candidates, sample replies, hear about updates.
+
+    Attributes:
+        provides_values: whether :meth:`candidate_outputs` and :meth:`generate` give the value head's
+            estimates (and Q heads). When ``False`` the values are NaN and the steps are marked for the
+            learner to recompute.
+    """
+
+    provides_values: bool = True
+
+    def bind(self, policy) -> None:
+        """Called once by the agent with its policy (the learner's model)."""
+        self.policy = policy
+
+    def candidate_outputs(self, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]],
+                          q_heads: Sequence[str] = ()) -> CandidateOutputs:
+        raise NotImplementedError
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, greedy: bool,
+                 stop_token_ids: Sequence[int], generator: torch.Generator | None) -> list[GeneratedReply]:
+        raise NotImplementedError
+
+    def after_update(self, policy) -> None:
+        """The learner's weights changed (called after each update)."""
+
+
+class InProcessBackend(Backend):
+    """The agent's own policy model, in this process (the default)."""
+
+    def candidate_outputs(self, prompts, candidates, q_heads=()):
+        return self.policy.candidate_outputs(prompts, candidates, q_heads=q_heads)
+
+    def generate(self, prompts, max_new_tokens, greedy, stop_token_ids, generator):
+        return self.policy.generate(prompts, max_new_tokens=max_new_tokens, greedy=greedy,
+                                    stop_token_ids=stop_token_ids, generator=generator)
+
+
+class OpenAIBackend(Backend):
+    """A client of an OpenAI-compatible completions server (vLLM, SGLang, or :mod:`rllama.serving`).
+
+    Scoring sends each prompt followed by a candidate, with ``echo`` and ``logprobs``, and sums the
+    log-probs of the candidate's tokens; generation sends the prompt's token ids and reads the reply's
+    token ids back (``return_tokens_as_token_ids``, a vLLM extension). Requests are batched: one
+    request carries up to ``batch_size`` prompts.
+
+    Args:
+        base_url: the server's API root, e.g. ``http://localhost:8000/v1``.
+        model: the model name the server serves (the base model, same tokenizer as the learner's).
+        api_key: sent as a bearer token (default: ``$OPENAI_API_KEY`` if set).
+        timeout: seconds per request.
+        batch_size: prompts (or prompt-candidate pairs) per request.
+        adapter_sync: ``None`` (the server's weights are not updated: acting stays with the base
+            model or whatever the server serves) or ``"vllm"`` (after each update, save the adapter to
+            ``sync_dir`` and load it into the server under a new name; act with it).
+        sync_dir: a folder both this process and the server can read (needed with ``adapter_sync``).
+    """
+
+    provides_values = False
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
+                 batch_size: int = 64, adapter_sync: str | None = None,
+                 sync_dir: str | os.PathLike | None = None) -> None:
+        if adapter_sync not in (None, "vllm"):
+            raise ValueError(f"adapter_sync={adapter_sync!r}; expected None or 'vllm'")
+        if adapter_sync and sync_dir is None:
+            raise ValueError("adapter_sync='vllm' needs sync_dir: a folder the server can read the adapter from")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; expected at least 1")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.served_model = model
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.timeout = float(timeout)
+        self.batch_size = int(batch_size)
+        self.adapter_sync = adapter_sync
+        self.sync_dir = Path(sync_dir) if sync_dir is not None else None
+        self.version = 0
+
+    def bind(self, policy) -> None:
+        if policy.temperature != 1.0:
+            raise RLlamaError(f"OpenAIBackend needs temperature=1.0 (got {policy.temperature}): servers return the "
+                              "log-probs of the untempered model")
+        super().bind(policy)
+
+    # ------------------------------------------------------------------ HTTP
+    def _post(self, route: str, payload: dict[str, Any]) -> dict[str, Any]:
+        url = f"{self.base_url}/{route.lstrip('/')}"
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                body = response.read().decode()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:500]
+            raise RLlamaError(f"{url} answered HTTP {exc.code}: {detail}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise RLlamaError(f"cannot reach the generation server at {url}: {reason}") from None
+        if not body:  # e.g. vLLM's load_lora_adapter answers with plain text or nothing
+            return {}
+        try:
+            return json.loads(body)
+        except ValueError:
+            return {"text": body}
+
+    def _completions(self, prompts: list[list[int]], **params) -> list[dict[str, Any]]:
+        """One choice per prompt, in order (requests of ``batch_size`` prompts)."""
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            part = prompts[start:start + self.batch_size]
+            reply = self._post("completions", {"model": self.served_model, "prompt": part, **params})
+            choices = reply.get("choices")
+            if not isinstance(choices, list) or len(choices) != len(part):
+                raise RLlamaError(f"the server gave {len(choices) if isinstance(choices, list) else 'no'} choices "
+                                  f"for {len(part)} prompts: {str(reply)[:300]}")
+            out.extend(sorted(choices, key=lambda c: c.get("index", 0)))
+        return out
+
+    # ------------------------------------------------------------------ acting
+    def candidate_outputs(self, prompts, candidates, q_heads=()):
+        if q_heads:
+            raise RLlamaError(f"this algorithm acts on Q heads {list(q_heads)}, which a completions server does not "
+                              "have; value-based algorithms (DQN, SAC) need the in-process backend")
+        pairs = [list(p) + list(c) for p, cands in zip(prompts, candidates) for c in cands]
+        choices = self._completions(pairs, max_tokens=1, echo=True, logprobs=0, temperature=1.0)
+        scores = []
+        flat = [(len(p), len(c)) for p, cands in zip(prompts, candidates) for c in cands]
+        for (n_prompt, n_cand), choice in zip(flat, choices):
+            token_logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
+            if not token_logprobs or len(token_logprobs) < n_prompt + n_cand:
+                raise RLlamaError("the server did not echo the prompt's log-probs (echo=True, logprobs=0); "
+                                  f"got {str(choice)[:300]}")
+            part = token_logprobs[n_prompt:n_prompt + n_cand]
+            total = float(sum(part))
+            scores.append(total / n_cand if self.policy.score_normalization == "mean" else total)
+        logprobs, start = [], 0
+        for cands in candidates:
+            logprobs.append(F.log_softmax(torch.tensor(scores[start:start + len(cands)]), dim=-1))
+            start += len(cands)
+        return CandidateOutputs(logprobs, torch.full((len(prompts),), math.nan), {})
+
+    def generate(self, prompts, max_new_tokens, greedy, stop_token_ids, generator):
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else None
+        params = {"max_tokens": int(max_new_tokens), "temperature": 0.0 if greedy else 1.0, "logprobs": 0,
+                  "return_tokens_as_token_ids": True, "stop_token_ids": [int(t) for t in stop_token_ids],
+                  "skip_special_tokens": False, "include_stop_str_in_output": True}
+        if seed is not None:
+            params["seed"] = seed
+        replies = []
+        for choice in self._completions([list(p) for p in prompts], **params):
+            logprobs = choice.get("logprobs") or {}
+            tokens, token_logprobs = logprobs.get("tokens"), logprobs.get("token_logprobs")
+            if tokens is None:
+                raise RLlamaError("the server did not return the reply's tokens (logprobs with "
+                                  f"return_tokens_as_token_ids); got {str(choice)[:300]}")
+            ids = [_token_id(t) for t in tokens]
+            replies.append(GeneratedReply(ids, [float(x) for x in token_logprobs], math.nan))
+        return replies
+
+    # ------------------------------------------------------------------ weights
+    def after_update(self, policy) -> None:
+        if self.adapter_sync is None:
+            return
+        self.version += 1
+        name = f"{policy.active_adapter}-v{self.version}"
+        path = policy.save_adapter(policy.active_adapter, self.sync_dir / name)
+        self._post("load_lora_adapter", {"lora_name": name, "lora_path": str(path.resolve())})
+        previous, self.served_model = self.served_model, name
+        if previous != self.model:
+            self._post("unload_lora_adapter", {"lora_name": previous})
+
+
+def _token_id(token: str) -> int:
+    if isinstance(token, int):
+        return token
+    if isinstance(token, str) and token.startswith("token_id:"):
+        return int(token.split(":", 1)[1])
+    raise RLlamaError(f"reply token {token!r} is not a token id; the server must support return_tokens_as_token_ids")
+
+
+def make_backend(backend) -> Backend:
+    """``None`` → :class:`InProcessBackend`; a :class:`Backend` as is."""
+    if backend is None:
+        return InProcessBackend()
+    if isinstance(backend, Backend):
+        return backend
+    raise TypeError(f"backend={backend!r}: expected None or a rllama.backends.Backend")
