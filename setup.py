@@ -47,6 +47,8 @@ setup(
         "textworld": ["textworld>=1.6"],
         # The MLflow logger: the MLflow client, enough for a local mlruns/ folder or a tracking server.
         "mlflow": ["mlflow-skinny>=2.16"],
+        # Asynchronous training: rollout workers and a learner as Ray actors (rllama.async_rl).
+        "ray": ["ray>=2.40"],
         # The documentation site (`make docs`: mkdocs build --strict); versions the strict build was checked
         # with. latex2mathml turns the pages' formulas into MathML at build time (no JavaScript, no network).
         "docs": ["mkdocs~=1.6.1", "mkdocs-material~=9.8.1", "mkdocstrings~=1.0.8", "mkdocstrings-python~=2.0.11",

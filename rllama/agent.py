@@ -183,6 +183,8 @@ class RLlamaAgent(ABC):
         self.last_replies: dict[int, str] = {}  # env id -> the reply text of its last action
         self._last_env_id = 0
         self._others_active = False  # data-parallel: whether another process still plays episodes
+        # False: terminate_episode never trains; finished episodes wait in algorithm.buffer (rollout workers).
+        self.auto_update = True
         self.trajectory_log = None
         if trajectory_log is not None:
             from rllama.trajectories import TrajectoryWriter
@@ -483,7 +485,7 @@ class RLlamaAgent(ABC):
             steps[i] = Step(
                 prompt_ids=prompts[i], candidate_ids=cand_ids[j], action_index=k, logprob=logprob,
                 value=float(outputs.values[j]), text=candidates[i][k],
-                learner_recompute=not self.backend.provides_values,
+                learner_recompute=not self.backend.provides_values, policy_version=self.algorithm.num_updates,
             )
 
     def _generate(self, rows, prompts, steps) -> None:
@@ -495,7 +497,7 @@ class RLlamaAgent(ABC):
             steps[i] = Step(
                 prompt_ids=prompts[i], response_ids=reply.token_ids, logprob=float(sum(reply.token_logprobs)),
                 token_logprobs=reply.token_logprobs, value=reply.value, text=self.chat.decode_reply(reply.token_ids),
-                learner_recompute=not self.backend.provides_values,
+                learner_recompute=not self.backend.provides_values, policy_version=self.algorithm.num_updates,
             )
 
     def _parse_generated(self, observation, text: str):
@@ -585,7 +587,7 @@ class RLlamaAgent(ABC):
             self._remember(slot, trunc)
             if self.trajectory_log is not None and slot.observations and self._recording:
                 self.trajectory_log.write_episode(slot, truncated=trunc, metadata={"env_id": env_id})
-        if self._recording and self._ready_everywhere(active=True):
+        if self._recording and self.auto_update and self._ready_everywhere(active=True):
             stats = self._update()
             stats["rollout/parse_failures"] = float(self._parse_failures)
             stats["rollout/total_episodes"] = float(self.total_episodes)

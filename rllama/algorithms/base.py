@@ -163,6 +163,23 @@ class Algorithm(ABC):
                 step.learner_recompute = False
         return len(todo)
 
+    @torch.no_grad()
+    def proximal_logprobs(self, steps: Sequence[Step]) -> tuple[dict[int, torch.Tensor], list[int]]:
+        """For steps acted by an older policy (``policy_version < num_updates``): their log-probs per unit
+        under the current weights (``{id(step): [units]}``), with their values refreshed too; and every
+        step's staleness (updates behind). Empty when all steps are on-policy."""
+        lags = [self.num_updates - s.policy_version if s.policy_version is not None else 0 for s in steps]
+        stale = [s for s, lag in zip(steps, lags) if lag > 0]
+        out: dict[int, torch.Tensor] = {}
+        size = int(getattr(self.config, "minibatch_size", 16))
+        for start in range(0, len(stale), size):
+            part = stale[start : start + size]
+            ev = self.policy.evaluate(part, with_values=True, with_entropy=False)
+            for step, dist, value, index in zip(part, ev.distributions, ev.values.tolist(), ev.action_indices):
+                step.value = float(value)  # advantages from the current critic, not the stale one
+                out[id(step)] = (dist[index : index + 1] if step.is_scored else dist).float().cpu()
+        return out, (lags if stale else [])
+
     def ready(self) -> bool:
         """Whether enough experience has arrived for :meth:`update`."""
         return self.buffer.num_episodes >= self.config.batch_episodes
@@ -215,6 +232,9 @@ class OnPolicyConfig(AlgorithmConfig):
 
     Attributes:
         minibatch_size: steps per gradient step.
+        max_importance_weight: cap of the importance weight ``pi_prox / pi_behav`` that corrects steps
+            acted by an older policy (asynchronous training, :mod:`rllama.async_rl`); unused when every
+            step is on-policy.
         gamma: discount factor.
         gae_lambda: GAE lambda.
         kl_coef: weight of the KL divergence to the reference policy (the base model with the
@@ -231,10 +251,12 @@ class OnPolicyConfig(AlgorithmConfig):
     ent_coef: float = 0.01
     vf_coef: float = 0.5
     normalize_advantages: bool = True
+    max_importance_weight: float = 2.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self, "minibatch_size", self.minibatch_size >= 1, "must be at least 1")
+        _check(self, "max_importance_weight", self.max_importance_weight >= 1, "must be at least 1")
         _check(self, "gamma", 0 <= self.gamma <= 1, "must lie in [0, 1]")
         _check(self, "gae_lambda", 0 <= self.gae_lambda <= 1, "must lie in [0, 1]")
         _check(self, "kl_coef", self.kl_coef >= 0, "must be non-negative")
@@ -253,9 +275,12 @@ class Minibatch:
     unit_weights: torch.Tensor  # [U] 1 / units of the step: every step weighs the same
     advantages: torch.Tensor  # [S]
     returns: torch.Tensor  # [S]
+    importance_weights: torch.Tensor | None = None  # [U] pi_prox / pi_behav of stale steps (capped), else None
 
     def unit_advantages(self) -> torch.Tensor:
-        return self.advantages[self.owner]
+        """Each unit's advantage; for steps acted by an older policy, times its importance weight."""
+        adv = self.advantages[self.owner]
+        return adv if self.importance_weights is None else adv * self.importance_weights
 
     def mean_over_steps(self, per_unit: torch.Tensor) -> torch.Tensor:
         """Average of a per-unit quantity in which every step weighs the same."""
@@ -301,6 +326,7 @@ class OnPolicyAlgorithm(Algorithm):
         timer = Timer()
         episodes = self.buffer.episodes
         recomputed = self.recompute_behaviour([s for e in episodes for s in e.steps])
+        proximal, staleness = self.proximal_logprobs([s for e in episodes for s in e.steps])
         batch = self.buffer.to_batch(cfg.gamma, cfg.gae_lambda)
         self.buffer.clear()
         advantages, returns = self.compute_targets(batch, episodes)
@@ -310,6 +336,7 @@ class OnPolicyAlgorithm(Algorithm):
         target_kl = getattr(cfg, "target_kl", None)
 
         sums: dict[str, float] = {}
+        stats_weights: list[torch.Tensor] = []
         n_minibatches = 0
         tokens = tokens_of(batch.steps) if reference is not None else 0
         # Across processes every one takes the same number of gradient steps (the fewest minibatches any has).
@@ -325,11 +352,21 @@ class OnPolicyAlgorithm(Algorithm):
                 tokens += tokens_of(steps)
                 new_lp, owner = ev.unit_logprobs()
                 units_per_step = torch.bincount(owner, minlength=len(steps)).float()
+                behaviour = old_unit_logprobs(steps).to(new_lp.device)
+                weights = None
+                if proximal:
+                    # Decoupled PPO: the ratio is taken to the policy at the start of this update (proximal);
+                    # the capped pi_prox / pi_behav corrects for the older policy that acted.
+                    prox = torch.cat([proximal[id(s)].to(behaviour.device) if id(s) in proximal
+                                      else behaviour.new_tensor(_units(s)) for s in steps])
+                    weights = (prox - behaviour).exp().clamp(max=cfg.max_importance_weight)
+                    behaviour = prox
+                    stats_weights.append(weights)
                 mb = Minibatch(
-                    steps=steps, evaluation=ev, new_logprobs=new_lp, owner=owner,
-                    old_logprobs=old_unit_logprobs(steps).to(new_lp.device),
+                    steps=steps, evaluation=ev, new_logprobs=new_lp, owner=owner, old_logprobs=behaviour,
                     unit_weights=1.0 / units_per_step[owner],
                     advantages=advantages[idx].to(new_lp.device), returns=returns[idx].to(new_lp.device),
+                    importance_weights=weights,
                 )
                 pg_loss, stats = self.policy_loss(mb)
                 entropy = ev.entropy.mean()
@@ -373,6 +410,13 @@ class OnPolicyAlgorithm(Algorithm):
         out["time/update_tokens_per_s"] = tokens / max(out["time/update_s"], 1e-9)
         if recomputed:
             out["rollout/recomputed_steps"] = float(recomputed)
+        if staleness:
+            out["rollout/stale_steps"] = float(sum(1 for lag in staleness if lag > 0))
+            out["rollout/mean_staleness"] = sum(staleness) / len(staleness)
+        if stats_weights:
+            w = torch.cat(stats_weights)
+            out["policy/importance_weight"] = float(w.mean())
+            out["policy/importance_weight_capped"] = float((w >= cfg.max_importance_weight).float().mean())
         if self.uses_value:
             out["value/explained_variance"] = explained_variance(batch.old_values, returns)
             out["value/mean"] = float(batch.old_values.mean())
@@ -578,6 +622,10 @@ def clipped_surrogate(mb: Minibatch, clip_range: float) -> tuple[torch.Tensor, d
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_range, 1 + clip_range) * adv)
     clipfrac = ((ratio - 1).abs() > clip_range).float().mean().item()
     return -mb.mean_over_steps(surrogate), {"policy/clipfrac": clipfrac}
+
+
+def _units(step: Step) -> list[float]:
+    return [step.logprob] if step.is_scored else list(step.token_logprobs or ())
 
 
 def old_unit_logprobs(steps: Sequence[Step]) -> torch.Tensor:

@@ -36,6 +36,9 @@ class Step:
         learner_recompute: the step was acted by a policy other than the learner's model (a
             generation server, :mod:`rllama.backends`): its ``value`` is unknown (NaN) and the learner
             recomputes ``value`` and the behaviour log-probs under its own weights before the update.
+        policy_version: the learner's update count when the acting weights were made (the
+            algorithm's ``num_updates``); older than the learner's at update time means stale
+            (asynchronous rollout workers, :mod:`rllama.async_rl`).
     """
 
     prompt_ids: list[int]
@@ -49,6 +52,7 @@ class Step:
     text: str = ""
     action: Any = None
     learner_recompute: bool = False
+    policy_version: int | None = None
 
     @property
     def is_scored(self) -> bool:
@@ -286,6 +290,7 @@ def step_to_dict(step: Step) -> dict:
         "text": step.text,
         "action": _jsonable(step.action),
         "learner_recompute": bool(step.learner_recompute),
+        "policy_version": None if step.policy_version is None else int(step.policy_version),
     }
 
 

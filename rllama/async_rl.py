@@ -1,0 +1,258 @@
+"""Asynchronous RL on Ray: rollout workers stream episodes to a learner that publishes adapter weights.
+
+Acting and learning run apart, as in AReaL's asynchronous PPO: ``num_workers`` Ray actors each hold
+a copy of the agent (the base model, and the adapter and heads the learner publishes) and their own
+envs, and play ``episodes_per_task`` episodes at a time; the learner (this process) takes finished
+episodes as they arrive, trains with the agent's on-policy algorithm whenever a batch is full, and
+publishes the new adapter and heads (never the base model) through Ray's object store; a worker
+picks them up before its next episodes.
+
+Every step records the policy version (the learner's update count) that acted. Episodes more than
+``max_staleness`` versions behind the learner are dropped; the rest are corrected as in decoupled
+PPO: the ratio is taken to the proximal policy (the learner's weights when the update starts), and
+each unit is weighted by the capped importance weight ``pi_prox / pi_behav``
+(``max_importance_weight`` in the algorithm's config); the values of stale steps are recomputed.
+
+.. code-block:: python
+
+    from rllama.async_rl import AsyncTrainer
+
+    def make_agent(seed):
+        return BlackjackAgent(seed=seed, algorithm="ppo")
+
+    def make_env():
+        return gym.make_vec("Blackjack-v1", num_envs=8, vectorization_mode="sync", sab=True)
+
+    trainer = AsyncTrainer(make_agent, make_env, num_workers=2, max_staleness=1)
+    history = trainer.train(640)          # ray.init() on this machine, or an address: ray_address="auto"
+    trainer.agent.save("blackjack-async")
+
+``make_agent`` and ``make_env`` travel to the workers (by cloudpickle): define them at module level
+in an importable module or in the script itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rllama.algorithms.base import OnPolicyAlgorithm
+from rllama.algorithms.buffers import episode_from_dict, episode_to_dict
+from rllama.errors import RLlamaError
+
+
+def trainable_state(policy) -> dict[str, torch.Tensor]:
+    """The adapter's and heads' weights (what the learner trains), on the CPU: what workers need."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in policy.named_parameters() if p.requires_grad}
+
+
+def checksum(state: dict[str, torch.Tensor]) -> float:
+    """A number that changes when the weights do (to check that workers act with what was published)."""
+    return float(sum(float(v.double().sum()) + float(v.double().abs().sum()) for v in state.values()))
+
+
+@torch.no_grad()
+def load_trainable_state(policy, state: dict[str, torch.Tensor]) -> None:
+    params = dict(policy.named_parameters())
+    missing = [name for name in state if name not in params]
+    if missing:
+        raise RLlamaError(f"published weights name parameters this policy lacks: {missing[:3]}")
+    for name, value in state.items():
+        params[name].copy_(value)
+
+
+class RolloutWorker:
+    """Plays episodes with a copy of the agent; a Ray actor (``ray.remote(RolloutWorker)``) in practice."""
+
+    def __init__(self, make_agent: Callable[[int], Any], make_env: Callable[[], Any], seed: int,
+                 threads: int | None = 1) -> None:
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.agent = make_agent(seed)
+        self.agent.auto_update = False  # the learner trains; finished episodes wait in the buffer
+        self.env = make_env()
+        self.seed = int(seed)
+        self.version = None
+        self.tasks = 0
+
+    def collect(self, n_episodes: int, version: int, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Load ``weights`` (version ``version``) if newer, play ``n_episodes``, return them as dicts."""
+        from rllama.loops import run_episodes
+
+        start = time.perf_counter()
+        if version != self.version:
+            load_trainable_state(self.agent.policy, weights)
+            self.agent.algorithm.num_updates = int(version)  # steps are stamped with it
+            self.version = version
+        steps_before = self.agent.total_steps
+        returns = run_episodes(self.agent, self.env, n_episodes, seed=self.seed * 1_000_003 + self.tasks)
+        self.tasks += 1
+        episodes = self.agent.algorithm.buffer.episodes
+        self.agent.algorithm.buffer.clear()
+        return {"episodes": [episode_to_dict(e) for e in episodes], "version": int(version), "returns": returns,
+                "steps": self.agent.total_steps - steps_before, "wall_s": time.perf_counter() - start,
+                "checksum": checksum(trainable_state(self.agent.policy))}
+
+    def close(self) -> None:
+        self.env.close()
+
+
+@dataclass
+class AsyncStats:
+    """Counters of an asynchronous run."""
+
+    episodes: int = 0  # accepted (trained on)
+    dropped: int = 0  # too stale
+    env_steps: int = 0  # all steps played, dropped episodes included
+    tasks: int = 0
+
+
+class AsyncTrainer:
+    """A learner and ``num_workers`` Ray rollout workers.
+
+    Args:
+        make_agent: ``make_agent(seed)`` returns a fresh agent; called once here (the learner) and once
+            in each worker. Its algorithm must be on-policy without groups (PPO, A2C, REINFORCE).
+        make_env: ``make_env()`` returns the env (single or vector) a worker plays.
+        num_workers: rollout workers (Ray actors of ``worker_cpus`` CPUs each).
+        episodes_per_task: episodes a worker plays between two weight refreshes.
+        max_staleness: episodes acted by weights more than this many updates old are dropped.
+        seed: the learner's agent gets ``seed``; worker ``i`` gets ``seed + i + 1``.
+        worker_threads: torch threads in each worker.
+        worker_cpus: CPUs Ray reserves for each worker.
+        ray_address: passed to ``ray.init`` (``None``: a local Ray; ``"auto"``: a running cluster); ignored
+            if Ray is already initialised.
+        ray_init_kwargs: more ``ray.init`` arguments.
+    """
+
+    def __init__(self, make_agent: Callable[[int], Any], make_env: Callable[[], Any], *, num_workers: int = 2,
+                 episodes_per_task: int = 8, max_staleness: int = 1, seed: int = 0, worker_threads: int | None = 1,
+                 worker_cpus: float = 1.0, ray_address: str | None = None,
+                 ray_init_kwargs: dict[str, Any] | None = None) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers={num_workers}; expected at least 1")
+        if episodes_per_task < 1:
+            raise ValueError(f"episodes_per_task={episodes_per_task}; expected at least 1")
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness={max_staleness}; expected 0 or more")
+        self.make_agent, self.make_env = make_agent, make_env
+        self.num_workers = int(num_workers)
+        self.episodes_per_task = int(episodes_per_task)
+        self.max_staleness = int(max_staleness)
+        self.seed = int(seed)
+        self.worker_threads = worker_threads
+        self.worker_cpus = float(worker_cpus)
+        self.ray_address = ray_address
+        self.ray_init_kwargs = dict(ray_init_kwargs or {})
+        self.agent = make_agent(self.seed)
+        algorithm = self.agent.algorithm
+        if not isinstance(algorithm, OnPolicyAlgorithm) or int(getattr(algorithm, "group_size", 1)) > 1:
+            raise RLlamaError(f"asynchronous training needs an on-policy algorithm without groups (ppo, a2c, "
+                              f"reinforce); the agent's is {algorithm.name!r}")
+        self.stats = AsyncStats()
+        self.published: dict[int, float] = {}  # version -> checksum of the weights published as it
+        self.tasks: list[dict[str, Any]] = []  # per finished task: version, checksum, episodes, lag, dropped
+
+    def _init_ray(self):
+        try:
+            import ray
+        except ImportError as exc:
+            raise ImportError("asynchronous training runs on Ray: pip install 'rllama[ray]' (or ray)") from exc
+        if not ray.is_initialized():
+            kwargs = {"include_dashboard": False, "log_to_driver": False, **self.ray_init_kwargs}
+            if self.ray_address is None:
+                # Local workers import what the driver can: its sys.path travels as PYTHONPATH.
+                paths = [os.getcwd(), *[p for p in sys.path if p and os.path.isdir(p)]]
+                env_vars = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+                runtime_env = kwargs.setdefault("runtime_env", {})
+                runtime_env.setdefault("env_vars", {}).update(env_vars)
+            ray.init(address=self.ray_address, **kwargs)
+        return ray
+
+    def _publish(self, ray):
+        state = trainable_state(self.agent.policy)
+        self.published[self.agent.algorithm.num_updates] = checksum(state)
+        return ray.put(state)
+
+    def train(self, n_episodes: int, *, progress: bool = True,
+              on_update: Callable[[dict[str, float]], bool | None] | None = None) -> list[dict[str, float]]:
+        """Train on ``n_episodes`` accepted episodes; returns each update's statistics.
+
+        ``on_update(stats)`` returning ``False`` stops the run after that update.
+        """
+        if n_episodes < 1:
+            raise ValueError(f"n_episodes={n_episodes}; expected at least 1")
+        ray = self._init_ray()
+        agent, algorithm = self.agent, self.agent.algorithm
+        Worker = ray.remote(num_cpus=self.worker_cpus)(RolloutWorker)
+        workers = [Worker.remote(self.make_agent, self.make_env, self.seed + i + 1, self.worker_threads)
+                   for i in range(self.num_workers)]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_episodes, desc="train (async)", unit="ep", dynamic_ncols=True)
+        history: list[dict[str, float]] = []
+        start = time.perf_counter()
+        weights = self._publish(ray)
+        pending = {w.collect.remote(self.episodes_per_task, algorithm.num_updates, weights): w for w in workers}
+        accepted_at_update = 0
+        returns: list[float] = []
+        try:
+            while self.stats.episodes < n_episodes and pending:
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                worker = pending.pop(ref)
+                result = ray.get(ref)
+                self.stats.tasks += 1
+                self.stats.env_steps += int(result["steps"])
+                lag = algorithm.num_updates - result["version"]
+                self.tasks.append({"version": result["version"], "checksum": result["checksum"], "lag": lag,
+                                   "episodes": len(result["episodes"]), "dropped": lag > self.max_staleness,
+                                   "wall_s": result["wall_s"]})
+                for data, ret in zip(result["episodes"], result["returns"]):
+                    if self.stats.episodes >= n_episodes:
+                        break
+                    if lag > self.max_staleness:
+                        self.stats.dropped += 1
+                        continue
+                    algorithm.add_episode(episode_from_dict(data))
+                    agent.total_episodes += 1
+                    agent.total_steps += len(data["steps"])
+                    self.stats.episodes += 1
+                    returns.append(float(ret))
+                    if bar is not None:
+                        bar.update(1)
+                # Relaunch at once (the worker acts while the learner updates), unless what is in flight covers
+                # the rest of the run.
+                if self.stats.episodes + len(pending) * self.episodes_per_task < n_episodes:
+                    pending[worker.collect.remote(self.episodes_per_task, algorithm.num_updates, weights)] = worker
+                if algorithm.ready():
+                    stats = algorithm.update()
+                    weights = self._publish(ray)
+                    elapsed = time.perf_counter() - start
+                    stats.update({
+                        "async/episodes": float(self.stats.episodes), "async/dropped": float(self.stats.dropped),
+                        "async/env_steps": float(self.stats.env_steps), "async/lag_of_last_task": float(lag),
+                        "async/env_steps_per_s": self.stats.env_steps / max(elapsed, 1e-9),
+                        "async/train_return": float(sum(returns[accepted_at_update:]) /
+                                                    max(1, len(returns) - accepted_at_update)),
+                    })
+                    accepted_at_update = len(returns)
+                    history.append(stats)
+                    if bar is not None:
+                        bar.set_postfix(ret=f"{stats['async/train_return']:+.3f}", dropped=self.stats.dropped,
+                                        refresh=False)
+                    if on_update is not None and on_update(stats) is False:
+                        break
+        finally:
+            for w in workers:
+                ray.kill(w)
+            if bar is not None:
+                bar.close()
+        return history
