@@ -392,14 +392,7 @@ class PolicyModel(nn.Module):
 
         hidden = prompt_hidden[owner_t].unsqueeze(1)  # [R, 1, H]: predicts each continuation's first token
         if Lc > 1:
-            cache.batch_select_indices(owner_t)
-            attn = torch.cat([pmask[owner_t], cmask[:, :-1]], dim=1)
-            positions = plen[owner_t].unsqueeze(1) + torch.arange(Lc - 1, device=self.device)
-            with self._autocast():
-                rest = self._body()(
-                    input_ids=cont[:, :-1], attention_mask=attn, position_ids=positions, past_key_values=cache,
-                    use_cache=False,
-                ).last_hidden_state  # [R, Lc-1, H]
+            rest = self._packed_continuations(continuations, list(owner), cache, pmask, plen, Lc)
             hidden = torch.cat([hidden, rest], dim=1)  # [R, Lc, H]
 
         # Project only the real positions to the vocabulary: the lm head is a fifth of the model.
@@ -420,6 +413,67 @@ class PolicyModel(nn.Module):
         last = cmask.sum(-1) - 1
         action_hidden = hidden[torch.arange(R, device=self.device), last]
         return Continuations(prompt_hidden, token_logprobs, cmask, entropy, action_hidden)
+
+    def _packed_continuations(self, continuations, owner: list[int], cache, pmask, plen, Lc: int) -> torch.Tensor:
+        """Hidden states of every continuation token but the last, ``[R, Lc-1, H]`` (zeros past a row's end).
+
+        All continuations of one prompt are packed into one row after that prompt's key/value cache,
+        with a block mask: each token sees its prompt and the earlier tokens of its own continuation.
+        The prompt's cache is never copied per continuation, so K candidates cost K short segments
+        of one row, not K copies of the prompt (which, for long prompts with many candidates, is
+        what memory is spent on).
+        """
+        B = pmask.shape[0]
+        segments: list[list[tuple[int, int]]] = [[] for _ in range(B)]  # per prompt: (row, start in packed row)
+        lengths = [0] * B
+        for r, (c, b) in enumerate(zip(continuations, owner)):
+            segments[b].append((r, lengths[b]))
+            lengths[b] += len(c) - 1
+        Q = max(max(lengths), 1)
+        ids = torch.full((B, Q), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((B, Q), dtype=torch.long)
+        seg = torch.full((B, Q), -1, dtype=torch.long)  # which continuation a packed token belongs to
+        for b in range(B):
+            for r, start in segments[b]:
+                n = len(continuations[r]) - 1
+                if n:
+                    ids[b, start : start + n] = torch.as_tensor(continuations[r][:-1], dtype=torch.long)
+                    pos[b, start : start + n] = torch.arange(n)
+                    seg[b, start : start + n] = r
+        ids, seg = ids.to(self.device), seg.to(self.device)
+        positions = plen.unsqueeze(1) + pos.to(self.device)
+        # [B, 1, Q, Kp + Q]: the prompt (where it is not padding), and causally within the same segment
+        q = torch.arange(Q, device=self.device)
+        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & (q[None, None, :] <= q[None, :, None])
+        same = same | torch.eye(Q, dtype=torch.bool, device=self.device)[None]  # padding tokens see themselves
+        sees_prompt = pmask.bool()[:, None, :].expand(B, Q, pmask.shape[1])
+        allowed = torch.cat([sees_prompt, same], dim=2)[:, None]
+        if getattr(self.lm.get_base_model().config, "_attn_implementation", "sdpa") == "eager":
+            dtype = torch.bfloat16 if self.precision == "bf16" else next(self._body().parameters()).dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        else:
+            mask = allowed
+        with self._autocast():
+            packed = self._body()(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=False,
+            ).last_hidden_state  # [B, Q, H]
+        # Unpack to one row per continuation.
+        R = len(continuations)
+        rows, cols, src_b, src_q = [], [], [], []
+        for b in range(B):
+            for r, start in segments[b]:
+                n = len(continuations[r]) - 1
+                rows += [r] * n
+                cols += list(range(n))
+                src_b += [b] * n
+                src_q += list(range(start, start + n))
+        out = packed.new_zeros((R, Lc - 1, packed.shape[-1]))
+        if rows:
+            index = (torch.as_tensor(rows, device=self.device), torch.as_tensor(cols, device=self.device))
+            out = out.index_put(index, packed[torch.as_tensor(src_b, device=self.device),
+                                              torch.as_tensor(src_q, device=self.device)])
+        return out
 
     def values(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Value estimates ``[B]`` of the prompts."""
