@@ -16,6 +16,7 @@ Two ways to act, sharing one batched forward machinery (:meth:`PolicyModel.conti
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -313,6 +314,14 @@ class PolicyModel(nn.Module):
         with self.lm.disable_adapter():
             yield
 
+    def _cache_arg(self, cache) -> dict:
+        """The key/value cache argument under the name this transformers version takes (``cache`` from 5.x on,
+        ``past_key_values`` before)."""
+        if not hasattr(self, "_cache_name"):
+            params = inspect.signature(type(self._body()).forward).parameters
+            self._cache_name = "cache" if "cache" in params else "past_key_values"
+        return {self._cache_name: cache}
+
     def _autocast(self):
         if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -336,7 +345,7 @@ class PolicyModel(nn.Module):
         if shared:
             prefix = torch.as_tensor([list(prompts[0][:shared])], dtype=torch.long, device=self.device)
             with self._autocast():
-                cache = self._body()(input_ids=prefix, use_cache=True).past_key_values
+                cache = _cache_of(self._body()(input_ids=prefix, use_cache=True))
             cache.batch_repeat_interleave(B)
         L = max(len(p) for p in prompts) - shared
         ids = torch.full((B, L), self.pad_id, dtype=torch.long)
@@ -351,11 +360,11 @@ class PolicyModel(nn.Module):
             mask = torch.cat([torch.ones((B, shared), dtype=torch.long, device=self.device), mask], dim=1)
         with self._autocast():
             out = self._body()(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                input_ids=ids, attention_mask=mask, position_ids=positions, **self._cache_arg(cache),
                 use_cache=use_cache or bool(shared),
             )
         lengths = mask.sum(-1)
-        return out.last_hidden_state[:, -1], out.past_key_values, mask, lengths
+        return out.last_hidden_state[:, -1], _cache_of(out), mask, lengths
 
     def continuation_logprobs(
         self,
@@ -456,7 +465,7 @@ class PolicyModel(nn.Module):
             mask = allowed
         with self._autocast():
             packed = self._body()(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=False,
+                input_ids=ids, attention_mask=mask, position_ids=positions, **self._cache_arg(cache), use_cache=False,
             ).last_hidden_state  # [B, Q, H]
         # Unpack to one row per continuation.
         R = len(continuations)
@@ -605,9 +614,9 @@ class PolicyModel(nn.Module):
             with self._autocast():
                 out = self._body()(
                     input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-                    past_key_values=cache, use_cache=True,
+                    **self._cache_arg(cache), use_cache=True,
                 )
-            hidden, cache = out.last_hidden_state[:, -1], out.past_key_values
+            hidden, cache = out.last_hidden_state[:, -1], _cache_of(out)
             positions = positions + 1
         return replies
 
@@ -722,6 +731,12 @@ def _adapter_folder(root: Path) -> Path:
     for cfg in sorted(root.rglob("adapter_config.json")):
         return cfg.parent
     raise RLlamaError(f"PEFT wrote no adapter_config.json under {root}")
+
+
+def _cache_of(output):
+    """The key/value cache of a model output (``cache`` in transformers 5.x, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
