@@ -23,8 +23,8 @@ each unit is weighted by the capped importance weight ``pi_prox / pi_behav``
     def make_env():
         return gym.make_vec("Blackjack-v1", num_envs=8, vectorization_mode="sync", sab=True)
 
-    trainer = AsyncTrainer(make_agent, make_env, num_workers=2, max_staleness=1)
-    history = trainer.train(640)          # ray.init() on this machine, or an address: ray_address="auto"
+    with AsyncTrainer(make_agent, make_env, num_workers=2, max_staleness=1) as trainer:
+        history = trainer.train(640)      # ray.init() on this machine, or an address: ray_address="auto"
     trainer.agent.save("blackjack-async")
 
 ``make_agent`` and ``make_env`` travel to the workers (by cloudpickle): define them at module level
@@ -99,6 +99,9 @@ class RolloutWorker:
                 "steps": self.agent.total_steps - steps_before, "wall_s": time.perf_counter() - start,
                 "checksum": checksum(trainable_state(self.agent.policy))}
 
+    def ready(self) -> bool:
+        return True
+
     def close(self) -> None:
         self.env.close()
 
@@ -156,6 +159,8 @@ class AsyncTrainer:
             raise RLlamaError(f"asynchronous training needs an on-policy algorithm without groups (ppo, a2c, "
                               f"reinforce); the agent's is {algorithm.name!r}")
         self.stats = AsyncStats()
+        self.workers: list = []
+        self._pending: dict = {}  # task ref -> worker, for tasks in flight between train() calls
         self.published: dict[int, float] = {}  # version -> checksum of the weights published as it
         self.tasks: list[dict[str, Any]] = []  # per finished task: version, checksum, episodes, lag, dropped
 
@@ -172,8 +177,38 @@ class AsyncTrainer:
                 env_vars = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
                 runtime_env = kwargs.setdefault("runtime_env", {})
                 runtime_env.setdefault("env_vars", {}).update(env_vars)
+            if self.ray_address is None:
+                # Ray starts workers at niceness 15; here they share the machine with the learner as equals.
+                os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(address=self.ray_address, **kwargs)
         return ray
+
+    def start(self) -> AsyncTrainer:
+        """Start Ray (if needed) and the workers, and wait until each has built its agent and envs.
+        ``train`` calls it; call it first to keep start-up out of a timed run."""
+        ray = self._init_ray()
+        if not self.workers:
+            Worker = ray.remote(num_cpus=self.worker_cpus)(RolloutWorker)
+            self.workers = [Worker.remote(self.make_agent, self.make_env, self.seed + i + 1, self.worker_threads)
+                            for i in range(self.num_workers)]
+            ray.get([w.ready.remote() for w in self.workers])
+        return self
+
+    def close(self) -> None:
+        """Stop the workers (Ray itself keeps running; ``ray.shutdown()`` stops it)."""
+        if self.workers:
+            import ray
+
+            for w in self.workers:
+                ray.kill(w)
+            self.workers = []
+            self._pending = {}
+
+    def __enter__(self) -> AsyncTrainer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _publish(self, ray):
         state = trainable_state(self.agent.policy)
@@ -182,17 +217,16 @@ class AsyncTrainer:
 
     def train(self, n_episodes: int, *, progress: bool = True,
               on_update: Callable[[dict[str, float]], bool | None] | None = None) -> list[dict[str, float]]:
-        """Train on ``n_episodes`` accepted episodes; returns each update's statistics.
+        """Train on ``n_episodes`` more accepted episodes; returns each update's statistics.
 
         ``on_update(stats)`` returning ``False`` stops the run after that update.
         """
         if n_episodes < 1:
             raise ValueError(f"n_episodes={n_episodes}; expected at least 1")
         ray = self._init_ray()
-        agent, algorithm = self.agent, self.agent.algorithm
-        Worker = ray.remote(num_cpus=self.worker_cpus)(RolloutWorker)
-        workers = [Worker.remote(self.make_agent, self.make_env, self.seed + i + 1, self.worker_threads)
-                   for i in range(self.num_workers)]
+        self.start()
+        target = self.stats.episodes + n_episodes  # counters run across calls
+        agent, algorithm, workers = self.agent, self.agent.algorithm, self.workers
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -201,11 +235,14 @@ class AsyncTrainer:
         history: list[dict[str, float]] = []
         start = time.perf_counter()
         weights = self._publish(ray)
-        pending = {w.collect.remote(self.episodes_per_task, algorithm.num_updates, weights): w for w in workers}
+        pending = dict(self._pending)
+        busy = set(pending.values())
+        pending.update({w.collect.remote(self.episodes_per_task, algorithm.num_updates, weights): w
+                        for w in workers if w not in busy})
         accepted_at_update = 0
         returns: list[float] = []
         try:
-            while self.stats.episodes < n_episodes and pending:
+            while self.stats.episodes < target and pending:
                 (ref,), _ = ray.wait(list(pending), num_returns=1)
                 worker = pending.pop(ref)
                 result = ray.get(ref)
@@ -216,7 +253,7 @@ class AsyncTrainer:
                                    "episodes": len(result["episodes"]), "dropped": lag > self.max_staleness,
                                    "wall_s": result["wall_s"]})
                 for data, ret in zip(result["episodes"], result["returns"]):
-                    if self.stats.episodes >= n_episodes:
+                    if self.stats.episodes >= target:
                         break
                     if lag > self.max_staleness:
                         self.stats.dropped += 1
@@ -230,7 +267,7 @@ class AsyncTrainer:
                         bar.update(1)
                 # Relaunch at once (the worker acts while the learner updates), unless what is in flight covers
                 # the rest of the run.
-                if self.stats.episodes + len(pending) * self.episodes_per_task < n_episodes:
+                if self.stats.episodes + len(pending) * self.episodes_per_task < target:
                     pending[worker.collect.remote(self.episodes_per_task, algorithm.num_updates, weights)] = worker
                 if algorithm.ready():
                     stats = algorithm.update()
@@ -251,8 +288,8 @@ class AsyncTrainer:
                     if on_update is not None and on_update(stats) is False:
                         break
         finally:
-            for w in workers:
-                ray.kill(w)
+            # Tasks still in flight carry on: the next train() call takes their episodes (staleness-checked).
+            self._pending = pending
             if bar is not None:
                 bar.close()
         return history

@@ -73,8 +73,10 @@ def test_two_ray_workers_and_a_learner(ray_cluster):
 
     trainer = AsyncTrainer(make_choice_agent, make_choice_env, num_workers=2, episodes_per_task=4, max_staleness=1)
     before = right_probability(trainer.agent, 3)
-    history = trainer.train(48, progress=False)
-    assert trainer.stats.episodes == 48 and len(history) == 6
+    with trainer:
+        history = trainer.train(24, progress=False)
+        history += trainer.train(24, progress=False)  # continues with the tasks still in flight
+    assert trainer.stats.episodes == 48 and len(history) == 6 and not trainer.workers
     # every task was acted by weights the learner published, and later tasks by newer ones
     assert 0 in trainer.published and all(t["checksum"] == pytest.approx(trainer.published[t["version"]], rel=1e-9)
                                        for t in trainer.tasks)
@@ -93,8 +95,9 @@ def test_two_ray_workers_and_a_learner(ray_cluster):
 def test_zero_staleness_drops_every_late_episode(ray_cluster):
     from rllama.async_rl import AsyncTrainer
 
-    trainer = AsyncTrainer(make_choice_agent, make_choice_env, num_workers=2, episodes_per_task=4, max_staleness=0)
-    history = trainer.train(24, progress=False)
+    with AsyncTrainer(make_choice_agent, make_choice_env, num_workers=2, episodes_per_task=4,
+                      max_staleness=0) as trainer:
+        history = trainer.train(24, progress=False)
     assert trainer.stats.episodes == 24 and history
     assert all(t["dropped"] == (t["lag"] > 0) for t in trainer.tasks)
     assert not any("rollout/stale_steps" in h for h in history)
