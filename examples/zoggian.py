@@ -1,6 +1,6 @@
 """Teach the embedded default model a word of Zoggian, kept as a named adapter you can switch on and off.
 
-    python examples/zoggian.py              # about a minute on 2 CPU cores
+    python examples/zoggian.py              # a few minutes on 2 CPU cores
 
 In Zoggian, "zog" means hello. Eight corrective examples are enough for a LoRA adapter named
 "zoggian"; the base model (adapter off) keeps its own behaviour, and the adapter is saved and loaded
