@@ -32,6 +32,7 @@ import math
 import os
 import urllib.error
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from rllama.errors import RLlamaError
 from rllama.policy.model import CandidateOutputs, GeneratedReply
 
 
-class Backend:
+class Backend(ABC):
     """The acting interface: score candidates, sample replies, hear about updates.
 
     Attributes:
@@ -58,15 +59,17 @@ class Backend:
         """Called once by the agent with its policy (the learner's model)."""
         self.policy = policy
 
+    @abstractmethod
     def candidate_outputs(self, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]],
                           q_heads: Sequence[str] = ()) -> CandidateOutputs:
-        raise NotImplementedError
+        """Per prompt, the log-probabilities over its candidates, the values (NaN when not provided) and Q heads."""
 
+    @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, greedy: bool,
                  stop_token_ids: Sequence[int], generator: torch.Generator | None) -> list[GeneratedReply]:
-        raise NotImplementedError
+        """One sampled (or greedy) reply per prompt: token ids and their log-probabilities."""
 
-    def after_update(self, policy) -> None:
+    def after_update(self, policy) -> None:  # noqa: B027 (a hook: most backends need nothing)
         """The learner's weights changed (called after each update)."""
 
 

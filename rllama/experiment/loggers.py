@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,34 @@ class Callback:
     def on_checkpoint(self, path: Path, record: dict[str, Any]) -> None: ...
 
     def on_run_end(self, summary: dict[str, Any]) -> None: ...
+
+
+class RecordLogger(Callback, ABC):
+    """A logger that writes update, segment and evaluation records alike (``_log``); ``on_eval`` also
+    gets the evaluation's sample through ``_log_sample``."""
+
+    @abstractmethod
+    def _log(self, record: dict[str, Any]) -> None:
+        """Write one record's numbers."""
+
+    def _log_sample(self, record: dict[str, Any], sample: dict[str, str]) -> None:  # noqa: B027
+        """Write an evaluation's sample prompt and reply (default: nothing)."""
+
+    def on_update(self, record):
+        self._log(record)
+
+    def on_segment(self, record):
+        self._log(record)
+
+    def on_eval(self, record):
+        self._log(record)
+        if record.get("sample"):
+            self._log_sample(record, record["sample"])
+
+
+def _numbers(record: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 class ConsoleLogger(Callback):
@@ -82,7 +111,7 @@ class JSONLLogger(Callback):
         self._write(record)
 
 
-class WandbLogger(Callback):
+class WandbLogger(RecordLogger):
     """Logs to Weights & Biases; offline (``WANDB_MODE=offline``) unless an API key is configured.
 
     Args:
@@ -106,22 +135,12 @@ class WandbLogger(Callback):
         self._wandb = wandb
 
     def _log(self, record):
-        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.run.log(metrics, step=int(record["steps"]))
+        self.run.log(_numbers(record), step=int(record["steps"]))
 
-    def on_update(self, record):
-        self._log(record)
-
-    def on_segment(self, record):
-        self._log(record)
-
-    def on_eval(self, record):
-        self._log(record)
-        sample = record.get("sample")
-        if sample:
-            table = self._wandb.Table(columns=["episodes", "prompt", "reply"],
-                                      data=[[record["episodes"], sample.get("prompt", ""), sample.get("reply", "")]])
-            self.run.log({"samples": table}, step=int(record["steps"]))
+    def _log_sample(self, record, sample):
+        table = self._wandb.Table(columns=["episodes", "prompt", "reply"],
+                                  data=[[record["episodes"], sample.get("prompt", ""), sample.get("reply", "")]])
+        self.run.log({"samples": table}, step=int(record["steps"]))
 
     def on_run_end(self, summary):
         if self.run is not None:
@@ -132,7 +151,7 @@ class WandbLogger(Callback):
             self.run = None
 
 
-class MLflowLogger(Callback):
+class MLflowLogger(RecordLogger):
     """Logs to MLflow: the config as params, every record's numbers as metrics (step = env steps),
     evaluation samples as text, and at the end the run's ``config.yaml``, ``metrics.jsonl``,
     ``summary.json`` and learning curve as artifacts.
@@ -193,23 +212,13 @@ class MLflowLogger(Callback):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(_mlflow_key(k), float(v), now, int(record["steps"])) for k, v in record.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        metrics = [Metric(_mlflow_key(k), float(v), now, int(record["steps"])) for k, v in _numbers(record).items()]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
-    def on_update(self, record):
-        self._log(record)
-
-    def on_segment(self, record):
-        self._log(record)
-
-    def on_eval(self, record):
-        self._log(record)
-        sample = record.get("sample")
-        if sample:
-            text = f"prompt:\n{sample.get('prompt', '')}\n\nreply:\n{sample.get('reply', '')}\n"
-            self.client.log_text(self.run_id, text, f"samples/eval-{int(record['episodes']):07d}.txt")
+    def _log_sample(self, record, sample):
+        text = f"prompt:\n{sample.get('prompt', '')}\n\nreply:\n{sample.get('reply', '')}\n"
+        self.client.log_text(self.run_id, text, f"samples/eval-{int(record['episodes']):07d}.txt")
 
     def on_run_end(self, summary):
         if self.client is None or self.run_id is None:
