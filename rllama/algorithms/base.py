@@ -149,19 +149,23 @@ class Algorithm(ABC):
         """Value and behaviour log-probs, under the learner's weights, of steps marked ``learner_recompute``
         (acted by a generation server, :mod:`rllama.backends`). Returns how many were recomputed."""
         todo = [s for s in steps if s.learner_recompute]
-        size = int(getattr(self.config, "minibatch_size", 16))
-        for start in range(0, len(todo), size):
-            part = todo[start : start + size]
-            ev = self.policy.evaluate(part, with_values=True, with_entropy=False)
-            for step, dist, value, index in zip(part, ev.distributions, ev.values.tolist(), ev.action_indices):
-                step.value = float(value)
-                if step.is_scored:
-                    step.logprob = float(dist[index])
-                else:
-                    step.token_logprobs = dist.float().tolist()
-                    step.logprob = float(dist.sum())
-                step.learner_recompute = False
+        for step, dist, value in self._evaluate_in_chunks(todo):
+            step.value = value
+            if step.is_scored:
+                step.logprob = float(dist[step.action_index])
+            else:
+                step.token_logprobs = dist.float().tolist()
+                step.logprob = float(dist.sum())
+            step.learner_recompute = False
         return len(todo)
+
+    def _evaluate_in_chunks(self, steps: Sequence[Step]):
+        """``(step, distribution, value)`` under the current weights, a minibatch of steps per forward pass."""
+        size = int(getattr(self.config, "minibatch_size", 16))
+        for start in range(0, len(steps), size):
+            part = steps[start : start + size]
+            ev = self.policy.evaluate(part, with_values=True, with_entropy=False)
+            yield from zip(part, ev.distributions, ev.values.tolist())
 
     @torch.no_grad()
     def proximal_logprobs(self, steps: Sequence[Step]) -> tuple[dict[int, torch.Tensor], list[int]]:
@@ -171,13 +175,10 @@ class Algorithm(ABC):
         lags = [self.num_updates - s.policy_version if s.policy_version is not None else 0 for s in steps]
         stale = [s for s, lag in zip(steps, lags) if lag > 0]
         out: dict[int, torch.Tensor] = {}
-        size = int(getattr(self.config, "minibatch_size", 16))
-        for start in range(0, len(stale), size):
-            part = stale[start : start + size]
-            ev = self.policy.evaluate(part, with_values=True, with_entropy=False)
-            for step, dist, value, index in zip(part, ev.distributions, ev.values.tolist(), ev.action_indices):
-                step.value = float(value)  # advantages from the current critic, not the stale one
-                out[id(step)] = (dist[index : index + 1] if step.is_scored else dist).float().cpu()
+        for step, dist, value in self._evaluate_in_chunks(stale):
+            step.value = value  # advantages from the current critic, not the stale one
+            index = step.action_index
+            out[id(step)] = (dist[index : index + 1] if step.is_scored else dist).float().cpu()
         return out, (lags if stale else [])
 
     def ready(self) -> bool:
