@@ -46,25 +46,48 @@ def make_env(seeds, max_episode_steps: int = 20, num_envs: int = 1):
     return gym.make_vec("rllama/TextWorld-v0", num_envs=num_envs, vectorization_mode="sync", **kwargs)
 
 
-def play_each_game(agent: TextWorldAgent, env, greedy: bool = True, episodes_per_game: int = 1) -> dict:
+def play_each_game(agent: TextWorldAgent, env, greedy: bool = True, episodes_per_game: int = 1,
+                   batch: int = 8) -> dict:
     """``episodes_per_game`` episodes of every game of ``env`` (nothing recorded): success rate and score.
 
     Episode ``k`` of game ``g`` resets with seed ``100 * g + k``, so agents are compared on the same starts.
+    Up to ``batch`` episodes run side by side (copies of ``env``), so the agent scores their commands
+    in one batched forward pass; ``won`` and ``scores`` are in (game, k) order whatever the batch.
     """
-    won, scores = [], []
-    with agent.evaluating(greedy=greedy):
-        for game in range(len(env.unwrapped.games)):
-            for k in range(episodes_per_game):
-                obs, info = env.reset(seed=100 * game + k, options={"game": game})
-                total, done = 0.0, False
-                while not done:
-                    obs, reward, terminated, truncated, info = env.step(agent.act(obs))
-                    agent.assign_reward(reward)
-                    total += reward
-                    done = terminated or truncated
-                agent.terminate_episode(truncated=truncated)
-                won.append(float(info["won"]))
-                scores.append(total / max(1, info["max_score"]))
+    jobs = [(game, k) for game in range(len(env.unwrapped.games)) for k in range(episodes_per_game)]
+    envs = [env] + [gym.make(env.spec) for _ in range(min(batch, len(jobs)) - 1)]
+    won, scores = [0.0] * len(jobs), [0.0] * len(jobs)
+    pending = iter(enumerate(jobs))
+    running: dict[int, list] = {}  # env id -> [job index, observation, return so far]
+
+    def start(env_id: int) -> None:
+        job = next(pending, None)
+        if job is not None:
+            index, (game, k) = job
+            obs, _info = envs[env_id].reset(seed=100 * game + k, options={"game": game})
+            running[env_id] = [index, obs, 0.0]
+
+    try:
+        with agent.evaluating(greedy=greedy):
+            for env_id in range(len(envs)):
+                start(env_id)
+            while running:
+                ids = sorted(running)
+                actions = agent.act_batch([running[i][1] for i in ids], env_ids=ids)
+                for env_id, action in zip(ids, actions):
+                    obs, reward, terminated, truncated, info = envs[env_id].step(action)
+                    agent.assign_rewards([reward], env_ids=[env_id])
+                    entry = running[env_id]
+                    entry[1], entry[2] = obs, entry[2] + reward
+                    if terminated or truncated:
+                        agent.terminate_episodes([env_id], truncated=[truncated])
+                        del running[env_id]
+                        won[entry[0]] = float(info["won"])
+                        scores[entry[0]] = entry[2] / max(1, info["max_score"])
+                        start(env_id)
+    finally:
+        for extra in envs[1:]:
+            extra.close()
     return {"success": float(np.mean(won)), "score": float(np.mean(scores)), "won": won, "n": len(won)}
 
 

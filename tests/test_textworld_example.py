@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import gymnasium as gym
@@ -56,4 +57,56 @@ def test_short_training_run_on_a_textworld_vector_env(tokenizer, games, generate
     result = play_each_game(a, env)
     assert len(result["won"]) == 2 and 0.0 <= result["success"] <= 1.0
     envs.close()
+    env.close()
+
+
+class _WalkthroughPlayer:
+    """A stand-in agent that wins the games in ``winning`` (by their walkthrough) and idles in the others."""
+
+    def __init__(self, walkthroughs: dict[str, list[str]], winning: set[str]):
+        self.walkthroughs, self.winning = walkthroughs, winning
+        self.plans: dict[int, list[str]] = {}
+        self.ended = 0
+
+    @contextlib.contextmanager
+    def evaluating(self, greedy=True):
+        yield self
+
+    def act_batch(self, observations, env_ids):
+        actions = []
+        for obs, env_id in zip(observations, env_ids):
+            if env_id not in self.plans:  # first step: the opening text names the game
+                text = obs["text"]
+                self.plans[env_id] = list(self.walkthroughs[text]) if text in self.winning else []
+            plan = self.plans[env_id]
+            actions.append(plan.pop(0) if plan else "look")
+        return actions
+
+    def assign_rewards(self, rewards, env_ids):
+        pass
+
+    def terminate_episodes(self, env_ids, truncated):
+        for env_id in env_ids:
+            del self.plans[env_id]
+            self.ended += 1
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_batched_evaluation_keeps_each_result_with_its_game(games, batch):
+    """Episodes played side by side (and refilled as they end) report each (game, k) result in order."""
+    from examples.textworld import play_each_game
+
+    env = gym.make("rllama/TextWorld-v0", games=games, admissible_commands_in_observation=True, max_episode_steps=8)
+    openings = []
+    walkthroughs = {}
+    for game in range(len(games)):
+        obs, info = env.reset(seed=0, options={"game": game})
+        openings.append(obs["text"])
+        walkthroughs[obs["text"]] = info["walkthrough"]
+    assert len(set(openings)) == len(games)
+    player = _WalkthroughPlayer(walkthroughs, winning={openings[1]})
+    result = play_each_game(player, env, episodes_per_game=2, batch=batch)
+    assert result["won"] == [0.0, 0.0, 1.0, 1.0]
+    assert result["score"] == 0.5 and result["n"] == 4
+    assert player.ended == 4 and not player.plans
     env.close()
