@@ -7,9 +7,10 @@ For each seed and condition the agent (``examples/blackjack.py``'s ``BlackjackAg
 default PPO) is evaluated greedily on the same deals (env seeds 10000+), trained until ``--steps`` env
 steps have been played (dropped stale episodes count), and evaluated again:
 
-- ``sync``: one process, ``agent.train`` on ``2 * --envs`` vector envs;
+- ``sync``: one process, ``agent.train`` on ``2 * --envs`` vector envs, with ``--sync-threads`` torch
+  threads (default: every core, so the single process may use the whole machine as the async setup does);
 - ``asyncN``: :class:`rllama.async_rl.AsyncTrainer`, 2 Ray workers with ``--envs`` envs each,
-  ``max_staleness=N``, the learner in this process.
+  ``max_staleness=N``, the learner in this process; ``--threads`` torch threads in each process.
 
 Wall time is the training time only (evaluations excluded). Writes ``results/<name>.json`` and ``.png``.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -67,7 +69,7 @@ def run(condition: str, seed: int, args) -> dict:
     agent_factory = functools.partial(make_agent, model=args.model, precision=args.precision, threads=args.threads)
     curve = []  # (env steps, training return of the update's episodes)
     if condition == "sync":
-        agent = agent_factory(seed)
+        agent = agent_factory(seed, threads=args.sync_threads or os.cpu_count())
         before = evaluate(agent, args)
         envs = make_env(2 * args.envs)
         t0 = time.perf_counter()
@@ -170,6 +172,7 @@ def main() -> None:
     parser.add_argument("--envs", type=int, default=8, help="envs per worker (sync: twice as many)")
     parser.add_argument("--episodes-per-task", type=int, default=8)
     parser.add_argument("--eval-episodes", type=int, default=200)
+    parser.add_argument("--sync-threads", type=int, default=0, help="torch threads of the sync run (0: every core)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON")
     add_common_args(parser, "async", precision="auto")
     args = parser.parse_args()
