@@ -64,7 +64,16 @@ def run(seed: int, args) -> dict:
 
     t0 = time.perf_counter()
     held_out = make_env(HELD_OUT_SEEDS, max_episode_steps=args.max_steps)
-    agent = TextWorldAgent(args.model, seed=seed, precision=args.precision,
+    lora = None
+    if args.lora_top_layers:
+        from transformers import AutoConfig
+
+        from rllama.policy import resolve_model_path
+        from rllama.policy.model import default_lora_config
+
+        depth = AutoConfig.from_pretrained(resolve_model_path(args.model)).num_hidden_layers
+        lora = default_lora_config(layers=range(max(0, depth - args.lora_top_layers), depth))
+    agent = TextWorldAgent(args.model, seed=seed, precision=args.precision, lora_config=lora,
                            algorithm_config={"batch_episodes": args.envs, "learning_rate": args.lr,
                                              "minibatch_size": args.minibatch_size, "epochs": args.epochs})
     result = {"seed": seed, "untrained": evaluate_agent(agent, held_out, args)}
@@ -126,14 +135,17 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--episodes", type=int, default=64)
+    parser.add_argument("--episodes", type=int, default=32)
     parser.add_argument("--envs", type=int, default=8)
     parser.add_argument("--max-steps", type=int, default=15)
     parser.add_argument("--sampled-episodes", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--minibatch-size", type=int, default=4,
                         help="steps per gradient step (PPO's default 16 of these long prompts needs ~20 GB)")
     parser.add_argument("--epochs", type=int, default=2, help="PPO epochs over each batch")
+    parser.add_argument("--lora-top-layers", type=int, default=8,
+                        help="LoRA on the top N transformer blocks only (0: every block); 8 of 30 made an "
+                             "update 1.6x faster and its peak RSS 5.6 -> 2.4 GB")
     parser.add_argument("--eval-batch", type=int, default=8, help="evaluation episodes played side by side")
     add_common_args(parser, "textworld")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",

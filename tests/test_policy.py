@@ -172,6 +172,21 @@ def test_only_adapter_and_heads_are_trainable(tokenizer, tiny_lm):
     assert names and all("lora_" in n or n.startswith("heads.") for n in names)
 
 
+def test_lora_on_the_top_layers_only_trains_those_layers(tokenizer):
+    from rllama.policy.model import default_lora_config
+
+    policy = PolicyModel(make_tiny_lm(), tokenizer, lora_config=default_lora_config(layers=[1]), precision="fp32")
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, p in policy.named_parameters() if "lora_" in n}
+    assert adapted == {"1"}
+    _randomise_adapter(policy)
+    out = policy.continuation_logprobs([[5, 6, 7, 8]], [[9, 10]], [0])
+    out.token_logprobs.sum().backward()
+    grads = [p.grad for n, p in policy.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    with pytest.raises(ValueError, match="layers="):
+        default_lora_config(layers=[])
+
+
 def test_save_load_round_trip_gives_identical_outputs(tokenizer, tmp_path):
     policy = PolicyModel(make_tiny_lm(), tokenizer, precision='fp32')
     _randomise_adapter(policy, seed=3)

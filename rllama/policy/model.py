@@ -54,12 +54,34 @@ class ValueHead(nn.Module):
         return self.linear(hidden.float())
 
 
-def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules="all-linear"):
-    """The LoRA settings rllama uses when none are given: rank 16, alpha 32 on every linear layer."""
+LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules=None, layers=None):
+    """The LoRA settings rllama uses when none are given: rank 16, alpha 32 on every linear layer.
+
+    Args:
+        target_modules: module names to adapt (default: every linear layer, ``"all-linear"``; with
+            ``layers``, the Llama-family projections ``LLAMA_LINEAR_MODULES``, since PEFT needs names
+            then — give your architecture's names for others).
+        layers: transformer block indices that get adapters (default: all). Adapting only the top
+            blocks (e.g. ``range(22, 30)`` of SmolLM2-135M's 30) makes an update cheaper: backward
+            stops below the lowest adapted block, and nothing below it is kept for backward.
+    """
     from peft import LoraConfig
 
+    extra = {}
+    if layers is not None:
+        layers = [int(i) for i in layers]
+        if not layers or min(layers) < 0:
+            raise ValueError(f"layers={layers}: give one or more block indices, each 0 or more")
+        extra = {"layers_to_transform": layers, "layers_pattern": "layers"}
+        if target_modules is None or isinstance(target_modules, str):
+            target_modules = list(LLAMA_LINEAR_MODULES)
+    elif target_modules is None:
+        target_modules = "all-linear"
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none",
-                      task_type="CAUSAL_LM")
+                      task_type="CAUSAL_LM", **extra)
 
 
 @dataclass
