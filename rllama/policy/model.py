@@ -76,8 +76,11 @@ def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0, targ
         if not layers or min(layers) < 0:
             raise ValueError(f"layers={layers}: give one or more block indices, each 0 or more")
         extra = {"layers_to_transform": layers, "layers_pattern": "layers"}
-        if target_modules is None or isinstance(target_modules, str):
+        if target_modules is None:
             target_modules = list(LLAMA_LINEAR_MODULES)
+        elif isinstance(target_modules, str):
+            raise ValueError(f"target_modules={target_modules!r} with layers=: PEFT needs module names then "
+                             f"(a list such as {list(LLAMA_LINEAR_MODULES)})")
     elif target_modules is None:
         target_modules = "all-linear"
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none",
