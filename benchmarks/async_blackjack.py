@@ -2,6 +2,7 @@
 
     python benchmarks/async_blackjack.py                          # sync, async staleness 1 and 2; seed 0
     python benchmarks/async_blackjack.py --conditions async1 --seeds 1 --name async_part
+    python benchmarks/async_blackjack.py --model tiny --env-latency 0.5 --name async_latency   # acting dominates
 
 For each seed and condition the agent (``examples/blackjack.py``'s ``BlackjackAgent``, embedded model,
 default PPO) is evaluated greedily on the same deals (env seeds 10000+), trained until ``--steps`` env
@@ -12,7 +13,10 @@ steps have been played (dropped stale episodes count), and evaluated again:
 - ``asyncN``: :class:`rllama.async_rl.AsyncTrainer`, 2 Ray workers with ``--envs`` envs each,
   ``max_staleness=N``, the learner in this process; ``--threads`` torch threads in each process.
 
-Wall time is the training time only (evaluations excluded). Writes ``results/<name>.json`` and ``.png``.
+``--model tiny`` uses a 2-layer random Llama (cheap to act and train); ``--env-latency S`` makes every
+step of the training envs wait S seconds (a remote env: waiting, not computing), the case where acting
+dominates and the workers' waiting can overlap with learning. Wall time is the training time only
+(evaluations excluded). Writes ``results/<name>.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,6 +46,24 @@ from common import (  # noqa: E402
 )
 
 
+def tiny_model():
+    """A 2-layer Llama with random weights (seed 0, so every Ray worker builds the same one) and the
+    embedded model's tokenizer: acting and learning cost little, so env latency can dominate."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rllama.policy import load_model
+
+    lm, tokenizer = load_model(None)
+    vocab = lm.config.vocab_size
+    del lm
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    return LlamaForCausalLM(config), tokenizer
+
+
 def make_agent(seed, model=None, precision="auto", threads=1):
     import torch
 
@@ -48,13 +71,30 @@ def make_agent(seed, model=None, precision="auto", threads=1):
 
     if threads:
         torch.set_num_threads(threads)
-    return BlackjackAgent(model, seed=seed, precision=precision, algorithm="ppo")
+    tokenizer = None
+    if model == "tiny":
+        model, tokenizer = tiny_model()
+    return BlackjackAgent(model, tokenizer, seed=seed, precision=precision, algorithm="ppo")
 
 
-def make_env(num_envs):
-    import gymnasium as gym
+def make_env(num_envs, latency=0.0):
+    envs = gym.make_vec("Blackjack-v1", num_envs=num_envs, vectorization_mode="sync", sab=True)
+    return LatencyVectorEnv(envs, latency) if latency > 0 else envs
 
-    return gym.make_vec("Blackjack-v1", num_envs=num_envs, vectorization_mode="sync", sab=True)
+
+class LatencyVectorEnv(gym.vector.VectorWrapper):
+    """Waits ``latency`` seconds in every ``step`` of the vector env, without computing: an env whose step
+    is a round trip (a remote simulator, a web API, a game server), its envs stepped concurrently as
+    ``AsyncVectorEnv`` would. The wait does not grow with the number of envs, so the sync run (16 envs)
+    and the async workers (8 each) get the same env steps per second of waiting."""
+
+    def __init__(self, env, latency: float):
+        super().__init__(env)
+        self.latency = float(latency)
+
+    def step(self, actions):
+        time.sleep(self.latency)
+        return self.env.step(actions)
 
 
 def evaluate(agent, args) -> float:
@@ -71,7 +111,7 @@ def run(condition: str, seed: int, args) -> dict:
     if condition == "sync":
         agent = agent_factory(seed, threads=args.sync_threads or os.cpu_count())
         before = evaluate(agent, args)
-        envs = make_env(2 * args.envs)
+        envs = make_env(2 * args.envs, args.env_latency)
         t0 = time.perf_counter()
         chunk = 0
         while agent.total_steps < args.steps:
@@ -85,7 +125,7 @@ def run(condition: str, seed: int, args) -> dict:
         from rllama.async_rl import AsyncTrainer
 
         staleness = int(condition.removeprefix("async"))
-        trainer = AsyncTrainer(agent_factory, functools.partial(make_env, args.envs), num_workers=2,
+        trainer = AsyncTrainer(agent_factory, functools.partial(make_env, args.envs, args.env_latency), num_workers=2,
                                episodes_per_task=args.episodes_per_task, max_staleness=staleness, seed=seed,
                                worker_threads=args.threads or 1, ray_init_kwargs={"num_cpus": 2})
         agent = trainer.agent
@@ -159,8 +199,11 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("training wall time (min)")
     ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(f"Blackjack PPO, sync vs async (2 Ray workers), {result['config']['steps']} env steps; "
-                 f"seeds {sorted({r['seed'] for r in runs})}", fontsize=10)
+    config = result["config"]
+    latency = f", env latency {config['env_latency']:g} s a step" if config.get("env_latency") else ""
+    fig.suptitle(f"Blackjack PPO, sync vs async (2 Ray workers), {config['steps']} env steps, "
+                 f"model {config.get('model') or 'embedded'}{latency}; seeds {sorted({r['seed'] for r in runs})}",
+                 fontsize=10)
     save_figure(fig, path)
 
 
@@ -173,6 +216,8 @@ def main() -> None:
     parser.add_argument("--episodes-per-task", type=int, default=8)
     parser.add_argument("--eval-episodes", type=int, default=200)
     parser.add_argument("--sync-threads", type=int, default=0, help="torch threads of the sync run (0: every core)")
+    parser.add_argument("--env-latency", type=float, default=0.0,
+                        help="seconds every vector-env step waits (a remote env; training only, not evaluation)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON")
     add_common_args(parser, "async", precision="auto")
     args = parser.parse_args()

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,7 +200,10 @@ class PolicyModel(nn.Module):
         else:
             for p in model.parameters():
                 p.requires_grad_(False)
-            self.lm = get_peft_model(model, lora_config or default_lora_config())
+            with warnings.catch_warnings():
+                # PEFT reads transformers' deprecated `is_gradient_checkpointing`; not the user's concern.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                self.lm = get_peft_model(model, lora_config or default_lora_config())
         config = self.lm.get_base_model().config
         self.base_model_name = getattr(config, "_name_or_path", "") or ""
         hidden = getattr(config, "hidden_size", None) or config.n_embd
