@@ -185,12 +185,16 @@ def plot(result: dict, path: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
     ax = axes[1]
+    window = 8
     for r in runs:
-        steps, rets = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot(steps, rets, marker=".", color=colors.get(r["condition"], "tab:gray"),
+        if len(r["curve"]) < window:
+            continue
+        steps, rets = map(np.asarray, zip(*r["curve"]))
+        smooth = np.convolve(rets, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, lw=1.2, color=colors.get(r["condition"], "tab:gray"),
                 label=f"{r['condition']} seed {r['seed']}")
     ax.set_xlabel("env steps played")
-    ax.set_ylabel("training return of each update's episodes")
+    ax.set_ylabel(f"training return (sampling), mean of {window} updates")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     ax = axes[2]
