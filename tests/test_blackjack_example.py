@@ -43,3 +43,23 @@ def test_short_training_run_on_blackjack_vector_env(agent):
     assert len(history) >= 1 and all("loss/policy" in h for h in history)
     result = agent.evaluate(envs, 8, seed=1)
     assert result["n_episodes"] == 8 and -1.0 <= result["mean_return"] <= 1.5
+
+
+@pytest.mark.timeout(420)
+def test_async_example_runs_end_to_end(tiny_model_dir):
+    """``examples/async_blackjack.py`` as a user runs it: Ray workers, the learner, greedy returns printed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("ray")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "examples/async_blackjack.py", "--model", str(tiny_model_dir),
+                           "--episodes", "32", "--workers", "2"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "untrained: greedy return" in proc.stdout
+    assert "trained on 32 episodes" in proc.stdout and "updates)" in proc.stdout
+    assert "rollout/mean_staleness" in proc.stdout  # the learner trained on what the workers sent
