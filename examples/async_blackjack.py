@@ -9,8 +9,8 @@ full and publishes the adapter and heads, which the workers load before their ne
 Episodes more than ``--staleness`` updates old are dropped, the rest importance-corrected. The
 agent is evaluated greedily on the same 200 deals before and after: -1.000 -> -0.165 (always stick)
 in 142 s with a 2-layer random model passed as ``--model``; the embedded model learns the same
-policy from about as many env steps in ``benchmarks/async_blackjack.py`` (15 minutes on 2 cores). ``--address auto`` joins a
-running Ray cluster instead of starting one here.
+policy from about as many env steps in ``benchmarks/async_blackjack.py`` (15 minutes on 2 cores).
+``--address auto`` joins a running Ray cluster instead of starting one here.
 """
 
 from __future__ import annotations
