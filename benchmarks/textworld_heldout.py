@@ -78,7 +78,8 @@ def run(seed: int, args) -> dict:
                                              "minibatch_size": args.minibatch_size, "epochs": args.epochs})
     result = {"seed": seed, "untrained": evaluate_agent(agent, held_out, args)}
     print(f"seed {seed} untrained {result['untrained']} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    train = make_env(TRAIN_SEEDS, max_episode_steps=args.max_steps, num_envs=args.envs)
+    train = make_env(TRAIN_SEEDS, max_episode_steps=args.max_steps, num_envs=args.envs,
+                     intermediate_reward_weight=args.intermediate_reward)
     result["updates"] = agent.train(train, args.episodes, seed=seed, progress=False)
     result["trained"] = evaluate_agent(agent, held_out, args)
     print(f"seed {seed} trained {result['trained']} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -138,6 +139,8 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=32)
     parser.add_argument("--envs", type=int, default=8)
     parser.add_argument("--max-steps", type=int, default=15)
+    parser.add_argument("--intermediate-reward", type=float, default=0.0,
+                        help="weight of TextWorld's intermediate reward in training (evaluation counts wins only)")
     parser.add_argument("--sampled-episodes", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--minibatch-size", type=int, default=4,

@@ -37,9 +37,12 @@ HELD_OUT_SEEDS = range(1000, 1016)
 __all__ = ["TextWorldAgent", "make_env", "play_each_game"]
 
 
-def make_env(seeds, max_episode_steps: int = 20, num_envs: int = 1):
+def make_env(seeds, max_episode_steps: int = 20, num_envs: int = 1, **env_kwargs):
+    """The family's games of ``seeds`` as an env (or ``num_envs`` vector envs); ``env_kwargs`` go to the env
+    (e.g. ``intermediate_reward_weight``)."""
     games = make_games(FAMILY, seeds=seeds, progress=True)
-    kwargs = {"games": games, "max_episode_steps": max_episode_steps, "admissible_commands_in_observation": True}
+    kwargs = {"games": games, "max_episode_steps": max_episode_steps, "admissible_commands_in_observation": True,
+              **env_kwargs}
     # max_episode_steps goes to Gymnasium's TimeLimit wrapper
     if num_envs == 1:
         return gym.make("rllama/TextWorld-v0", **kwargs)
