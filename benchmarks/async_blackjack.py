@@ -43,25 +43,8 @@ from common import (  # noqa: E402
     save_partial,
     save_result,
     set_threads,
+    tiny_model,
 )
-
-
-def tiny_model():
-    """A 2-layer Llama with random weights (seed 0, so every Ray worker builds the same one) and the
-    embedded model's tokenizer: acting and learning cost little, so env latency can dominate."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rllama.policy import load_model
-
-    lm, tokenizer = load_model(None)
-    vocab = lm.config.vocab_size
-    del lm
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
-    return LlamaForCausalLM(config), tokenizer
 
 
 def make_agent(seed, model=None, precision="auto", threads=1):

@@ -96,6 +96,24 @@ def train_with_evaluations(agent, envs, *, budget: int, unit: str, eval_every: i
     return curve, updates
 
 
+def tiny_model():
+    """(model, tokenizer): a 2-layer, 64-unit Llama with random weights (seed 0, so every process that
+    builds it gets the same one) and the embedded model's tokenizer. Acting and training cost little."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rllama.policy import load_model
+
+    lm, tokenizer = load_model(None)
+    vocab = lm.config.vocab_size
+    del lm
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    return LlamaForCausalLM(config), tokenizer
+
+
 def add_common_args(parser, name: str, precision: str = "fp32") -> None:
     """The flags every benchmark has: --model, --precision, --threads, --name."""
     parser.add_argument("--model", default=None, help="model folder or hub id (default: the embedded SmolLM2)")

@@ -48,7 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, save_figure, save_result  # noqa: E402
+from common import add_common_args, save_figure, save_result, tiny_model  # noqa: E402
 
 ENV_COUNTS = [1, 4, 16, 64]
 MODES = ["scoring", "generate"]
@@ -67,22 +67,9 @@ def current_rss_mb() -> float:
 
 def load(model_name: str, precision: str):
     """(model, tokenizer) of ``tiny`` or ``default``; the tiny model uses the default model's tokenizer."""
-    import torch
-
     from rllama.policy import load_model
 
-    lm, tokenizer = load_model(None)
-    if model_name == "tiny":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=lm.config.vocab_size, hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=2048, eos_token_id=tokenizer.eos_token_id,
-                             tie_word_embeddings=True)
-        del lm
-        lm = LlamaForCausalLM(config)
-    return lm, tokenizer
+    return tiny_model() if model_name == "tiny" else load_model(None)
 
 
 def make_agent(model_name: str, mode: str, precision: str, new_tokens: int, **kwargs):

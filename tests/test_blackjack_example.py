@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import gymnasium as gym
 import pytest
 
@@ -48,11 +53,6 @@ def test_short_training_run_on_blackjack_vector_env(agent):
 @pytest.mark.timeout(420)
 def test_async_example_runs_end_to_end(tiny_model_dir):
     """``examples/async_blackjack.py`` as a user runs it: Ray workers, the learner, greedy returns printed."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     pytest.importorskip("ray")
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
