@@ -7,11 +7,19 @@ games seeds 0-31, held-out games seeds 1000-1015; at most ``--max-steps`` comman
 each seed, on the held-out games:
 
 - ``untrained``: the agent (``TextWorldAgent``, scoring the admissible commands) before training;
-- ``trained``: the same after ``--episodes`` PPO episodes on the training games (8 vector envs;
+- ``trained``: the same after ``--episodes`` PPO episodes on the training games (``--envs`` vector envs;
   minibatches of ``--minibatch-size`` steps: a step's prompt is a few hundred tokens, and the
   activations of 16 of them, LoRA on every linear layer, outgrew 24 GB);
 - ``random``: a uniformly random admissible command each step;
 - ``walkthrough``: TextWorld's winning commands (the upper bound).
+
+Training runs in chunks of one batch (``--envs`` episodes, one PPO update each). With
+``--checkpoint DIR`` the full training state (adapter, heads, optimizer, RNGs, the updates so far)
+is saved to ``DIR/seed<N>`` after every update, and a later run with the same ``DIR`` resumes there:
+a budget too long for one sitting (``--train-minutes`` ends a sitting) is spread over several.
+``--untrained-from`` takes the untrained evaluation from an earlier result file of the same agent
+(checked: same model, precision, LoRA layers, episode length and evaluation episodes) rather than
+spending half an hour repeating it.
 
 The agents are evaluated greedily (one episode per game) and sampling (``--sampled-episodes`` per
 game), ``--eval-batch`` episodes side by side in one batched forward. Success = fraction of games
@@ -59,8 +67,31 @@ def evaluate_agent(agent, env, args) -> dict:
             for mode, greedy, n in [("greedy", True, 1), ("sampled", False, args.sampled_episodes)]}
 
 
+# What a resumed run must share with the run that saved its checkpoint.
+TRAINING_CONFIG = ("model", "precision", "lora_top_layers", "max_steps", "envs", "epochs", "lr", "minibatch_size",
+                   "intermediate_reward")
+
+
+def untrained_from(path: str, seed: int, args) -> dict:
+    """The ``untrained`` evaluation of ``seed`` in an earlier result file, if that run's untrained agent
+    and evaluation were the same as this one's (model, precision, LoRA layers, episode length, episodes)."""
+    import json
+
+    old = json.loads(Path(path).read_text())
+    same = ("model", "precision", "lora_top_layers", "max_steps", "sampled_episodes", "eval_batch")
+    diff = [k for k in same if old["config"].get(k) != getattr(args, k)]
+    if diff:
+        raise SystemExit(f"--untrained-from {path}: its {', '.join(diff)} differ from this run's; "
+                         "its untrained evaluation is not this agent's")
+    runs = [r for r in old["runs"] if r["seed"] == seed]
+    if not runs:
+        raise SystemExit(f"--untrained-from {path}: no run of seed {seed} in it")
+    return runs[0]["untrained"]
+
+
 def run(seed: int, args) -> dict:
     from examples.textworld import HELD_OUT_SEEDS, TRAIN_SEEDS, TextWorldAgent, make_env
+    from rllama.checkpoint import load_training_state, save_training_state
 
     t0 = time.perf_counter()
     held_out = make_env(HELD_OUT_SEEDS, max_episode_steps=args.max_steps)
@@ -76,11 +107,46 @@ def run(seed: int, args) -> dict:
     agent = TextWorldAgent(args.model, seed=seed, precision=args.precision, lora_config=lora,
                            algorithm_config={"batch_episodes": args.envs, "learning_rate": args.lr,
                                              "minibatch_size": args.minibatch_size, "epochs": args.epochs})
-    result = {"seed": seed, "untrained": evaluate_agent(agent, held_out, args)}
+    state = Path(args.checkpoint) / f"seed{seed}" if args.checkpoint else None
+    saved = load_training_state(agent, state) if state is not None and state.exists() else {}
+    training = {k: getattr(args, k) for k in TRAINING_CONFIG}
+    changed = {k: v for k, v in saved.get("config", training).items() if training.get(k) != v}
+    if changed:
+        raise SystemExit(f"--checkpoint {state}: that run trained with "
+                         f"{', '.join(f'{k}={v!r}' for k, v in changed.items())}, this one with "
+                         f"{', '.join(f'{k}={training.get(k)!r}' for k in changed)}; "
+                         "resume with its settings or train into another --checkpoint folder")
+    result = {"seed": seed, "chunks": saved.get("chunks", 0), "updates": saved.get("updates", []),
+              "train_s": saved.get("train_s", 0.0)}
+    if "untrained" in saved:
+        result["untrained"] = saved["untrained"]
+        print(f"seed {seed}: resumed from {state} after {result['chunks'] * args.envs} episodes", flush=True)
+    elif args.untrained_from:
+        result["untrained"] = untrained_from(args.untrained_from, seed, args)
+    else:
+        result["untrained"] = evaluate_agent(agent, held_out, args)
     print(f"seed {seed} untrained {result['untrained']} ({time.perf_counter() - t0:.0f} s)", flush=True)
     train = make_env(TRAIN_SEEDS, max_episode_steps=args.max_steps, num_envs=args.envs,
                      intermediate_reward_weight=args.intermediate_reward)
-    result["updates"] = agent.train(train, args.episodes, seed=seed, progress=False)
+    # Chunks of one batch (one update each): every sub-env ends its episode at a chunk's end, so the
+    # full training state can be saved there and a stopped run resumes where it was.
+    t_train = time.perf_counter()
+    for chunk in range(result["chunks"], args.episodes // args.envs):
+        if args.train_minutes and time.perf_counter() - t_train > 60 * args.train_minutes:
+            break
+        result["updates"] += agent.train(train, args.envs, seed=seed * 1_000_003 + chunk * args.envs,
+                                         progress=False)
+        result["chunks"] = chunk + 1
+        print(f"seed {seed} episodes {result['chunks'] * args.envs}: "
+              f"return {result['updates'][-1]['rollout/mean_return']:.2f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        if state is not None:
+            save_training_state(agent, state, extra={
+                "chunks": result["chunks"], "updates": result["updates"], "untrained": result["untrained"],
+                "config": training,
+                "train_s": result["train_s"] + time.perf_counter() - t_train})
+    result["train_s"] += time.perf_counter() - t_train
+    result["episodes"] = result["chunks"] * args.envs
     result["trained"] = evaluate_agent(agent, held_out, args)
     print(f"seed {seed} trained {result['trained']} ({time.perf_counter() - t0:.0f} s)", flush=True)
     result["random"] = play(held_out, lambda obs, info, t, rng: str(rng.choice(obs["admissible_commands"])),
@@ -116,7 +182,7 @@ def plot(result: dict, path: Path) -> None:
 
     table = result["table"]
     names = list(table)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     for ax, metric, label in [(axes[0], "success", "success rate (games won)"),
                               (axes[1], "score", "score / max score")]:
         means = [table[n][f"{metric}_mean"] for n in names]
@@ -127,8 +193,23 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
+    ax = axes[2]
+    for color, r in zip(["tab:blue", "tab:orange", "tab:purple", "tab:brown"] * 4, result["runs"]):
+        returns = np.array([u["rollout/mean_return"] for u in r["updates"]])
+        episodes = np.cumsum([u["rollout/episodes"] for u in r["updates"]])
+        ax.plot(episodes, returns, color=color, alpha=0.3)
+        k = min(4, len(returns))
+        if k:
+            ax.plot(episodes[k - 1:], np.convolve(returns, np.ones(k) / k, mode="valid"), color=color,
+                    label=f"seed {r['seed']}")
+    ax.set_xlabel("training episodes")
+    ax.set_ylabel("mean training return per update\n(thin; thick: mean of 4 updates)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     cfg = result["config"]
-    fig.suptitle(f"TextWorld held-out games (16), SmolLM2-135M + LoRA, PPO {cfg['episodes']} episodes; "
+    episodes = sorted({r.get("episodes", cfg["episodes"]) for r in result["runs"]})
+    fig.suptitle(f"TextWorld held-out games (16), SmolLM2-135M + LoRA, PPO {'/'.join(map(str, episodes))} episodes "
+                 f"(lr {cfg['lr']:g}, intermediate reward {cfg.get('intermediate_reward', 0):g}); "
                  f"seeds {cfg['seeds']} (error bars: std over seeds)", fontsize=10)
     save_figure(fig, path)
 
@@ -149,6 +230,12 @@ def main() -> None:
     parser.add_argument("--lora-top-layers", type=int, default=8,
                         help="LoRA on the top N transformer blocks only (0: every block); 8 of 30 made an "
                              "update 1.6x faster and its peak RSS 5.6 -> 2.4 GB")
+    parser.add_argument("--train-minutes", type=float, default=0,
+                        help="stop training after the update that passes this many minutes (0: no limit)")
+    parser.add_argument("--checkpoint", default=None, metavar="DIR",
+                        help="save the training state to DIR/seed<N> after every update and resume from it")
+    parser.add_argument("--untrained-from", default=None, metavar="JSON",
+                        help="reuse the untrained evaluation of an earlier result file of the same agent")
     parser.add_argument("--eval-batch", type=int, default=8, help="evaluation episodes played side by side")
     add_common_args(parser, "textworld")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
