@@ -243,6 +243,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:
         runs = load_runs(args.merge)
+        import json
+
+        made = json.loads(Path(args.merge[0]).read_text())["config"]  # the settings the runs were made with
+        for key in (*TRAINING_CONFIG, "episodes", "sampled_episodes", "eval_batch"):
+            setattr(args, key, made.get(key, getattr(args, key)))
         args.seeds = [r["seed"] for r in runs]
         save_result("textworld", args, runs, plot, table=summarise(runs), wall_s=sum(r["wall_s"] for r in runs))
         return
