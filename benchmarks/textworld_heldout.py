@@ -32,6 +32,7 @@ won; score = mean of score / max score. Writes ``results/textworld.json`` and ``
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -70,16 +71,15 @@ def evaluate_agent(agent, env, args) -> dict:
 # What a resumed run must share with the run that saved its checkpoint.
 TRAINING_CONFIG = ("model", "precision", "lora_top_layers", "max_steps", "envs", "epochs", "lr", "minibatch_size",
                    "intermediate_reward")
+# What an untrained evaluation depends on.
+UNTRAINED_CONFIG = ("model", "precision", "lora_top_layers", "max_steps", "sampled_episodes", "eval_batch")
 
 
 def untrained_from(path: str, seed: int, args) -> dict:
     """The ``untrained`` evaluation of ``seed`` in an earlier result file, if that run's untrained agent
     and evaluation were the same as this one's (model, precision, LoRA layers, episode length, episodes)."""
-    import json
-
     old = json.loads(Path(path).read_text())
-    same = ("model", "precision", "lora_top_layers", "max_steps", "sampled_episodes", "eval_batch")
-    diff = [k for k in same if old["config"].get(k) != getattr(args, k)]
+    diff = [k for k in UNTRAINED_CONFIG if old["config"].get(k) != getattr(args, k)]
     if diff:
         raise SystemExit(f"--untrained-from {path}: its {', '.join(diff)} differ from this run's; "
                          "its untrained evaluation is not this agent's")
@@ -243,10 +243,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:
         runs = load_runs(args.merge)
-        import json
-
         made = json.loads(Path(args.merge[0]).read_text())["config"]  # the settings the runs were made with
-        for key in (*TRAINING_CONFIG, "episodes", "sampled_episodes", "eval_batch"):
+        for key in {*TRAINING_CONFIG, *UNTRAINED_CONFIG, "episodes"}:
             setattr(args, key, made.get(key, getattr(args, key)))
         args.seeds = [r["seed"] for r in runs]
         save_result("textworld", args, runs, plot, table=summarise(runs), wall_s=sum(r["wall_s"] for r in runs))
