@@ -70,7 +70,7 @@ def evaluate_agent(agent, env, args) -> dict:
 
 # What a resumed run must share with the run that saved its checkpoint.
 TRAINING_CONFIG = ("model", "precision", "lora_top_layers", "max_steps", "envs", "epochs", "lr", "minibatch_size",
-                   "intermediate_reward")
+                   "intermediate_reward", "ent_coef")
 # What an untrained evaluation depends on.
 UNTRAINED_CONFIG = ("model", "precision", "lora_top_layers", "max_steps", "sampled_episodes", "eval_batch")
 
@@ -106,7 +106,8 @@ def run(seed: int, args) -> dict:
         lora = default_lora_config(layers=range(max(0, depth - args.lora_top_layers), depth))
     agent = TextWorldAgent(args.model, seed=seed, precision=args.precision, lora_config=lora,
                            algorithm_config={"batch_episodes": args.envs, "learning_rate": args.lr,
-                                             "minibatch_size": args.minibatch_size, "epochs": args.epochs})
+                                             "minibatch_size": args.minibatch_size, "epochs": args.epochs,
+                                             "ent_coef": args.ent_coef})
     state = Path(args.checkpoint) / f"seed{seed}" if args.checkpoint else None
     saved = load_training_state(agent, state) if state is not None and state.exists() else {}
     training = {k: getattr(args, k) for k in TRAINING_CONFIG}
@@ -227,6 +228,8 @@ def main() -> None:
     parser.add_argument("--minibatch-size", type=int, default=4,
                         help="steps per gradient step (PPO's default 16 of these long prompts needs ~20 GB)")
     parser.add_argument("--epochs", type=int, default=2, help="PPO epochs over each batch")
+    parser.add_argument("--ent-coef", type=float, default=0.01,
+                        help="weight of PPO's entropy bonus (over the admissible commands' distribution)")
     parser.add_argument("--lora-top-layers", type=int, default=8,
                         help="LoRA on the top N transformer blocks only (0: every block); 8 of 30 made an "
                              "update 1.6x faster and its peak RSS 5.6 -> 2.4 GB")
