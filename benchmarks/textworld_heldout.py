@@ -210,7 +210,8 @@ def plot(result: dict, path: Path) -> None:
     cfg = result["config"]
     episodes = sorted({r.get("episodes", cfg["episodes"]) for r in result["runs"]})
     fig.suptitle(f"TextWorld held-out games (16), SmolLM2-135M + LoRA, PPO {'/'.join(map(str, episodes))} episodes "
-                 f"(lr {cfg['lr']:g}, intermediate reward {cfg.get('intermediate_reward', 0):g}); "
+                 f"(lr {cfg['lr']:g}, intermediate reward {cfg.get('intermediate_reward', 0):g}, "
+                 f"entropy bonus {cfg.get('ent_coef', 0.01):g}); "
                  f"seeds {cfg['seeds']} (error bars: std over seeds)", fontsize=10)
     save_figure(fig, path)
 
@@ -247,7 +248,7 @@ def main() -> None:
     if args.merge:
         runs = load_runs(args.merge)
         made = json.loads(Path(args.merge[0]).read_text())["config"]  # the settings the runs were made with
-        for key in {*TRAINING_CONFIG, *UNTRAINED_CONFIG, "episodes"}:
+        for key in {*TRAINING_CONFIG, *UNTRAINED_CONFIG, "episodes", "train_minutes"}:
             setattr(args, key, made.get(key, getattr(args, key)))
         args.seeds = [r["seed"] for r in runs]
         save_result("textworld", args, runs, plot, table=summarise(runs), wall_s=sum(r["wall_s"] for r in runs))
