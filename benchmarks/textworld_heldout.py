@@ -89,12 +89,10 @@ def untrained_from(path: str, seed: int, args) -> dict:
     return runs[0]["untrained"]
 
 
-def run(seed: int, args) -> dict:
-    from examples.textworld import HELD_OUT_SEEDS, TRAIN_SEEDS, TextWorldAgent, make_env
-    from rllama.checkpoint import load_training_state, save_training_state
+def make_agent(seed: int, args):
+    """The benchmark's untrained ``TextWorldAgent`` for the settings in ``args`` (``TRAINING_CONFIG``)."""
+    from examples.textworld import TextWorldAgent
 
-    t0 = time.perf_counter()
-    held_out = make_env(HELD_OUT_SEEDS, max_episode_steps=args.max_steps)
     lora = None
     if args.lora_top_layers:
         from transformers import AutoConfig
@@ -104,10 +102,19 @@ def run(seed: int, args) -> dict:
 
         depth = AutoConfig.from_pretrained(resolve_model_path(args.model)).num_hidden_layers
         lora = default_lora_config(layers=range(max(0, depth - args.lora_top_layers), depth))
-    agent = TextWorldAgent(args.model, seed=seed, precision=args.precision, lora_config=lora,
-                           algorithm_config={"batch_episodes": args.envs, "learning_rate": args.lr,
-                                             "minibatch_size": args.minibatch_size, "epochs": args.epochs,
-                                             "ent_coef": args.ent_coef})
+    return TextWorldAgent(args.model, seed=seed, precision=args.precision, lora_config=lora,
+                          algorithm_config={"batch_episodes": args.envs, "learning_rate": args.lr,
+                                            "minibatch_size": args.minibatch_size, "epochs": args.epochs,
+                                            "ent_coef": args.ent_coef})
+
+
+def run(seed: int, args) -> dict:
+    from examples.textworld import HELD_OUT_SEEDS, TRAIN_SEEDS, make_env
+    from rllama.checkpoint import load_training_state, save_training_state
+
+    t0 = time.perf_counter()
+    held_out = make_env(HELD_OUT_SEEDS, max_episode_steps=args.max_steps)
+    agent = make_agent(seed, args)
     state = Path(args.checkpoint) / f"seed{seed}" if args.checkpoint else None
     saved = load_training_state(agent, state) if state is not None and state.exists() else {}
     training = {k: getattr(args, k) for k in TRAINING_CONFIG}
