@@ -177,9 +177,33 @@ def summarise(runs: list[dict]) -> dict:
         key = f"{name} ({mode})" if mode else name
         succ = np.array([v["success"] for v in vals])
         score = np.array([v["score"] for v in vals])
+        n = sum(v["n"] for v in vals)
+        pooled = sum(v["success"] * v["n"] for v in vals) / n
         rows[key] = {"success_mean": float(succ.mean()), "success_std": _std(succ),
+                     # standard error of the success rate over all the episodes of all seeds (binomial)
+                     "success_se": float(np.sqrt(pooled * (1 - pooled) / n)), "episodes": n,
                      "score_mean": float(score.mean()), "score_std": _std(score), "per_seed_success": succ.tolist()}
     return rows
+
+
+def target(table: dict) -> dict:
+    """The issue's target, trained success over untrained success (sampled play), with its standard error.
+
+    The untrained agent is the same policy for every seed (a fresh LoRA adapter is zero), so its seeds'
+    evaluations are draws of one success rate: pooled, binomial standard error. Each seed's trained agent
+    is a policy of its own, so the trained mean's standard error is the spread over seeds / sqrt(seeds)
+    (which holds the evaluation noise too); with one seed, the binomial one.
+    """
+    untrained, trained = table["untrained (sampled)"], table["trained (sampled)"]
+    u, t = untrained["success_mean"], trained["success_mean"]
+    if u == 0:
+        return {"ratio": None, "note": "the untrained agent never won"}
+    seeds = len(trained["per_seed_success"])
+    t_se = trained["success_std"] / np.sqrt(seeds) if seeds > 1 else trained["success_se"]
+    ratio = t / u
+    rel = np.sqrt((t_se / max(t, 1e-9)) ** 2 + (untrained["success_se"] / u) ** 2)
+    return {"ratio": ratio, "ratio_se": float(ratio * rel),
+            "per_seed_ratio": [s / u for s in trained["per_seed_success"]]}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -258,7 +282,9 @@ def main() -> None:
         for key in {*TRAINING_CONFIG, *UNTRAINED_CONFIG, "episodes", "train_minutes"}:
             setattr(args, key, made.get(key, getattr(args, key)))
         args.seeds = [r["seed"] for r in runs]
-        save_result("textworld", args, runs, plot, table=summarise(runs), wall_s=sum(r["wall_s"] for r in runs))
+        table = summarise(runs)
+        save_result("textworld", args, runs, plot, table=table, target=target(table),
+                    wall_s=sum(r["wall_s"] for r in runs))
         return
     set_threads(args)
     t0 = time.perf_counter()
@@ -266,10 +292,15 @@ def main() -> None:
     for seed in args.seeds:
         runs.append(run(seed, args))
         save_partial(args.name, runs)
-    result = save_result("textworld", args, runs, plot, table=summarise(runs), wall_s=time.perf_counter() - t0)
+    table = summarise(runs)
+    result = save_result("textworld", args, runs, plot, table=table, target=target(table),
+                         wall_s=time.perf_counter() - t0)
     for name, row in result["table"].items():
         print(f"{name:22s} success {row['success_mean']:.3f} ± {row['success_std']:.3f}  "
               f"score {row['score_mean']:.3f} ± {row['score_std']:.3f}")
+    if result["target"]["ratio"] is not None:
+        print(f"trained / untrained success (sampled): {result['target']['ratio']:.2f} "
+              f"± {result['target']['ratio_se']:.2f}")
 
 
 if __name__ == "__main__":
