@@ -210,6 +210,12 @@ def target(table: dict) -> dict:
             "per_seed_ratio": [s / u for s in trained["per_seed_success"]]}
 
 
+def save(args, runs: list[dict], wall_s: float) -> dict:
+    """Write the result (the table over seeds and the issue's target) as JSON and PNG."""
+    table = summarise(runs)
+    return save_result("textworld", args, runs, plot, table=table, target=target(table), wall_s=wall_s)
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -286,9 +292,7 @@ def main() -> None:
         for key in {*TRAINING_CONFIG, *UNTRAINED_CONFIG, "episodes", "train_minutes"}:
             setattr(args, key, made.get(key, getattr(args, key)))
         args.seeds = [r["seed"] for r in runs]
-        table = summarise(runs)
-        save_result("textworld", args, runs, plot, table=table, target=target(table),
-                    wall_s=sum(r["wall_s"] for r in runs))
+        save(args, runs, wall_s=sum(r["wall_s"] for r in runs))
         return
     set_threads(args)
     t0 = time.perf_counter()
@@ -296,9 +300,7 @@ def main() -> None:
     for seed in args.seeds:
         runs.append(run(seed, args))
         save_partial(args.name, runs)
-    table = summarise(runs)
-    result = save_result("textworld", args, runs, plot, table=table, target=target(table),
-                         wall_s=time.perf_counter() - t0)
+    result = save(args, runs, wall_s=time.perf_counter() - t0)
     for name, row in result["table"].items():
         print(f"{name:22s} success {row['success_mean']:.3f} ± {row['success_std']:.3f}  "
               f"score {row['score_mean']:.3f} ± {row['score_std']:.3f}")
