@@ -1,10 +1,10 @@
 """Diagnostic for the TextWorld benchmark: its agents on the first 16 *training* games.
 
-    python benchmarks/textworld_train_games.py SEED trained     # the agent saved in .cache/textworld_state_v3
-    python benchmarks/textworld_train_games.py SEED untrained   # the same agent before training
+    python benchmarks/textworld_train_games.py SEED trained --checkpoint .cache/textworld_state_v4
+    python benchmarks/textworld_train_games.py SEED untrained --checkpoint .cache/textworld_state_v4  # before training
 
-The agent is built with the settings its ``textworld_heldout.py --checkpoint`` run saved (``--checkpoint``
-here, default ``.cache/textworld_state_v3``, the third attempt's) and evaluated with that script's
+The agent is built with the settings its ``textworld_heldout.py --checkpoint DIR`` run saved (the same
+``DIR`` here) and evaluated with that script's
 protocol (greedy: one episode a game; sampled: two), on training games seeds 0-15 instead of the
 held-out games: did training fit the games it trained on? Prints one JSON line. The checkpoint
 lives on the machine that trained, not in git.
@@ -29,7 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("seed", type=int)
     parser.add_argument("agent", choices=["trained", "untrained"])
-    parser.add_argument("--checkpoint", default=str(ROOT.parent / ".cache" / "textworld_state_v3"), metavar="DIR")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="the --checkpoint folder of a textworld_heldout.py run")
     args = parser.parse_args()
     state = Path(args.checkpoint) / f"seed{args.seed}"
     if not (state / "state.json").exists():
