@@ -32,6 +32,7 @@ from torch import nn
 
 from rllama.errors import ModelNotFoundError, RLlamaError
 from rllama.fileio import replace_dir
+from rllama.policy.prefix_cache import DEFAULT_CACHE_MB, FrozenBottom, supports_split
 
 POLICY_FILE = "policy.json"
 HEADS_FILE = "heads.safetensors"
@@ -58,20 +59,33 @@ class ValueHead(nn.Module):
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+DEFAULT_TOP_BLOCKS = 8
+"""Transformer blocks a :class:`PolicyModel` adapts by default, counted from the top (see ``docs/scaling.md``)."""
+
+
 def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules=None, layers=None):
-    """The LoRA settings rllama uses when none are given: rank 16, alpha 32 on every linear layer.
+    """LoRA settings: rank 16, alpha 32 on every linear layer of the chosen transformer blocks.
+
+    A :class:`PolicyModel` given no ``lora_config`` uses ``default_lora_config(layers=<its top 8 blocks>)``
+    on Llama-family models (the blocks below are frozen and their states cached, see
+    :mod:`rllama.policy.prefix_cache`) and ``default_lora_config()`` on others.
 
     Args:
         target_modules: module names to adapt (default: every linear layer, ``"all-linear"``; with
             ``layers``, the Llama-family projections ``LLAMA_LINEAR_MODULES``, since PEFT needs names
             then — give your architecture's names for others).
-        layers: transformer block indices that get adapters (default: all). Adapting only the top
-            blocks (e.g. ``range(22, 30)`` of SmolLM2-135M's 30) makes an update cheaper: backward
-            stops below the lowest adapted block, and nothing below it is kept for backward.
+        layers: transformer block indices that get adapters; ``None`` or ``"all"``: every block.
+            Adapting only the top blocks (e.g. ``range(22, 30)`` of SmolLM2-135M's 30) makes acting
+            and updates cheaper: the frozen blocks run once per new token prefix, and backward stops
+            below the lowest adapted block.
     """
     from peft import LoraConfig
 
     extra = {}
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(f"layers={layers!r}: give 'all' or a list of block indices")
+        layers = None
     if layers is not None:
         layers = [int(i) for i in layers]
         if not layers or min(layers) < 0:
@@ -182,6 +196,8 @@ class PolicyModel(nn.Module):
         precision: str = "auto",
         score_normalization: str = "mean",
         temperature: float = 1.0,
+        prefix_cache: bool | str = "auto",
+        prefix_cache_mb: float = DEFAULT_CACHE_MB,
     ) -> None:
         super().__init__()
         from peft import PeftModel, get_peft_model
@@ -192,6 +208,10 @@ class PolicyModel(nn.Module):
             raise ValueError(f"score_normalization={score_normalization!r}; expected 'mean' or 'sum'")
         if not temperature > 0:
             raise ValueError(f"temperature={temperature!r}; expected a positive number")
+        if prefix_cache not in ("auto", True, False):
+            raise ValueError(f"prefix_cache={prefix_cache!r}; expected 'auto', True or False")
+        if not prefix_cache_mb >= 0:
+            raise ValueError(f"prefix_cache_mb={prefix_cache_mb!r}; expected 0 (no cache) or a positive size in MiB")
         self.tokenizer = tokenizer
         self.score_normalization = score_normalization
         self.temperature = float(temperature)
@@ -203,7 +223,7 @@ class PolicyModel(nn.Module):
             with warnings.catch_warnings():
                 # PEFT reads transformers' deprecated `is_gradient_checkpointing`; not the user's concern.
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                self.lm = get_peft_model(model, lora_config or default_lora_config())
+                self.lm = get_peft_model(model, lora_config or self._default_lora_config(model))
         config = self.lm.get_base_model().config
         self.base_model_name = getattr(config, "_name_or_path", "") or ""
         hidden = getattr(config, "hidden_size", None) or config.n_embd
@@ -215,6 +235,7 @@ class PolicyModel(nn.Module):
         # Shared prompt prefixes at least this long run once per batch (see _forward_prompts).
         self.min_shared_prefix = 8
         self.lm.eval()  # dropout off: acting and training must see the same function
+        self._bottom = self._make_frozen_bottom(prefix_cache, prefix_cache_mb)
 
     # ------------------------------------------------------------------ structure
     @staticmethod
@@ -239,6 +260,77 @@ class PolicyModel(nn.Module):
     def _lm_head(self):
         return self._causal_lm().get_output_embeddings()
 
+    @staticmethod
+    def _default_lora_config(model):
+        """The top :data:`DEFAULT_TOP_BLOCKS` blocks of a Llama-family model; every linear layer of others."""
+        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+        n = len(body.layers) if body is not None and supports_split(body) else 0
+        if n <= DEFAULT_TOP_BLOCKS:
+            return default_lora_config()
+        return default_lora_config(layers=range(n - DEFAULT_TOP_BLOCKS, n))
+
+    def _make_frozen_bottom(self, prefix_cache, prefix_cache_mb: float) -> FrozenBottom | None:
+        """The split forward with its prefix cache, when asked for and when this model has a frozen bottom."""
+        if prefix_cache is False or prefix_cache_mb == 0:
+            return None
+        body = self._body()
+        if not supports_split(body):
+            if prefix_cache is True:
+                raise RLlamaError(
+                    f"prefix_cache=True: cannot locate the transformer blocks of {type(self._causal_lm()).__name__} "
+                    "(expected a body with embed_tokens, layers, norm and rotary_emb, as Llama, Qwen2 and Mistral "
+                    "have); pass prefix_cache=False to run without the cache")
+            return None
+        attn = getattr(self._causal_lm().config, "_attn_implementation", "sdpa")
+        mask_dtype = torch.bfloat16 if self.precision == "bf16" else next(body.parameters()).dtype
+        bottom = FrozenBottom(body, int(prefix_cache_mb * 2**20), attn, mask_dtype)
+        if not bottom.active:
+            if prefix_cache is True:
+                raise RLlamaError(
+                    "prefix_cache=True: every transformer block holds a LoRA adapter, so no block is frozen; "
+                    "adapt the top blocks only (default_lora_config(layers=range(22, 30))) or pass prefix_cache=False")
+            return bottom
+        if not self._split_matches_model(bottom):
+            if prefix_cache is True:
+                raise RLlamaError(
+                    f"prefix_cache=True: the split forward pass does not reproduce {type(self._causal_lm()).__name__}'s "
+                    "own; pass prefix_cache=False to run without the cache")
+            warnings.warn(f"rllama: the frozen-prefix cache does not support {type(self._causal_lm()).__name__}; "
+                          "running without it", stacklevel=3)
+            return None
+        return bottom
+
+    @torch.no_grad()
+    def _split_matches_model(self, bottom: FrozenBottom) -> bool:
+        """Check the split forward against the model's own on a few tokens (float32, nothing cached)."""
+        ids = [int(t) % self._lm_head().weight.shape[0] for t in (5, 17, 3, 11, 29, 7)]
+        want = self._body()(input_ids=torch.as_tensor([ids], device=self.device)).last_hidden_state[0]
+        hidden = bottom.boundary([ids])[0][None]
+        allowed = bottom.causal(torch.ones((1, len(ids)), dtype=torch.long, device=self.device), len(ids))
+        got = bottom.top(hidden, allowed, torch.arange(len(ids), device=self.device)[None])[0]
+        bottom.cache.clear()
+        return bool(torch.allclose(got, want, atol=1e-4, rtol=1e-4))
+
+    @property
+    def prefix_cache_active(self) -> bool:
+        """Whether the frozen blocks run only for new token prefixes (see :mod:`rllama.policy.prefix_cache`)."""
+        return self._bottom is not None and self._bottom.active
+
+    def prefix_cache_stats(self) -> dict:
+        """The prefix cache's bytes, nodes, hit and miss tokens; ``{}`` when it is off."""
+        if not self.prefix_cache_active:
+            return {}
+        return {"frozen_blocks": self._bottom.split, **self._bottom.cache.stats()}
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix (needed only if the base model's weights were changed by hand)."""
+        if self._bottom is not None:
+            self._bottom.cache.clear()
+
+    def _adapters_changed(self) -> None:
+        if self._bottom is not None:
+            self._bottom.refresh()
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The adapter's and heads' parameters (the base model's are frozen)."""
         return [p for p in self.parameters() if p.requires_grad]
@@ -260,9 +352,10 @@ class PolicyModel(nn.Module):
         if name in self.list_adapters():
             raise RLlamaError(f"adapter {name!r} already exists; adapters: {self.list_adapters()}")
         active = self.active_adapter
-        self.lm.add_adapter(name, lora_config or default_lora_config())
+        self.lm.add_adapter(name, lora_config or self._default_lora_config(self._causal_lm()))
         self.lm.set_adapter(active)  # keeps the active adapter trainable and the new one frozen
         self.to(self.device)
+        self._adapters_changed()
 
     def set_adapter(self, name: str) -> None:
         """Make ``name`` the adapter that acts and trains (its parameters trainable, the others frozen)."""
@@ -275,6 +368,7 @@ class PolicyModel(nn.Module):
         if name == self.active_adapter:
             raise RLlamaError(f"adapter {name!r} is active; set_adapter(another) before deleting it")
         self.lm.delete_adapter(name)
+        self._adapters_changed()
 
     def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
         """The LoRA parameters of adapter ``name`` (default: the active one)."""
@@ -332,6 +426,7 @@ class PolicyModel(nn.Module):
             raise RLlamaError(f"cannot load the adapter at {str(path)!r} into this model: {exc}") from exc
         self.lm.set_adapter(active)
         self.to(self.device)
+        self._adapters_changed()
 
     def _require_adapter(self, name: str) -> None:
         if name not in self.list_adapters():
@@ -357,11 +452,13 @@ class PolicyModel(nn.Module):
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ forward machinery
-    def _forward_prompts(self, prompts: Sequence[Sequence[int]], use_cache: bool):
+    def _forward_prompts(self, prompts: Sequence[Sequence[int]], use_cache: bool, bottom_kv: bool = False):
         """Left-padded forward of the prompts. Returns (last hidden [B,H], cache, mask [B,L], lengths [B]).
 
         Prompts of one batch usually share a long prefix (the system prompt, often the first
-        turns): it runs once and its key/value cache is shared by every row.
+        turns): it runs once and its key/value cache is shared by every row. With the prefix cache
+        active, the returned cache holds the adapted blocks' keys and values, and, with
+        ``bottom_kv``, the frozen blocks' too (what generation extends).
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RLlamaError("every prompt must hold at least one token")
@@ -370,6 +467,8 @@ class PolicyModel(nn.Module):
         shared = min(_common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if B > 1 else 0
         if shared < self.min_shared_prefix:
             shared = 0
+        if self.prefix_cache_active:
+            return self._forward_prompts_split(prompts, shared, bottom_kv)
         cache = None
         if shared:
             prefix = torch.as_tensor([list(prompts[0][:shared])], dtype=torch.long, device=self.device)
@@ -394,6 +493,46 @@ class PolicyModel(nn.Module):
             )
         lengths = mask.sum(-1)
         return out.last_hidden_state[:, -1], _cache_of(out), mask, lengths
+
+    def _forward_prompts_split(self, prompts, shared: int, bottom_kv: bool):
+        """:meth:`_forward_prompts` over boundary states from the prefix cache: only the adapted blocks run."""
+        from transformers import DynamicCache
+
+        bottom, B = self._bottom, len(prompts)
+        with self._autocast():
+            states = bottom.boundary(prompts, want_kv=bottom_kv)
+        hiddens = [s[0] for s in states] if bottom_kv else states  # [len_b, H] each
+        cache = DynamicCache()
+        if shared:
+            ones = torch.ones((1, shared), dtype=torch.long, device=self.device)
+            with self._autocast():
+                bottom.top(hiddens[0][None, :shared], bottom.causal(ones, shared),
+                           torch.arange(shared, device=self.device)[None], cache, True)
+            cache.batch_repeat_interleave(B)
+        L = max(len(p) for p in prompts) - shared
+        x = hiddens[0].new_zeros((B, L, hiddens[0].shape[-1]))  # [B, L, H], left-padded
+        mask = torch.zeros((B, L), dtype=torch.long, device=self.device)
+        for i, h in enumerate(hiddens):
+            n = len(h) - shared
+            x[i, L - n :] = h[shared:]
+            mask[i, L - n :] = 1
+        positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+        if shared:
+            mask = torch.cat([torch.ones((B, shared), dtype=torch.long, device=self.device), mask], dim=1)
+        with self._autocast():
+            last = bottom.top(x, bottom.causal(mask, L), positions, cache, True)  # [B, L, H]
+        if bottom_kv:  # the frozen blocks' keys and values in the same layout: [shared | left-padded rest]
+            keys, values = [s[1] for s in states], [s[2] for s in states]
+            k0 = keys[0]
+            shape = (bottom.split, B, k0.shape[1], shared + L, k0.shape[3])
+            past_k, past_v = k0.new_zeros(shape), values[0].new_zeros(shape)
+            for i, (k, v) in enumerate(zip(keys, values)):
+                n = k.shape[2] - shared
+                past_k[:, i, :, :shared], past_k[:, i, :, shared + L - n :] = k[:, :, :shared], k[:, :, shared:]
+                past_v[:, i, :, :shared], past_v[:, i, :, shared + L - n :] = v[:, :, :shared], v[:, :, shared:]
+            for layer in range(bottom.split):
+                cache.update(past_k[layer], past_v[layer], layer)
+        return last[:, -1], cache, mask, mask.sum(-1)
 
     def continuation_logprobs(
         self,
@@ -430,7 +569,7 @@ class PolicyModel(nn.Module):
 
         hidden = prompt_hidden[owner_t].unsqueeze(1)  # [R, 1, H]: predicts each continuation's first token
         if Lc > 1:
-            rest = self._packed_continuations(continuations, list(owner), cache, pmask, plen, Lc)
+            rest = self._packed_continuations(prompts, continuations, list(owner), cache, pmask, plen, Lc)
             hidden = torch.cat([hidden, rest], dim=1)  # [R, Lc, H]
 
         # Project only the real positions to the vocabulary: the lm head is a fifth of the model.
@@ -452,7 +591,7 @@ class PolicyModel(nn.Module):
         action_hidden = hidden[torch.arange(R, device=self.device), last]
         return Continuations(prompt_hidden, token_logprobs, cmask, entropy, action_hidden)
 
-    def _packed_continuations(self, continuations, owner: list[int], cache, pmask, plen, Lc: int) -> torch.Tensor:
+    def _packed_continuations(self, prompts, continuations, owner: list[int], cache, pmask, plen, Lc: int) -> torch.Tensor:
         """Hidden states of every continuation token but the last, ``[R, Lc-1, H]`` (zeros past a row's end).
 
         All continuations of one prompt are packed into one row after that prompt's key/value cache,
@@ -486,6 +625,14 @@ class PolicyModel(nn.Module):
         same = same | torch.eye(Q, dtype=torch.bool, device=self.device)[None]  # padding tokens see themselves
         sees_prompt = pmask.bool()[:, None, :].expand(B, Q, pmask.shape[1])
         allowed = torch.cat([sees_prompt, same], dim=2)[:, None]
+        if self.prefix_cache_active:
+            packed = self._packed_top(prompts, continuations, segments, allowed, positions, cache, Q)
+        else:
+            packed = self._packed_body(ids, allowed, positions, cache)
+        return self._unpack(packed, continuations, segments, Lc)
+
+    def _packed_body(self, ids, allowed, positions, cache) -> torch.Tensor:
+        """The whole body over packed continuation tokens ``ids`` ``[B, Q]``; returns ``[B, Q, H]``."""
         if getattr(self.lm.get_base_model().config, "_attn_implementation", "sdpa") == "eager":
             dtype = torch.bfloat16 if self.precision == "bf16" else next(self._body().parameters()).dtype
             mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(
@@ -496,7 +643,25 @@ class PolicyModel(nn.Module):
             packed = self._body()(
                 input_ids=ids, attention_mask=mask, position_ids=positions, **self._cache_arg(cache), use_cache=False,
             ).last_hidden_state  # [B, Q, H]
-        # Unpack to one row per continuation.
+        return packed
+
+    def _packed_top(self, prompts, continuations, segments, allowed, positions, cache, Q: int) -> torch.Tensor:
+        """The adapted blocks over packed continuation tokens, their boundary states from the prefix cache."""
+        rows = [(b, r, start) for b, segs in enumerate(segments) for r, start in segs if len(continuations[r]) > 1]
+        seqs = [list(prompts[b]) + list(continuations[r][:-1]) for b, r, _ in rows]
+        with self._autocast():
+            states = self._bottom.boundary(seqs) if seqs else []
+        x = torch.zeros((len(segments), Q, self.hidden_size), device=self.device,
+                        dtype=states[0].dtype if states else torch.float32)  # [B, Q, H]
+        for (b, r, start), h in zip(rows, states):
+            n = len(continuations[r]) - 1
+            x[b, start : start + n] = h[-n:]
+        with self._autocast():
+            return self._bottom.top(x, allowed, positions, cache, False)
+
+    def _unpack(self, packed, continuations, segments, Lc: int) -> torch.Tensor:
+        """One row per continuation ``[R, Lc-1, H]`` from the packed rows ``[B, Q, H]``."""
+        B = packed.shape[0]
         R = len(continuations)
         rows, cols, src_b, src_q = [], [], [], []
         for b in range(B):
@@ -613,7 +778,7 @@ class PolicyModel(nn.Module):
         or after ``max_new_tokens``. Finished rows leave the batch.
         """
         stop = set(int(t) for t in stop_token_ids)
-        hidden, cache, mask, lengths = self._forward_prompts(prompts, use_cache=True)
+        hidden, cache, mask, lengths = self._forward_prompts(prompts, use_cache=True, bottom_kv=True)
         values = self.heads["value"](hidden).squeeze(-1).tolist()
         replies = [GeneratedReply([], [], v) for v in values]
         active = torch.arange(len(prompts), device=self.device)

@@ -1,0 +1,359 @@
+"""Train the top, remember the bottom: the frozen blocks' states of every token prefix seen, cached.
+
+With LoRA only on the top transformer blocks, every block below the lowest adapted one is frozen:
+its output for a token is a pure function of the token prefix. :class:`FrozenBottom` splits the
+model's forward pass there. The *bottom* (embeddings and the frozen blocks) runs only for tokens
+whose prefix it has not seen; a :class:`RadixCache` keeps, per token, the bottom blocks' key/value
+states (to extend a prefix) and the hidden state that enters the lowest trainable block (the
+*boundary* state). The *top* (the adapted blocks and the final norm) runs on boundary states, in
+acting, in every update epoch and in the reference pass alike::
+
+    tokens ──► [ embeddings + frozen blocks 0 … k-1 ] ──► boundary states ──► [ adapted blocks k … n-1 ] ──► heads
+                        ▲ run once per new prefix               │ cached (radix tree over token ids)
+                        └──────────── key/value states ◄────────┘
+
+The tree is bounded in bytes and evicts the least recently used leaves first; an entry that was
+evicted is simply recomputed, so a cache too small to hold anything is still correct, only slower.
+It never goes stale while the base model and the set of adapted blocks stay the same;
+:meth:`FrozenBottom.refresh` (called whenever adapters are added, loaded or deleted) clears it when
+the frozen part changes.
+
+Supported: decoder-only models whose body holds ``embed_tokens``, ``layers``, ``norm`` and
+``rotary_emb`` (Llama, SmolLM, Qwen2, Mistral and their kin); the split is checked against the
+model's own forward pass once, on a few tokens, before it is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rllama.errors import RLlamaError
+
+DEFAULT_CACHE_MB = 512
+"""Default bound of the prefix cache, in MiB (SmolLM2-135M with 8 adapted blocks: ≈ 36 KiB a token in fp32)."""
+
+
+class _Node:
+    """A run of tokens in the tree and, per token, the bottom's key/value states and the boundary state."""
+
+    __slots__ = ("tokens", "keys", "values", "hidden", "children", "parent", "last_used", "nbytes")
+
+    def __init__(self, tokens, keys, values, hidden, parent):
+        self.tokens: tuple[int, ...] = tokens
+        self.keys = keys  # [layers, kv_heads, n, head_dim]
+        self.values = values  # [layers, kv_heads, n, head_dim]
+        self.hidden = hidden  # [n, H]
+        self.children: dict[int, _Node] = {}
+        self.parent: _Node | None = parent
+        self.last_used = 0
+        self.nbytes = sum(t.numel() * t.element_size() for t in (keys, values, hidden) if t is not None)
+
+
+@dataclass
+class Piece:
+    """The first ``n`` tokens of a node, as a matched prefix is made of."""
+
+    node: _Node
+    n: int
+
+
+class RadixCache:
+    """A radix tree over token ids holding per-token tensors, bounded in bytes, least recently used evicted.
+
+    Args:
+        max_bytes: the bound; ``0`` keeps nothing (every lookup misses).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes={max_bytes}; expected 0 or more")
+        self.max_bytes = int(max_bytes)
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget every entry (the counters too)."""
+        self.root = _Node((), None, None, None, None)
+        self.nbytes = 0
+        self.nodes = 0
+        self._tick = 0
+        self.hit_tokens = 0
+        self.miss_tokens = 0
+
+    def match(self, tokens: Sequence[int]) -> list[Piece]:
+        """The longest cached prefix of ``tokens``, as pieces of nodes (marks them recently used)."""
+        self._tick += 1
+        tokens = tuple(int(t) for t in tokens)
+        pieces, node, i = [], self.root, 0
+        while i < len(tokens):
+            child = node.children.get(tokens[i])
+            if child is None:
+                break
+            n = len(child.tokens)
+            if tokens[i : i + n] != child.tokens:  # a partial match: find where they part
+                n = 0
+                while n < len(child.tokens) and i + n < len(tokens) and child.tokens[n] == tokens[i + n]:
+                    n += 1
+            child.last_used = self._tick
+            pieces.append(Piece(child, n))
+            i += n
+            if n < len(child.tokens):
+                break
+            node = child
+        return pieces
+
+    def insert(self, tokens: Sequence[int], start: int, keys, values, hidden) -> None:
+        """Store the states of ``tokens[start:]`` (``keys``/``values`` ``[layers, kv, n, d]``, ``hidden`` ``[n, H]``).
+
+        The prefix ``tokens[:start]`` should be cached already; what of it is not (evicted meanwhile)
+        is not stored. Tokens already cached (another sequence of the batch stored them) are skipped.
+        """
+        if self.max_bytes == 0:
+            return
+        tokens = tuple(int(t) for t in tokens)
+        pieces = self.match(tokens)
+        matched = sum(p.n for p in pieces)
+        if matched < start:
+            return  # part of the prefix was evicted: these states cannot hang under it
+        if matched == len(tokens):
+            return
+        parent = self.root
+        if pieces:
+            last = pieces[-1]
+            parent = self._split(last.node, last.n) if last.n < len(last.node.tokens) else last.node
+        off = matched - start
+        node = _Node(tokens[matched:], keys[:, :, off:].clone(), values[:, :, off:].clone(), hidden[off:].clone(), parent)
+        node.last_used = self._tick
+        parent.children[node.tokens[0]] = node
+        self.nbytes += node.nbytes
+        self.nodes += 1
+        self._evict()
+
+    def _split(self, node: _Node, n: int) -> _Node:
+        """Cut ``node`` after its first ``n`` tokens; returns the new upper part."""
+        upper = _Node(node.tokens[:n], node.keys[:, :, :n].clone(), node.values[:, :, :n].clone(),
+                      node.hidden[:n].clone(), node.parent)
+        upper.last_used = node.last_used
+        lower_nbytes = node.nbytes
+        node.tokens = node.tokens[n:]
+        node.keys, node.values, node.hidden = node.keys[:, :, n:].clone(), node.values[:, :, n:].clone(), node.hidden[n:].clone()
+        node.nbytes = sum(t.numel() * t.element_size() for t in (node.keys, node.values, node.hidden))
+        node.parent.children[upper.tokens[0]] = upper
+        upper.children[node.tokens[0]] = node
+        node.parent = upper
+        self.nbytes += upper.nbytes + node.nbytes - lower_nbytes
+        self.nodes += 1
+        return upper
+
+    def _evict(self) -> None:
+        if self.nbytes <= self.max_bytes:
+            return
+        # Evict down to 90 % of the bound, so that a full cache does not scan the tree on every insert.
+        target = int(self.max_bytes * 0.9)
+        leaves = [n for n in self._walk() if not n.children]
+        leaves.sort(key=lambda n: n.last_used)
+        while self.nbytes > target and leaves:
+            leaf = leaves.pop(0)
+            parent = leaf.parent
+            del parent.children[leaf.tokens[0]]
+            self.nbytes -= leaf.nbytes
+            self.nodes -= 1
+            if parent is not self.root and not parent.children:
+                # The parent became a leaf: it goes in order of its own last use.
+                pos = next((i for i, n in enumerate(leaves) if n.last_used > parent.last_used), len(leaves))
+                leaves.insert(pos, parent)
+
+    def _walk(self):
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    def stats(self) -> dict:
+        """Bytes held, nodes, and the tokens served from the cache and computed since the last clear."""
+        seen = self.hit_tokens + self.miss_tokens
+        return {"bytes": self.nbytes, "nodes": self.nodes, "hit_tokens": self.hit_tokens,
+                "miss_tokens": self.miss_tokens, "hit_rate": self.hit_tokens / seen if seen else 0.0}
+
+
+def lora_block_indices(body) -> list[int]:
+    """Indices of the blocks of ``body.layers`` holding a LoRA module of any adapter."""
+    found = []
+    for i, block in enumerate(body.layers):
+        if any(hasattr(m, "lora_A") and len(m.lora_A) for m in block.modules()):
+            found.append(i)
+    return found
+
+
+def supports_split(body) -> bool:
+    """Whether the model body has the structure the split forward runs (embeddings, blocks, norm, rotary)."""
+    return all(hasattr(body, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb"))
+
+
+class FrozenBottom:
+    """The forward pass of a Llama-family body split at its lowest adapted block, with a prefix cache.
+
+    Args:
+        body: the transformers base model (``LlamaModel`` and kin) inside the PEFT wrapper.
+        attn_implementation: ``"eager"`` takes additive float masks, the others boolean ones.
+        max_bytes: bound of the :class:`RadixCache`.
+    """
+
+    def __init__(self, body, max_bytes: int, attn_implementation: str = "sdpa",
+                 mask_dtype: torch.dtype = torch.float32) -> None:
+        if not supports_split(body):
+            raise RLlamaError(
+                f"prefix_cache: cannot locate the transformer blocks of {type(body).__name__} (expected "
+                "embed_tokens, layers, norm and rotary_emb); pass prefix_cache=False to run without the cache")
+        self.body = body
+        self.eager = attn_implementation == "eager"
+        self.mask_dtype = mask_dtype
+        self.cache = RadixCache(max_bytes)
+        self.split = 0
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Find the lowest adapted block again; clears the cache if the frozen part changed."""
+        adapted = lora_block_indices(self.body)
+        embeds_adapted = any(hasattr(m, "lora_A") and len(m.lora_A) for m in self.body.embed_tokens.modules()) or \
+            any(hasattr(m, "lora_embedding_A") and len(m.lora_embedding_A) for m in self.body.embed_tokens.modules())
+        split = 0 if embeds_adapted else (min(adapted) if adapted else len(self.body.layers))
+        if split != self.split:
+            self.cache.clear()
+        self.split = split
+
+    @property
+    def active(self) -> bool:
+        """Whether there is a frozen bottom to cache (at least one block below every adapter)."""
+        return self.split > 0
+
+    # ------------------------------------------------------------------ masks
+    def mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A ``[B, 1, Q, K]`` boolean mask in the form the attention implementation takes."""
+        if not self.eager:
+            return allowed
+        dtype = self.mask_dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    @staticmethod
+    def causal(mask2d: torch.Tensor, q_len: int) -> torch.Tensor:
+        """``[B, 1, Q, K]`` causal mask of the last ``q_len`` positions over the keys ``mask2d`` marks real.
+
+        A padding query sees itself, so that no row is empty (an empty row would give NaN states).
+        """
+        K = mask2d.shape[1]
+        q = torch.arange(K - q_len, K, device=mask2d.device)[:, None]  # [Q, 1] absolute positions
+        k = torch.arange(K, device=mask2d.device)[None, :]
+        allowed = (k <= q)[None] & mask2d.bool()[:, None, :]
+        allowed = allowed | (k == q)[None]
+        return allowed[:, None]
+
+    # ------------------------------------------------------------------ the two halves
+    def run_blocks(self, hidden, blocks, allowed, positions, cache, use_cache: bool):
+        """Run ``blocks`` over ``hidden`` ``[B, Q, H]`` with the boolean mask ``allowed`` ``[B, 1, Q, K]``."""
+        mask = self.mask(allowed)
+        rotary = self.body.rotary_emb(hidden, position_ids=positions)
+        for block in blocks:
+            hidden = block(hidden, attention_mask=mask, position_ids=positions, cache=cache, use_cache=use_cache,
+                           position_embeddings=rotary)
+        return hidden
+
+    def top(self, hidden, allowed, positions, cache=None, use_cache: bool = False):
+        """The adapted blocks and the final norm over boundary states ``[B, Q, H]``; returns the last hidden states."""
+        blocks = self.body.layers[self.split :]
+        return self.body.norm(self.run_blocks(hidden, blocks, allowed, positions, cache, use_cache))
+
+    @torch.no_grad()
+    def boundary(self, seqs: Sequence[Sequence[int]], want_kv: bool = False):
+        """Boundary states ``[len, H]`` of each token sequence (and, with ``want_kv``, the bottom's key/value states).
+
+        Cached prefixes are read from the tree; the rest runs through the bottom in one batch
+        (each row after its own cached prefix) and is stored.
+
+        Returns:
+            a list of ``[len_i, H]`` tensors, or with ``want_kv`` a list of ``(hidden, keys, values)``
+            with ``keys``/``values`` ``[layers, kv_heads, len_i, head_dim]``.
+        """
+        # Read the cached parts first: inserting this batch's new states may split or evict the
+        # nodes they come from (the views taken here stay valid: nodes are re-made, never written).
+        cached = []
+        for s in seqs:
+            pieces = self.cache.match(s)
+            m = sum(p.n for p in pieces)
+            self.cache.hit_tokens += m
+            self.cache.miss_tokens += len(s) - m
+            cached.append(_Cached(m, [p.node.hidden[: p.n] for p in pieces],
+                                  [p.node.keys[:, :, : p.n] for p in pieces],
+                                  [p.node.values[:, :, : p.n] for p in pieces]))
+        todo = [i for i, (s, c) in enumerate(zip(seqs, cached)) if c.n < len(s)]
+        fresh = dict(zip(todo, self._run_bottom([seqs[i] for i in todo], [cached[i] for i in todo]))) if todo else {}
+        out = []
+        for i, c in enumerate(cached):
+            hs, ks, vs = list(c.hidden), list(c.keys), list(c.values)
+            if i in fresh:
+                h, k, v = fresh[i]
+                hs.append(h)
+                ks.append(k)
+                vs.append(v)
+            hidden = _cat(hs, 0)
+            out.append((hidden, _cat(ks, 2), _cat(vs, 2)) if want_kv else hidden)
+        return out
+
+    def _run_bottom(self, seqs, cached):
+        """The bottom over the uncached tail of each sequence, batched; stores and returns ``(hidden, keys, values)``."""
+        from transformers import DynamicCache
+
+        body = self.body
+        device = body.embed_tokens.weight.device
+        R = len(seqs)
+        starts = [c.n for c in cached]
+        news = [len(s) - m for s, m in zip(seqs, starts)]
+        M, N = max(starts), max(news)
+        # Each row: its cached prefix right-aligned in M key columns, then its new tokens right-aligned in N.
+        ids = torch.zeros((R, N), dtype=torch.long)
+        pos = torch.zeros((R, N), dtype=torch.long)
+        real = torch.zeros((R, M + N), dtype=torch.bool)
+        for r, (s, m, n) in enumerate(zip(seqs, starts, news)):
+            ids[r, N - n :] = torch.as_tensor(list(s[m:]), dtype=torch.long)
+            pos[r, N - n :] = torch.arange(m, m + n)
+            real[r, M - m : M] = True
+            real[r, M + N - n :] = True
+        ids, pos, real = ids.to(device), pos.to(device), real.to(device)
+        cache = DynamicCache()
+        if M:
+            ref = next(k for c in cached for k in c.keys)
+            past_k = ref.new_zeros((self.split, R, ref.shape[1], M, ref.shape[3]))  # [layers, R, kv, M, d]
+            past_v = torch.zeros_like(past_k)
+            for r, c in enumerate(cached):
+                if c.n:
+                    past_k[:, r, :, M - c.n :] = _cat(c.keys, 2)
+                    past_v[:, r, :, M - c.n :] = _cat(c.values, 2)
+            for layer in range(self.split):
+                cache.update(past_k[layer], past_v[layer], layer)
+        allowed = self.causal(real, N)
+        hidden = self.run_blocks(body.embed_tokens(ids), body.layers[: self.split], allowed, pos, cache, True)
+        keys = torch.stack([cache.layers[layer].keys for layer in range(self.split)], dim=1)  # [R, layers, kv, M+N, d]
+        values = torch.stack([cache.layers[layer].values for layer in range(self.split)], dim=1)
+        out = []
+        for r, (s, m, n) in enumerate(zip(seqs, starts, news)):
+            h, k, v = hidden[r, N - n :], keys[r, :, :, M + N - n :], values[r, :, :, M + N - n :]
+            self.cache.insert(s, m, k, v, h)
+            out.append((h, k, v))
+        return out
+
+
+@dataclass
+class _Cached:
+    """The cached part of one sequence: its length and the pieces' per-token states."""
+
+    n: int
+    hidden: list
+    keys: list
+    values: list
+
+
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)

@@ -1,0 +1,248 @@
+"""The frozen-bottom prefix cache: the cached path gives what the uncached one gives, and never a stale entry."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rllama.algorithms.buffers import Step
+from rllama.errors import RLlamaError
+from rllama.policy import PolicyModel, default_lora_config
+from rllama.policy.prefix_cache import RadixCache
+from tests.conftest import make_tiny_lm
+
+ATOL = 1e-5
+
+
+def make_deep_lm(seed: int = 0, layers: int = 4, attention: str = "sdpa"):
+    """A 4-block tiny Llama: LoRA on the top blocks leaves a frozen bottom to cache."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=None, eos_token_id=1, pad_token_id=0)
+    config._attn_implementation = attention
+    return LlamaForCausalLM(config)
+
+
+def make_pair(tokenizer, layers=(2, 3), cache_mb=64.0, attention="sdpa", seed=0):
+    """The same policy twice: with the prefix cache and without; the adapters hold the same nonzero weights."""
+    pols = []
+    for on in (True, False):
+        lm = make_deep_lm(seed, attention=attention)
+        pol = PolicyModel(lm, tokenizer, lora_config=default_lora_config(layers=list(layers)), precision="fp32",
+                          prefix_cache=on, prefix_cache_mb=cache_mb)
+        pols.append(pol)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in pols[0].trainable_parameters():
+            p.normal_(0, 0.1)
+        for (_, a), (_, b) in zip(pols[0].named_parameters(), pols[1].named_parameters()):
+            b.copy_(a)
+    assert pols[0].prefix_cache_active and not pols[1].prefix_cache_active
+    return pols
+
+
+def episode_prompts(seed=0, episodes=3, turns=3):
+    """Multi-turn prompts: a shared system prompt, each turn extending the episode's earlier ones."""
+    rng = random.Random(seed)
+    system = [rng.randrange(3, 380) for _ in range(12)]
+    prompts = []
+    for _ in range(episodes):
+        ids = list(system)
+        for _ in range(turns):
+            ids = ids + [rng.randrange(3, 380) for _ in range(rng.randrange(2, 7))]
+            prompts.append(list(ids))
+            ids = ids + [rng.randrange(3, 380) for _ in range(3)]  # the reply
+    return prompts
+
+
+def candidates(seed=0, n=3):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 380) for _ in range(rng.randrange(1, 4))] for _ in range(n)]
+
+
+def test_scoring_equals_the_uncached_path_across_calls(tokenizer):
+    cached, plain = make_pair(tokenizer)
+    prompts = episode_prompts()
+    cands = [candidates(i) for i in range(len(prompts))]
+    for batch in (prompts[:4], prompts[2:], prompts, [prompts[5]]):  # hits, partial hits and misses
+        bc = [cands[prompts.index(p)] for p in batch]
+        with torch.no_grad():
+            a = cached.candidate_outputs(batch, bc, q_heads=("value",))
+            b = plain.candidate_outputs(batch, bc, q_heads=("value",))
+        for x, y in zip(a.logprobs, b.logprobs):
+            torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+        torch.testing.assert_close(a.values, b.values, atol=ATOL, rtol=0)
+    stats = cached.prefix_cache_stats()
+    assert stats["hit_tokens"] > stats["miss_tokens"] > 0 and stats["frozen_blocks"] == 2
+
+
+def steps_of(prompts, cands, scored=True):
+    rng = random.Random(0)
+    out = []
+    for p, c in zip(prompts, cands):
+        if scored:
+            out.append(Step(prompt_ids=p, candidate_ids=c, action_index=rng.randrange(len(c)), logprob=0.0))
+        else:
+            out.append(Step(prompt_ids=p, response_ids=[rng.randrange(3, 380) for _ in range(4)] + [1], logprob=0.0))
+    return out
+
+
+@pytest.mark.parametrize("scored", [True, False])
+def test_evaluate_and_gradients_equal_the_uncached_path(tokenizer, scored):
+    cached, plain = make_pair(tokenizer)
+    prompts = episode_prompts(seed=3)
+    steps = steps_of(prompts, [candidates(i) for i in range(len(prompts))], scored)
+    results = []
+    for pol in (cached, plain):
+        pol.zero_grad()
+        with torch.no_grad():
+            pol.evaluate(steps[:3])  # warm the cache on part of the batch
+        ev = pol.evaluate(steps)
+        logp, _ = ev.unit_logprobs()
+        loss = logp.sum() + ev.values.sum() + ev.entropy.sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in pol.named_parameters() if p.requires_grad}
+        results.append((logp.detach(), ev.values.detach(), ev.entropy.detach(), grads))
+    (la, va, ea, ga), (lb, vb, eb, gb) = results
+    torch.testing.assert_close(la, lb, atol=ATOL, rtol=0)
+    torch.testing.assert_close(va, vb, atol=ATOL, rtol=0)
+    torch.testing.assert_close(ea, eb, atol=ATOL, rtol=0)
+    assert ga.keys() == gb.keys() and any(g.abs().sum() > 0 for g in ga.values())
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=ATOL, rtol=1e-4, msg=name)
+
+
+def test_reference_pass_equals_the_uncached_path(tokenizer):
+    cached, plain = make_pair(tokenizer)
+    prompts = episode_prompts(seed=4)
+    steps = steps_of(prompts, [candidates(i) for i in range(len(prompts))])
+    out = []
+    for pol in (cached, plain):
+        with torch.no_grad(), pol.reference():
+            out.append(torch.cat(pol.evaluate(steps).distributions))
+    torch.testing.assert_close(out[0], out[1], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generation_equals_the_uncached_path(tokenizer, batch):
+    cached, plain = make_pair(tokenizer)
+    prompts = episode_prompts(seed=5)[:batch]
+    replies = []
+    for pol in (cached, plain):
+        with torch.no_grad():
+            pol.continuation_logprobs(prompts[:1], [[5, 6]], [0])  # part of a prompt already cached
+        gen = torch.Generator().manual_seed(0)
+        replies.append(pol.generate(prompts, max_new_tokens=6, generator=gen))
+    for a, b in zip(*replies):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.token_logprobs), torch.tensor(b.token_logprobs), atol=ATOL, rtol=0)
+        assert a.value == pytest.approx(b.value, abs=ATOL)
+
+
+def test_eager_attention_equals_the_uncached_path(tokenizer):
+    cached, plain = make_pair(tokenizer, attention="eager")
+    prompts = episode_prompts(seed=6)
+    cands = [candidates(i) for i in range(len(prompts))]
+    with torch.no_grad():
+        a = cached.candidate_outputs(prompts, cands)
+        b = plain.candidate_outputs(prompts, cands)
+    torch.testing.assert_close(torch.cat(a.logprobs), torch.cat(b.logprobs), atol=ATOL, rtol=0)
+
+
+def test_a_cache_too_small_to_hold_anything_is_still_correct(tokenizer):
+    cached, plain = make_pair(tokenizer, cache_mb=1e-4)  # 104 bytes: not one token's states
+    prompts = episode_prompts(seed=7)
+    cands = [candidates(i) for i in range(len(prompts))]
+    for _ in range(2):
+        with torch.no_grad():
+            a = cached.candidate_outputs(prompts, cands)
+            b = plain.candidate_outputs(prompts, cands)
+        torch.testing.assert_close(torch.cat(a.logprobs), torch.cat(b.logprobs), atol=ATOL, rtol=0)
+    assert cached.prefix_cache_stats()["bytes"] <= 105
+
+
+def test_radix_tree_matches_splits_and_evicts_least_recently_used():
+    def states(n, fill):
+        return torch.full((1, 1, n, 2), fill), torch.full((1, 1, n, 2), fill), torch.full((n, 3), fill)
+
+    cache = RadixCache(max_bytes=10**6)
+    cache.insert([1, 2, 3, 4], 0, *states(4, 1.0))
+    cache.insert([1, 2, 9], 2, *states(1, 2.0))  # splits the first node after [1, 2]
+    pieces = cache.match([1, 2, 3, 7])
+    assert [p.n for p in pieces] == [2, 1]
+    assert torch.cat([p.node.hidden[: p.n] for p in pieces])[:, 0].tolist() == [1.0, 1.0, 1.0]
+    assert [p.n for p in cache.match([1, 2, 9, 9])] == [2, 1]
+    per_token = sum(t.numel() * 4 for t in states(1, 0.0))
+    small = RadixCache(max_bytes=6 * per_token)  # evicts down to 90 %
+    small.insert([1, 2, 3], 0, *states(3, 1.0))
+    small.insert([5, 6], 0, *states(2, 2.0))
+    small.match([1, 2, 3])  # [1, 2, 3] is now the more recently used
+    small.insert([7, 8], 0, *states(2, 3.0))  # over the bound: [5, 6] goes first
+    assert sum(p.n for p in small.match([5, 6])) == 0
+    assert sum(p.n for p in small.match([1, 2, 3])) == 3
+    assert small.nbytes <= small.max_bytes
+    with pytest.raises(ValueError, match="max_bytes"):
+        RadixCache(-1)
+
+
+def test_changing_the_adapted_blocks_never_serves_a_stale_entry(tokenizer):
+    cached, _ = make_pair(tokenizer, layers=(2, 3))
+    prompts = episode_prompts(seed=8)
+    with torch.no_grad():
+        cached.candidate_outputs(prompts, [candidates(i) for i in range(len(prompts))])
+    assert cached.prefix_cache_stats()["bytes"] > 0
+    # A skill adapter on block 1 moves the frozen/trainable split down: every cached state is now stale.
+    cached.add_adapter("skill", default_lora_config(layers=[1, 2, 3]))
+    assert cached.prefix_cache_stats()["frozen_blocks"] == 1 and cached.prefix_cache_stats()["bytes"] == 0
+    with torch.no_grad():
+        for p in cached.adapter_parameters("skill"):
+            p.normal_(0, 0.1)
+    plain = PolicyModel(make_deep_lm(0), tokenizer, lora_config=default_lora_config(layers=[2, 3]),
+                        precision="fp32", prefix_cache=False)
+    plain.add_adapter("skill", default_lora_config(layers=[1, 2, 3]))
+    plain.load_state_dict(cached.state_dict())
+    for pol in (cached, plain):
+        pol.set_adapter("skill")
+    cands = [candidates(i) for i in range(len(prompts))]
+    with torch.no_grad():
+        a = cached.candidate_outputs(prompts, cands)
+        b = plain.candidate_outputs(prompts, cands)
+    torch.testing.assert_close(torch.cat(a.logprobs), torch.cat(b.logprobs), atol=ATOL, rtol=0)
+    cached.set_adapter("default")
+    cached.delete_adapter("skill")
+    assert cached.prefix_cache_stats()["frozen_blocks"] == 2
+
+
+def test_every_block_adapted_means_no_cache_and_true_is_an_error(tokenizer):
+    pol = PolicyModel(make_deep_lm(), tokenizer, lora_config=default_lora_config(layers="all"), precision="fp32")
+    assert not pol.prefix_cache_active and pol.prefix_cache_stats() == {}
+    with pytest.raises(RLlamaError, match="no block is frozen"):
+        PolicyModel(make_deep_lm(), tokenizer, lora_config=default_lora_config(layers="all"), prefix_cache=True)
+
+
+def test_a_model_without_locatable_blocks_gets_a_clear_error(tokenizer):
+    with pytest.raises(RLlamaError, match="GPT2LMHeadModel.*prefix_cache=False"):
+        PolicyModel(make_tiny_lm("gpt2"), tokenizer, prefix_cache=True)
+    assert not PolicyModel(make_tiny_lm("gpt2"), tokenizer).prefix_cache_active  # "auto": off, silently
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan")])
+def test_a_negative_cache_budget_is_refused(tokenizer, bad):
+    with pytest.raises(ValueError, match="prefix_cache_mb"):
+        PolicyModel(make_deep_lm(), tokenizer, prefix_cache_mb=bad)
+
+
+def test_zero_budget_means_off(tokenizer):
+    pol = PolicyModel(make_deep_lm(), tokenizer, lora_config=default_lora_config(layers=[3]), prefix_cache_mb=0)
+    assert not pol.prefix_cache_active
+
+
+def test_the_default_lora_config_adapts_the_top_blocks_and_caches_the_rest(tokenizer):
+    pol = PolicyModel(make_deep_lm(layers=12), tokenizer)
+    assert pol.prefix_cache_active and pol.prefix_cache_stats()["frozen_blocks"] == 4
+    small = PolicyModel(make_tiny_lm(), tokenizer)  # 2 blocks: all adapted, nothing frozen
+    assert not small.prefix_cache_active
