@@ -54,6 +54,7 @@ from rllama.errors import AgentStateError, HookError, InvalidActionError, RLlama
 from rllama.loops import run_episodes
 from rllama.memory import EpisodicMemory, Retrieved, WorkingMemory
 from rllama.policy import PolicyModel, load_model
+from rllama.policy.prefix_cache import DEFAULT_CACHE_MB
 from rllama.prompting import ChatFormat
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,16 @@ class RLlamaAgent(ABC):
         device: ``"cpu"``, ``"cuda"``, ...; defaults to the model's device.
         algorithm: a registered name (``"ppo"``), an Algorithm subclass or instance.
         algorithm_config: the algorithm's config dataclass or a dict of its fields.
-        lora_config: a ``peft.LoraConfig`` (default: rank 16 on every linear layer).
+        lora_config: a ``peft.LoraConfig`` (default: rank 16 on every linear layer of the top 8
+            transformer blocks of Llama-family models, of every block of others;
+            ``default_lora_config(layers="all")`` adapts every block).
+        prefix_cache: ``"auto"`` (default), ``True`` or ``False``: keep the frozen blocks' states of
+            every token prefix seen, so that acting and updates run only the adapted blocks for
+            tokens seen before (:mod:`rllama.policy.prefix_cache`). ``"auto"`` turns it on where
+            the model has frozen blocks below its adapters; ``True`` makes a model where it cannot
+            work an error.
+        prefix_cache_mb: the prefix cache's bound in MiB (least recently used prefixes are evicted;
+            ``0`` turns the cache off).
         precision: ``"auto"`` (bf16 autocast where the hardware runs it natively, else fp32),
             ``"fp32"`` or ``"bf16"``.
         score_normalization: ``"mean"`` or ``"sum"`` of a candidate's token log-probs.
@@ -127,6 +137,8 @@ class RLlamaAgent(ABC):
         *,
         lora_config=None,
         precision: str = "auto",
+        prefix_cache: bool | str = "auto",
+        prefix_cache_mb: float = DEFAULT_CACHE_MB,
         score_normalization: str = "mean",
         temperature: float = 1.0,
         max_new_tokens: int = 32,
@@ -143,7 +155,8 @@ class RLlamaAgent(ABC):
             set_seed(seed)
         self.seed = seed
         self.policy = self._build_policy(
-            model, tokenizer, device, lora_config, precision, score_normalization, temperature
+            model, tokenizer, device, lora_config, precision, score_normalization, temperature,
+            prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb,
         )
         self.tokenizer = self.policy.tokenizer
         self.chat = ChatFormat(self.tokenizer, use_chat_template)
@@ -276,7 +289,8 @@ class RLlamaAgent(ABC):
         return None if ids is None else self.tokenizer.decode(ids)
 
     @staticmethod
-    def _build_policy(model, tokenizer, device, lora_config, precision, score_normalization, temperature):
+    def _build_policy(model, tokenizer, device, lora_config, precision, score_normalization, temperature,
+                      prefix_cache="auto", prefix_cache_mb=DEFAULT_CACHE_MB):
         if isinstance(model, PolicyModel):
             return model
         if model is None or isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
@@ -296,6 +310,7 @@ class RLlamaAgent(ABC):
         return PolicyModel(
             lm, tokenizer, lora_config=lora_config, device=device, precision=precision,
             score_normalization=score_normalization, temperature=temperature,
+            prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb,
         )
 
     # ------------------------------------------------------------------ hook calls, checked
