@@ -250,11 +250,15 @@ def test_bf16_precision_runs_and_stays_close(tokenizer, tiny_lm):
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
+    from rllama.policy import model as model_module
     from rllama.policy.model import resolve_precision
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(model_module, "cpu_bf16_pays", lambda: True)
     assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(model_module, "cpu_bf16_pays", lambda: False)  # native but slower (seen on a Xeon)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
