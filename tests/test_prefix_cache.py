@@ -246,3 +246,16 @@ def test_the_default_lora_config_adapts_the_top_blocks_and_caches_the_rest(token
     assert pol.prefix_cache_active and pol.prefix_cache_stats()["frozen_blocks"] == 4
     small = PolicyModel(make_tiny_lm(), tokenizer)  # 2 blocks: all adapted, nothing frozen
     assert not small.prefix_cache_active
+
+
+def test_loading_a_checkpoint_of_another_block_layout_says_how_to_match_it(tokenizer, tmp_path):
+    every = PolicyModel(make_deep_lm(), tokenizer, lora_config=default_lora_config(layers="all"), precision="fp32")
+    every.save(tmp_path / "every")
+    top = PolicyModel(make_deep_lm(), tokenizer, lora_config=default_lora_config(layers=[2, 3]), precision="fp32")
+    with pytest.raises(RLlamaError, match=r"adapts every block, this policy adapts blocks \[2, 3\].*layers='all'"):
+        top.load(tmp_path / "every")
+    top.save(tmp_path / "top")
+    with pytest.raises(RLlamaError, match=r"adapts blocks \[2, 3\].*layers=\[2, 3\]"):
+        every.load(tmp_path / "top")
+    again = PolicyModel(make_deep_lm(), tokenizer, lora_config=default_lora_config(layers=[2, 3]), precision="fp32")
+    again.load(tmp_path / "top")  # the same layout loads

@@ -293,8 +293,8 @@ class PolicyModel(nn.Module):
         if not self._split_matches_model(bottom):
             if prefix_cache is True:
                 raise RLlamaError(
-                    f"prefix_cache=True: the split forward pass does not reproduce {type(self._causal_lm()).__name__}'s "
-                    "own; pass prefix_cache=False to run without the cache")
+                    "prefix_cache=True: the split forward pass does not reproduce "
+                    f"{type(self._causal_lm()).__name__}'s own; pass prefix_cache=False to run without the cache")
             warnings.warn(f"rllama: the frozen-prefix cache does not support {type(self._causal_lm()).__name__}; "
                           "running without it", stacklevel=3)
             return None
@@ -427,6 +427,21 @@ class PolicyModel(nn.Module):
         self.lm.set_adapter(active)
         self.to(self.device)
         self._adapters_changed()
+
+    def _check_adapted_blocks(self, path: Path) -> None:
+        """A checkpoint whose adapter covers other blocks than this policy's gets an error saying how to match it."""
+        config_file = path / ADAPTER_DIR / "adapter_config.json"
+        if not config_file.is_file():
+            return
+        saved = json.loads(config_file.read_text()).get("layers_to_transform")
+        ours = getattr(self.lm.peft_config[self.active_adapter], "layers_to_transform", None)
+        norm = (lambda v: None if v is None else sorted([v] if isinstance(v, int) else v))
+        if norm(saved) != norm(ours):
+            layers = "'all'" if saved is None else f"{norm(saved)}"
+            raise RLlamaError(
+                f"checkpoint {str(path)!r} adapts {_blocks_text(norm(saved))}, this policy adapts "
+                f"{_blocks_text(norm(ours))}; build the agent with lora_config=default_lora_config(layers={layers}) "
+                "to load it (checkpoints made before rllama adapted the top 8 blocks by default adapt every block)")
 
     def _require_adapter(self, name: str) -> None:
         if name not in self.list_adapters():
@@ -591,7 +606,8 @@ class PolicyModel(nn.Module):
         action_hidden = hidden[torch.arange(R, device=self.device), last]
         return Continuations(prompt_hidden, token_logprobs, cmask, entropy, action_hidden)
 
-    def _packed_continuations(self, prompts, continuations, owner: list[int], cache, pmask, plen, Lc: int) -> torch.Tensor:
+    def _packed_continuations(self, prompts, continuations, owner: list[int], cache, pmask, plen,
+                              Lc: int) -> torch.Tensor:
         """Hidden states of every continuation token but the last, ``[R, Lc-1, H]`` (zeros past a row's end).
 
         All continuations of one prompt are packed into one row after that prompt's key/value cache,
@@ -896,6 +912,7 @@ class PolicyModel(nn.Module):
         for f in (adapter_file, heads_file):
             if not f.is_file():
                 raise ModelNotFoundError(f"checkpoint {str(path)!r} is incomplete: {f.name} is missing")
+        self._check_adapted_blocks(path)
         result = set_peft_model_state_dict(self.lm, load_file(str(adapter_file), device=str(self.device)))
         missing_lora = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
         if missing_lora or getattr(result, "unexpected_keys", []):
@@ -907,6 +924,10 @@ class PolicyModel(nn.Module):
         self.score_normalization = meta.get("score_normalization", self.score_normalization)
         self.temperature = float(meta.get("temperature", self.temperature))
         return meta
+
+
+def _blocks_text(layers) -> str:
+    return "every block" if layers is None else f"blocks {sorted(layers)}"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -124,7 +124,8 @@ class RadixCache:
             last = pieces[-1]
             parent = self._split(last.node, last.n) if last.n < len(last.node.tokens) else last.node
         off = matched - start
-        node = _Node(tokens[matched:], keys[:, :, off:].clone(), values[:, :, off:].clone(), hidden[off:].clone(), parent)
+        node = _Node(tokens[matched:], keys[:, :, off:].clone(), values[:, :, off:].clone(), hidden[off:].clone(),
+                     parent)
         node.last_used = self._tick
         parent.children[node.tokens[0]] = node
         self.nbytes += node.nbytes
@@ -138,7 +139,8 @@ class RadixCache:
         upper.last_used = node.last_used
         lower_nbytes = node.nbytes
         node.tokens = node.tokens[n:]
-        node.keys, node.values, node.hidden = node.keys[:, :, n:].clone(), node.values[:, :, n:].clone(), node.hidden[n:].clone()
+        node.keys, node.values = node.keys[:, :, n:].clone(), node.values[:, :, n:].clone()
+        node.hidden = node.hidden[n:].clone()
         node.nbytes = sum(t.numel() * t.element_size() for t in (node.keys, node.values, node.hidden))
         node.parent.children[upper.tokens[0]] = upper
         upper.children[node.tokens[0]] = node
@@ -236,7 +238,8 @@ class FrozenBottom:
         if not self.eager:
             return allowed
         dtype = self.mask_dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
 
     @staticmethod
     def causal(mask2d: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -303,7 +306,7 @@ class FrozenBottom:
         return out
 
     def _run_bottom(self, seqs, cached):
-        """The bottom over the uncached tail of each sequence, batched; stores and returns ``(hidden, keys, values)``."""
+        """The bottom over each sequence's uncached tail, batched; stores and returns ``(hidden, keys, values)``."""
         from transformers import DynamicCache
 
         body = self.body

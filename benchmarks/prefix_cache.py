@@ -1,0 +1,242 @@
+"""Train the top, remember the bottom: the default path (LoRA on the top 8 blocks, frozen-bottom prefix
+cache) against the path before it (LoRA on every block, no cache), side by side in one run.
+
+    python benchmarks/prefix_cache.py --threads 1                # the committed results (~15 min, 2 cores)
+    python benchmarks/prefix_cache.py --threads 1 --quick        # a smoke run of a few minutes
+
+Each layout runs in a fresh process, one after the other (so peak memory is its own and the two
+never share the cores), on the embedded SmolLM2-135M, Blackjack-v1, the same seeds and the same
+precision (``--precision``, default ``auto``: resolved once and recorded). Measured per layout:
+
+- ``scoring_1`` / ``scoring_16``: acting env steps/s with 1 and 16 vector envs, scoring "stick"/"hit"
+  and sampling as in training, after a warm-up of ``--warmup`` episodes (what a run's cache holds
+  after its first minutes; the warm-up is the same for both layouts).
+- ``generate_1`` / ``generate_16``: the same in generate mode (replies of up to ``--new-tokens``
+  tokens), env steps/s and ms per generated token.
+- ``ppo_update_s``: one PPO update of 16 episodes (one epoch, as in ``throughput.py``), after a
+  first update (shapes, optimizer state).
+- ``dqn_step_s``: one DQN gradient step on a replayed minibatch of 16 transitions.
+- ``train``: PPO training env steps/s over ``--train-episodes`` episodes with 16 envs, updates
+  included; peak RSS of the whole process.
+- the naive LlamaGym-style loop of ``throughput.py`` (one env, ``model.generate`` per step, a
+  second model copy as reference), once: its env steps/s against ``train``.
+
+Writes ``results/<name>.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import add_common_args, save_figure, save_result, set_threads  # noqa: E402
+
+LAYOUTS = {"all blocks, no cache": "before", "top 8 blocks + prefix cache": "default"}
+
+
+def make_agent(layout: str, precision: str, generate: bool = False, **kwargs):
+    from rllama.agents import BlackjackAgent
+    from rllama.policy import default_lora_config, load_model
+
+    cls = BlackjackAgent
+    if generate:
+        class GeneratingBlackjackAgent(BlackjackAgent):
+            def get_valid_actions(self, observation):
+                return None
+
+        cls = GeneratingBlackjackAgent
+    if layout == "before":
+        kwargs.update(lora_config=default_lora_config(layers="all"), prefix_cache=False)
+    lm, tokenizer = load_model(None)
+    return cls(lm, tokenizer, seed=0, precision=precision, **kwargs)
+
+
+def acting(agent, n_envs: int, warmup: int, episodes: int) -> dict:
+    """Env steps/s of sampled acting on ``n_envs`` Blackjack envs, after ``warmup`` episodes."""
+    import gymnasium as gym
+    from throughput import Recorder
+
+    from rllama.loops import run_episodes
+
+    envs = gym.make_vec("Blackjack-v1", num_envs=n_envs, vectorization_mode="sync", sab=True)
+    with agent.evaluating(greedy=False):
+        if warmup:
+            run_episodes(agent, envs, warmup, seed=1)
+        recorder = Recorder(agent.policy)
+        t0 = time.perf_counter()
+        run_episodes(agent, envs, episodes, seed=2)
+        wall = time.perf_counter() - t0
+        recorder.restore()
+    envs.close()
+    row = {"envs": n_envs, "episodes": episodes, "env_steps": recorder.env_steps, "wall_s": wall,
+           "env_steps_per_s": recorder.env_steps / wall}
+    tokens = sum(c[3] for c in recorder.calls)
+    if tokens:
+        row.update(generated_tokens=tokens, ms_per_token=1000 * wall / tokens)
+    return row
+
+
+def part(args) -> dict:
+    import resource
+
+    import gymnasium as gym
+    import torch
+
+    from rllama.policy.model import resolve_precision
+
+    out = {"layout": args.layout, "precision": resolve_precision(args.precision, torch.device("cpu"))}
+    agent = make_agent(args.layout, args.precision, algorithm_config={"batch_episodes": 16, "epochs": 1})
+    out["prefix_cache"] = agent.policy.prefix_cache_active
+    for n, episodes in ((16, args.act_episodes), (1, args.act_episodes // 4)):
+        out[f"scoring_{n}"] = acting(agent, n, args.warmup if n == 16 else 0, episodes)
+        print(args.layout, f"scoring {n}", out[f"scoring_{n}"], flush=True)
+    out["cache_after_acting"] = agent.policy.prefix_cache_stats()
+    # PPO: a first update (shapes, optimizer state), then the measured one.
+    envs = gym.make_vec("Blackjack-v1", num_envs=16, vectorization_mode="sync", sab=True)
+    agent.train(envs, 16, seed=3, progress=False)
+    t0, steps0 = time.perf_counter(), agent.total_steps
+    history = agent.train(envs, args.train_episodes, seed=4, progress=False)
+    wall = time.perf_counter() - t0
+    out["ppo_update_s"] = history[0]["time/update_s"]
+    out["ppo_update_steps"] = history[0]["rollout/steps"]
+    out["train"] = {"episodes": args.train_episodes, "updates": len(history), "env_steps": agent.total_steps - steps0,
+                    "wall_s": wall, "env_steps_per_s": (agent.total_steps - steps0) / wall,
+                    "update_s": [h["time/update_s"] for h in history]}
+    out["cache_after_training"] = agent.policy.prefix_cache_stats()
+    print(args.layout, "ppo", out["ppo_update_s"], out["train"], flush=True)
+    del agent
+    # DQN: two updates of 8 gradient steps each; the second one is measured.
+    agent = make_agent(args.layout, args.precision, algorithm="dqn",
+                       algorithm_config={"batch_episodes": 16, "learning_starts": 16, "gradient_steps": 8})
+    agent.train(envs, 32, seed=5, progress=False)
+    history = agent.train(envs, 16, seed=6, progress=False)
+    out["dqn_step_s"] = history[-1]["time/update_s"] / 8
+    print(args.layout, "dqn step", out["dqn_step_s"], flush=True)
+    del agent
+    agent = make_agent(args.layout, args.precision, generate=True, max_new_tokens=args.new_tokens)
+    for n, episodes in ((16, args.gen_episodes), (1, max(2, args.gen_episodes // 4))):
+        out[f"generate_{n}"] = acting(agent, n, 0, episodes)
+        print(args.layout, f"generate {n}", out[f"generate_{n}"], flush=True)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def run_part(layout: str, args, tmp: Path) -> dict:
+    out = tmp / f"{layout}.json"
+    cmd = [sys.executable, __file__, "--part", "layout", "--layout", layout, "--out", str(out),
+           "--precision", args.precision, "--threads", str(args.threads), "--warmup", str(args.warmup),
+           "--act-episodes", str(args.act_episodes), "--gen-episodes", str(args.gen_episodes),
+           "--train-episodes", str(args.train_episodes), "--new-tokens", str(args.new_tokens)]
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
+def run_naive(args, tmp: Path) -> dict:
+    out = tmp / "naive.json"
+    cmd = [sys.executable, str(HERE / "throughput.py"), "--part", "naive", "--model-name", "default",
+           "--out", str(out), "--precision", args.precision, "--threads", str(args.threads),
+           "--naive-steps", str(args.naive_steps), "--new-tokens", str(args.new_tokens)]
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
+def ratios(before: dict, default: dict, naive: dict) -> dict:
+    speed = {key: default[key]["env_steps_per_s"] / before[key]["env_steps_per_s"]
+             for key in ("scoring_1", "scoring_16", "generate_1", "generate_16", "train")}
+    return {**{f"{k}_speedup": v for k, v in speed.items()},
+            "ppo_update_speedup": before["ppo_update_s"] / default["ppo_update_s"],
+            "dqn_step_speedup": before["dqn_step_s"] / default["dqn_step_s"],
+            "train_over_naive": default["train"]["env_steps_per_s"] / naive["env_steps_per_s"],
+            "peak_rss_ratio": default["peak_rss_mb"] / before["peak_rss_mb"]}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    runs = {r["layout"]: r for r in result["runs"]}
+    before, default = runs["before"], runs["default"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    keys = ["scoring_1", "scoring_16", "generate_1", "generate_16", "train"]
+    x = np.arange(len(keys))
+    for off, (label, r, colour) in enumerate([("all blocks, no cache", before, "tab:gray"),
+                                              ("top 8 + prefix cache", default, "tab:blue")]):
+        axes[0].bar(x + (off - 0.5) * 0.4, [r[k]["env_steps_per_s"] for k in keys], 0.4, label=label, color=colour)
+    axes[0].set_xticks(x, ["score\n1 env", "score\n16 envs", "generate\n1 env", "generate\n16 envs",
+                           "PPO training\n16 envs"])
+    axes[0].set_ylabel("env steps / s")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    axes[0].set_title("acting and training throughput")
+    names = ["PPO update\n(16 episodes)", "DQN gradient\nstep"]
+    vals = [[before["ppo_update_s"], default["ppo_update_s"]], [before["dqn_step_s"], default["dqn_step_s"]]]
+    for off, colour in enumerate(("tab:gray", "tab:blue")):
+        axes[1].bar(np.arange(2) + (off - 0.5) * 0.4, [v[off] for v in vals], 0.4, color=colour)
+    axes[1].set_xticks(np.arange(2), names)
+    axes[1].set_ylabel("seconds")
+    axes[1].set_title("update cost")
+    sp = result["speedups"]
+    labels = ["score 1", "score 16", "gen 1", "gen 16", "train", "PPO update", "DQN step"]
+    values = [sp["scoring_1_speedup"], sp["scoring_16_speedup"], sp["generate_1_speedup"],
+              sp["generate_16_speedup"], sp["train_speedup"], sp["ppo_update_speedup"], sp["dqn_step_speedup"]]
+    axes[2].barh(labels, values, color="tab:blue")
+    axes[2].axvline(1, color="k", lw=0.8)
+    for i, v in enumerate(values):
+        axes[2].text(v, i, f" {v:.2f}x", va="center")
+    axes[2].set_xlabel("default / before (higher is better)")
+    rss = f"{before['peak_rss_mb'] / 1024:.1f} -> {default['peak_rss_mb'] / 1024:.1f} GiB"
+    axes[2].set_title(f"speed-up; peak RSS {rss}")
+    fig.suptitle(f"SmolLM2-135M, Blackjack, {default['precision']}, {result['cpu']}, "
+                 f"{result['config']['threads']} thread(s); naive LlamaGym loop "
+                 f"{result['naive']['env_steps_per_s']:.2f} env steps/s")
+    save_figure(fig, path)
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser, "prefix_cache", precision="auto")
+    parser.add_argument("--part", choices=["layout"], help=argparse.SUPPRESS)
+    parser.add_argument("--layout", choices=["before", "default"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=128, help="episodes acted before the 16-env measurement")
+    parser.add_argument("--act-episodes", type=int, default=96, help="episodes of the 16-env scoring measurement")
+    parser.add_argument("--gen-episodes", type=int, default=16, help="episodes of the 16-env generate measurement")
+    parser.add_argument("--train-episodes", type=int, default=64, help="PPO training episodes measured")
+    parser.add_argument("--new-tokens", type=int, default=24, help="longest generated reply")
+    parser.add_argument("--naive-steps", type=int, default=12, help="env steps of the naive loop")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few episodes")
+    args = parser.parse_args()
+    set_threads(args)
+    if args.part:
+        Path(args.out).write_text(json.dumps(part(args)))
+        return
+    if args.quick:
+        args.warmup, args.act_episodes, args.gen_episodes, args.train_episodes, args.naive_steps = 16, 32, 4, 32, 4
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [run_part(layout, args, Path(tmp)) for layout in ("before", "default")]
+        naive = run_naive(args, Path(tmp))
+    speedups = ratios(runs[0], runs[1], naive)
+    print(json.dumps(speedups, indent=1))
+    save_result("prefix_cache", args, runs, plot, cpu=cpu_name(), naive=naive, speedups=speedups)
+
+
+if __name__ == "__main__":
+    main()
