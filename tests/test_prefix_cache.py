@@ -259,3 +259,31 @@ def test_loading_a_checkpoint_of_another_block_layout_says_how_to_match_it(token
         every.load(tmp_path / "top")
     again = PolicyModel(make_deep_lm(), tokenizer, lora_config=default_lora_config(layers=[2, 3]), precision="fp32")
     again.load(tmp_path / "top")  # the same layout loads
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_prompts_of_very_different_lengths_run_in_groups_with_the_same_results(tokenizer, use_cache):
+    from rllama.policy.prefix_cache import length_groups
+
+    pol = make_pair(tokenizer)[0 if use_cache else 1]
+    rng = random.Random(9)
+    system = [rng.randrange(3, 380) for _ in range(10)]
+    prompts = [system + [rng.randrange(3, 380) for _ in range(n)] for n in (2, 40, 3, 41, 2, 80)]
+    assert len(length_groups([len(p) for p in prompts], 10)) > 1
+    cands = [candidates(i) for i in range(len(prompts))]
+    with torch.no_grad():
+        together = pol.candidate_outputs(prompts, cands, q_heads=("value",))
+        alone = [pol.candidate_outputs([p], [c], q_heads=("value",)) for p, c in zip(prompts, cands)]
+    for b, one in enumerate(alone):
+        torch.testing.assert_close(together.logprobs[b], one.logprobs[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(together.q["value"][b], one.q["value"][0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(together.values[b], one.values[0], atol=ATOL, rtol=0)
+
+
+def test_length_groups_split_only_when_padding_costs_more_than_a_group():
+    from rllama.policy.prefix_cache import length_groups
+
+    assert length_groups([100, 101, 102, 103], 90) == [[0, 1, 2, 3]]
+    groups = length_groups([100, 200, 101, 201, 102, 202], 90)
+    assert groups == [[0, 2, 4], [1, 3, 5]]
+    assert sorted(sum(length_groups(list(range(50, 700, 3)), 40), [])) == list(range(len(range(50, 700, 3))))

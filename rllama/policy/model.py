@@ -32,7 +32,7 @@ from torch import nn
 
 from rllama.errors import ModelNotFoundError, RLlamaError
 from rllama.fileio import replace_dir
-from rllama.policy.prefix_cache import DEFAULT_CACHE_MB, FrozenBottom, supports_split
+from rllama.policy.prefix_cache import DEFAULT_CACHE_MB, FrozenBottom, length_groups, supports_split
 
 POLICY_FILE = "policy.json"
 HEADS_FILE = "heads.safetensors"
@@ -572,6 +572,29 @@ class PolicyModel(nn.Module):
             raise ValueError(f"{len(continuations)} continuations but {len(owner)} owners")
         if any(len(c) == 0 for c in continuations):
             raise RLlamaError("every continuation must hold at least one token")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise RLlamaError("every prompt must hold at least one token")
+        groups = length_groups([len(p) for p in prompts], _common_prefix_length(prompts) if len(prompts) > 1 else 0)
+        if len(groups) == 1:
+            return self._continuation_logprobs(prompts, continuations, owner, entropy_rows)
+        # Prompts of very different lengths run in groups of similar length: left padding costs
+        # every adapted block the padded positions, and one group per length wastes little.
+        rows_of: list[list[int]] = [[] for _ in prompts]
+        for r, b in enumerate(owner):
+            rows_of[b].append(r)
+        parts, order_b, order_r = [], [], []
+        for g in groups:
+            local = {b: i for i, b in enumerate(g)}
+            rows = [r for b in g for r in rows_of[b]]
+            parts.append(self._continuation_logprobs(
+                [prompts[b] for b in g], [continuations[r] for r in rows], [local[owner[r]] for r in rows],
+                None if entropy_rows is None else [entropy_rows[r] for r in rows]))
+            order_b += g
+            order_r += rows
+        return _merge_continuations(parts, order_b, order_r, self.device)
+
+    def _continuation_logprobs(self, prompts, continuations, owner, entropy_rows) -> Continuations:
+        """:meth:`continuation_logprobs` of one batch of prompts (left-padded to the longest)."""
         R, Lc = len(continuations), max(len(c) for c in continuations)
         prompt_hidden, cache, pmask, plen = self._forward_prompts(prompts, use_cache=Lc > 1)
         owner_t = torch.as_tensor(list(owner), dtype=torch.long, device=self.device)
@@ -924,6 +947,26 @@ class PolicyModel(nn.Module):
         self.score_normalization = meta.get("score_normalization", self.score_normalization)
         self.temperature = float(meta.get("temperature", self.temperature))
         return meta
+
+
+def _merge_continuations(parts: list[Continuations], order_b: list[int], order_r: list[int], device) -> Continuations:
+    """One :class:`Continuations` from those of groups of prompts, in the original order of prompts and rows."""
+    inv_b = torch.as_tensor(order_b, device=device).argsort()
+    inv_r = torch.as_tensor(order_r, device=device).argsort()
+    Lc = max(p.token_logprobs.shape[1] for p in parts)
+
+    def rows(name: str) -> torch.Tensor:
+        out = []
+        for p in parts:
+            t = getattr(p, name)
+            if t is None:
+                t = torch.zeros_like(p.token_logprobs)
+            out.append(F.pad(t, (0, Lc - t.shape[1])))
+        return torch.cat(out)[inv_r]
+
+    entropy = rows("entropy") if any(p.entropy is not None for p in parts) else None
+    return Continuations(torch.cat([p.prompt_hidden for p in parts])[inv_b], rows("token_logprobs"), rows("mask"),
+                         entropy, torch.cat([p.action_hidden for p in parts])[inv_r])
 
 
 def _blocks_text(layers) -> str:

@@ -292,7 +292,11 @@ class FrozenBottom:
                                   [p.node.keys[:, :, : p.n] for p in pieces],
                                   [p.node.values[:, :, : p.n] for p in pieces]))
         todo = [i for i, (s, c) in enumerate(zip(seqs, cached)) if c.n < len(s)]
-        fresh = dict(zip(todo, self._run_bottom([seqs[i] for i in todo], [cached[i] for i in todo]))) if todo else {}
+        fresh = {}
+        if todo:  # rows with similar numbers of new tokens run together (little left padding)
+            for group in length_groups([len(seqs[i]) - cached[i].n for i in todo], 0):
+                rows = [todo[g] for g in group]
+                fresh.update(zip(rows, self._run_bottom([seqs[i] for i in rows], [cached[i] for i in rows])))
         out = []
         for i, c in enumerate(cached):
             hs, ks, vs = list(c.hidden), list(c.keys), list(c.values)
@@ -346,6 +350,49 @@ class FrozenBottom:
             self.cache.insert(s, m, k, v, h)
             out.append((h, k, v))
         return out
+
+
+def length_groups(lengths: Sequence[int], shared: int, overhead: int = 16, max_groups: int = 4) -> list[list[int]]:
+    """Prompt indices in groups of similar length, so that left padding wastes little compute.
+
+    Cost model in token positions: a group of ``n`` prompts whose longest has ``u`` tokens after
+    the batch's common prefix costs ``n * u``; each group after the first costs the common prefix
+    again plus ``overhead``. The grouping of least cost among at most ``max_groups`` contiguous
+    groups of the length-sorted prompts is returned (one group when splitting does not pay).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    unique = [lengths[i] - shared for i in range(len(lengths))]
+    step = max(1, -(-(max(unique) - min(unique)) // 64))  # at most ~64 distinct lengths: the search is O(m^2)
+    key = [-(-u // step) * step for u in unique]  # rounded up: the cost never underestimates a group
+    values = sorted(set(key))
+    m = len(values)
+    if m == 1:
+        return [order]
+    tally = {v: 0 for v in values}
+    for v in key:
+        tally[v] += 1
+    before = [0]  # before[j]: prompts among the j shortest distinct lengths
+    for v in values:
+        before.append(before[-1] + tally[v])
+    inf = float("inf")
+    # best[k][j]: least cost of the prompts with the j shortest distinct lengths, in k groups
+    best = [[inf] * (m + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (m + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0
+    for k in range(1, max_groups + 1):
+        extra = 0 if k == 1 else shared + overhead
+        for j in range(1, m + 1):
+            for i in range(k - 1, j):
+                cost = best[k - 1][i] + (before[j] - before[i]) * values[j - 1] + extra
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    k = min(range(1, max_groups + 1), key=lambda k: best[k][m])
+    bounds, j = [], m
+    while k:
+        i = cut[k][j]
+        bounds.append((values[i], values[j - 1]))
+        j, k = i, k - 1
+    return [[i for i in order if lo <= key[i] <= hi] for lo, hi in reversed(bounds)]
 
 
 @dataclass
