@@ -287,3 +287,24 @@ def test_length_groups_split_only_when_padding_costs_more_than_a_group():
     groups = length_groups([100, 200, 101, 201, 102, 202], 90)
     assert groups == [[0, 2, 4], [1, 3, 5]]
     assert sorted(sum(length_groups(list(range(50, 700, 3)), 40), [])) == list(range(len(range(50, 700, 3))))
+
+
+def test_reference_distributions_are_remembered_and_equal_a_fresh_computation(tokenizer):
+    cached, plain = make_pair(tokenizer)
+    prompts = episode_prompts(seed=10)
+    steps = steps_of(prompts, [candidates(i) for i in range(len(prompts))])
+    first = cached.reference_distributions(steps[:4], batch_size=3)
+    calls = []
+    original = cached.evaluate
+    cached.evaluate = lambda part, **kw: calls.append(len(part)) or original(part, **kw)
+    again = cached.reference_distributions(steps, batch_size=3)
+    assert sum(calls) == len(steps) - 4  # the first four were remembered
+    fresh = plain.reference_distributions(steps, batch_size=3)
+    for a, b in zip(again, fresh):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    cached.temperature = 2.0  # another policy setting: another reference distribution
+    calls.clear()
+    cached.reference_distributions(steps[:2])
+    assert sum(calls) == 2

@@ -302,13 +302,7 @@ class OnPolicyAlgorithm(Algorithm):
     @torch.no_grad()
     def reference_distributions(self, steps: Sequence[Step]) -> list[torch.Tensor]:
         """Each step's action distribution under the reference policy (adapter disabled)."""
-        out: list[torch.Tensor] = []
-        size = self.config.minibatch_size
-        with self.policy.reference():
-            for start in range(0, len(steps), size):
-                ev = self.policy.evaluate(steps[start : start + size], with_values=False, with_entropy=False)
-                out.extend(ev.distributions)
-        return out
+        return self.policy.reference_distributions(steps, self.config.minibatch_size)
 
     def compute_targets(self, batch: RolloutBatch, episodes: list[Episode]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(advantages [S], returns [S])``; the default is GAE from the value estimates made when acting."""

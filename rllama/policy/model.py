@@ -16,12 +16,15 @@ Two ways to act, sharing one batched forward machinery (:meth:`PolicyModel.conti
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 import os
 import shutil
 import tempfile
 import warnings
+from array import array
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,8 @@ from rllama.fileio import replace_dir
 from rllama.policy.prefix_cache import DEFAULT_CACHE_MB, FrozenBottom, length_groups, supports_split
 
 POLICY_FILE = "policy.json"
+REFERENCE_MEMO_ENTRIES = 100_000
+"""Steps whose reference distributions a :class:`PolicyModel` with the prefix cache remembers (about 30 MB)."""
 HEADS_FILE = "heads.safetensors"
 ADAPTER_DIR = "adapter"
 FORMAT_VERSION = 1
@@ -236,6 +241,7 @@ class PolicyModel(nn.Module):
         self.min_shared_prefix = 8
         self.lm.eval()  # dropout off: acting and training must see the same function
         self._bottom = self._make_frozen_bottom(prefix_cache, prefix_cache_mb)
+        self._reference_memo: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
     # ------------------------------------------------------------------ structure
     @staticmethod
@@ -323,9 +329,11 @@ class PolicyModel(nn.Module):
         return {"frozen_blocks": self._bottom.split, **self._bottom.cache.stats()}
 
     def clear_prefix_cache(self) -> None:
-        """Forget every cached prefix (needed only if the base model's weights were changed by hand)."""
+        """Forget every cached prefix and reference distribution (needed only if the base model's weights were
+        changed by hand)."""
         if self._bottom is not None:
             self._bottom.cache.clear()
+        self._reference_memo.clear()
 
     def _adapters_changed(self) -> None:
         if self._bottom is not None:
@@ -884,6 +892,47 @@ class PolicyModel(nn.Module):
         values = self.heads["value"](enc.prompt_hidden).squeeze(-1) if with_values else None
         entropy = torch.stack(entropies) if with_entropy else None
         return StepEvaluation(values, dists, entropy, indices)
+
+    @torch.no_grad()
+    def reference_distributions(self, steps, batch_size: int = 16) -> list[torch.Tensor]:
+        """Each step's action distribution under the reference policy (the base model, adapter disabled).
+
+        The reference never changes, so with the prefix cache active each distinct step (prompt
+        and candidates, or prompt and reply) is computed once and remembered, up to
+        ``REFERENCE_MEMO_ENTRIES`` steps (least recently used forgotten): a state met again costs
+        nothing in later updates. Without the cache every call computes afresh (so that resumed
+        runs stay bit for bit).
+        """
+        memo = self._reference_memo if self.prefix_cache_active else None
+        keys = [self._step_key(s) for s in steps] if memo is not None else [None] * len(steps)
+        out: list[torch.Tensor | None] = [None] * len(steps)
+        todo = []
+        for i, key in enumerate(keys):
+            if key is not None and key in memo:
+                memo.move_to_end(key)
+                out[i] = memo[key]
+            else:
+                todo.append(i)
+        with self.reference():
+            for start in range(0, len(todo), batch_size):
+                part = todo[start : start + batch_size]
+                ev = self.evaluate([steps[i] for i in part], with_values=False, with_entropy=False)
+                for i, dist in zip(part, ev.distributions):
+                    out[i] = dist
+                    if memo is not None:
+                        memo[keys[i]] = dist
+        while memo is not None and len(memo) > REFERENCE_MEMO_ENTRIES:
+            memo.popitem(last=False)
+        return out
+
+    def _step_key(self, step) -> bytes:
+        """A digest of what defines a step's reference distribution (its tokens and the scoring settings)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{self.temperature!r}|{self.score_normalization}|{step.is_scored}".encode())
+        for ids in [step.prompt_ids, *(step.candidate_ids or [step.response_ids])]:
+            h.update(len(ids).to_bytes(4, "little"))
+            h.update(array("l", ids).tobytes())
+        return h.digest()
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
