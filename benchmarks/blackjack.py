@@ -38,8 +38,13 @@ def run_seed(seed: int, args) -> dict:
     from examples.blackjack import BlackjackAgent
 
     t0 = time.perf_counter()
+    layout = {}
+    if args.lora_layers == "all":  # the layout before the prefix cache: every block adapted, nothing cached
+        from rllama.policy import default_lora_config
+
+        layout = {"lora_config": default_lora_config(layers="all"), "prefix_cache": False}
     agent = BlackjackAgent(args.model, seed=seed, precision=args.precision,
-                           algorithm_config=json.loads(args.config) if args.config else None)
+                           algorithm_config=json.loads(args.config) if args.config else None, **layout)
     envs = gym.make_vec("Blackjack-v1", num_envs=args.envs, vectorization_mode="sync", sab=True)
     sampled_before = agent.evaluate(envs, args.eval_episodes, seed=EVAL_SEED, greedy=False)["mean_return"]
     hit_before = hit_probabilities(agent)
@@ -110,6 +115,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--config", default="", help="PPO config overrides as JSON")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--lora-layers", choices=["default", "all"], default="default",
+                        help="'default': the library's (top 8 blocks, prefix cache); 'all': every block, no cache")
     parser.add_argument("--name", default="blackjack")
     parser.add_argument("--save-dir", default=None)
     args = parser.parse_args()

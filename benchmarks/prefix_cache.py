@@ -1,12 +1,19 @@
 """Train the top, remember the bottom: the default path (LoRA on the top 8 blocks, frozen-bottom prefix
-cache) against the path before it (LoRA on every block, no cache), side by side in one run.
+cache) against the path before it, side by side in one run.
 
-    python benchmarks/prefix_cache.py --threads 1                # the committed results (~15 min, 2 cores)
+    python benchmarks/prefix_cache.py --threads 1                # the committed results (~25 min, 2 cores)
     python benchmarks/prefix_cache.py --threads 1 --quick        # a smoke run of a few minutes
 
-Each layout runs in a fresh process, one after the other (so peak memory is its own and the two
-never share the cores), on the embedded SmolLM2-135M, Blackjack-v1, the same seeds and the same
-precision (``--precision``, default ``auto``: resolved once and recorded). Measured per layout:
+Three layouts:
+
+- ``before``: the library as it was before the cache (``--before-commit``, checked out into a
+  temporary git worktree and imported from there): LoRA on every block, nothing cached.
+- ``default``: this checkout's defaults (LoRA on the top 8 of 30 blocks, prefix cache on).
+- ``top4``: this checkout with LoRA on the top 4 blocks (what fewer adapted blocks buy).
+
+Each layout runs in a fresh process, one after the other (so peak memory is its own and two never
+share the cores), on the embedded SmolLM2-135M, Blackjack-v1, the same seeds and the same precision
+(``--precision``, default ``auto``: resolved once by this checkout and passed to all). Measured per layout:
 
 - ``scoring_1`` / ``scoring_16``: acting env steps/s with 1 and 16 vector envs, scoring "stick"/"hit"
   and sampling as in training, after a warm-up of ``--warmup`` episodes (what a run's cache holds
@@ -28,16 +35,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from common import add_common_args, save_figure, save_result, set_threads  # noqa: E402
 
-LAYOUTS = {"all blocks, no cache": "before", "top 8 blocks + prefix cache": "default"}
+LAYOUTS = {"before": "before: every block, no cache", "default": "default: top 8 blocks + prefix cache",
+           "top4": "top 4 blocks + prefix cache"}
+COLOURS = {"before": "tab:gray", "default": "tab:blue", "top4": "tab:cyan"}
 
 
 def make_agent(layout: str, precision: str, generate: bool = False, **kwargs):
@@ -51,8 +62,9 @@ def make_agent(layout: str, precision: str, generate: bool = False, **kwargs):
                 return None
 
         cls = GeneratingBlackjackAgent
-    if layout == "before":
-        kwargs.update(lora_config=default_lora_config(layers="all"), prefix_cache=False)
+    if layout == "top4":
+        kwargs.update(lora_config=default_lora_config(layers=range(26, 30)))
+    # "before" takes the defaults of the library it imports (the worktree of --before-commit)
     lm, tokenizer = load_model(None)
     return cls(lm, tokenizer, seed=0, precision=precision, **kwargs)
 
@@ -82,21 +94,29 @@ def acting(agent, n_envs: int, warmup: int, episodes: int) -> dict:
     return row
 
 
+def stats_of(agent) -> dict:
+    return agent.policy.prefix_cache_stats() if hasattr(agent.policy, "prefix_cache_stats") else {}
+
+
 def part(args) -> dict:
     import resource
 
     import gymnasium as gym
     import torch
 
+    import rllama
     from rllama.policy.model import resolve_precision
 
-    out = {"layout": args.layout, "precision": resolve_precision(args.precision, torch.device("cpu"))}
+    out = {"layout": args.layout, "precision": resolve_precision(args.precision, torch.device("cpu")),
+           "rllama_imported_from": str(Path(rllama.__file__).parent)}
     agent = make_agent(args.layout, args.precision, algorithm_config={"batch_episodes": 16, "epochs": 1})
-    out["prefix_cache"] = agent.policy.prefix_cache_active
+    out["prefix_cache"] = getattr(agent.policy, "prefix_cache_active", False)
+    out["adapted_blocks"] = sorted({int(n.split("layers.")[1].split(".")[0])
+                                    for n, _ in agent.policy.named_parameters() if "lora_" in n})
     for n, episodes in ((16, args.act_episodes), (1, args.act_episodes // 4)):
         out[f"scoring_{n}"] = acting(agent, n, args.warmup if n == 16 else 0, episodes)
         print(args.layout, f"scoring {n}", out[f"scoring_{n}"], flush=True)
-    out["cache_after_acting"] = agent.policy.prefix_cache_stats()
+    out["cache_after_acting"] = stats_of(agent)
     # PPO: a first update (shapes, optimizer state), then the measured one.
     envs = gym.make_vec("Blackjack-v1", num_envs=16, vectorization_mode="sync", sab=True)
     agent.train(envs, 16, seed=3, progress=False)
@@ -108,7 +128,7 @@ def part(args) -> dict:
     out["train"] = {"episodes": args.train_episodes, "updates": len(history), "env_steps": agent.total_steps - steps0,
                     "wall_s": wall, "env_steps_per_s": (agent.total_steps - steps0) / wall,
                     "update_s": [h["time/update_s"] for h in history]}
-    out["cache_after_training"] = agent.policy.prefix_cache_stats()
+    out["cache_after_training"] = stats_of(agent)
     print(args.layout, "ppo", out["ppo_update_s"], out["train"], flush=True)
     del agent
     # DQN: two updates of 8 gradient steps each; the second one is measured.
@@ -127,14 +147,27 @@ def part(args) -> dict:
     return out
 
 
-def run_part(layout: str, args, tmp: Path) -> dict:
+def run_part(layout: str, args, tmp: Path, precision: str) -> dict:
     out = tmp / f"{layout}.json"
     cmd = [sys.executable, __file__, "--part", "layout", "--layout", layout, "--out", str(out),
-           "--precision", args.precision, "--threads", str(args.threads), "--warmup", str(args.warmup),
+           "--precision", precision, "--threads", str(args.threads), "--warmup", str(args.warmup),
            "--act-episodes", str(args.act_episodes), "--gen-episodes", str(args.gen_episodes),
            "--train-episodes", str(args.train_episodes), "--new-tokens", str(args.new_tokens)]
-    subprocess.run(cmd, check=True)
-    return json.loads(out.read_text())
+    env = dict(os.environ)
+    if layout == "before":  # import the library of --before-commit, not this checkout's
+        tree = tmp / "before"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.before_commit],
+                       check=True, capture_output=True)
+        env["PYTHONPATH"] = str(tree)
+    try:
+        subprocess.run(cmd, check=True, env=env)
+    finally:
+        if layout == "before":
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    result = json.loads(out.read_text())
+    if layout == "before":
+        result["commit"] = args.before_commit
+    return result
 
 
 def run_naive(args, tmp: Path) -> dict:
@@ -147,6 +180,7 @@ def run_naive(args, tmp: Path) -> dict:
 
 
 def ratios(before: dict, default: dict, naive: dict) -> dict:
+    """``default`` against ``before`` (and the naive loop): the issue's targets are these ratios."""
     speed = {key: default[key]["env_steps_per_s"] / before[key]["env_steps_per_s"]
              for key in ("scoring_1", "scoring_16", "generate_1", "generate_16", "train")}
     return {**{f"{k}_speedup": v for k, v in speed.items()},
@@ -164,24 +198,22 @@ def plot(result: dict, path: Path) -> None:
     import numpy as np
 
     runs = {r["layout"]: r for r in result["runs"]}
-    before, default = runs["before"], runs["default"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     keys = ["scoring_1", "scoring_16", "generate_1", "generate_16", "train"]
-    x = np.arange(len(keys))
-    for off, (label, r, colour) in enumerate([("all blocks, no cache", before, "tab:gray"),
-                                              ("top 8 + prefix cache", default, "tab:blue")]):
-        axes[0].bar(x + (off - 0.5) * 0.4, [r[k]["env_steps_per_s"] for k in keys], 0.4, label=label, color=colour)
+    x, width = np.arange(len(keys)), 0.8 / len(runs)
+    for off, (layout, r) in enumerate(runs.items()):
+        pos = x + (off - (len(runs) - 1) / 2) * width
+        axes[0].bar(pos, [r[k]["env_steps_per_s"] for k in keys], width, label=LAYOUTS[layout], color=COLOURS[layout])
+        axes[1].bar(np.arange(2) + (off - (len(runs) - 1) / 2) * width, [r["ppo_update_s"], r["dqn_step_s"]], width,
+                    color=COLOURS[layout])
+    axes[0].axhline(result["naive"]["env_steps_per_s"], color="tab:red", ls="--", lw=1, label="naive LlamaGym loop")
     axes[0].set_xticks(x, ["score\n1 env", "score\n16 envs", "generate\n1 env", "generate\n16 envs",
                            "PPO training\n16 envs"])
     axes[0].set_ylabel("env steps / s")
     axes[0].set_yscale("log")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     axes[0].set_title("acting and training throughput")
-    names = ["PPO update\n(16 episodes)", "DQN gradient\nstep"]
-    vals = [[before["ppo_update_s"], default["ppo_update_s"]], [before["dqn_step_s"], default["dqn_step_s"]]]
-    for off, colour in enumerate(("tab:gray", "tab:blue")):
-        axes[1].bar(np.arange(2) + (off - 0.5) * 0.4, [v[off] for v in vals], 0.4, color=colour)
-    axes[1].set_xticks(np.arange(2), names)
+    axes[1].set_xticks(np.arange(2), ["PPO update\n(16 episodes)", "DQN gradient\nstep"])
     axes[1].set_ylabel("seconds")
     axes[1].set_title("update cost")
     sp = result["speedups"]
@@ -192,12 +224,12 @@ def plot(result: dict, path: Path) -> None:
     axes[2].axvline(1, color="k", lw=0.8)
     for i, v in enumerate(values):
         axes[2].text(v, i, f" {v:.2f}x", va="center")
+    axes[2].invert_yaxis()
     axes[2].set_xlabel("default / before (higher is better)")
-    rss = f"{before['peak_rss_mb'] / 1024:.1f} -> {default['peak_rss_mb'] / 1024:.1f} GiB"
-    axes[2].set_title(f"speed-up; peak RSS {rss}")
-    fig.suptitle(f"SmolLM2-135M, Blackjack, {default['precision']}, {result['cpu']}, "
-                 f"{result['config']['threads']} thread(s); naive LlamaGym loop "
-                 f"{result['naive']['env_steps_per_s']:.2f} env steps/s")
+    rss = " / ".join(f"{runs[k]['peak_rss_mb'] / 1024:.1f}" for k in runs)
+    axes[2].set_title(f"speed-up of the default; peak RSS {rss} GiB")
+    fig.suptitle(f"SmolLM2-135M, Blackjack-v1, {runs['default']['precision']}, {result['cpu']}, "
+                 f"{result['config']['threads']} thread(s)")
     save_figure(fig, path)
 
 
@@ -212,7 +244,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser, "prefix_cache", precision="auto")
     parser.add_argument("--part", choices=["layout"], help=argparse.SUPPRESS)
-    parser.add_argument("--layout", choices=["before", "default"], help=argparse.SUPPRESS)
+    parser.add_argument("--layout", choices=list(LAYOUTS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=128, help="episodes acted before the 16-env measurement")
     parser.add_argument("--act-episodes", type=int, default=96, help="episodes of the 16-env scoring measurement")
@@ -221,6 +253,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=24, help="longest generated reply")
     parser.add_argument("--naive-steps", type=int, default=12, help="env steps of the naive loop")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few episodes")
+    parser.add_argument("--before-commit", default="f6395ac", help="the commit measured as 'before'")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
+                        help="layouts to measure; the first two are compared")
     args = parser.parse_args()
     set_threads(args)
     if args.part:
@@ -230,8 +265,13 @@ def main() -> None:
         args.warmup, args.act_episodes, args.gen_episodes, args.train_episodes, args.naive_steps = 16, 32, 4, 32, 4
     import tempfile
 
+    import torch
+
+    from rllama.policy.model import resolve_precision
+
+    precision = resolve_precision(args.precision, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [run_part(layout, args, Path(tmp)) for layout in ("before", "default")]
+        runs = [run_part(layout, args, Path(tmp), precision) for layout in args.layouts]
         naive = run_naive(args, Path(tmp))
     speedups = ratios(runs[0], runs[1], naive)
     print(json.dumps(speedups, indent=1))

@@ -54,7 +54,12 @@ def _numpy_rng() -> dict:
 
 
 def save_training_state(agent, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write the agent's full training state to folder ``path`` (replacing it atomically)."""
+    """Write the agent's full training state to folder ``path`` (replacing it atomically).
+
+    Also empties the policy's prefix cache: a run loaded from this state starts with an empty one,
+    and what is cached decides how a forward pass is split (and so its last bits), so the run that
+    saved continues exactly as a run resumed from the save does.
+    """
     from safetensors.torch import save_file
 
     if any(slot.steps for slot in agent._slots.values()):
@@ -62,6 +67,7 @@ def save_training_state(agent, path: str | os.PathLike, extra: dict[str, Any] | 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    agent.policy.clear_prefix_cache()
     try:
         agent.save(tmp / "policy")  # adapter, heads and (under policy/memory) the memory store
         tensors, algorithm_meta = agent.algorithm.state_dict()

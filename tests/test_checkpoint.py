@@ -78,3 +78,30 @@ def test_save_replaces_an_existing_checkpoint_atomically(make_agent, tmp_path):
     save_training_state(agent, tmp_path / "ckpt", extra={"n": 2})
     assert load_training_state(agent, tmp_path / "ckpt") == {"n": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "dqn"])
+def test_with_the_prefix_cache_a_run_that_saved_continues_as_its_resume_does(tokenizer, tmp_path, algorithm):
+    from tests.conftest import ChoiceAgent
+    from tests.test_prefix_cache import make_deep_lm
+
+    def new_agent(seed=0):  # 10 blocks, the default LoRA adapts the top 8: two blocks are cached
+        agent = ChoiceAgent(make_deep_lm(layers=10), tokenizer, seed=seed, precision="fp32", algorithm=algorithm,
+                            algorithm_config=CONFIGS[algorithm])
+        assert agent.policy.prefix_cache_active
+        return agent
+
+    def envs():
+        return gym.vector.SyncVectorEnv([lambda: ChoiceEnv(steps=2) for _ in range(2)])
+
+    straight = new_agent()
+    segments(straight, envs(), 0, 2)
+    save_training_state(straight, tmp_path / "ckpt")  # and goes on: its cache was emptied by the save
+    segments(straight, envs(), 2, 4)
+    resumed = new_agent(seed=123)
+    load_training_state(resumed, tmp_path / "ckpt")
+    segments(resumed, envs(), 2, 4)
+    a, b = params(straight), params(resumed)
+    assert straight.algorithm.num_updates == resumed.algorithm.num_updates > 1
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -87,6 +87,25 @@ def test_crashed_run_resumes_exactly(tmp_path, tiny_model_dir, algorithm, config
     assert straight["eval/mean_return"] == resumed["eval/mean_return"]
 
 
+def test_crashed_run_with_the_prefix_cache_resumes_exactly(tmp_path, tokenizer):
+    from tests.test_prefix_cache import make_deep_lm
+
+    model_dir = tmp_path / "deep-model"
+    make_deep_lm(layers=10).save_pretrained(model_dir)  # the default LoRA adapts the top 8: 2 blocks cached
+    tokenizer.save_pretrained(model_dir)
+    config = {"batch_episodes": 4, "minibatch_size": 4}
+    straight = train(tiny_config(tmp_path, model_dir, name="straight", algorithm_config=config))
+    cfg = tiny_config(tmp_path, model_dir, name="crashed", algorithm_config=config)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=[CrashAfter(segment=2)])
+    resumed = resume(tmp_path / "runs" / "crashed")
+    a, b = final_params(Path(straight["run_dir"])), final_params(Path(resumed["run_dir"]))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert straight["eval/mean_return"] == resumed["eval/mean_return"]
+
+
 def test_resume_can_extend_a_finished_run(tmp_path, tiny_model_dir):
     train(tiny_config(tmp_path, tiny_model_dir, episodes=8))
     summary = resume(tmp_path / "runs" / "run", overrides={"episodes": 12})

@@ -142,6 +142,9 @@ class Experiment:
         stop = False
         for k in range(state["segment"], n_segments):
             n = min(cfg.segment_episodes, cfg.episodes - k * cfg.segment_episodes)
+            # Every segment starts with an empty prefix cache, as a run resumed here does: what is
+            # cached decides how a forward pass is split, and so its last bits.
+            agent.policy.clear_prefix_cache()
             t0, steps0 = time.perf_counter(), agent.total_steps
 
             def on_update(stats: dict, k=k) -> bool:
