@@ -158,7 +158,7 @@ def run_part(layout: str, args, tmp: Path, precision: str) -> dict:
         tree = tmp / "before"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.before_commit],
                        check=True, capture_output=True)
-        env["PYTHONPATH"] = str(tree)
+        env["RLLAMA_BEFORE_TREE"] = str(tree)
     try:
         subprocess.run(cmd, check=True, env=env)
     finally:
@@ -259,6 +259,8 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args)
     if args.part:
+        if os.environ.get("RLLAMA_BEFORE_TREE"):  # ahead of this checkout, which common.py put on the path
+            sys.path.insert(0, os.environ["RLLAMA_BEFORE_TREE"])
         Path(args.out).write_text(json.dumps(part(args)))
         return
     if args.quick:

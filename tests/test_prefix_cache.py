@@ -177,16 +177,56 @@ def test_radix_tree_matches_splits_and_evicts_least_recently_used():
     assert torch.cat([p.node.hidden[: p.n] for p in pieces])[:, 0].tolist() == [1.0, 1.0, 1.0]
     assert [p.n for p in cache.match([1, 2, 9, 9])] == [2, 1]
     per_token = sum(t.numel() * 4 for t in states(1, 0.0))
-    small = RadixCache(max_bytes=6 * per_token)  # evicts down to 90 %
-    small.insert([1, 2, 3], 0, *states(3, 1.0))
-    small.insert([5, 6], 0, *states(2, 2.0))
-    small.match([1, 2, 3])  # [1, 2, 3] is now the more recently used
-    small.insert([7, 8], 0, *states(2, 3.0))  # over the bound: [5, 6] goes first
-    assert sum(p.n for p in small.match([5, 6])) == 0
-    assert sum(p.n for p in small.match([1, 2, 3])) == 3
-    assert small.nbytes <= small.max_bytes
     with pytest.raises(ValueError, match="max_bytes"):
         RadixCache(-1)
+
+    def fill(cache):
+        cache.insert([1, 2, 3], 0, *states(3, 1.0))
+        cache.insert([5, 6], 0, *states(2, 2.0))
+        cache.match([1, 2, 3])  # [1, 2, 3] is now the more recently used
+        cache.insert([7, 8], 0, *states(2, 3.0))  # over the bound (6 tokens): down to 90 %
+        return {k: cache.match(k) for k in ((1, 2, 3), (5, 6), (7, 8))}
+
+    # First the least recently used prefixes lose their keys and values; their boundary states stay.
+    small = RadixCache(max_bytes=6 * per_token)
+    found = fill(small)
+    assert [sum(p.n for p in found[k]) for k in found] == [3, 2, 2]
+    assert [found[k][0].node.has_kv for k in found] == [False, False, True]
+    assert small.nbytes <= 0.9 * small.max_bytes and small.hidden_only_bytes == 5 * 3 * 4
+    # Boundary-state-only nodes beyond their share of the bound go, least recently used first.
+    strict = RadixCache(max_bytes=6 * per_token, hidden_share=0.0)
+    found = fill(strict)
+    assert [sum(p.n for p in found[k]) for k in found] == [3, 0, 2]
+    assert found[(1, 2, 3)][0].node.has_kv
+    # A prefix that lost its keys and values gets them back when its states are computed again.
+    strict.insert([5, 6], 0, *states(2, 2.0))
+    small.insert([5, 6, 4], 0, *states(3, 2.0))
+    assert small.match([5, 6])[0].node.has_kv and small.match([5, 6, 4])[-1].node.has_kv
+
+
+def test_states_without_keys_and_values_still_give_the_uncached_results(tokenizer):
+    cached, plain = make_pair(tokenizer, cache_mb=0.05)  # about 70 tokens of this model's states
+    prompts = episode_prompts(seed=11, episodes=4)
+    cands = [candidates(i) for i in range(len(prompts))]
+    steps = steps_of(prompts, cands)
+    seen_hidden_only = False
+    for rnd in range(3):
+        for pol in (cached, plain):
+            with torch.no_grad():
+                out = pol.candidate_outputs(prompts[rnd:], cands[rnd:])
+                ev = pol.evaluate(steps)
+                gen = pol.generate(prompts[:2], max_new_tokens=3, greedy=True)
+            if pol is cached:
+                a = (torch.cat(out.logprobs), torch.cat(ev.distributions), ev.values, [g.token_ids for g in gen])
+                seen_hidden_only |= cached.prefix_cache_stats()["hidden_only_bytes"] > 0
+            else:
+                b = (torch.cat(out.logprobs), torch.cat(ev.distributions), ev.values, [g.token_ids for g in gen])
+        for x, y in zip(a[:3], b[:3]):
+            torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+        assert a[3] == b[3]
+    assert seen_hidden_only
+    stats = cached.prefix_cache_stats()
+    assert stats["bytes"] <= 0.05 * 2**20 and stats["hit_tokens"] > 0
 
 
 def test_changing_the_adapted_blocks_never_serves_a_stale_entry(tokenizer):
