@@ -147,9 +147,36 @@ def part(args) -> dict:
     return out
 
 
-def run_part(layout: str, args, tmp: Path, precision: str) -> dict:
-    out = tmp / f"{layout}.json"
-    cmd = [sys.executable, __file__, "--part", "layout", "--layout", layout, "--out", str(out),
+def textworld_part(args) -> dict:
+    """TextWorld (≈ 640-token prompts): acting env steps/s and one PPO update of 4 short episodes."""
+    import resource
+
+    import rllama
+    from examples.textworld import TRAIN_SEEDS, TextWorldAgent, make_env
+
+    kwargs = {}
+    if args.layout == "top4":
+        from rllama.policy import default_lora_config
+
+        kwargs["lora_config"] = default_lora_config(layers=range(26, 30))
+    agent = TextWorldAgent(None, seed=0, precision=args.precision,
+                           algorithm_config={"batch_episodes": 4, "minibatch_size": 4, "epochs": 1}, **kwargs)
+    envs = make_env(TRAIN_SEEDS[:8], max_episode_steps=args.textworld_steps, num_envs=4)
+    t0 = time.perf_counter()
+    history = agent.train(envs, 4, seed=0, progress=False)
+    wall = time.perf_counter() - t0
+    update_s = history[0]["time/update_s"]
+    steps = int(history[0]["rollout/steps"])
+    return {"layout": args.layout, "rllama_imported_from": str(Path(rllama.__file__).parent),
+            "env_steps": steps, "acting_s": wall - update_s, "acting_env_steps_per_s": steps / (wall - update_s),
+            "update_s": update_s, "update_tokens_per_s": history[0]["time/update_tokens_per_s"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_part(layout: str, args, tmp: Path, precision: str, textworld: bool = False) -> dict:
+    out = tmp / f"{layout}{'-textworld' if textworld else ''}.json"
+    cmd = [sys.executable, __file__, "--part", "textworld" if textworld else "layout", "--layout", layout,
+           "--out", str(out), "--textworld-steps", str(args.textworld_steps),
            "--precision", precision, "--threads", str(args.threads), "--warmup", str(args.warmup),
            "--act-episodes", str(args.act_episodes), "--gen-episodes", str(args.gen_episodes),
            "--train-episodes", str(args.train_episodes), "--new-tokens", str(args.new_tokens)]
@@ -233,6 +260,28 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_textworld(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    names = [LAYOUTS[r["layout"]].replace(": ", ":\n") for r in runs]
+    colours = [COLOURS[r["layout"]] for r in runs]
+    axes[0].bar(names, [r["acting_env_steps_per_s"] for r in runs], color=colours)
+    axes[0].set_ylabel("env steps / s")
+    axes[0].set_title("TextWorld acting (4 envs)")
+    axes[1].bar(names, [r["update_s"] for r in runs], color=colours)
+    axes[1].set_ylabel("seconds")
+    axes[1].set_title("one PPO update (4 episodes)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"SmolLM2-135M, TextWorld, {result['cpu']}, {result['config']['threads']} thread(s)")
+    save_figure(fig, path)
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -243,7 +292,7 @@ def cpu_name() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser, "prefix_cache", precision="auto")
-    parser.add_argument("--part", choices=["layout"], help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=["layout", "textworld"], help=argparse.SUPPRESS)
     parser.add_argument("--layout", choices=list(LAYOUTS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=128, help="episodes acted before the 16-env measurement")
@@ -254,6 +303,9 @@ def main() -> None:
     parser.add_argument("--naive-steps", type=int, default=12, help="env steps of the naive loop")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few episodes")
     parser.add_argument("--before-commit", default="f6395ac", help="the commit measured as 'before'")
+    parser.add_argument("--textworld", action="store_true",
+                        help="TextWorld only: acting and one PPO update of 4 episodes (writes <name>_textworld)")
+    parser.add_argument("--textworld-steps", type=int, default=6, help="longest TextWorld episode (--textworld)")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
                         help="layouts to measure; the first two are compared")
     args = parser.parse_args()
@@ -261,7 +313,7 @@ def main() -> None:
     if args.part:
         if os.environ.get("RLLAMA_BEFORE_TREE"):  # ahead of this checkout, which common.py put on the path
             sys.path.insert(0, os.environ["RLLAMA_BEFORE_TREE"])
-        Path(args.out).write_text(json.dumps(part(args)))
+        Path(args.out).write_text(json.dumps(textworld_part(args) if args.part == "textworld" else part(args)))
         return
     if args.quick:
         args.warmup, args.act_episodes, args.gen_episodes, args.train_episodes, args.naive_steps = 16, 32, 4, 32, 4
@@ -272,6 +324,16 @@ def main() -> None:
     from rllama.policy.model import resolve_precision
 
     precision = resolve_precision(args.precision, torch.device("cpu"))
+    if args.textworld:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = [run_part(layout, args, Path(tmp), precision, textworld=True) for layout in args.layouts]
+        before, default = runs[0], runs[1]
+        speedups = {"acting_speedup": default["acting_env_steps_per_s"] / before["acting_env_steps_per_s"],
+                    "update_speedup": before["update_s"] / default["update_s"]}
+        print(json.dumps(speedups, indent=1))
+        args.name += "_textworld"
+        save_result("prefix_cache_textworld", args, runs, plot_textworld, cpu=cpu_name(), speedups=speedups)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         runs = [run_part(layout, args, Path(tmp), precision) for layout in args.layouts]
         naive = run_naive(args, Path(tmp))
