@@ -348,3 +348,60 @@ def test_reference_distributions_are_remembered_and_equal_a_fresh_computation(to
     calls.clear()
     cached.reference_distributions(steps[:2])
     assert sum(calls) == 2
+
+
+def _same_scores(cached, plain, prompts, cands):
+    with torch.no_grad():
+        a = cached.candidate_outputs(prompts, cands, q_heads=("value",))
+        b = plain.candidate_outputs(prompts, cands, q_heads=("value",))
+    torch.testing.assert_close(torch.cat(a.logprobs), torch.cat(b.logprobs), atol=ATOL, rtol=0)
+    torch.testing.assert_close(a.values, b.values, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("change", ["adamw", "fused-adamw", "data-write", "load_state_dict"])
+def test_acting_never_reads_adapted_block_states_of_older_weights(tokenizer, change):
+    cached, plain = make_pair(tokenizer)
+    prompts = episode_prompts(seed=12)
+    cands = [candidates(i) for i in range(len(prompts))]
+    _same_scores(cached, plain, prompts, cands)  # fills the top tree
+    assert cached.prefix_cache_stats()["top"]["bytes"] > 0
+    for pol in (cached, plain):
+        params = pol.adapter_parameters()
+        if change.endswith("adamw"):
+            opt = torch.optim.AdamW(params, lr=0.05, fused=change == "fused-adamw")
+            loss = pol.evaluate(steps_of(prompts[:3], cands[:3])).values.sum() + sum(p.sum() for p in params)
+            loss.backward()
+            opt.step()
+        elif change == "data-write":
+            for p in params:
+                p.data.mul_(1.5)
+        else:
+            state = {n: p.detach() * 0.5 for n, p in pol.named_parameters() if "lora_" in n}
+            pol.load_state_dict(state, strict=False)
+    _same_scores(cached, plain, prompts, cands)
+
+
+def test_acting_top_tree_and_the_reference_snapshots_and_other_adapters(tokenizer):
+    cached, plain = make_pair(tokenizer)
+    prompts = episode_prompts(seed=13)
+    cands = [candidates(i) for i in range(len(prompts))]
+    _same_scores(cached, plain, prompts, cands)
+    with cached.reference(), plain.reference():
+        _same_scores(cached, plain, prompts, cands)
+    snapshots = [pol.snapshot() for pol in (cached, plain)]
+    for pol in (cached, plain):
+        with torch.no_grad():
+            for p in pol.adapter_parameters():
+                p.add_(0.05)
+    _same_scores(cached, plain, prompts, cands)
+    with cached.weights(snapshots[0]), plain.weights(snapshots[1]):
+        _same_scores(cached, plain, prompts, cands)
+    _same_scores(cached, plain, prompts, cands)
+    for pol in (cached, plain):
+        pol.add_adapter("other", default_lora_config(layers=[2, 3]))
+        with torch.no_grad():
+            for p in pol.adapter_parameters("other"):
+                p.fill_(0.01)
+    with cached.using_adapter("other"), plain.using_adapter("other"):
+        _same_scores(cached, plain, prompts, cands)
+    _same_scores(cached, plain, prompts, cands)

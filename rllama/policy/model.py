@@ -326,16 +326,19 @@ class PolicyModel(nn.Module):
         """The prefix cache's bytes, nodes, hit and miss tokens; ``{}`` when it is off."""
         if not self.prefix_cache_active:
             return {}
-        return {"frozen_blocks": self._bottom.split, **self._bottom.cache.stats()}
+        return {"frozen_blocks": self._bottom.split, **self._bottom.cache.stats(),
+                "top": self._bottom.top_cache.stats()}
 
     def clear_prefix_cache(self) -> None:
         """Forget every cached prefix and reference distribution (needed only if the base model's weights were
         changed by hand)."""
         if self._bottom is not None:
             self._bottom.cache.clear()
+            self._bottom.top_cache.clear()
         self._reference_memo.clear()
 
     def _adapters_changed(self) -> None:
+        self.__dict__["_probe_cache"] = None
         if self._bottom is not None:
             self._bottom.refresh()
 
@@ -517,6 +520,60 @@ class PolicyModel(nn.Module):
         lengths = mask.sum(-1)
         return out.last_hidden_state[:, -1], _cache_of(out), mask, lengths
 
+    def _top_cache_usable(self) -> bool:
+        """Whether this forward may read the adapted blocks' states from the top tree: no gradients wanted,
+        and the adapters as they were when the tree was filled (else the tree is emptied first)."""
+        if not self.prefix_cache_active or torch.is_grad_enabled():
+            return False
+        self._bottom.check_top(self._adapter_signature())
+        return True
+
+    def _adapter_signature(self) -> tuple:
+        """What the adapted blocks compute with: the active and enabled adapters, and each LoRA weight's
+        version counter and sum (the sum catches changes that bypass the counter, such as ``.data`` writes
+        and fused optimizers)."""
+        probe, params = self._lora_probe
+        if probe is None:
+            return ()
+        sums = torch.stack([p.detach().float().sum() for p in params]).tolist() if params else []
+        return (tuple(probe.active_adapters), bool(probe.disable_adapters), tuple(p._version for p in params),
+                tuple(sums))
+
+    @property
+    def _lora_probe(self):
+        """One LoRA layer (it says which adapters are active and whether they are disabled) and every LoRA
+        weight; found again after the adapters change."""
+        if self.__dict__.get("_probe_cache") is None:
+            layers = [m for m in self.lm.modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+            params = [p for n, p in self.lm.named_parameters() if "lora_" in n]
+            self.__dict__["_probe_cache"] = (layers[0] if layers else None, params)
+        return self.__dict__["_probe_cache"]
+
+    def _hidden_from_top_tree(self, prompts, continuations, owner, Lc: int):
+        """``(prompt_hidden [B, H], hidden [R, Lc, H])`` of :meth:`_continuation_logprobs` from the top tree."""
+        bottom, norm = self._bottom, self._body().norm
+        with self._autocast():
+            states = bottom.top_states(prompts)  # [len_b, H] each, before the final norm
+            prompt_hidden = norm(torch.stack([s[-1] for s in states]))  # [B, H]
+        owner_t = torch.as_tensor(list(owner), dtype=torch.long, device=self.device)
+        hidden = prompt_hidden[owner_t].unsqueeze(1)  # [R, 1, H]
+        if Lc == 1:
+            return prompt_hidden, hidden
+        R = len(continuations)
+        rows = [r for r, c in enumerate(continuations) if len(c) > 1]
+        rest = prompt_hidden.new_zeros((R, Lc - 1, prompt_hidden.shape[-1]))  # [R, Lc-1, H]
+        if rows:
+            seqs = [list(prompts[owner[r]]) + list(continuations[r][:-1]) for r in rows]
+            with self._autocast():
+                tails = bottom.top_states(seqs)
+                parts = [t[len(t) - (len(continuations[r]) - 1) :] for r, t in zip(rows, tails)]
+                normed = norm(torch.cat(parts))
+            index_r = [r for r in rows for _ in range(len(continuations[r]) - 1)]
+            index_c = [c for r in rows for c in range(len(continuations[r]) - 1)]
+            rest = rest.index_put((torch.as_tensor(index_r, device=self.device),
+                                   torch.as_tensor(index_c, device=self.device)), normed.to(rest.dtype))
+        return prompt_hidden, torch.cat([hidden, rest], dim=1)
+
     def _forward_prompts_split(self, prompts, shared: int, bottom_kv: bool):
         """:meth:`_forward_prompts` over boundary states from the prefix cache: only the adapted blocks run."""
         from transformers import DynamicCache
@@ -582,6 +639,8 @@ class PolicyModel(nn.Module):
             raise RLlamaError("every continuation must hold at least one token")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RLlamaError("every prompt must hold at least one token")
+        if self._top_cache_usable():
+            return self._continuation_logprobs(prompts, continuations, owner, entropy_rows, top_cached=True)
         groups = length_groups([len(p) for p in prompts], _common_prefix_length(prompts) if len(prompts) > 1 else 0)
         if len(groups) == 1:
             return self._continuation_logprobs(prompts, continuations, owner, entropy_rows)
@@ -601,22 +660,25 @@ class PolicyModel(nn.Module):
             order_r += rows
         return _merge_continuations(parts, order_b, order_r, self.device)
 
-    def _continuation_logprobs(self, prompts, continuations, owner, entropy_rows) -> Continuations:
-        """:meth:`continuation_logprobs` of one batch of prompts (left-padded to the longest)."""
+    def _continuation_logprobs(self, prompts, continuations, owner, entropy_rows, top_cached=False) -> Continuations:
+        """:meth:`continuation_logprobs` of one batch of prompts (left-padded to the longest), or, with
+        ``top_cached``, of hidden states from the prefix cache's top tree."""
         R, Lc = len(continuations), max(len(c) for c in continuations)
-        prompt_hidden, cache, pmask, plen = self._forward_prompts(prompts, use_cache=Lc > 1)
         owner_t = torch.as_tensor(list(owner), dtype=torch.long, device=self.device)
+        if top_cached:
+            prompt_hidden, hidden = self._hidden_from_top_tree(prompts, continuations, owner, Lc)
+        else:
+            prompt_hidden, cache, pmask, plen = self._forward_prompts(prompts, use_cache=Lc > 1)
+            hidden = prompt_hidden[owner_t].unsqueeze(1)  # [R, 1, H]: predicts each continuation's first token
+            if Lc > 1:
+                rest = self._packed_continuations(prompts, continuations, list(owner), cache, pmask, plen, Lc)
+                hidden = torch.cat([hidden, rest], dim=1)  # [R, Lc, H]
         cont = torch.full((R, Lc), self.pad_id, dtype=torch.long)
         cmask = torch.zeros((R, Lc), dtype=torch.long)
         for r, c in enumerate(continuations):
             cont[r, : len(c)] = torch.as_tensor(c, dtype=torch.long)
             cmask[r, : len(c)] = 1
         cont, cmask = cont.to(self.device), cmask.to(self.device)
-
-        hidden = prompt_hidden[owner_t].unsqueeze(1)  # [R, 1, H]: predicts each continuation's first token
-        if Lc > 1:
-            rest = self._packed_continuations(prompts, continuations, list(owner), cache, pmask, plen, Lc)
-            hidden = torch.cat([hidden, rest], dim=1)  # [R, Lc, H]
 
         # Project only the real positions to the vocabulary: the lm head is a fifth of the model.
         rows, cols = cmask.nonzero(as_tuple=True)

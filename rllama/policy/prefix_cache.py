@@ -292,6 +292,9 @@ class FrozenBottom:
         self.eager = attn_implementation == "eager"
         self.mask_dtype = mask_dtype
         self.cache = RadixCache(max_bytes)
+        # The adapted blocks' states of prefixes, valid while their weights stay the same (acting).
+        self.top_cache = RadixCache(max_bytes // 4)
+        self._top_signature = None
         self.split = 0
         self.refresh()
 
@@ -303,6 +306,8 @@ class FrozenBottom:
         split = 0 if embeds_adapted else (min(adapted) if adapted else len(self.body.layers))
         if split != self.split:
             self.cache.clear()
+        self.top_cache.clear()
+        self._top_signature = None
         self.split = split
 
     @property
@@ -358,18 +363,37 @@ class FrozenBottom:
             a list of ``[len_i, H]`` tensors, or with ``want_kv`` a list of ``(hidden, keys, values)``
             with ``keys``/``values`` ``[layers, kv_heads, len_i, head_dim]``.
         """
+        return self._states(self.cache, 0, self.split, seqs, want_kv)
+
+    @torch.no_grad()
+    def top_states(self, seqs: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """The adapted blocks' outputs ``[len, H]`` (before the final norm) of each token sequence, from the
+        top tree: valid only while the adapters' weights stay the same (the caller checks, see
+        :meth:`check_top`)."""
+        return self._states(self.top_cache, self.split, len(self.body.layers), seqs, False)
+
+    def check_top(self, signature) -> None:
+        """Empty the top tree unless ``signature`` (what the adapted blocks compute with) is the one it was
+        filled under."""
+        if signature != self._top_signature:
+            self.top_cache.clear()
+            self._top_signature = signature
+
+    def _states(self, tree: RadixCache, lo: int, hi: int, seqs, want_kv: bool):
+        """What ``blocks[lo:hi]`` output for each token of ``seqs`` (and their keys and values), from ``tree``;
+        the tokens after each sequence's longest cached prefix run through the blocks and are stored."""
         # Read the cached parts first: inserting this batch's new states may split or evict the
         # nodes they come from (the views taken here stay valid: nodes are re-made, never written).
         cached = []
         for s in seqs:
-            pieces = self.cache.match(s)
+            pieces = tree.match(s)
             usable = pieces
             if sum(p.n for p in pieces) < len(s) or want_kv:
                 # Extending (or returning keys and values): only the part that holds them counts.
                 usable = kv_prefix(pieces)
             m = sum(p.n for p in usable)
-            self.cache.hit_tokens += m
-            self.cache.miss_tokens += len(s) - m
+            tree.hit_tokens += m
+            tree.miss_tokens += len(s) - m
             with_kv = m < len(s) or want_kv
             cached.append(_Cached(m, [p.node.hidden[: p.n] for p in usable],
                                   [p.node.keys[:, :, : p.n] for p in usable] if with_kv else [],
@@ -379,7 +403,7 @@ class FrozenBottom:
         if todo:  # rows with similar numbers of new tokens run together (little left padding)
             for group in length_groups([len(seqs[i]) - cached[i].n for i in todo], 0):
                 rows = [todo[g] for g in group]
-                fresh.update(zip(rows, self._run_bottom([seqs[i] for i in rows], [cached[i] for i in rows])))
+                fresh.update(zip(rows, self._extend(tree, lo, hi, [seqs[i] for i in rows], [cached[i] for i in rows])))
         out = []
         for i, c in enumerate(cached):
             hs, ks, vs = list(c.hidden), list(c.keys), list(c.values)
@@ -392,8 +416,11 @@ class FrozenBottom:
             out.append((hidden, _cat(ks, 2), _cat(vs, 2)) if want_kv else hidden)
         return out
 
-    def _run_bottom(self, seqs, cached):
-        """The bottom over each sequence's uncached tail, batched; stores and returns ``(hidden, keys, values)``."""
+    def _extend(self, tree: RadixCache, lo: int, hi: int, seqs, cached):
+        """``blocks[lo:hi]`` over each sequence's uncached tail, batched; stores and returns ``(hidden, keys, values)``.
+
+        The inputs of the tail are the token embeddings (``lo == 0``) or the boundary states.
+        """
         from transformers import DynamicCache
 
         body = self.body
@@ -412,25 +439,32 @@ class FrozenBottom:
             real[r, M - m : M] = True
             real[r, M + N - n :] = True
         ids, pos, real = ids.to(device), pos.to(device), real.to(device)
+        if lo == 0:
+            x = body.embed_tokens(ids)
+        else:  # the boundary states of the new tokens
+            bounds = self.boundary(seqs)
+            x = bounds[0].new_zeros((R, N, bounds[0].shape[-1]))
+            for r, (b, m, n) in enumerate(zip(bounds, starts, news)):
+                x[r, N - n :] = b[m:]
         cache = DynamicCache()
         if M:
             ref = next(k for c in cached for k in c.keys)
-            past_k = ref.new_zeros((self.split, R, ref.shape[1], M, ref.shape[3]))  # [layers, R, kv, M, d]
+            past_k = ref.new_zeros((hi - lo, R, ref.shape[1], M, ref.shape[3]))  # [layers, R, kv, M, d]
             past_v = torch.zeros_like(past_k)
             for r, c in enumerate(cached):
                 if c.n:
                     past_k[:, r, :, M - c.n :] = _cat(c.keys, 2)
                     past_v[:, r, :, M - c.n :] = _cat(c.values, 2)
-            for layer in range(self.split):
-                cache.update(past_k[layer], past_v[layer], layer)
+            for j in range(hi - lo):
+                cache.update(past_k[j], past_v[j], lo + j)
         allowed = self.causal(real, N)
-        hidden = self.run_blocks(body.embed_tokens(ids), body.layers[: self.split], allowed, pos, cache, True)
-        keys = torch.stack([cache.layers[layer].keys for layer in range(self.split)], dim=1)  # [R, layers, kv, M+N, d]
-        values = torch.stack([cache.layers[layer].values for layer in range(self.split)], dim=1)
+        hidden = self.run_blocks(x, body.layers[lo:hi], allowed, pos, cache, True)
+        keys = torch.stack([cache.layers[lo + j].keys for j in range(hi - lo)], dim=1)  # [R, layers, kv, M+N, d]
+        values = torch.stack([cache.layers[lo + j].values for j in range(hi - lo)], dim=1)
         out = []
         for r, (s, m, n) in enumerate(zip(seqs, starts, news)):
             h, k, v = hidden[r, N - n :], keys[r, :, :, M + N - n :], values[r, :, :, M + N - n :]
-            self.cache.insert(s, m, k, v, h)
+            tree.insert(s, m, k, v, h)
             out.append((h, k, v))
         return out
 
