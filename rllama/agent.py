@@ -101,8 +101,8 @@ class RLlamaAgent(ABC):
             work an error.
         prefix_cache_mb: the prefix cache's bound in MiB (least recently used prefixes are evicted;
             ``0`` turns the cache off).
-        precision: ``"auto"`` (bf16 autocast where the hardware runs it natively, else fp32),
-            ``"fp32"`` or ``"bf16"``.
+        precision: ``"auto"`` (bf16 autocast on GPUs that run it natively and on CPUs where it is
+            measured faster, else fp32), ``"fp32"`` or ``"bf16"``.
         score_normalization: ``"mean"`` or ``"sum"`` of a candidate's token log-probs.
         temperature: policy temperature (scoring and generation, acting and training).
         max_new_tokens: longest generated reply.

@@ -175,12 +175,19 @@ class PolicyModel(nn.Module):
     Args:
         model: a transformers causal LM (``PreTrainedModel``). Its weights are frozen.
         tokenizer: its tokenizer.
-        lora_config: a ``peft.LoraConfig``; :func:`default_lora_config` when ``None``.
+        lora_config: a ``peft.LoraConfig``; when ``None``, :func:`default_lora_config` on the top
+            :data:`DEFAULT_TOP_BLOCKS` blocks of Llama-family models, on every block of others.
         device: where to run; defaults to the model's device.
-        precision: ``"fp32"``, ``"bf16"`` (bfloat16 autocast of the matmuls; about 1.5x faster on
-            CPUs with AVX512-BF16 or AMX, and the usual choice on GPUs) or ``"auto"`` (the default:
-            bf16 where the hardware runs it natively, else fp32). Parameters, optimizer state,
-            log-softmax and losses stay in float32 either way.
+        precision: ``"fp32"``, ``"bf16"`` (bfloat16 autocast of the matmuls; faster on some CPUs with
+            AVX512-BF16 or AMX, slower on others, and the usual choice on GPUs) or ``"auto"`` (the
+            default: bf16 on GPUs that run it natively and on CPUs where it is measured faster, see
+            :func:`resolve_precision`; else fp32). Parameters, optimizer state, log-softmax and
+            losses stay in float32 either way.
+        prefix_cache: ``"auto"`` (default), ``True`` or ``False``: the frozen-prefix cache
+            (:mod:`rllama.policy.prefix_cache`); ``"auto"`` uses it where blocks below the adapters
+            are frozen, ``True`` makes a model where it cannot work an error.
+        prefix_cache_mb: its bound in MiB (``0``: off); a quarter of it again bounds the adapted
+            blocks' tree used while acting.
         score_normalization: how a candidate's token log-probs become its score: ``"mean"``
             (default; long candidates are not penalised for their length) or ``"sum"`` (the text's
             log-likelihood).
