@@ -25,6 +25,14 @@ EVAL_SEED = 10_000
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def cpu_name() -> str:
+    """The CPU's model name (results from different CPUs are compared only as ratios within one run)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
 def versions() -> dict:
     import gymnasium
     import peft
@@ -38,6 +46,7 @@ def versions() -> dict:
         "peft": peft.__version__,
         "gymnasium": gymnasium.__version__,
         "platform": platform.platform(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }

@@ -44,7 +44,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import add_common_args, save_figure, save_result, set_threads  # noqa: E402
+from common import add_common_args, cpu_name, save_figure, save_result, set_threads  # noqa: E402
 
 LAYOUTS = {"before": "before: every block, no cache", "default": "default: top 8 blocks + prefix cache",
            "top4": "top 4 blocks + prefix cache"}
@@ -281,13 +281,6 @@ def plot_textworld(result: dict, path: Path) -> None:
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(f"SmolLM2-135M, TextWorld, {result['cpu']}, {result['config']['threads']} thread(s)")
     save_figure(fig, path)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def main() -> None:

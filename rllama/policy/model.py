@@ -35,7 +35,14 @@ from torch import nn
 
 from rllama.errors import ModelNotFoundError, RLlamaError
 from rllama.fileio import replace_dir
-from rllama.policy.prefix_cache import DEFAULT_CACHE_MB, FrozenBottom, length_groups, supports_split
+from rllama.policy.prefix_cache import (
+    DEFAULT_CACHE_MB,
+    FrozenBottom,
+    attention_mask,
+    holds_lora,
+    length_groups,
+    supports_split,
+)
 
 POLICY_FILE = "policy.json"
 REFERENCE_MEMO_ENTRIES = 100_000
@@ -247,6 +254,7 @@ class PolicyModel(nn.Module):
         # Shared prompt prefixes at least this long run once per batch (see _forward_prompts).
         self.min_shared_prefix = 8
         self.lm.eval()  # dropout off: acting and training must see the same function
+        self._probe = None  # see _lora_probe
         self._bottom = self._make_frozen_bottom(prefix_cache, prefix_cache_mb)
         self._reference_memo: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
@@ -282,6 +290,13 @@ class PolicyModel(nn.Module):
             return default_lora_config()
         return default_lora_config(layers=range(n - DEFAULT_TOP_BLOCKS, n))
 
+    def _eager_attention(self) -> bool:
+        """Whether the model's attention takes additive float masks (``"eager"``) rather than boolean ones."""
+        return getattr(self._causal_lm().config, "_attn_implementation", "sdpa") == "eager"
+
+    def _mask_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else next(self._body().parameters()).dtype
+
     def _make_frozen_bottom(self, prefix_cache, prefix_cache_mb: float) -> FrozenBottom | None:
         """The split forward with its prefix cache, when asked for and when this model has a frozen bottom."""
         if prefix_cache is False or prefix_cache_mb == 0:
@@ -294,9 +309,8 @@ class PolicyModel(nn.Module):
                     "(expected a body with embed_tokens, layers, norm and rotary_emb, as Llama, Qwen2 and Mistral "
                     "have); pass prefix_cache=False to run without the cache")
             return None
-        attn = getattr(self._causal_lm().config, "_attn_implementation", "sdpa")
-        mask_dtype = torch.bfloat16 if self.precision == "bf16" else next(body.parameters()).dtype
-        bottom = FrozenBottom(body, int(prefix_cache_mb * 2**20), attn, mask_dtype)
+        attn = "eager" if self._eager_attention() else "sdpa"
+        bottom = FrozenBottom(body, int(prefix_cache_mb * 2**20), attn, self._mask_dtype())
         if not bottom.active:
             if prefix_cache is True:
                 raise RLlamaError(
@@ -345,7 +359,7 @@ class PolicyModel(nn.Module):
         self._reference_memo.clear()
 
     def _adapters_changed(self) -> None:
-        self.__dict__["_probe_cache"] = None
+        self._probe = None
         if self._bottom is not None:
             self._bottom.refresh()
 
@@ -550,11 +564,10 @@ class PolicyModel(nn.Module):
     def _lora_probe(self):
         """One LoRA layer (it says which adapters are active and whether they are disabled) and every LoRA
         weight; found again after the adapters change."""
-        if self.__dict__.get("_probe_cache") is None:
-            layers = [m for m in self.lm.modules() if hasattr(m, "lora_A") and len(m.lora_A)]
-            params = [p for n, p in self.lm.named_parameters() if "lora_" in n]
-            self.__dict__["_probe_cache"] = (layers[0] if layers else None, params)
-        return self.__dict__["_probe_cache"]
+        if self._probe is None:
+            layer = next((m for m in self.lm.modules() if holds_lora(m)), None)
+            self._probe = (layer, [p for n, p in self.lm.named_parameters() if "lora_" in n])
+        return self._probe
 
     def _hidden_from_top_tree(self, prompts, continuations, owner, Lc: int):
         """``(prompt_hidden [B, H], hidden [R, Lc, H])`` of :meth:`_continuation_logprobs` from the top tree."""
@@ -749,12 +762,7 @@ class PolicyModel(nn.Module):
 
     def _packed_body(self, ids, allowed, positions, cache) -> torch.Tensor:
         """The whole body over packed continuation tokens ``ids`` ``[B, Q]``; returns ``[B, Q, H]``."""
-        if getattr(self.lm.get_base_model().config, "_attn_implementation", "sdpa") == "eager":
-            dtype = torch.bfloat16 if self.precision == "bf16" else next(self._body().parameters()).dtype
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(
-                ~allowed, torch.finfo(dtype).min)
-        else:
-            mask = allowed
+        mask = attention_mask(allowed, self._eager_attention(), self._mask_dtype())
         with self._autocast():
             packed = self._body()(
                 input_ids=ids, attention_mask=mask, position_ids=positions, **self._cache_arg(cache), use_cache=False,

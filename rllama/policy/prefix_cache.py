@@ -259,13 +259,22 @@ def kv_prefix(pieces: Sequence[Piece]) -> list[Piece]:
     return out
 
 
+def holds_lora(module) -> bool:
+    """Whether ``module`` is a PEFT LoRA layer with at least one adapter (linear or embedding)."""
+    return any(len(getattr(module, name, ())) for name in ("lora_A", "lora_embedding_A"))
+
+
 def lora_block_indices(body) -> list[int]:
     """Indices of the blocks of ``body.layers`` holding a LoRA module of any adapter."""
-    found = []
-    for i, block in enumerate(body.layers):
-        if any(hasattr(m, "lora_A") and len(m.lora_A) for m in block.modules()):
-            found.append(i)
-    return found
+    return [i for i, block in enumerate(body.layers) if any(holds_lora(m) for m in block.modules())]
+
+
+def attention_mask(allowed: torch.Tensor, eager: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean ``[B, 1, Q, K]`` mask in the form the attention implementation takes: as it is, or additive
+    (``eager``)."""
+    if not eager:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def supports_split(body) -> bool:
@@ -301,8 +310,7 @@ class FrozenBottom:
     def refresh(self) -> None:
         """Find the lowest adapted block again; clears the cache if the frozen part changed."""
         adapted = lora_block_indices(self.body)
-        embeds_adapted = any(hasattr(m, "lora_A") and len(m.lora_A) for m in self.body.embed_tokens.modules()) or \
-            any(hasattr(m, "lora_embedding_A") and len(m.lora_embedding_A) for m in self.body.embed_tokens.modules())
+        embeds_adapted = any(holds_lora(m) for m in self.body.embed_tokens.modules())
         split = 0 if embeds_adapted else (min(adapted) if adapted else len(self.body.layers))
         if split != self.split:
             self.cache.clear()
@@ -318,11 +326,7 @@ class FrozenBottom:
     # ------------------------------------------------------------------ masks
     def mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """A ``[B, 1, Q, K]`` boolean mask in the form the attention implementation takes."""
-        if not self.eager:
-            return allowed
-        dtype = self.mask_dtype
-        zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
+        return attention_mask(allowed, self.eager, self.mask_dtype)
 
     @staticmethod
     def causal(mask2d: torch.Tensor, q_len: int) -> torch.Tensor:
