@@ -4,8 +4,8 @@
     python examples/blackjack.py --episodes 200 --eval-episodes 100   # a quick look
 
 Prints the mean return of evaluation episodes before and after training. For reference (exact
-dynamic programming, sab rules): optimal -0.047, stick at 17+ -0.079, always stick -0.186,
-uniform random -0.396.
+dynamic programming, sab rules): optimal -0.043, stick at 17+ -0.076, always stick -0.183,
+uniform random -0.394.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     after = agent.evaluate(envs, args.eval_episodes, seed=10_000, progress=True)
     print(f"untrained: mean return {before['mean_return']:+.3f} ± {before['stderr']:.3f}")
     print(f"trained:   mean return {after['mean_return']:+.3f} ± {after['stderr']:.3f}")
-    print("reference: optimal -0.047, stick at 17+ -0.079, always stick -0.186, random -0.396")
+    print("reference: optimal -0.043, stick at 17+ -0.076, always stick -0.183, random -0.394")
     if args.save:
         agent.save(args.save)
         print(f"saved to {args.save}")

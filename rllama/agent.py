@@ -103,7 +103,8 @@ class RLlamaAgent(ABC):
             ``0`` turns the cache off).
         precision: ``"auto"`` (bf16 autocast on GPUs that run it natively and on CPUs where it is
             measured faster, else fp32), ``"fp32"`` or ``"bf16"``.
-        score_normalization: ``"mean"`` or ``"sum"`` of a candidate's token log-probs.
+        score_normalization: ``"mean"`` (the mean log-prob of a candidate's text tokens plus that of
+            its end-of-turn token) or ``"sum"`` (its log-likelihood).
         temperature: policy temperature (scoring and generation, acting and training).
         max_new_tokens: longest generated reply.
         max_prompt_tokens: longest prompt; older turns of the episode are dropped (oldest first,
@@ -185,6 +186,7 @@ class RLlamaAgent(ABC):
         self._greedy = False
         self._parse_failures = 0
         self._warned_fallback = False
+        self._warned_truncation = False
         self.total_steps = 0
         self.total_episodes = 0
         self._next_group = 0  # ids of start-state groups (GRPO)
@@ -555,24 +557,31 @@ class RLlamaAgent(ABC):
             if self._recording:
                 slot.steps[-1].reward += float(r)
 
-    def terminate_episode(self, truncated: bool = False, group: int | None = None) -> dict[str, float]:
+    def terminate_episode(self, truncated: bool = False, group: int | None = None,
+                          final_observation=None) -> dict[str, float]:
         """End environment 0's episode. Trains when a batch of episodes is full.
 
         Args:
-            truncated: the episode was cut by a time limit rather than ending (bootstraps the value).
+            truncated: the episode was cut by a time limit rather than ending: its return is
+                completed with the value of the state it was cut in.
             group: for group-relative algorithms (GRPO), the id shared by episodes that started
                 from the same state (``train`` sets it for you).
+            final_observation: with ``truncated``, the observation the last ``env.step`` returned (the
+                state the episode was cut in). The algorithms bootstrap from its value (or Q-values);
+                without it they fall back to the value of the last state acted in.
 
         Returns:
             The training statistics when an update ran, else an empty dict.
         """
-        return self.terminate_episodes([0], truncated=[truncated], groups=None if group is None else [group])
+        return self.terminate_episodes([0], truncated=[truncated], groups=None if group is None else [group],
+                                       final_observations=None if final_observation is None else [final_observation])
 
     def terminate_episodes(
         self,
         env_ids: Sequence[int] | np.ndarray,
         truncated: Sequence[bool] | None = None,
         groups: Sequence[int] | None = None,
+        final_observations: Sequence | None = None,
     ) -> dict[str, float]:
         """End the episodes of several environments; trains once if a batch became full.
 
@@ -580,6 +589,8 @@ class RLlamaAgent(ABC):
             env_ids: environment ids, or a boolean mask over environments (``terminated | truncated``).
             truncated: per ended environment, whether it was truncated.
             groups: per ended environment, its start-state group id (see ``terminate_episode``).
+            final_observations: per ended environment, the observation its last ``env.step``
+                returned; used for the truncated ones (see ``terminate_episode``).
         """
         ids = np.asarray(env_ids)
         ids = np.flatnonzero(ids).tolist() if ids.dtype == bool else [int(i) for i in ids.reshape(-1)]
@@ -589,15 +600,26 @@ class RLlamaAgent(ABC):
         groups = [None] * len(ids) if groups is None else list(groups)
         if len(groups) != len(ids):
             raise ValueError(f"{len(ids)} env_ids but {len(groups)} groups")
-        for env_id, trunc, group in zip(ids, truncated, groups):
-            slot = self._slots.pop(env_id, None)
+        finals = [None] * len(ids) if final_observations is None else list(final_observations)
+        if len(finals) != len(ids):
+            raise ValueError(f"{len(ids)} env_ids but {len(finals)} final_observations")
+        for env_id, trunc, group, final in zip(ids, truncated, groups, finals):
+            slot = self._slots.get(env_id)
             if slot is None or (self._recording and not slot.steps):
                 raise AgentStateError(
                     f"terminate_episode for env {env_id} with no steps since its last episode ended; call act() first"
                 )
+            bootstrap = self._bootstrap_step(slot, final) if trunc and final is not None and self._recording else None
+            if trunc and final is None and self._recording and not self._warned_truncation:
+                self._warned_truncation = True
+                logger.warning("an episode was truncated without its final observation; pass "
+                               "final_observation= to terminate_episode so its return is completed with the "
+                               "value of the state it was cut in (warned once)")
+            del self._slots[env_id]
             if self._recording:
                 info = {} if group is None else {"group": int(group)}
-                self.algorithm.add_episode(Episode(slot.steps, env_id=env_id, truncated=trunc, info=info))
+                self.algorithm.add_episode(Episode(slot.steps, env_id=env_id, truncated=trunc, info=info,
+                                                   bootstrap=bootstrap))
                 self.total_episodes += 1
             self._remember(slot, trunc)
             if self.trajectory_log is not None and slot.observations and self._recording:
@@ -610,6 +632,17 @@ class RLlamaAgent(ABC):
             self._parse_failures = 0
             return stats
         return {}
+
+    def _bootstrap_step(self, slot: _EnvSlot, observation) -> Step:
+        """The state a truncated episode was cut in, as a step with no action: its prompt (built as
+        ``act`` would) and, in scoring mode, its candidates."""
+        text = self._observation_text(observation)
+        found = self._retrieve([text])[0]
+        content = self._hook("inject_memories", text, found) if found else text
+        ids, _ = self._fit_prompt(self._compose(slot, str(content)))
+        candidates = self._valid_actions(observation)
+        return Step(prompt_ids=ids, candidate_ids=None if candidates is None else
+                    [self.chat.reply_ids(c) for c in candidates])
 
     def _update(self) -> dict[str, float]:
         stats = self.algorithm.update()

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from rllama.errors import RLlamaError
-from rllama.policy.model import CandidateOutputs, GeneratedReply
+from rllama.policy.model import CandidateOutputs, GeneratedReply, candidate_score
 
 
 class Backend(ABC):
@@ -181,9 +181,7 @@ class OpenAIBackend(Backend):
             if not token_logprobs or len(token_logprobs) < n_prompt + n_cand:
                 raise RLlamaError("the server did not echo the prompt's log-probs (echo=True, logprobs=0); "
                                   f"got {str(choice)[:300]}")
-            part = token_logprobs[n_prompt:n_prompt + n_cand]
-            total = float(sum(part))
-            scores.append(total / n_cand if self.policy.score_normalization == "mean" else total)
+            scores.append(candidate_score(token_logprobs[n_prompt:n_prompt + n_cand], self.policy.score_normalization))
         logprobs, start = [], 0
         for cands in candidates:
             logprobs.append(F.log_softmax(torch.tensor(scores[start:start + len(cands)]), dim=-1))

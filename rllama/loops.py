@@ -73,7 +73,8 @@ def _run_single(agent, env, n_episodes, seed, bar, on_update, reseed_each_episod
             agent.assign_reward(reward)
             total += float(reward)
             done = bool(terminated or truncated)
-        stats = agent.terminate_episode(truncated=bool(truncated and not terminated))
+        cut = bool(truncated and not terminated)
+        stats = agent.terminate_episode(truncated=cut, final_observation=obs if cut else None)
         returns.append(total)
         _tick(bar, returns)
         if stats and on_update is not None and on_update(stats) is False:
@@ -107,12 +108,14 @@ def _run_vector(agent, env, n_episodes, seed, bar, on_update) -> list[float]:
         actions = list(filler)
         for i, a in zip(ids, acts):
             actions[i] = filler[i] = a
-        obs, rewards, terminated, truncated, _info = env.step(_batch_actions(env, actions))
+        obs, rewards, terminated, truncated, info = env.step(_batch_actions(env, actions))
         agent.assign_rewards([rewards[i] for i in ids], env_ids=ids)
         ended = [i for i in ids if terminated[i] or truncated[i]]
         for i in ids:
             running[i] += float(rewards[i])
-        stats = agent.terminate_episodes(ended, truncated=[truncated[i] and not terminated[i] for i in ended])
+        cut = [bool(truncated[i] and not terminated[i]) for i in ended]
+        stats = agent.terminate_episodes(ended, truncated=cut,
+                                         final_observations=_final_observations(env, obs, info, ended, cut, mode))
         for i in ended:
             finished[i] += 1
             returns.append(running[i])
@@ -171,16 +174,19 @@ def _run_grouped(agent, env, n_episodes, group_size, seed, bar, on_update) -> li
             for i, a in zip(playing, acts):
                 filler[i] = a
             if is_vector:
-                obs, rewards, terminated, truncated, _ = env.step(_batch_actions(env, filler))
+                obs, rewards, terminated, truncated, info = env.step(_batch_actions(env, filler))
             else:
-                obs, r, te, tr, _ = env.step(filler[0])
+                obs, r, te, tr, info = env.step(filler[0])
                 rewards, terminated, truncated = [r], [te], [tr]
             agent.assign_rewards([rewards[i] for i in playing], env_ids=playing)
             for i in playing:
                 running[i] += float(rewards[i])
             ended = [i for i in playing if terminated[i] or truncated[i]]
-            stats = agent.terminate_episodes(ended, truncated=[truncated[i] and not terminated[i] for i in ended],
-                                             groups=[slots[i][0] for i in ended])
+            cut = [bool(truncated[i] and not terminated[i]) for i in ended]
+            finals = (_final_observations(env, obs, info, ended, cut, env.metadata.get("autoreset_mode"))
+                      if is_vector else ([obs] if any(cut) else None))
+            stats = agent.terminate_episodes(ended, truncated=cut, groups=[slots[i][0] for i in ended],
+                                             final_observations=finals)
             for i in ended:
                 returns.append(running[i])
                 _tick(bar, returns)
@@ -190,6 +196,24 @@ def _run_grouped(agent, env, n_episodes, group_size, seed, bar, on_update) -> li
         for i in range(n):
             agent._slots.pop(i, None)
     return returns
+
+
+def _final_observations(env, obs, info, ended: list[int], cut: list[bool], mode) -> list | None:
+    """The observation each ended sub-env's last step returned (``None`` where it was not truncated):
+    the batched observation under NEXT_STEP autoreset, ``info["final_obs"]`` under SAME_STEP."""
+    from gymnasium.vector import AutoresetMode
+
+    from rllama.envs.vector import unbatch
+
+    if not any(cut):
+        return None
+    if mode == AutoresetMode.SAME_STEP:
+        source = info.get("final_obs")
+        if source is None:
+            return None
+        return [source[i] if c else None for i, c in zip(ended, cut)]
+    obs_list = unbatch(env.single_observation_space, obs, env.num_envs)
+    return [obs_list[i] if c else None for i, c in zip(ended, cut)]
 
 
 def _batch_actions(env, actions: list):

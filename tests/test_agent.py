@@ -297,3 +297,41 @@ def test_a_failing_hook_leaves_the_chat_unchanged(make_agent):
     assert 1 not in agent._slots or not agent._slots[1].steps
     agent.act(3)  # the agent carries on
     assert [m["role"] for m in agent._slots[0].messages] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_a_truncated_episode_keeps_the_state_it_was_cut_in(make_agent):
+    """The bootstrap step is the prompt (and candidates) act() would have built for the final observation."""
+    cut, going_on = make_agent(algorithm_config={"batch_episodes": 99}), make_agent()
+    for agent in (cut, going_on):
+        agent.act(3)
+        agent.assign_reward(0.0)
+    going_on.act(8)
+    cut.terminate_episode(truncated=True, final_observation=8)
+    boot = cut.algorithm.buffer.episodes[-1].bootstrap
+    assert boot.prompt_ids == going_on.last_prompt_ids[0]
+    assert boot.candidate_ids == [cut.chat.reply_ids(c) for c in ("left", "right")]
+    cut.act(1)
+    cut.terminate_episode()  # terminated: nothing to bootstrap from
+    assert cut.algorithm.buffer.episodes[-1].bootstrap is None
+
+
+def test_truncation_without_the_final_observation_warns_once(make_agent, caplog):
+    agent = make_agent(algorithm_config={"batch_episodes": 99})
+    for _ in range(2):
+        agent.act(3)
+        with caplog.at_level("WARNING", logger="rllama"):
+            agent.terminate_episode(truncated=True)
+    assert sum("final_observation" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("vector", [False, True])
+def test_train_passes_final_observations_of_time_limited_episodes(make_agent, vector):
+    agent = make_agent(algorithm_config={"batch_episodes": 99})
+    make = lambda: gym.wrappers.TimeLimit(ChoiceEnv(steps=10), max_episode_steps=2)  # noqa: E731
+    env = gym.vector.SyncVectorEnv([make, make]) if vector else make()
+    agent.train(env, 4, seed=0, progress=False)
+    episodes = agent.algorithm.buffer.episodes
+    assert len(episodes) == 4 and all(e.truncated and len(e) == 2 for e in episodes)
+    for e in episodes:  # the cut-in state's prompt continues the last step's chat
+        assert e.bootstrap is not None
+        assert e.bootstrap.prompt_ids[: len(e.steps[-1].prompt_ids)] == e.steps[-1].prompt_ids

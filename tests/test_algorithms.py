@@ -8,7 +8,6 @@ import pytest
 import torch
 from gymnasium import spaces
 
-from rllama import AgentStateError
 from rllama.algorithms import GRPO, Episode, Step
 from rllama.algorithms.grpo import group_advantages
 from tests.conftest import ChoiceEnv, right_probability
@@ -108,12 +107,22 @@ def test_grpo_trains_on_whole_groups_only(make_agent):
     assert [e.info["group"] for e in algo.buffer.episodes] == [2]
 
 
-def test_grpo_without_groups_explains(make_agent):
-    agent = make_agent(algorithm="grpo")
-    agent.act(1)
-    agent.assign_reward(1.0)
-    with pytest.raises(AgentStateError, match="groups that start from the same state"):
-        agent.terminate_episode()
+def test_grpo_in_a_plain_loop_groups_episodes_by_start_state(make_agent):
+    """Without group=, episodes that start from the same prompt form a group; lone ones share a batch baseline."""
+    same, other, third = [1, 2], [1, 3], [1, 4]
+    episodes = [Episode([Step(same, reward=r)]) for r in (1.0, -1.0, 0.0)]
+    episodes += [Episode([Step(other, reward=2.0)]), Episode([Step(third, reward=0.0)])]
+    adv = group_advantages(episodes, eps=0.0)
+    s = np.std([1.0, -1.0, 0.0])
+    np.testing.assert_allclose(adv, [1 / s, -1 / s, 0.0, 1.0, -1.0], atol=1e-9)
+
+    agent = make_agent(algorithm="grpo", algorithm_config=dict(FAST, batch_episodes=4, group_size=2))
+    history = []
+    for k in range(4):
+        agent.act(k % 2)
+        agent.assign_reward(float(k))
+        history.append(agent.terminate_episode())
+    assert history[:3] == [{}, {}, {}] and history[3]["rollout/episodes"] == 4
 
 
 def test_grpo_batch_must_hold_whole_groups():
@@ -283,3 +292,16 @@ def test_value_based_multi_step_episodes_bootstrap_from_targets(make_agent, algo
     history = agent.train(ChoiceEnv(steps=3), 8, seed=0, progress=False)
     assert history and all(np.isfinite(h["loss/total"]) for h in history)
     assert any(not t.done for t in agent.algorithm.replay.items)
+
+
+def test_on_policy_update_bootstraps_a_truncated_episode_from_the_current_value(make_agent):
+    agent = make_agent(algorithm_config=dict(FAST, batch_episodes=99))
+    with torch.no_grad():
+        agent.policy.heads["value"].linear.bias.fill_(0.25)
+    boot = Step([5, 6, 7])
+    episodes = [Episode([Step([1])], truncated=True, bootstrap=boot), Episode([Step([1])], truncated=True),
+                Episode([Step([1])])]
+    values = agent.algorithm.bootstrap_values(episodes)
+    assert values[1:] == [None, None]
+    assert values[0] == pytest.approx(float(agent.policy.values([[5, 6, 7]])[0]), abs=1e-6)
+    assert values[0] == pytest.approx(0.25, abs=1e-6)  # zero weights, the bias alone

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rllama.algorithms import Episode, RolloutBuffer, Step, compute_gae, discounted_returns
+from rllama.algorithms import Episode, ReplayBuffer, RolloutBuffer, Step, compute_gae, discounted_returns
+from rllama.algorithms.buffers import replay_from_dict, replay_to_dict
 
 
 def test_gae_matches_hand_computation():
@@ -30,12 +31,27 @@ def test_gae_with_lambda_one_is_monte_carlo_minus_baseline():
     np.testing.assert_allclose(ret, [0.25, 0.5, 1.0])
 
 
-def test_truncated_episode_bootstraps_from_its_last_value():
+def test_truncated_episode_bootstraps_from_the_state_it_was_cut_in():
     buffer = RolloutBuffer()
+    buffer.add(Episode([Step([1], reward=0.0, value=2.0)], truncated=True, bootstrap=Step([1, 2])))
     buffer.add(Episode([Step([1], reward=0.0, value=2.0)], truncated=True))
     buffer.add(Episode([Step([1], reward=0.0, value=2.0)], truncated=False))
-    batch = buffer.to_batch(gamma=0.5, lam=1.0)
-    assert batch.returns.tolist() == [1.0, 0.0]
+    batch = buffer.to_batch(gamma=0.5, lam=1.0, bootstrap_values=[6.0, None, None])
+    # the value of the next state (6), else the last state's own value (2) stands in; terminal: nothing
+    assert batch.returns.tolist() == [3.0, 1.0, 0.0]
+
+
+def test_replay_links_a_truncated_last_step_to_the_state_it_was_cut_in():
+    replay = ReplayBuffer(10, torch.Generator())
+    cut = Step([3, 4], candidate_ids=[[5], [6]])
+    replay.add_episode(Episode([Step([1], reward=1.0), Step([2], reward=0.5)], truncated=True, bootstrap=cut))
+    replay.add_episode(Episode([Step([7], reward=1.0)], truncated=True))  # no final observation: terminal
+    replay.add_episode(Episode([Step([8], reward=1.0)]))
+    assert [t.next_step is cut for t in replay.items] == [False, True, False, False]
+    assert [t.done for t in replay.items] == [False, False, True, True]
+    copy = ReplayBuffer(10, torch.Generator())
+    replay_from_dict(copy, replay_to_dict(replay))
+    assert copy.items[1].next_step.prompt_ids == [3, 4] and copy.items[1].next_step.candidate_ids == [[5], [6]]
 
 
 def test_minibatches_cover_every_step_once_and_group_similar_lengths():

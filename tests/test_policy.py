@@ -9,6 +9,7 @@ import torch
 
 from rllama import ModelNotFoundError, PolicyModel, RLlamaError
 from rllama.algorithms import Step
+from rllama.policy.model import candidate_score
 from tests.conftest import make_tiny_lm
 
 
@@ -262,3 +263,16 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(model_module, "cpu_bf16_pays", lambda: False)  # native but slower (seen on a Xeon)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_mean_normalisation_keeps_a_one_word_action_at_full_strength(tokenizer, tiny_lm):
+    """'mean' averages the text tokens only; the end-of-turn token is added, not averaged in."""
+    policy = PolicyModel(tiny_lm, tokenizer, score_normalization="mean", precision="fp32")
+    prompt, cands = [5, 6], [[10, 1], [11, 12, 13, 1]]
+    with torch.no_grad():
+        scores, _ = policy.score_candidates([prompt], [cands])
+        full = [policy.continuation_logprobs([prompt], [c], [0]).token_logprobs[0, : len(c)] for c in cands]
+    expected = torch.tensor([full[0].sum(), full[1][:3].mean() + full[1][3]])
+    torch.testing.assert_close(scores[0], torch.log_softmax(expected, -1), atol=1e-5, rtol=0)
+    assert candidate_score(full[1].tolist(), "mean") == pytest.approx(float(expected[1]), abs=1e-5)
+    assert candidate_score(full[1].tolist(), "sum") == pytest.approx(float(full[1].sum()), abs=1e-5)

@@ -120,6 +120,7 @@ class Algorithm(ABC):
             weight_decay=config.weight_decay,
         )
         self.num_updates = 0
+        self.last_head_grad_norm = 0.0
         # Several processes (torchrun / accelerate launch): start from rank 0's weights, average gradients.
         self.data_parallel = current_data_parallel()
         if self.data_parallel is not None:
@@ -166,6 +167,18 @@ class Algorithm(ABC):
             part = steps[start : start + size]
             ev = self.policy.evaluate(part, with_values=True, with_entropy=False)
             yield from zip(part, ev.distributions, ev.values.tolist())
+
+    @torch.no_grad()
+    def bootstrap_values(self, episodes: Sequence[Episode]) -> list[float | None]:
+        """Per episode, the current value of the state a truncated episode was cut in (``None`` for
+        the others, and for truncated ones without that state)."""
+        todo = [i for i, e in enumerate(episodes) if e.truncated and e.bootstrap is not None]
+        out: list[float | None] = [None] * len(episodes)
+        if todo:
+            values = self.policy.values([episodes[i].bootstrap.prompt_ids for i in todo])
+            for i, v in zip(todo, values.float().cpu().tolist()):
+                out[i] = v
+        return out
 
     @torch.no_grad()
     def proximal_logprobs(self, steps: Sequence[Step]) -> tuple[dict[int, torch.Tensor], list[int]]:
@@ -217,12 +230,20 @@ class Algorithm(ABC):
         return flag if self.data_parallel is None else self.data_parallel.any(flag)
 
     def optimizer_step(self, loss: torch.Tensor) -> float:
-        """Backward, clip the global gradient norm, step; returns the norm before clipping."""
+        """Backward, clip, step; returns the adapter's gradient norm before clipping.
+
+        The adapter and the heads are clipped to ``max_grad_norm`` separately: a value or Q head's
+        gradient is often ten times the adapter's, and one global clip scaled every policy step down
+        by as much (Blackjack: grad norm 4-23 under a clip of 0.5). The heads' norm before clipping is
+        kept in ``self.last_head_grad_norm``.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.data_parallel is not None:
             self.data_parallel.average_gradients(self.policy.trainable_parameters())
-        norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.config.max_grad_norm)
+        adapter, heads = (group["params"] for group in self.optimizer.param_groups[:2])
+        norm = torch.nn.utils.clip_grad_norm_(adapter, self.config.max_grad_norm)
+        self.last_head_grad_norm = float(torch.nn.utils.clip_grad_norm_(heads, self.config.max_grad_norm))
         self.optimizer.step()
         return float(norm)
 
@@ -240,6 +261,10 @@ class OnPolicyConfig(AlgorithmConfig):
         gae_lambda: GAE lambda.
         kl_coef: weight of the KL divergence to the reference policy (the base model with the
             adapter disabled) in the loss; 0 turns the reference pass off.
+        kl_direction: ``"forward"``, ``KL(pi_ref || pi)``: a pull toward the base model whose gradient
+            (``pi - pi_ref`` per candidate) does not vanish as the policy becomes certain, so an
+            action the policy has nearly given up keeps being tried; or ``"reverse"``,
+            ``KL(pi || pi_ref)`` as in RLHF, whose pull fades with the action's probability.
         ent_coef: weight of the entropy bonus.
         vf_coef: weight of the value loss (algorithms that learn a value).
         normalize_advantages: standardise advantages over the batch.
@@ -249,6 +274,7 @@ class OnPolicyConfig(AlgorithmConfig):
     gamma: float = 0.99
     gae_lambda: float = 0.95
     kl_coef: float = 0.05
+    kl_direction: str = "forward"
     ent_coef: float = 0.01
     vf_coef: float = 0.5
     normalize_advantages: bool = True
@@ -261,6 +287,7 @@ class OnPolicyConfig(AlgorithmConfig):
         _check(self, "gamma", 0 <= self.gamma <= 1, "must lie in [0, 1]")
         _check(self, "gae_lambda", 0 <= self.gae_lambda <= 1, "must lie in [0, 1]")
         _check(self, "kl_coef", self.kl_coef >= 0, "must be non-negative")
+        _check(self, "kl_direction", self.kl_direction in ("forward", "reverse"), "must be 'forward' or 'reverse'")
         _check(self, "vf_coef", self.vf_coef >= 0, "must be non-negative")
 
 
@@ -322,7 +349,7 @@ class OnPolicyAlgorithm(Algorithm):
         episodes = self.buffer.episodes
         recomputed = self.recompute_behaviour([s for e in episodes for s in e.steps])
         proximal, staleness = self.proximal_logprobs([s for e in episodes for s in e.steps])
-        batch = self.buffer.to_batch(cfg.gamma, cfg.gae_lambda)
+        batch = self.buffer.to_batch(cfg.gamma, cfg.gae_lambda, self.bootstrap_values(episodes))
         self.buffer.clear()
         advantages, returns = self.compute_targets(batch, episodes)
         if cfg.normalize_advantages and len(advantages) > 1:
@@ -373,7 +400,7 @@ class OnPolicyAlgorithm(Algorithm):
                     loss = loss + cfg.vf_coef * v_loss
                     stats["loss/value"] = v_loss.item()
                 if reference is not None:
-                    kl_ref = kl_to_reference(ev, [reference[i] for i in rows], steps).mean()
+                    kl_ref = kl_to_reference(ev, [reference[i] for i in rows], steps, cfg.kl_direction).mean()
                     loss = loss + cfg.kl_coef * kl_ref
                     stats["policy/kl_ref"] = kl_ref.item()
                 with torch.no_grad():
@@ -381,6 +408,7 @@ class OnPolicyAlgorithm(Algorithm):
                     approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean().item()
                 stats["policy/approx_kl"] = approx_kl
                 stats["train/grad_norm"] = self.optimizer_step(loss)
+                stats["train/head_grad_norm"] = self.last_head_grad_norm
                 stats["loss/total"] = loss.item()
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value
@@ -535,6 +563,7 @@ class OffPolicyAlgorithm(Algorithm):
             tokens += tokens_of([t.step for t in sample]) + 2 * tokens_of([t.next_step for t in sample if t.next_step])
             loss, stats = self.train_step(sample)
             stats["train/grad_norm"] = self.optimizer_step(loss)
+            stats["train/head_grad_norm"] = self.last_head_grad_norm
             stats["loss/total"] = loss.item()
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -629,21 +658,28 @@ def old_unit_logprobs(steps: Sequence[Step]) -> torch.Tensor:
     return torch.tensor([x for p in parts for x in p], dtype=torch.float32)
 
 
-def kl_to_reference(new: StepEvaluation, reference: Sequence[torch.Tensor], steps: Sequence[Step]) -> torch.Tensor:
-    """KL(policy || reference) per step, ``[S]``.
+def kl_to_reference(new: StepEvaluation, reference: Sequence[torch.Tensor], steps: Sequence[Step],
+                    direction: str = "reverse") -> torch.Tensor:
+    """KL divergence between the policy and the reference per step, ``[S]``.
 
-    Scored steps get the exact KL over their candidates. Generated steps get the mean over reply
-    tokens of the non-negative estimator ``exp(d) - d - 1`` with ``d = log p_ref - log p``
-    (Schulman's k3), since the full-vocabulary KL of the sampled tokens is not summed exactly.
+    ``direction="reverse"`` is ``KL(pi || pi_ref)``, ``"forward"`` is ``KL(pi_ref || pi)``. Scored
+    steps get the exact divergence over their candidates. Generated steps get the mean over reply
+    tokens (sampled from ``pi``) of a non-negative estimator with ``d = log p_ref - log p``:
+    ``exp(d) - d - 1`` (reverse, Schulman's k3) or ``d exp(d) - exp(d) + 1`` (forward, the same
+    f-divergence estimator for ``r log r``), since the full-vocabulary sums are not taken.
     """
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction={direction!r}; expected 'forward' or 'reverse'")
     out = []
     for dist, ref, step in zip(new.distributions, reference, steps):
         ref = ref.to(dist.device)
         if step.is_scored:
-            out.append((dist.exp() * (dist - ref)).sum())
+            p, q = (dist, ref) if direction == "reverse" else (ref, dist)
+            out.append((p.exp() * (p - q)).sum())
         else:
             d = ref - dist
-            out.append((torch.exp(d) - d - 1).mean())
+            e = torch.exp(d)
+            out.append((e - d - 1).mean() if direction == "reverse" else (d * e - e + 1).mean())
     return torch.stack(out)
 
 

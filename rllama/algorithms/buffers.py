@@ -67,12 +67,18 @@ class Step:
 
 @dataclass
 class Episode:
-    """A finished episode of one environment."""
+    """A finished episode of one environment.
+
+    ``bootstrap``: for a truncated episode, the state it was cut in as a step with no action (its
+    prompt and, in scoring mode, its candidates), when the loop passed the final observation; the
+    algorithms complete the return with its value (or Q-values).
+    """
 
     steps: list[Step]
     env_id: int = 0
     truncated: bool = False
     info: dict = field(default_factory=dict)
+    bootstrap: Step | None = None
 
     @property
     def total_reward(self) -> float:
@@ -180,16 +186,25 @@ class RolloutBuffer:
     def num_steps(self) -> int:
         return sum(len(e) for e in self.episodes)
 
-    def to_batch(self, gamma: float, lam: float) -> RolloutBatch:
-        """Compute GAE per episode (each episode ends in a terminal state) and flatten."""
+    def to_batch(self, gamma: float, lam: float, bootstrap_values: list[float | None] | None = None) -> RolloutBatch:
+        """Compute GAE per episode and flatten.
+
+        A terminated episode's return ends with its last reward. A truncated one's is completed with
+        ``bootstrap_values[i]``, the value of the state it was cut in (see ``Episode.bootstrap``);
+        where that is ``None`` (the loop gave no final observation), the value of the last state
+        acted in stands in for it.
+        """
         steps: list[Step] = []
         advantages, returns, values = [], [], []
-        for episode in self.episodes:
+        bootstrap_values = bootstrap_values or [None] * len(self.episodes)
+        if len(bootstrap_values) != len(self.episodes):
+            raise ValueError(f"{len(bootstrap_values)} bootstrap values for {len(self.episodes)} episodes")
+        for episode, boot in zip(self.episodes, bootstrap_values):
             r = np.array([s.reward for s in episode.steps], dtype=np.float64)
             v = np.array([s.value for s in episode.steps], dtype=np.float64)
-            # A truncated episode did not end in a terminal state; its last value estimate stands in
-            # for the value of the state that followed.
-            last = float(v[-1]) if episode.truncated else 0.0
+            last = 0.0
+            if episode.truncated:
+                last = float(v[-1]) if boot is None else float(boot)
             adv, ret = compute_gae(r, v, gamma, lam, last_value=last)
             steps.extend(episode.steps)
             advantages.append(adv)
@@ -245,12 +260,14 @@ class ReplayBuffer:
     def add_episode(self, episode: Episode) -> None:
         """Add every step of a finished episode; the last one is terminal.
 
-        A truncated episode's last step is stored as terminal too: its next state was never
-        observed by the agent, so there is nothing to bootstrap from.
+        A truncated episode's last step leads to the state it was cut in (``Episode.bootstrap``),
+        so its target bootstraps from there. Without that state (the loop gave no final
+        observation) it is stored as terminal, which undervalues time-limited states (the agent warns).
         """
         steps = episode.steps
         for t, step in enumerate(steps):
-            self.add(Transition(step, step.reward, steps[t + 1] if t + 1 < len(steps) else None))
+            following = steps[t + 1] if t + 1 < len(steps) else episode.bootstrap
+            self.add(Transition(step, step.reward, following))
 
     def sample(self, n: int) -> list[Transition]:
         """``n`` transitions drawn uniformly with replacement."""
@@ -300,12 +317,14 @@ def step_from_dict(d: dict) -> Step:
 
 def episode_to_dict(episode: Episode) -> dict:
     return {"steps": [step_to_dict(s) for s in episode.steps], "env_id": int(episode.env_id),
-            "truncated": bool(episode.truncated), "info": _jsonable(episode.info)}
+            "truncated": bool(episode.truncated), "info": _jsonable(episode.info),
+            "bootstrap": None if episode.bootstrap is None else step_to_dict(episode.bootstrap)}
 
 
 def episode_from_dict(d: dict) -> Episode:
+    boot = d.get("bootstrap")
     return Episode([step_from_dict(s) for s in d["steps"]], env_id=d["env_id"], truncated=d["truncated"],
-                   info=dict(d["info"]))
+                   info=dict(d["info"]), bootstrap=None if boot is None else step_from_dict(boot))
 
 
 def replay_to_dict(replay: ReplayBuffer) -> dict:

@@ -8,6 +8,11 @@ each episode's advantage is its return standardised within its group:
 
 Every step of episode ``i`` gets ``A_i``. The loss is PPO's clipped surrogate on these advantages
 plus ``kl_coef * KL(pi || pi_ref)`` to the base model (adapter disabled); there is no value head.
+
+In a plain loop (``act`` / ``assign_reward`` / ``terminate_episode`` without ``group=``), episodes
+are grouped by their first prompt, i.e. by the state they started from (the episode-level groups of
+GiGPO, Feng et al. 2025); an episode whose start state no other episode of the batch shares is
+compared with all such episodes of the batch instead (a batch baseline).
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import torch
 from rllama.algorithms.base import Minibatch, OnPolicyAlgorithm, OnPolicyConfig, _check, clipped_surrogate
 from rllama.algorithms.buffers import Episode, RolloutBatch, RolloutBuffer
 from rllama.algorithms.registry import register_algorithm
-from rllama.errors import AgentStateError
 
 
 @dataclass
@@ -55,16 +59,33 @@ class GRPOConfig(OnPolicyConfig):
         _check(self, "clip_range", self.clip_range > 0, "must be positive")
 
 
+def group_key(episode: Episode):
+    """The group an episode belongs to: ``info["group"]`` when the loop set one, else its first prompt."""
+    group = episode.info.get("group")
+    if group is not None:
+        return group
+    return ("start", tuple(episode.steps[0].prompt_ids) if episode.steps else ())
+
+
 def group_advantages(episodes: list[Episode], eps: float) -> list[float]:
-    """Each episode's return standardised within its group (same ``info["group"]``)."""
-    by_group: dict[int, list[float]] = defaultdict(list)
+    """Each episode's return standardised within its group (:func:`group_key`). Episodes alone in
+    their group (only possible without ``info["group"]``) are standardised against the returns of
+    every such lone episode of the batch."""
+    by_group: dict = defaultdict(list)
     for e in episodes:
-        by_group[e.info["group"]].append(e.total_reward)
-    stats = {}
-    for g, rets in by_group.items():
+        by_group[group_key(e)].append(e.total_reward)
+    lone = [rets[0] for rets in by_group.values() if len(rets) == 1]
+
+    def stats(rets: list[float]) -> tuple[float, float]:
         t = torch.tensor(rets, dtype=torch.float64)
-        stats[g] = (float(t.mean()), float(t.std(unbiased=False)))
-    return [(e.total_reward - stats[e.info["group"]][0]) / (stats[e.info["group"]][1] + eps) for e in episodes]
+        return float(t.mean()), float(t.std(unbiased=False))
+
+    per_group = {g: stats(rets if len(rets) > 1 else lone) for g, rets in by_group.items()}
+    out = []
+    for e in episodes:
+        mean, std = per_group[group_key(e)]
+        out.append((e.total_reward - mean) / (std + eps))
+    return out
 
 
 @register_algorithm("grpo")
@@ -78,28 +99,26 @@ class GRPO(OnPolicyAlgorithm):
     def group_size(self) -> int:
         return self.config.group_size
 
-    def add_episode(self, episode: Episode) -> None:
-        if "group" not in episode.info:
-            raise AgentStateError(
-                "GRPO needs episodes in groups that start from the same state: run agent.train(env, ...), "
-                "which resets each group's episodes with one seed, or pass group= to terminate_episode()"
-            )
-        super().add_episode(episode)
+    def _trainable(self, episode: Episode, complete: set) -> bool:
+        """Episodes the loop grouped train once their group is whole; ungrouped ones train at once."""
+        return "group" not in episode.info or episode.info["group"] in complete
 
-    def _complete_groups(self) -> list[int]:
+    def _complete_groups(self) -> set:
         counts: dict[int, int] = defaultdict(int)
         for e in self.buffer.episodes:
-            counts[e.info["group"]] += 1
-        return [g for g, c in counts.items() if c >= self.group_size]
+            if "group" in e.info:
+                counts[e.info["group"]] += 1
+        return {g for g, c in counts.items() if c >= self.group_size}
 
     def ready(self) -> bool:
-        return len(self._complete_groups()) * self.group_size >= self.config.batch_episodes
+        complete = self._complete_groups()
+        return sum(self._trainable(e, complete) for e in self.buffer.episodes) >= self.config.batch_episodes
 
     def update(self) -> dict[str, float]:
-        # Train on whole groups only; members of unfinished groups wait for the next update.
-        complete = set(self._complete_groups())
-        waiting = [e for e in self.buffer.episodes if e.info["group"] not in complete]
-        self.buffer.episodes = [e for e in self.buffer.episodes if e.info["group"] in complete]
+        # Grouped episodes train in whole groups only; members of unfinished groups wait for the next update.
+        complete = self._complete_groups()
+        waiting = [e for e in self.buffer.episodes if not self._trainable(e, complete)]
+        self.buffer.episodes = [e for e in self.buffer.episodes if self._trainable(e, complete)]
         try:
             return super().update()
         finally:

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -52,10 +53,25 @@ ADAPTER_DIR = "adapter"
 FORMAT_VERSION = 1
 
 
+def candidate_score(token_logprobs: Sequence[float], normalization: str) -> float:
+    """A candidate's score from its tokens' log-probs (the last token being its end-of-turn token):
+    their sum, or (``"mean"``) the mean over the text tokens plus the last token's log-prob.
+    :meth:`PolicyModel._candidate_scores` computes the same on tensors."""
+    lps = [float(x) for x in token_logprobs]
+    if normalization == "sum" or len(lps) < 2:
+        return sum(lps)
+    return sum(lps[:-1]) / (len(lps) - 1) + lps[-1]
+
+
 class ValueHead(nn.Module):
     """Scalar head on the last hidden state of the prompt, computed in float32.
 
-    Starts at zero output so the first advantages are the plain returns.
+    The hidden state is layer-normalised (no learned scale) and divided by ``sqrt(hidden_size)``
+    first, so the head's input has unit norm whatever the model: a language model's final hidden
+    states have norms of 40 or more, and on those one AdamW step at the head's learning rate moves
+    the value by about 0.5, which kept the critic from fitting at all (explained variance about 0 on
+    Blackjack; see ``docs/algorithms.md``). Starts at zero output so the first advantages are the
+    plain returns.
     """
 
     def __init__(self, hidden_size: int, out_features: int = 1) -> None:
@@ -65,7 +81,9 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B, out]
-        return self.linear(hidden.float())
+        size = hidden.shape[-1]
+        x = nn.functional.layer_norm(hidden.float(), (size,)) / math.sqrt(size)
+        return self.linear(x)
 
 
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -196,8 +214,9 @@ class PolicyModel(nn.Module):
         prefix_cache_mb: its bound in MiB (``0``: off); a quarter of it again bounds the adapted
             blocks' tree used while acting.
         score_normalization: how a candidate's token log-probs become its score: ``"mean"``
-            (default; long candidates are not penalised for their length) or ``"sum"`` (the text's
-            log-likelihood).
+            (default: the mean over its text tokens plus the log-prob of its last, end-of-turn
+            token, so long candidates are not penalised for their length and a one-word action
+            keeps the model's full preference) or ``"sum"`` (the text's log-likelihood).
         temperature: the policy is ``softmax(logits / temperature)`` in generate mode and
             ``softmax(scores / temperature)`` in scoring mode, when acting and when training.
 
@@ -809,9 +828,14 @@ class PolicyModel(nn.Module):
 
     def _candidate_scores(self, enc: Continuations) -> torch.Tensor:
         summed = enc.token_logprobs.sum(-1)  # [R]
-        if self.score_normalization == "mean":
-            return summed / enc.mask.sum(-1)
-        return summed
+        if self.score_normalization == "sum":
+            return summed
+        # "mean": the mean over the candidate's text tokens plus its last (end-of-turn) token. Averaging
+        # the end-of-turn token in with a one-token action word would halve the model's own preference.
+        lengths = enc.mask.sum(-1)
+        last = enc.token_logprobs.gather(1, (lengths.long() - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        text = (lengths - 1).clamp(min=1)
+        return torch.where(lengths > 1, (summed - last) / text + last, summed)
 
     def score_candidates(
         self, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]]
