@@ -1,12 +1,17 @@
-"""Every algorithm on Blackjack-v1 with the embedded default model, at an equal budget of env steps.
+"""Every algorithm on Blackjack-v1 with the embedded default model: learning curves and policy maps.
 
-    python benchmarks/algorithms.py                                  # the committed results
+    python benchmarks/algorithms.py --threads 1                      # the committed results
     python benchmarks/algorithms.py --algorithms ppo dqn --seeds 0   # a subset
+    python benchmarks/algorithms.py --merge results/parts/a.json results/parts/b.json --name algorithms
 
-Each (algorithm, seed) starts from the same untrained agent (``examples/blackjack.py``, scoring
-"stick"/"hit"), trains with the algorithm's default config on 16 vector envs for ``--steps``
-environment steps, and is evaluated greedily on the same deals (env seeds 10000+) every
-``--eval-every`` steps. Writes ``results/<name>.json`` (a table and the curves) and ``.png``.
+Each (algorithm, seed) starts from the same untrained agent (``rllama.agents.BlackjackAgent``,
+scoring "stick"/"hit") with the algorithm's default config and trains on 16 vector envs for
+``--episodes`` episodes. Every ``--map-every`` episodes it reads the greedy **policy map** (the
+action in each of the 280 decision states at an episode's first step) and its exact value
+(``rllama.agents.blackjack.policy_value``: no sampling noise, a few seconds); at the end it is
+evaluated greedily on ``--eval-episodes`` fixed deals (env seeds 10000+). Writes
+``results/<name>.json`` (table, curves against episodes and wall time, final maps),
+``results/<name>.png`` (curves) and ``results/<name>_policy.png`` (maps beside the optimal one).
 """
 
 from __future__ import annotations
@@ -21,27 +26,61 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REFERENCE_RETURNS, REFERENCE_STYLES, RESULTS, save_figure, train_with_evaluations, versions  # noqa: E402
+from common import (  # noqa: E402
+    EVAL_SEED,
+    REFERENCE_RETURNS,
+    REFERENCE_STYLES,
+    RESULTS,
+    plot_policy_map,
+    save_figure,
+    versions,
+)
 
 ALGORITHMS = ["ppo", "a2c", "reinforce", "grpo", "dqn", "sac"]
 COLORS = {"ppo": "tab:blue", "a2c": "tab:purple", "reinforce": "tab:brown", "grpo": "tab:cyan", "dqn": "tab:pink",
           "sac": "tab:gray"}
 
 
+def _map_point(agent, t_train: float) -> dict:
+    from rllama.agents.blackjack import agreement, policy_value
+
+    policy = agent.policy_map()
+    return {"episodes": agent.total_episodes, "steps": agent.total_steps, "train_s": t_train,
+            "map_value": policy_value(policy), "agreement": agreement(policy)}
+
+
 def run(algorithm: str, seed: int, args) -> dict:
     import gymnasium as gym
 
-    from examples.blackjack import BlackjackAgent
+    from rllama.agents import BlackjackAgent
+    from rllama.agents.blackjack import STATES
 
     t0 = time.perf_counter()
-    agent = BlackjackAgent(args.model, seed=seed, algorithm=algorithm)
+    config = json.loads(args.config).get(algorithm) if args.config else None
+    agent = BlackjackAgent(args.model, seed=seed, algorithm=algorithm, algorithm_config=config,
+                           precision=args.precision)
     envs = gym.make_vec("Blackjack-v1", num_envs=args.envs, vectorization_mode="sync", sab=True)
-    curve, updates = train_with_evaluations(agent, envs, budget=args.steps, unit="steps", eval_every=args.eval_every,
-                                            eval_episodes=args.eval_episodes, seed=seed,
-                                            label=f"{algorithm} seed {seed}")
+    curve, updates, train_s, chunk = [_map_point(agent, 0.0)], [], 0.0, 0
+    while agent.total_episodes < args.episodes:
+        start = time.perf_counter()
+        updates += [{k: float(v) for k, v in st.items()}
+                    for st in agent.train(envs, 16, seed=seed * 1_000_003 + chunk, progress=False)]
+        train_s += time.perf_counter() - start
+        chunk += 1
+        if agent.total_episodes % args.map_every < 16 or agent.total_episodes >= args.episodes:
+            curve.append(_map_point(agent, train_s))
+            point = curve[-1]
+            print(f"{algorithm} seed {seed} episodes {point['episodes']:5d}: map value {point['map_value']:+.3f}, "
+                  f"agreement {point['agreement']:.0%} ({train_s:.0f} s training)", flush=True)
+    final = agent.evaluate(envs, args.eval_episodes, seed=EVAL_SEED)
+    policy = agent.policy_map()
     result = {"algorithm": algorithm, "seed": seed, "curve": curve, "updates": updates,
-              "untrained": curve[0]["mean_return"], "trained": curve[-1]["mean_return"],
+              "trained": final["mean_return"], "trained_stderr": final["stderr"],
+              "map_value": curve[-1]["map_value"], "agreement": curve[-1]["agreement"],
+              "policy": [policy[s] for s in STATES], "train_s": train_s,
               "config": {k: v for k, v in vars(agent.algorithm.config).items()}, "wall_s": time.perf_counter() - t0}
+    print(f"{algorithm} seed {seed}: {final['mean_return']:+.3f} ± {final['stderr']:.3f} on {args.eval_episodes} "
+          f"fixed deals, {train_s / 60:.1f} min training", flush=True)
     envs.close()
     del agent, envs
     gc.collect()  # one process runs many agents: free each model before the next
@@ -52,68 +91,85 @@ def summarise(runs: list[dict]) -> dict:
     table = {}
     for algorithm in dict.fromkeys(r["algorithm"] for r in runs):
         rs = [r for r in runs if r["algorithm"] == algorithm]
-        before = np.array([r["untrained"] for r in rs])
         after = np.array([r["trained"] for r in rs])
-        gain = after - before
-        spread = float(np.ptp(after)) if len(after) > 1 else 0.0
         table[algorithm] = {
-            "untrained_mean": float(before.mean()), "trained_mean": float(after.mean()),
-            "trained_std": float(after.std(ddof=1)) if len(after) > 1 else 0.0,
-            "trained_min": float(after.min()), "trained_max": float(after.max()),
-            "gain_mean": float(gain.mean()), "gain_min": float(gain.min()),
-            "beats_untrained_beyond_spread": bool(gain.mean() > spread and gain.min() > 0),
-            "seeds": [r["seed"] for r in rs], "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
+            "trained_mean": float(after.mean()), "trained_min": float(after.min()), "trained_max": float(after.max()),
+            "map_value_mean": float(np.mean([r["map_value"] for r in rs])),
+            "agreement_mean": float(np.mean([r["agreement"] for r in rs])),
+            "agreement_max": float(np.max([r["agreement"] for r in rs])),
+            "episodes": rs[0]["curve"][-1]["episodes"],
+            "train_min_mean": float(np.mean([r["train_s"] for r in rs]) / 60),
+            "seeds": [r["seed"] for r in rs],
         }
     return table
 
 
-MARKERS = {"ppo": "o", "a2c": "s", "reinforce": "^", "grpo": "D", "dqn": "v", "sac": "P"}
-STYLES = {"ppo": "-", "a2c": "--", "reinforce": "-.", "grpo": ":", "dqn": "-", "sac": "--"}
-
-
 def plot(result: dict, path: Path) -> None:
-    """Left: learning curves (mean over seeds, min-max band). Right: return before and after training,
-    per algorithm, with each seed as a dot (curves that coincide stay readable here)."""
+    """Exact value of the greedy policy map against episodes (left) and training time (middle), each seed
+    a thin line and the mean a thick one; right: the return on the fixed deals, each seed a dot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, tx, bx) = plt.subplots(1, 3, figsize=(16, 5), gridspec_kw={"width_ratios": [3, 3, 2]})
     table = result["table"]
-    for algorithm, row in table.items():
+    for algorithm in table:
         rs = [r for r in result["runs"] if r["algorithm"] == algorithm]
         n = min(len(r["curve"]) for r in rs)
-        x = np.mean([[p["steps"] for p in r["curve"][:n]] for r in rs], axis=0)
-        y = np.array([[p["mean_return"] for p in r["curve"][:n]] for r in rs])
-        ax.plot(x, y.mean(0), color=COLORS.get(algorithm), lw=2, ls=STYLES.get(algorithm, "-"),
-                marker=MARKERS.get(algorithm, "o"), ms=6, mfc="none",
-                label=f"{algorithm}: {row['untrained_mean']:+.3f} → {row['trained_mean']:+.3f}")
-        if len(rs) > 1:
-            ax.fill_between(x, y.min(0), y.max(0), color=COLORS.get(algorithm), alpha=0.12)
+        y = np.array([[p["map_value"] for p in r["curve"][:n]] for r in rs])
+        x = np.array([[p["episodes"] for p in r["curve"][:n]] for r in rs]).mean(0)
+        t = np.array([[p["train_s"] / 60 for p in r["curve"][:n]] for r in rs]).mean(0)
+        for axis, xs in ((ax, x), (tx, t)):
+            for row in y:
+                axis.plot(xs, row, color=COLORS.get(algorithm), lw=0.7, alpha=0.5)
+            axis.plot(xs, y.mean(0), color=COLORS.get(algorithm), lw=2.2, label=f"{algorithm} (mean of {len(rs)})")
     for name, value in REFERENCE_RETURNS.items():
-        for axis in (ax, bx):
-            axis.axhline(value, ls="--", lw=1, color=REFERENCE_STYLES[name], label=f"{name} ({value:+.3f})"
-                         if axis is ax else None)
+        for axis in (ax, tx, bx):
+            axis.axhline(value, ls="--", lw=1, color=REFERENCE_STYLES[name],
+                         label=f"{name} ({value:+.3f})" if axis is ax else None)
     names = list(table)
     for i, algorithm in enumerate(names):
         rs = [r for r in result["runs"] if r["algorithm"] == algorithm]
-        bx.bar(i - 0.2, table[algorithm]["untrained_mean"], width=0.38, color="silver",
-               label="untrained" if i == 0 else None)
-        bx.bar(i + 0.2, table[algorithm]["trained_mean"], width=0.38, color=COLORS.get(algorithm))
-        bx.plot([i + 0.2] * len(rs), [r["trained"] for r in rs], "k.", ms=8, label="each seed" if i == 0 else None)
+        bx.bar(i, table[algorithm]["trained_mean"], width=0.6, color=COLORS.get(algorithm), alpha=0.6)
+        bx.plot([i] * len(rs), [r["trained"] for r in rs], "k.", ms=8, label="each seed" if i == 0 else None)
     bx.set_xticks(range(len(names)), names)
-    bx.set_ylabel("greedy mean return")
-    bx.set_title("before (grey) and after training")
+    bx.set_ylabel(f"greedy mean return, {result['config']['eval_episodes']} fixed deals")
+    bx.set_title("after training")
     bx.legend(fontsize=8, loc="lower right")
-    bx.grid(alpha=0.3, axis="y")
-    cfg = result["config"]
-    seeds = sorted({r["seed"] for r in result["runs"]})
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel(f"mean return, {cfg['eval_episodes']} greedy eval episodes")
-    ax.set_title(f"Blackjack-v1 (sab), SmolLM2-135M + LoRA, seeds {seeds} (band: min-max)")
+    for axis in (ax, tx, bx):
+        axis.set_ylim(-0.45, 0.0)
+        axis.grid(alpha=0.3)
+    ax.set_xlabel("training episodes")
+    tx.set_xlabel("training time, minutes (evaluation excluded)")
+    ax.set_ylabel("exact value of the greedy policy map")
+    ax.set_title("Blackjack-v1 (sab), SmolLM2-135M + LoRA (top 8 blocks)")
+    tx.set_title(result["versions"].get("cpu", ""), fontsize=9)
     ax.legend(fontsize=8, loc="lower right", ncol=2)
-    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def plot_policies(result: dict, path: Path) -> None:
+    """The final greedy policy map of each algorithm (the seed with the median map value) beside the optimal one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rllama.agents.blackjack import STATES, optimal_policy
+
+    maps = [("optimal", optimal_policy(), "")]
+    for algorithm in result["table"]:
+        rs = sorted((r for r in result["runs"] if r["algorithm"] == algorithm), key=lambda r: r["map_value"])
+        r = rs[len(rs) // 2]
+        maps.append((f"{algorithm} seed {r['seed']}", dict(zip(STATES, r["policy"])),
+                     f"value {r['map_value']:+.3f}, {r['agreement']:.0%} optimal"))
+    fig, axes = plt.subplots(2, len(maps), figsize=(2.3 * len(maps), 7), gridspec_kw={"height_ratios": [18, 10]})
+    axes = np.array(axes).reshape(2, len(maps))
+    for k, (title, policy, note) in enumerate(maps):
+        plot_policy_map(axes[:, k], policy, f"{title}\n{note}" if note else title)
+    fig.suptitle("Greedy policy maps at an episode's first step: hit dark, stick light, x = differs from optimal",
+                 fontsize=10)
     save_figure(fig, path)
 
 
@@ -134,24 +190,28 @@ def merge(args) -> None:
     result["wall_s"] = sum(r["wall_s"] for r in runs)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     plot(result, RESULTS / f"{args.name}.png")
+    plot_policies(result, RESULTS / f"{args.name}_policy.png")
     print_table(result)
 
 
 def print_table(result: dict) -> None:
     for algorithm, row in result["table"].items():
-        print(f"{algorithm:10s} untrained {row['untrained_mean']:+.3f} -> trained {row['trained_mean']:+.3f} "
-              f"(seed range {row['trained_min']:+.3f}..{row['trained_max']:+.3f})")
+        print(f"{algorithm:10s} {row['trained_mean']:+.3f} on the fixed deals (seeds {row['trained_min']:+.3f}.."
+              f"{row['trained_max']:+.3f}), map value {row['map_value_mean']:+.3f}, {row['agreement_mean']:.0%} of "
+              f"states optimal, {row['episodes']} episodes, {row['train_min_mean']:.1f} min")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=600, help="environment steps of training per run")
-    parser.add_argument("--eval-every", type=int, default=300)
-    parser.add_argument("--eval-episodes", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--episodes", type=int, default=1600, help="training episodes per run")
+    parser.add_argument("--map-every", type=int, default=160, help="episodes between two policy maps")
+    parser.add_argument("--eval-episodes", type=int, default=1000, help="fixed deals of the final evaluation")
     parser.add_argument("--envs", type=int, default=16)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--config", default="", help='JSON {algorithm: {field: value}} overriding the defaults')
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--name", default="algorithms")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -186,6 +246,7 @@ def main() -> None:
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
     plot(result, RESULTS / f"{args.name}.png")
+    plot_policies(result, RESULTS / f"{args.name}_policy.png")
     print_table(result)
 
 

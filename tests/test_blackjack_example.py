@@ -63,3 +63,16 @@ def test_async_example_runs_end_to_end(tiny_model_dir):
     assert "untrained: greedy return" in proc.stdout
     assert "trained on 32 episodes" in proc.stdout and "updates)" in proc.stdout
     assert "rollout/mean_staleness" in proc.stdout  # the learner trained on what the workers sent
+
+
+@pytest.mark.timeout(300)
+def test_demo_runs_end_to_end_and_prints_the_policy_map(tiny_model_dir):
+    """``examples/blackjack.py`` (``make demo``) as a user runs it, on a tiny model and a short budget."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "examples/blackjack.py", "--model", str(tiny_model_dir), "--episodes", "16",
+                           "--eval-episodes", "8", "--envs", "4"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "untrained: mean return" in proc.stdout and "trained:   mean return" in proc.stdout
+    assert "agreement with the optimal policy" in proc.stdout and "dealer: A 2 3 4 5 6 7 8 9 10" in proc.stdout

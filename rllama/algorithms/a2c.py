@@ -1,4 +1,4 @@
-"""Advantage actor-critic (synchronous, A2C): one gradient step per batch, no clipping.
+"""Advantage actor-critic (synchronous, A2C): one pass over each batch in small minibatches, no clipping.
 
     L = -E[A_t log pi(a_t|s_t)] + vf_coef * E[(V(s_t) - R_t)^2] / 2 - ent_coef * H[pi]
         + kl_coef * KL(pi || pi_ref)
@@ -22,11 +22,12 @@ from rllama.algorithms.registry import register_algorithm
 class A2CConfig(OnPolicyConfig):
     """A2C settings: one pass over each batch in minibatches of ``minibatch_size`` steps."""
 
-    batch_episodes: int = 16
-    minibatch_size: int = 64
-    learning_rate: float = 3e-5
+    batch_episodes: int = 8
+    minibatch_size: int = 4
+    learning_rate: float = 1e-4
     max_grad_norm: float = 0.5
     gae_lambda: float = 1.0
+    kl_coef: float = 0.1
     normalize_advantages: bool = False
 
 

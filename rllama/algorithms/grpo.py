@@ -42,11 +42,12 @@ class GRPOConfig(OnPolicyConfig):
 
     group_size: int = 4
     batch_episodes: int = 16
-    learning_rate: float = 3e-5
+    minibatch_size: int = 8
+    learning_rate: float = 1e-4
     max_grad_norm: float = 0.5
-    epochs: int = 2
+    epochs: int = 4
     clip_range: float = 0.2
-    kl_coef: float = 0.04
+    kl_coef: float = 0.1
     std_eps: float = 1e-4
     normalize_advantages: bool = False
 

@@ -32,10 +32,12 @@ class PPOConfig(OnPolicyConfig):
     """
 
     batch_episodes: int = 16
-    learning_rate: float = 3e-5
+    minibatch_size: int = 8
+    learning_rate: float = 1e-4
     max_grad_norm: float = 0.5
-    epochs: int = 2
+    epochs: int = 4
     clip_range: float = 0.2
+    kl_coef: float = 0.1
     target_kl: float | None = None
 
     def __post_init__(self) -> None:

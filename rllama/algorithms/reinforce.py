@@ -29,10 +29,12 @@ class REINFORCEConfig(OnPolicyConfig):
         minibatch_size: steps per gradient step (the batch is passed once).
     """
 
-    batch_episodes: int = 16
-    learning_rate: float = 3e-5
+    batch_episodes: int = 8
+    minibatch_size: int = 4
+    learning_rate: float = 1e-4
     max_grad_norm: float = 0.5
     gamma: float = 1.0
+    kl_coef: float = 0.1
     baseline: str = "value"
     baseline_momentum: float = 0.9
     normalize_advantages: bool = False

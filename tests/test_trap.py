@@ -1,0 +1,99 @@
+"""The exploration trap, small enough for CI: every algorithm must learn a state-dependent policy.
+
+One-step episodes: the observation is a number word (zero..nine). Sticking pays -0.2 always; hitting
+pays +1 below three and -1 from three up. Under the untrained policy (P(hit) about 0.5 everywhere)
+hitting loses on average (-0.4 against -0.2), so the first updates rightly push every state toward
+"stick", and a policy gradient whose exploration fades there stays at "always stick" for good (7 of
+10 states right). Blackjack's "always stick" was this trap (issue 21); the test would have caught it:
+the old PPO settings fail it (``test_old_settings_fall_into_the_trap``).
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import pytest
+import torch
+from gymnasium import spaces
+
+from rllama import RLlamaAgent
+from tests.conftest import CHAT_TEMPLATE, make_tiny_lm, make_tokenizer
+
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+THRESHOLD = 3
+
+
+class TrapEnv(gym.Env):
+    observation_space = spaces.Discrete(len(WORDS))
+    action_space = spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.n = int(self.np_random.integers(len(WORDS)))
+        return self.n, {}
+
+    def step(self, action):
+        reward = -0.2 if action == 0 else (1.0 if self.n < THRESHOLD else -1.0)
+        return self.n, reward, True, False, {}
+
+
+class TrapAgent(RLlamaAgent):
+    def get_system_prompt(self):
+        return "Stick or hit."
+
+    def format_observation(self, observation):
+        return WORDS[int(observation)]
+
+    def get_valid_actions(self, observation):
+        return ["stick", "hit"]
+
+    def extract_action(self, response):
+        return 1 if "hit" in response else 0
+
+
+def greedy_accuracy(agent) -> float:
+    """Share of the ten states in which the agent's greedy choice is the right one."""
+    prompts = [agent.chat.prompt_ids([{"role": "system", "content": agent.get_system_prompt()},
+                                      {"role": "user", "content": w}]) for w in WORDS]
+    candidates = [[agent.chat.reply_ids(c) for c in ("stick", "hit")]] * len(WORDS)
+    with torch.no_grad():
+        outputs = agent.policy.candidate_outputs(prompts, candidates, q_heads=agent.algorithm.acting_heads)
+    choices = agent.algorithm.choose_actions(outputs, greedy=True, generator=torch.Generator(), training=False)
+    return sum(k == int(n < THRESHOLD) for n, (k, _) in enumerate(choices)) / len(WORDS)
+
+
+def train_on_trap(algorithm: str, config: dict, episodes: int) -> list[float]:
+    """Greedy accuracy after every 64 training episodes."""
+    agent = TrapAgent(make_tiny_lm(), make_tokenizer(CHAT_TEMPLATE), algorithm=algorithm, algorithm_config=config,
+                      seed=0, precision="fp32")
+    envs = gym.vector.SyncVectorEnv([TrapEnv for _ in range(8)])
+    accuracy = []
+    for chunk in range(episodes // 64):
+        agent.train(envs, 64, seed=chunk, progress=False)
+        accuracy.append(greedy_accuracy(agent))
+    return accuracy
+
+
+# The tiny random model needs a larger learning rate than the real one; everything else is the default.
+TRAP_CASES = {
+    "ppo": ({"learning_rate": 1e-3}, 960),
+    "a2c": ({"learning_rate": 1e-3}, 1280),
+    "reinforce": ({"learning_rate": 1e-3}, 1280),
+    "grpo": ({"learning_rate": 3e-4}, 1280),
+    "dqn": ({"learning_rate": 1e-3}, 960),
+    "sac": ({"learning_rate": 1e-3}, 960),
+}
+
+
+@pytest.mark.parametrize("algorithm", list(TRAP_CASES))
+def test_every_algorithm_escapes_the_trap(algorithm):
+    config, episodes = TRAP_CASES[algorithm]
+    accuracy = train_on_trap(algorithm, config, episodes)
+    # Learned, and kept: at least 0.9 at two of the last three evaluations.
+    assert sum(a >= 0.9 for a in accuracy[-3:]) >= 2, (algorithm, accuracy)
+
+
+def test_old_settings_fall_into_the_trap():
+    """PPO as it was: two epochs of one minibatch and the reverse KL (0.05) stick everywhere."""
+    old = {"learning_rate": 1e-3, "epochs": 2, "minibatch_size": 16, "kl_coef": 0.05, "kl_direction": "reverse"}
+    accuracy = train_on_trap("ppo", old, 960)
+    assert accuracy[-3:] == [0.7, 0.7, 0.7], accuracy
