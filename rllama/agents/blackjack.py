@@ -10,7 +10,7 @@ agent's greedy action at the first step of an episode in each state.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 
 from rllama.agent import RLlamaAgent
 
@@ -71,7 +71,7 @@ class BlackjackAgent(RLlamaAgent):
         return {state: int(k) for state, (k, _) in zip(STATES, choices)}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dealer_outcomes(hard: int, ace: bool) -> dict[int, float]:
     """Distribution of the dealer's final total (22 = bust) from a hand of ``hard`` points (aces as 1)."""
     total = hard + 10 if ace and hard + 10 <= 21 else hard
@@ -93,7 +93,7 @@ def _stick_value(total: int, dealer: int) -> float:
     return value
 
 
-@lru_cache(maxsize=None)
+@cache
 def _action_values(hard: int, ace: bool, dealer: int) -> tuple[float, float]:
     """``(value of sticking, value of hitting)`` then playing optimally, for a player hand of ``hard``
     points (aces as 1; ``ace``: the hand holds one) against the dealer's card."""
@@ -125,7 +125,7 @@ def policy_value(policy: dict) -> float:
     episode: ``policy[state]`` is the action (0 stick, 1 hit) or the probability of hitting. Cheap:
     no episodes are played."""
 
-    @lru_cache(maxsize=None)
+    @cache
     def value(hard: int, ace: bool, dealer: int) -> float:
         total = hard + 10 if ace and hard + 10 <= 21 else hard
         p_hit = float(policy[(total, dealer, total != hard)])
