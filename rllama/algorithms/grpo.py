@@ -42,10 +42,10 @@ class GRPOConfig(OnPolicyConfig):
 
     group_size: int = 4
     batch_episodes: int = 16
-    minibatch_size: int = 8
-    learning_rate: float = 1e-4
+    minibatch_size: int = 4
+    learning_rate: float = 5e-5
     max_grad_norm: float = 0.5
-    epochs: int = 4
+    epochs: int = 2
     clip_range: float = 0.2
     kl_coef: float = 0.1
     std_eps: float = 1e-4
