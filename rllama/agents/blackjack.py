@@ -55,7 +55,7 @@ class BlackjackAgent(RLlamaAgent):
         """The greedy action (0 stick, 1 hit) in every state of :data:`STATES`, at an episode's first step.
 
         Chosen as evaluation chooses: the algorithm's greedy rule (argmax of the candidate scores,
-        or of the Q-values for DQN), in one batched pass without gradients.
+        or of the Q-values for DQN), in batches of 32 states without gradients.
         """
         import torch
 
@@ -65,9 +65,12 @@ class BlackjackAgent(RLlamaAgent):
                         {"role": "user", "content": self.format_observation(state)}]
             prompts.append(self.chat.prompt_ids(messages))
             candidates.append([self.chat.reply_ids(c) for c in self.get_valid_actions(state)])
-        with torch.no_grad():
-            outputs = self.policy.candidate_outputs(prompts, candidates, q_heads=self.algorithm.acting_heads)
-        choices = self.algorithm.choose_actions(outputs, greedy=True, generator=torch.Generator(), training=False)
+        choices = []
+        for start in range(0, len(STATES), 32):  # in chunks: one batch of 280 prompts peaks at gigabytes
+            with torch.no_grad():
+                outputs = self.policy.candidate_outputs(prompts[start:start + 32], candidates[start:start + 32],
+                                                        q_heads=self.algorithm.acting_heads)
+            choices += self.algorithm.choose_actions(outputs, greedy=True, generator=torch.Generator(), training=False)
         return {state: int(k) for state, (k, _) in zip(STATES, choices)}
 
 
