@@ -324,11 +324,13 @@ def test_truncation_without_the_final_observation_warns_once(make_agent, caplog)
     assert sum("final_observation" in r.getMessage() for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("vector", [False, True])
+@pytest.mark.parametrize("vector", [None, "NEXT_STEP", "SAME_STEP"])
 def test_train_passes_final_observations_of_time_limited_episodes(make_agent, vector):
+    from gymnasium.vector import AutoresetMode
+
     agent = make_agent(algorithm_config={"batch_episodes": 99})
     make = lambda: gym.wrappers.TimeLimit(ChoiceEnv(steps=10), max_episode_steps=2)  # noqa: E731
-    env = gym.vector.SyncVectorEnv([make, make]) if vector else make()
+    env = make() if vector is None else gym.vector.SyncVectorEnv([make, make], autoreset_mode=AutoresetMode[vector])
     agent.train(env, 4, seed=0, progress=False)
     episodes = agent.algorithm.buffer.episodes
     assert len(episodes) == 4 and all(e.truncated and len(e) == 2 for e in episodes)
