@@ -385,6 +385,14 @@ class RLlamaAgent(ABC):
             )
         return system + history + current
 
+    def _prompt(self, slot: _EnvSlot, text: str, found: list[Retrieved]) -> tuple[list[int], list[dict]]:
+        """The prompt ids of an observation's text in ``slot``'s chat, with retrieved memories injected,
+        and the messages they were rendered from (see :meth:`_fit_prompt`)."""
+        content = self._hook("inject_memories", text, found) if found else text
+        if not isinstance(content, str):
+            raise HookError(f"inject_memories returned {type(content).__name__}; expected str")
+        return self._fit_prompt(self._compose(slot, content))
+
     def _fit_prompt(self, messages: list[dict]) -> tuple[list[int], list[dict]]:
         """Prompt ids of ``messages``, dropping the oldest (observation, reply) pairs until it fits.
 
@@ -435,10 +443,7 @@ class RLlamaAgent(ABC):
             candidates.append(self._valid_actions(obs))
         retrieved = self._retrieve(texts)
         for slot, text, found in zip(slots, texts, retrieved):
-            content = self._hook("inject_memories", text, found) if found else text
-            if not isinstance(content, str):
-                raise HookError(f"inject_memories returned {type(content).__name__}; expected str")
-            ids, fitted = self._fit_prompt(self._compose(slot, content))
+            ids, fitted = self._prompt(slot, text, found)
             prompts.append(ids)
             chats.append(fitted)
 
@@ -637,9 +642,7 @@ class RLlamaAgent(ABC):
         """The state a truncated episode was cut in, as a step with no action: its prompt (built as
         ``act`` would) and, in scoring mode, its candidates."""
         text = self._observation_text(observation)
-        found = self._retrieve([text])[0]
-        content = self._hook("inject_memories", text, found) if found else text
-        ids, _ = self._fit_prompt(self._compose(slot, str(content)))
+        ids, _ = self._prompt(slot, text, self._retrieve([text])[0])
         candidates = self._valid_actions(observation)
         return Step(prompt_ids=ids, candidate_ids=None if candidates is None else
                     [self.chat.reply_ids(c) for c in candidates])
