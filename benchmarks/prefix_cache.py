@@ -109,7 +109,9 @@ def part(args) -> dict:
 
     out = {"layout": args.layout, "precision": resolve_precision(args.precision, torch.device("cpu")),
            "rllama_imported_from": str(Path(rllama.__file__).parent)}
-    agent = make_agent(args.layout, args.precision, algorithm_config={"batch_episodes": 16, "epochs": 1})
+    # The update measured is one pass over 16 episodes in minibatches of 16 (the committed figures' setting).
+    agent = make_agent(args.layout, args.precision,
+                       algorithm_config={"batch_episodes": 16, "minibatch_size": 16, "epochs": 1})
     out["prefix_cache"] = getattr(agent.policy, "prefix_cache_active", False)
     out["adapted_blocks"] = sorted({int(n.split("layers.")[1].split(".")[0])
                                     for n, _ in agent.policy.named_parameters() if "lora_" in n})
