@@ -222,6 +222,12 @@ class RLlamaAgent(ABC):
     action_names: Sequence[str] | None = None
     """Optional names of a ``Discrete`` action space's actions; used as the candidates when set."""
 
+    keep_history: bool = True
+    """Whether a prompt shows the episode's earlier turns. Set ``False`` where an observation is the
+    whole state (Blackjack, a rendered grid): each prompt is then the system prompt and the current
+    observation alone, shorter, the same for a state whenever it is met, and served from the prefix
+    cache after the first time."""
+
     def get_valid_actions(self, observation) -> list[str] | None:
         """Candidate action texts to score, or ``None`` to generate free text.
 
@@ -375,8 +381,9 @@ class RLlamaAgent(ABC):
         return slot
 
     def _compose(self, slot: _EnvSlot, content: str) -> list[dict]:
-        """System prompt + history (through working memory, if any) + the current user message."""
-        system, history = slot.messages[:1], slot.messages[1:]
+        """System prompt + history (through working memory, if any; none when ``keep_history`` is
+        off) + the current user message."""
+        system, history = slot.messages[:1], (slot.messages[1:] if self.keep_history else [])
         current = [{"role": "user", "content": content}]
         if self.working_memory is not None and history:
             base = len(self.chat.prompt_ids(system + current))

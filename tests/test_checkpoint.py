@@ -16,6 +16,8 @@ CONFIGS = {
     "reinforce": {"batch_episodes": 6, "minibatch_size": 4, "baseline": "mean"},  # buffer non-empty at saves
     "dqn": {"batch_episodes": 2, "learning_starts": 2, "minibatch_size": 4, "target_update_interval": 3},
     "sac": {"batch_episodes": 2, "learning_starts": 2, "minibatch_size": 4},
+    "dqn-frozen-adapter": {"batch_episodes": 2, "learning_starts": 2, "minibatch_size": 4, "target_update_interval": 3,
+                           "train_adapter": False, "whiten_features": 4},  # whitening fitted before the save
 }
 
 
@@ -28,10 +30,12 @@ def params(agent) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in agent.policy.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("algorithm", list(CONFIGS))
-def test_resume_continues_bit_for_bit(make_agent, tmp_path, algorithm):
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_resume_continues_bit_for_bit(make_agent, tmp_path, case):
+    algorithm = case.split("-")[0]
+
     def new_agent():
-        return make_agent(algorithm=algorithm, algorithm_config=CONFIGS[algorithm],
+        return make_agent(algorithm=algorithm, algorithm_config=CONFIGS[case],
                           memory=EpisodicMemory("hashing", k=1))
 
     def envs():
@@ -44,7 +48,7 @@ def test_resume_continues_bit_for_bit(make_agent, tmp_path, algorithm):
     segments(first, envs(), 0, 2)
     save_training_state(first, tmp_path / "ckpt", extra={"segment": 2})
     del first
-    resumed = make_agent(algorithm=algorithm, algorithm_config=CONFIGS[algorithm], seed=123,  # other seed: all
+    resumed = make_agent(algorithm=algorithm, algorithm_config=CONFIGS[case], seed=123,  # other seed: all
                          memory=EpisodicMemory("hashing", k=1))                              # state comes from disk
     assert load_training_state(resumed, tmp_path / "ckpt") == {"segment": 2}
     segments(resumed, envs(), 2, 4)

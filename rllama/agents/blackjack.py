@@ -26,7 +26,13 @@ _CARD_P = {c: (4 / 13 if c == 10 else 1 / 13) for c in range(1, 11)}
 
 
 class BlackjackAgent(RLlamaAgent):
-    """Plays Gymnasium's Blackjack-v1: observation ``(player_sum, dealer_card, usable_ace)``."""
+    """Plays Gymnasium's Blackjack-v1: observation ``(player_sum, dealer_card, usable_ace)``.
+
+    The observation is the whole state, so prompts show no earlier turns (``keep_history = False``):
+    a state reads the same whenever it is met, and :meth:`policy_map` is the policy at every step.
+    """
+
+    keep_history = False
 
     def get_system_prompt(self) -> str:
         return (

@@ -100,15 +100,7 @@ class Algorithm(ABC):
 
     def __init__(self, policy: PolicyModel, config=None, seed: int | None = None) -> None:
         self.policy = policy
-        if config is None:
-            config = self.config_class()
-        elif isinstance(config, dict):
-            config = self.config_class.from_dict(config)
-        elif not isinstance(config, self.config_class):
-            raise TypeError(
-                f"{type(self).__name__} expects a {self.config_class.__name__} or a dict, got {type(config).__name__}"
-            )
-        self.config = config
+        self.config = config = self.resolve_config(config)
         self.generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
         self.buffer = RolloutBuffer()
         heads = [p for p in policy.heads.parameters() if p.requires_grad]
@@ -125,6 +117,17 @@ class Algorithm(ABC):
         self.data_parallel = current_data_parallel()
         if self.data_parallel is not None:
             self.data_parallel.broadcast_parameters(policy.trainable_parameters())
+
+    @classmethod
+    def resolve_config(cls, config):
+        """``config`` as an instance of ``config_class`` (from ``None``: the defaults, or a dict of fields)."""
+        if config is None:
+            return cls.config_class()
+        if isinstance(config, dict):
+            return cls.config_class.from_dict(config)
+        if not isinstance(config, cls.config_class):
+            raise TypeError(f"{cls.__name__} expects a {cls.config_class.__name__} or a dict, got {type(config).__name__}")
+        return config
 
     def add_episode(self, episode: Episode) -> None:
         """Receive a finished episode from the agent."""
@@ -460,6 +463,15 @@ class OffPolicyConfig(AlgorithmConfig):
         tau: target update: 1 copies the online weights every ``target_update_interval`` gradient
             steps; smaller values move the target by ``tau`` toward them (Polyak) at that interval.
         target_update_interval: gradient steps between target updates.
+        train_adapter: ``False`` keeps the LoRA adapter as it is and trains the Q heads alone, on the
+            model's features: every forward then runs without gradients through the prefix cache
+            (a gradient step costs milliseconds rather than seconds) and the target is a copy of
+            the heads only.
+        whiten_features: Q heads read the top ``whiten_features`` principal components of their
+            input, whitened (``0``: the raw normalised hidden state; capped at the model's hidden
+            size), fitted once at the first update from the replay buffer's states
+            (:meth:`rllama.policy.model.ValueHead.fit_whitening`). Meant for a frozen adapter,
+            whose features do not move after the fit.
     """
 
     batch_episodes: int = 16
@@ -473,9 +485,14 @@ class OffPolicyConfig(AlgorithmConfig):
     gamma: float = 0.99
     tau: float = 1.0
     target_update_interval: int = 10
+    train_adapter: bool = True
+    whiten_features: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(self, "train_adapter", isinstance(self.train_adapter, bool), "must be True or False")
+        _check(self, "whiten_features", isinstance(self.whiten_features, int) and self.whiten_features >= 0,
+               "must be 0 (off) or a number of components")
         _check(self, "buffer_size", self.buffer_size >= 1, "must be at least 1")
         _check(self, "learning_starts", self.learning_starts >= 1, "must be at least 1")
         _check(self, "gradient_steps", self.gradient_steps >= 1, "must be at least 1")
@@ -498,11 +515,12 @@ class OffPolicyAlgorithm(Algorithm):
     q_heads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, policy: PolicyModel, config=None, seed: int | None = None) -> None:
+        config = self.resolve_config(config)
         for name in self.q_heads:
-            policy.add_head(name)  # before the optimizer is built
+            policy.add_head(name, whiten=config.whiten_features)  # before the optimizer is built
         super().__init__(policy, config, seed)
         self.replay = ReplayBuffer(self.config.buffer_size, self.generator)
-        self.target = policy.snapshot(heads=self.q_heads)
+        self.target = self.policy.snapshot(heads=self.q_heads, adapter=self.config.train_adapter)
         self.gradient_steps_done = 0
         self.env_steps = 0
         self._episodes_since_update: list[Episode] = []
@@ -524,7 +542,7 @@ class OffPolicyAlgorithm(Algorithm):
 
     def update_target(self) -> None:
         """Copy (``tau=1``) or move (Polyak) the target snapshot toward the online weights."""
-        online = self.policy.snapshot(heads=self.q_heads)
+        online = self.policy.snapshot(heads=self.q_heads, adapter=self.config.train_adapter)
         if self.config.tau >= 1:
             self.target = online
         else:
@@ -552,12 +570,33 @@ class OffPolicyAlgorithm(Algorithm):
         with torch.no_grad(), self.policy.weights(self.target):
             return self.policy.candidate_outputs(prompts, candidates, q_heads=self.q_heads)
 
+    def q_outputs(self, prompts, candidates) -> CandidateOutputs:
+        """Candidate outputs with the Q heads under the online weights, with gradients for what trains
+        (only the heads when ``train_adapter`` is off)."""
+        return self.policy.candidate_outputs(prompts, candidates, q_heads=self.q_heads,
+                                             frozen_body=not self.config.train_adapter)
+
+    def fit_whitening(self, max_transitions: int = 4096) -> bool:
+        """Fit the whitening of Q heads that have none yet, from the states of the most recent
+        ``max_transitions`` transitions in the replay buffer (every candidate of each); returns
+        whether it fitted any."""
+        heads = [self.policy.heads[name] for name in self.q_heads if not self.policy.heads[name].fitted]
+        if not heads:
+            return False
+        steps = [t.step for t in self.replay.items[-max_transitions:]]
+        hidden = self.policy.action_features([s.prompt_ids for s in steps], [s.candidate_ids for s in steps])
+        for head in heads:
+            head.fit_whitening(hidden)
+        self.target = self.policy.snapshot(heads=self.q_heads, adapter=self.config.train_adapter)
+        return True
+
     def update(self) -> dict[str, float]:
         cfg = self.config
         timer = Timer()
         episodes, self._episodes_since_update = self._episodes_since_update, []
         sums: dict[str, float] = {}
         tokens = 0
+        self.fit_whitening()
         for _ in range(cfg.gradient_steps):
             sample = self.replay.sample(cfg.minibatch_size)
             tokens += tokens_of([t.step for t in sample]) + 2 * tokens_of([t.next_step for t in sample if t.next_step])

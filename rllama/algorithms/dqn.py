@@ -36,9 +36,14 @@ class DQNConfig(OffPolicyConfig):
         huber_delta: threshold of the Huber loss.
     """
 
+    learning_starts: int = 500
+    gradient_steps: int = 16
+    minibatch_size: int = 64
+    train_adapter: bool = False
+    whiten_features: int = 64
     exploration_initial_eps: float = 1.0
     exploration_final_eps: float = 0.05
-    exploration_steps: int = 1000
+    exploration_steps: int = 3000
     huber_delta: float = 1.0
 
     def __post_init__(self) -> None:
@@ -100,7 +105,7 @@ class DQN(OffPolicyAlgorithm):
                 target = self.target_outputs(next_prompts, next_candidates)
                 next_q = torch.stack([q[b] for q, b in zip(target.q["q"], best)]).float().cpu()
             targets[live] += cfg.gamma * next_q
-        out = self.policy.candidate_outputs(prompts, candidates, q_heads=("q",))
+        out = self.q_outputs(prompts, candidates)
         q_sa = torch.stack([q[a] for q, a in zip(out.q["q"], actions.tolist())])  # [N]
         targets = targets.to(q_sa.device)
         loss = F.huber_loss(q_sa, targets, delta=cfg.huber_delta)

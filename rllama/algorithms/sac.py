@@ -54,6 +54,7 @@ class SACConfig(OffPolicyConfig):
         _check(self, "alpha_learning_rate", self.alpha_learning_rate > 0, "must be positive")
         _check(self, "target_entropy_ratio", 0 <= self.target_entropy_ratio <= 1, "must lie in [0, 1]")
         _check(self, "actor_coef", self.actor_coef >= 0, "must be non-negative")
+        _check(self, "train_adapter", self.train_adapter, "is not supported: SAC's actor is the adapter")
 
 
 @register_algorithm("sac")

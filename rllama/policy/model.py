@@ -64,7 +64,7 @@ def candidate_score(token_logprobs: Sequence[float], normalization: str) -> floa
 
 
 class ValueHead(nn.Module):
-    """Scalar head on the last hidden state of the prompt, computed in float32.
+    """Scalar head on a hidden state, computed in float32.
 
     The hidden state is layer-normalised (no learned scale) and divided by ``sqrt(hidden_size)``
     first, so the head's input has unit norm whatever the model: a language model's final hidden
@@ -72,17 +72,72 @@ class ValueHead(nn.Module):
     the value by about 0.5, which kept the critic from fitting at all (explained variance about 0 on
     Blackjack; see ``docs/algorithms.md``). Starts at zero output so the first advantages are the
     plain returns.
+
+    With ``whiten=k`` the head reads the input's top ``k`` principal components, each scaled to unit
+    variance (PCA whitening), fitted once by :meth:`fit_whitening` from inputs the head will see;
+    until then it outputs its bias. A language model's features are badly conditioned for a linear
+    head trained by gradient steps: on Blackjack the directions that tell the states apart carry a
+    millionth of the variance of the first one, so a head on raw features learns "always stick"
+    while one on whitened features learns the state-dependent policy (``docs/algorithms/dqn.md``).
     """
 
-    def __init__(self, hidden_size: int, out_features: int = 1) -> None:
+    def __init__(self, hidden_size: int, out_features: int = 1, whiten: int = 0) -> None:
         super().__init__()
-        self.linear = nn.Linear(hidden_size, out_features)
+        if not 0 <= whiten <= hidden_size:
+            raise ValueError(f"whiten={whiten!r}; expected 0 (off) up to the hidden size {hidden_size}")
+        self.hidden_size, self.whiten = int(hidden_size), int(whiten)
+        self.linear = nn.Linear(whiten or hidden_size, out_features)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
+        if whiten:
+            self.register_buffer("white_mean", torch.zeros(hidden_size))
+            self.register_buffer("white_basis", torch.zeros(hidden_size, whiten))  # zero until fitted
+            self.register_buffer("white_fitted", torch.zeros((), dtype=torch.bool))
+
+    def _normalised(self, hidden: torch.Tensor) -> torch.Tensor:
+        size = hidden.shape[-1]
+        return nn.functional.layer_norm(hidden.float(), (size,)) / math.sqrt(size)
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the whitening has been fitted (always true without whitening)."""
+        return not self.whiten or bool(self.white_fitted)
+
+    @torch.no_grad()
+    def fit_whitening(self, hidden: torch.Tensor, floor: float = 1e-8) -> None:
+        """Fit the whitening from ``hidden`` ``[N, H]`` (hidden states the head will read), once.
+
+        Each of the top ``k`` principal directions of the normalised inputs is scaled by the inverse
+        square root of its variance (floored at ``floor`` times the largest variance, so directions
+        the sample barely spans are not blown up), and by ``1/sqrt(k)`` so the whitened input has
+        unit norm on average. Refitting would change what the trained weights mean, so a fitted head
+        refuses; the weights are reset to zero here.
+        """
+        if not self.whiten:
+            raise RLlamaError("this head has no whitening (whiten=0)")
+        if self.fitted:
+            raise RLlamaError("this head's whitening is already fitted; it is fitted once, before training")
+        if hidden.ndim != 2 or hidden.shape[1] != self.hidden_size or len(hidden) < 2:
+            raise RLlamaError(f"fit_whitening needs hidden states [N >= 2, {self.hidden_size}], "
+                              f"got {tuple(hidden.shape)}")
+        x = self._normalised(hidden).double()
+        if not torch.isfinite(x).all():
+            raise RLlamaError("fit_whitening got non-finite hidden states")
+        mean = x.mean(0)
+        variances, directions = torch.linalg.eigh((x - mean).T @ (x - mean) / len(x))
+        variances, directions = variances.flip(0)[: self.whiten], directions.flip(1)[:, : self.whiten]
+        variances = variances.clamp(min=float(variances[0]) * floor if variances[0] > 0 else 1e-30)
+        basis = directions / variances.sqrt() / math.sqrt(self.whiten)
+        self.white_mean.copy_(mean.float())
+        self.white_basis.copy_(basis.float())
+        self.white_fitted.fill_(True)
+        self.linear.weight.zero_()
+        self.linear.bias.zero_()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, H] -> [B, out]
-        size = hidden.shape[-1]
-        x = nn.functional.layer_norm(hidden.float(), (size,)) / math.sqrt(size)
+        x = self._normalised(hidden)
+        if self.whiten:
+            x = (x - self.white_mean) @ self.white_basis  # all zero until fitted: the output is the bias
         return self.linear(x)
 
 
@@ -288,7 +343,7 @@ class PolicyModel(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.heads["value"].linear.in_features
+        return self.heads["value"].hidden_size
 
     def _causal_lm(self):
         return self.lm.get_base_model()
@@ -858,36 +913,62 @@ class PolicyModel(nn.Module):
         prompts: Sequence[Sequence[int]],
         candidates: Sequence[Sequence[Sequence[int]]],
         q_heads: Sequence[str] = (),
+        frozen_body: bool = False,
     ) -> CandidateOutputs:
-        """Like :meth:`score_candidates`, plus the values of state-action heads ``q_heads``."""
+        """Like :meth:`score_candidates`, plus the values of state-action heads ``q_heads``.
+
+        With ``frozen_body`` the model runs without gradients (so the prefix cache serves every
+        block it holds) and only the heads keep theirs: what a head-only update needs.
+        """
         flat = [c for cands in candidates for c in cands]
         owner = [b for b, cands in enumerate(candidates) for _ in cands]
-        enc = self.continuation_logprobs(prompts, flat, owner)
+        with torch.no_grad() if frozen_body else contextlib.nullcontext():
+            enc = self.continuation_logprobs(prompts, flat, owner)
         sizes = [len(c) for c in candidates]
         scores = self._candidate_scores(enc) / self.temperature  # [R]
         values = self.heads["value"](enc.prompt_hidden).squeeze(-1)
         q = {name: list(torch.split(self.heads[name](enc.action_hidden).squeeze(-1), sizes)) for name in q_heads}
         return CandidateOutputs(_segment_log_softmax(scores, sizes), values, q)
 
+    @torch.no_grad()
+    def action_features(self, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]],
+                        batch_size: int = 32) -> torch.Tensor:
+        """The hidden states a state-action head reads, ``[sum of K_b, H]``, in batches of prompts."""
+        parts = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = candidates[start:start + batch_size]
+            flat = [c for cands in chunk for c in cands]
+            owner = [b for b, cands in enumerate(chunk) for _ in cands]
+            parts.append(self.continuation_logprobs(prompts[start:start + batch_size], flat, owner).action_hidden)
+        return torch.cat(parts).float()
+
     # ------------------------------------------------------------------ heads and weight snapshots
-    def add_head(self, name: str, out_features: int = 1) -> ValueHead:
-        """Add a zero-initialised head (e.g. a Q head) on the hidden state; returns the existing one if present."""
+    def add_head(self, name: str, out_features: int = 1, whiten: int = 0) -> ValueHead:
+        """Add a zero-initialised head (e.g. a Q head) on the hidden state; returns the existing one if
+        present (an error if it was made with another ``whiten``). ``whiten`` is capped at the hidden size."""
+        whiten = min(int(whiten), self.hidden_size)
         if name not in self.heads:
-            self.heads[name] = ValueHead(self.hidden_size, out_features).to(self.device)
+            self.heads[name] = ValueHead(self.hidden_size, out_features, whiten=whiten).to(self.device)
+        elif self.heads[name].whiten != whiten:
+            raise RLlamaError(f"head {name!r} exists with whiten={self.heads[name].whiten}, not {whiten}")
         return self.heads[name]
 
-    def snapshot(self, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """A detached copy of the adapter's weights and of the given heads (all heads when ``None``).
+    def snapshot(self, heads: Sequence[str] | None = None, adapter: bool = True) -> dict[str, torch.Tensor]:
+        """A detached copy of the adapter's weights (unless ``adapter=False``) and of the given heads
+        (all heads when ``None``).
 
         Target networks of value-based algorithms are such snapshots: a copy of the adapter and
-        heads, never of the base model.
+        heads, never of the base model (heads only when the adapter does not train).
         """
         keep = set(self.heads.keys() if heads is None else heads)
         out = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            if name.startswith("heads.") and name.split(".")[1] not in keep:
+            if name.startswith("heads."):
+                if name.split(".")[1] not in keep:
+                    continue
+            elif not adapter:
                 continue
             out[name] = p.detach().clone()
         return out
