@@ -126,7 +126,9 @@ class Algorithm(ABC):
         if isinstance(config, dict):
             return cls.config_class.from_dict(config)
         if not isinstance(config, cls.config_class):
-            raise TypeError(f"{cls.__name__} expects a {cls.config_class.__name__} or a dict, got {type(config).__name__}")
+            raise TypeError(
+                f"{cls.__name__} expects a {cls.config_class.__name__} or a dict, got {type(config).__name__}"
+            )
         return config
 
     def add_episode(self, episode: Episode) -> None:
