@@ -173,10 +173,18 @@ def greedy_q_action(agent, observation) -> int:
     return int(out.q["q"][0].argmax())
 
 
+DQN_CASES = {  # (config, training episodes)
+    "adapter": ({"train_adapter": True, "whiten_features": 0}, 16),
+    "frozen-whitened": ({"learning_starts": 32}, 64),  # the default: the Q head alone, on whitened features
+}
+
+
+@pytest.mark.parametrize("case", list(DQN_CASES))
 @pytest.mark.parametrize("reward_right", [1.0, -1.0])
-def test_dqn_greedy_action_moves_to_the_rewarded_one(make_agent, reward_right):
-    agent = make_agent(algorithm="dqn", algorithm_config=dict(OFF_POLICY, exploration_steps=10))
-    history = agent.train(ChoiceEnv(reward_right=reward_right), 16, seed=0, progress=False)
+def test_dqn_greedy_action_moves_to_the_rewarded_one(make_agent, reward_right, case):
+    config, episodes = DQN_CASES[case]
+    agent = make_agent(algorithm="dqn", algorithm_config=dict(OFF_POLICY, exploration_steps=10, **config))
+    history = agent.train(ChoiceEnv(reward_right=reward_right), episodes, seed=0, progress=False)
     assert history and "loss/q" in history[0]
     want = 1 if reward_right > 0 else 0
     assert [greedy_q_action(agent, o) for o in (0, 3, 5, 9)] == [want] * 4
@@ -198,7 +206,8 @@ def test_sac_moves_probability_toward_the_rewarded_action(make_agent, reward_rig
 
 
 def test_target_network_lags_then_syncs(make_agent):
-    agent = make_agent(algorithm="dqn", algorithm_config=dict(OFF_POLICY, target_update_interval=1000))
+    config = dict(OFF_POLICY, target_update_interval=1000, train_adapter=True)  # the target copies the adapter too
+    agent = make_agent(algorithm="dqn", algorithm_config=config)
     algo = agent.algorithm
     target_before = {k: v.clone() for k, v in algo.target.items()}
     agent.train(ChoiceEnv(), 8, seed=0, progress=False)

@@ -567,16 +567,17 @@ class OffPolicyAlgorithm(Algorithm):
         replay_from_dict(self.replay, meta["replay"])
         self._episodes_since_update = [episode_from_dict(e) for e in meta["episodes_since_update"]]
 
-    def target_outputs(self, prompts, candidates) -> CandidateOutputs:
-        """Candidate outputs (with the Q heads) under the target weights, without gradients."""
+    def target_outputs(self, prompts, candidates, scores: bool = True) -> CandidateOutputs:
+        """Candidate outputs (with the Q heads) under the target weights, without gradients
+        (``scores=False``: Q-values only, see :meth:`PolicyModel.candidate_outputs`)."""
         with torch.no_grad(), self.policy.weights(self.target):
-            return self.policy.candidate_outputs(prompts, candidates, q_heads=self.q_heads)
+            return self.policy.candidate_outputs(prompts, candidates, q_heads=self.q_heads, scores=scores)
 
-    def q_outputs(self, prompts, candidates) -> CandidateOutputs:
+    def q_outputs(self, prompts, candidates, scores: bool = True) -> CandidateOutputs:
         """Candidate outputs with the Q heads under the online weights, with gradients for what trains
-        (only the heads when ``train_adapter`` is off)."""
+        (only the heads when ``train_adapter`` is off; ``scores=False``: Q-values only)."""
         return self.policy.candidate_outputs(prompts, candidates, q_heads=self.q_heads,
-                                             frozen_body=not self.config.train_adapter)
+                                             frozen_body=not self.config.train_adapter, scores=scores)
 
     def fit_whitening(self, max_transitions: int = 4096) -> bool:
         """Fit the whitening of Q heads that have none yet, from the states of the most recent

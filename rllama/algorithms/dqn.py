@@ -98,14 +98,15 @@ class DQN(OffPolicyAlgorithm):
         # not happen while the online forward's graph holds them.
         targets = rewards.clone()
         if live:
+            # Q-values only: which of equal online values picks the target's value cannot matter
+            # to the target (tied online values only occur while the head is constant).
             with torch.no_grad():
-                online = self.policy.candidate_outputs(next_prompts, next_candidates, q_heads=("q",))
-                best = [greedy_index(q.float().cpu(), lp.float().cpu())
-                        for q, lp in zip(online.q["q"], online.logprobs)]
-                target = self.target_outputs(next_prompts, next_candidates)
+                online = self.policy.candidate_outputs(next_prompts, next_candidates, q_heads=("q",), scores=False)
+                best = [int(q.argmax()) for q in online.q["q"]]
+                target = self.target_outputs(next_prompts, next_candidates, scores=False)
                 next_q = torch.stack([q[b] for q, b in zip(target.q["q"], best)]).float().cpu()
             targets[live] += cfg.gamma * next_q
-        out = self.q_outputs(prompts, candidates)
+        out = self.q_outputs(prompts, candidates, scores=False)
         q_sa = torch.stack([q[a] for q, a in zip(out.q["q"], actions.tolist())])  # [N]
         targets = targets.to(q_sa.device)
         loss = F.huber_loss(q_sa, targets, delta=cfg.huber_delta)

@@ -104,14 +104,15 @@ class ValueHead(nn.Module):
         return not self.whiten or bool(self.white_fitted)
 
     @torch.no_grad()
-    def fit_whitening(self, hidden: torch.Tensor, floor: float = 1e-8) -> None:
+    def fit_whitening(self, hidden: torch.Tensor, floor: float = 1e-7) -> None:
         """Fit the whitening from ``hidden`` ``[N, H]`` (hidden states the head will read), once.
 
         Each of the top ``k`` principal directions of the normalised inputs is scaled by the inverse
-        square root of its variance (floored at ``floor`` times the largest variance, so directions
-        the sample barely spans are not blown up), and by ``1/sqrt(k)`` so the whitened input has
-        unit norm on average. Refitting would change what the trained weights mean, so a fitted head
-        refuses; the weights are reset to zero here.
+        square root of its variance, and by ``1/sqrt(k)`` so the whitened input has unit norm on
+        average. Directions whose variance is below ``floor`` times the largest one are left out
+        (their components read as 0): the sample does not span them, and scaling them up would turn
+        an unseen state into a huge input. Refitting would change what the trained weights mean, so
+        a fitted head refuses; the weights are reset to zero here.
         """
         if not self.whiten:
             raise RLlamaError("this head has no whitening (whiten=0)")
@@ -126,8 +127,8 @@ class ValueHead(nn.Module):
         mean = x.mean(0)
         variances, directions = torch.linalg.eigh((x - mean).T @ (x - mean) / len(x))
         variances, directions = variances.flip(0)[: self.whiten], directions.flip(1)[:, : self.whiten]
-        variances = variances.clamp(min=float(variances[0]) * floor if variances[0] > 0 else 1e-30)
-        basis = directions / variances.sqrt() / math.sqrt(self.whiten)
+        kept = variances > float(variances[0]) * floor
+        basis = torch.where(kept, directions / variances.clamp(min=1e-30).sqrt(), 0.0) / math.sqrt(self.whiten)
         self.white_mean.copy_(mean.float())
         self.white_basis.copy_(basis.float())
         self.white_fitted.fill_(True)
@@ -714,6 +715,7 @@ class PolicyModel(nn.Module):
         continuations: Sequence[Sequence[int]],
         owner: Sequence[int],
         entropy_rows: Sequence[bool] | None = None,
+        logprobs: bool = True,
     ) -> Continuations:
         """Log-probability of each token of each continuation given its prompt, in two passes.
 
@@ -726,6 +728,8 @@ class PolicyModel(nn.Module):
             continuations: ``R`` non-empty token-id lists.
             owner: ``R`` prompt indices.
             entropy_rows: rows whose next-token entropies are wanted (``None``: none).
+            logprobs: ``False`` skips the projection to the vocabulary (the log-probs are then zeros):
+                for callers that want only the hidden states, such as Q heads.
         """
         if len(continuations) != len(owner):
             raise ValueError(f"{len(continuations)} continuations but {len(owner)} owners")
@@ -734,10 +738,11 @@ class PolicyModel(nn.Module):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise RLlamaError("every prompt must hold at least one token")
         if self._top_cache_usable():
-            return self._continuation_logprobs(prompts, continuations, owner, entropy_rows, top_cached=True)
+            return self._continuation_logprobs(prompts, continuations, owner, entropy_rows, top_cached=True,
+                                               logprobs=logprobs)
         groups = length_groups([len(p) for p in prompts], _common_prefix_length(prompts) if len(prompts) > 1 else 0)
         if len(groups) == 1:
-            return self._continuation_logprobs(prompts, continuations, owner, entropy_rows)
+            return self._continuation_logprobs(prompts, continuations, owner, entropy_rows, logprobs=logprobs)
         # Prompts of very different lengths run in groups of similar length: left padding costs
         # every adapted block the padded positions, and one group per length wastes little.
         rows_of: list[list[int]] = [[] for _ in prompts]
@@ -749,12 +754,13 @@ class PolicyModel(nn.Module):
             rows = [r for b in g for r in rows_of[b]]
             parts.append(self._continuation_logprobs(
                 [prompts[b] for b in g], [continuations[r] for r in rows], [local[owner[r]] for r in rows],
-                None if entropy_rows is None else [entropy_rows[r] for r in rows]))
+                None if entropy_rows is None else [entropy_rows[r] for r in rows], logprobs=logprobs))
             order_b += g
             order_r += rows
         return _merge_continuations(parts, order_b, order_r, self.device)
 
-    def _continuation_logprobs(self, prompts, continuations, owner, entropy_rows, top_cached=False) -> Continuations:
+    def _continuation_logprobs(self, prompts, continuations, owner, entropy_rows, top_cached=False,
+                               logprobs=True) -> Continuations:
         """:meth:`continuation_logprobs` of one batch of prompts (left-padded to the longest), or, with
         ``top_cached``, of hidden states from the prefix cache's top tree."""
         R, Lc = len(continuations), max(len(c) for c in continuations)
@@ -774,12 +780,18 @@ class PolicyModel(nn.Module):
             cmask[r, : len(c)] = 1
         cont, cmask = cont.to(self.device), cmask.to(self.device)
 
+        # The state after reading a continuation's text: the position that predicts its last token
+        # (the end-of-turn token for candidates), so the text itself is seen in full.
+        last = cmask.sum(-1) - 1
+        action_hidden = hidden[torch.arange(R, device=self.device), last]
+        token_logprobs = torch.zeros((R, Lc), dtype=torch.float32, device=self.device)
+        if not logprobs:
+            return Continuations(prompt_hidden, token_logprobs, cmask, None, action_hidden)
         # Project only the real positions to the vocabulary: the lm head is a fifth of the model.
         rows, cols = cmask.nonzero(as_tuple=True)
         with self._autocast():
             logits = self._lm_head()(hidden[rows, cols])  # [N, V]
         logp = F.log_softmax(logits.float() / self.temperature, dim=-1)
-        token_logprobs = torch.zeros((R, Lc), dtype=torch.float32, device=self.device)
         token_logprobs = token_logprobs.index_put((rows, cols), logp.gather(-1, cont[rows, cols, None]).squeeze(-1))
         entropy = None
         if entropy_rows is not None and any(entropy_rows):
@@ -787,10 +799,6 @@ class PolicyModel(nn.Module):
             ent = torch.zeros((R, Lc), dtype=torch.float32, device=self.device)
             lp = logp[want]
             entropy = ent.index_put((rows[want], cols[want]), -(lp.exp() * lp).sum(-1))
-        # The state after reading a continuation's text: the position that predicts its last token
-        # (the end-of-turn token for candidates), so the text itself is seen in full.
-        last = cmask.sum(-1) - 1
-        action_hidden = hidden[torch.arange(R, device=self.device), last]
         return Continuations(prompt_hidden, token_logprobs, cmask, entropy, action_hidden)
 
     def _packed_continuations(self, prompts, continuations, owner: list[int], cache, pmask, plen,
@@ -914,16 +922,19 @@ class PolicyModel(nn.Module):
         candidates: Sequence[Sequence[Sequence[int]]],
         q_heads: Sequence[str] = (),
         frozen_body: bool = False,
+        scores: bool = True,
     ) -> CandidateOutputs:
         """Like :meth:`score_candidates`, plus the values of state-action heads ``q_heads``.
 
         With ``frozen_body`` the model runs without gradients (so the prefix cache serves every
-        block it holds) and only the heads keep theirs: what a head-only update needs.
+        block it holds) and only the heads keep theirs: what a head-only update needs. With
+        ``scores=False`` the candidates are not projected to the vocabulary (most of a cached
+        pass's cost) and ``logprobs`` are uniform placeholders: for Q-value targets.
         """
         flat = [c for cands in candidates for c in cands]
         owner = [b for b, cands in enumerate(candidates) for _ in cands]
         with torch.no_grad() if frozen_body else contextlib.nullcontext():
-            enc = self.continuation_logprobs(prompts, flat, owner)
+            enc = self.continuation_logprobs(prompts, flat, owner, logprobs=scores)
         sizes = [len(c) for c in candidates]
         scores = self._candidate_scores(enc) / self.temperature  # [R]
         values = self.heads["value"](enc.prompt_hidden).squeeze(-1)
@@ -939,7 +950,8 @@ class PolicyModel(nn.Module):
             chunk = candidates[start:start + batch_size]
             flat = [c for cands in chunk for c in cands]
             owner = [b for b, cands in enumerate(chunk) for _ in cands]
-            parts.append(self.continuation_logprobs(prompts[start:start + batch_size], flat, owner).action_hidden)
+            parts.append(self.continuation_logprobs(prompts[start:start + batch_size], flat, owner,
+                                                    logprobs=False).action_hidden)
         return torch.cat(parts).float()
 
     # ------------------------------------------------------------------ heads and weight snapshots
