@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     REFERENCE_RETURNS,
     REFERENCE_STYLES,
     RESULTS,
+    chunk_seed,
     plot_policy_map,
     save_figure,
     versions,
@@ -64,7 +65,7 @@ def run(algorithm: str, seed: int, args) -> dict:
     while agent.total_episodes < args.episodes:
         start = time.perf_counter()
         updates += [{k: float(v) for k, v in st.items()}
-                    for st in agent.train(envs, 16, seed=seed * 1_000_003 + chunk, progress=False)]
+                    for st in agent.train(envs, 16, seed=chunk_seed(seed, chunk, envs), progress=False)]
         train_s += time.perf_counter() - start
         chunk += 1
         if agent.total_episodes % args.map_every < 16 or agent.total_episodes >= args.episodes:

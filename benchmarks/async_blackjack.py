@@ -38,6 +38,7 @@ from common import (  # noqa: E402
     REFERENCE_RETURNS,
     REFERENCE_STYLES,
     add_common_args,
+    chunk_seed,
     load_runs,
     save_figure,
     save_partial,
@@ -98,7 +99,7 @@ def run(condition: str, seed: int, args) -> dict:
         t0 = time.perf_counter()
         chunk = 0
         while agent.total_steps < args.steps:
-            for stats in agent.train(envs, 16, seed=seed * 1_000_003 + chunk, progress=False):
+            for stats in agent.train(envs, 16, seed=chunk_seed(seed, chunk, envs), progress=False):
                 curve.append((agent.total_steps, stats["rollout/mean_return"]))
             chunk += 1
         wall = time.perf_counter() - t0

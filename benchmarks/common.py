@@ -69,6 +69,15 @@ def hit_probabilities(agent) -> list[list[float]]:
     return table
 
 
+def chunk_seed(seed: int, chunk: int, envs) -> int:
+    """The reset seed of training slice ``chunk``: a vector env seeds its sub-env ``i`` with
+    ``seed + i``, so slices ``num_envs`` apart never deal the same hand twice. (Until issue 21's
+    fix the slices were seeded ``base + chunk``: slice ``c``'s sub-env ``i`` met slice ``c + 1``'s
+    sub-env ``i - 1``, and 16 envs replayed each deal up to 16 times, about N/16 distinct deals in N
+    episodes.)"""
+    return seed * 1_000_003 + chunk * getattr(envs, "num_envs", 1)
+
+
 def train_with_evaluations(agent, envs, *, budget: int, unit: str, eval_every: int, eval_episodes: int,
                            seed: int, label: str = "") -> tuple[list[dict], list[dict]]:
     """Train until ``budget`` episodes or env steps (``unit``), evaluating greedily every ``eval_every``.
@@ -97,7 +106,7 @@ def train_with_evaluations(agent, envs, *, budget: int, unit: str, eval_every: i
     while progress() < budget:
         # Train in slices of 16 episodes so the step budget is met closely.
         n = min(16, budget - progress()) if unit == "episodes" else 16
-        for stats in agent.train(envs, n, seed=seed * 1_000_003 + chunk, progress=False):
+        for stats in agent.train(envs, n, seed=chunk_seed(seed, chunk, envs), progress=False):
             updates.append({k: float(v) for k, v in stats.items()})
         chunk += 1
         if progress() >= next_eval or progress() >= budget:

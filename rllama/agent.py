@@ -741,6 +741,10 @@ class RLlamaAgent(ABC):
         """Run ``n_episodes`` training episodes on ``env`` (single or vector env).
 
         Args:
+            seed: resets the env once at the start (a vector env seeds its sub-env ``i`` with
+                ``seed + i``); ``None`` continues from the env's state. Training in slices with
+                ``seed=base + k`` would replay the same deals in every slice of a vector env: step
+                the seed by at least ``num_envs`` per slice, or seed only the first.
             callback: called with each update's statistics; returning ``False`` stops training.
 
         Returns:
