@@ -54,6 +54,7 @@ from rllama.errors import AgentStateError, HookError, InvalidActionError, RLlama
 from rllama.loops import run_episodes
 from rllama.memory import EpisodicMemory, Retrieved, WorkingMemory
 from rllama.policy import PolicyModel, load_model
+from rllama.policy.model import POLICY_HEAD
 from rllama.policy.prefix_cache import DEFAULT_CACHE_MB
 from rllama.prompting import ChatFormat
 
@@ -172,6 +173,9 @@ class RLlamaAgent(ABC):
         if self.algorithm.acting_heads and not self.backend.provides_values:
             raise ValueError(f"algorithm {self.algorithm.name!r} acts on Q heads {list(self.algorithm.acting_heads)}, "
                              f"which {type(self.backend).__name__} does not serve; use the in-process backend")
+        if POLICY_HEAD in self.policy.heads and not self.backend.provides_values:
+            raise ValueError(f"a policy head (policy_head > 0) adds to the candidates' scores in this process; "
+                             f"{type(self.backend).__name__} cannot serve it: use the in-process backend")
         self.backend.bind(self.policy)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; expected at least 1")

@@ -18,6 +18,8 @@ CONFIGS = {
     "sac": {"batch_episodes": 2, "learning_starts": 2, "minibatch_size": 4},
     "dqn-frozen-adapter": {"batch_episodes": 2, "learning_starts": 2, "minibatch_size": 4, "target_update_interval": 3,
                            "train_adapter": False, "whiten_features": 4},  # whitening fitted before the save
+    "ppo-policy-head": {"batch_episodes": 4, "minibatch_size": 4, "policy_head": 4, "train_adapter": False,
+                        "learning_starts": 8},
 }
 
 

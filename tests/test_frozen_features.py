@@ -84,3 +84,60 @@ def test_sac_needs_its_adapter():
 
     with pytest.raises(ValueError, match="train_adapter"):
         SACConfig(train_adapter=False)
+
+
+def test_the_policy_head_adds_to_the_scores_but_not_to_the_reference(tokenizer):
+    from rllama.policy.model import POLICY_HEAD
+    from rllama.algorithms.buffers import Step
+
+    pol = PolicyModel(make_deep_lm(), tokenizer, lora_config=default_lora_config(layers=[2, 3]), precision="fp32")
+    prompts = episode_prompts()[:3]
+    cands = [candidates(i) for i in range(3)]
+    with torch.no_grad():
+        plain = pol.candidate_outputs(prompts, cands).logprobs
+    head = pol.add_head(POLICY_HEAD, whiten=8)
+    head.fit_whitening(pol.action_features(prompts, cands))
+    with torch.no_grad():
+        head.linear.weight.normal_(0, 1.0)
+        with_head = pol.candidate_outputs(prompts, cands).logprobs
+        with pol.reference():
+            reference = pol.candidate_outputs(prompts, cands).logprobs
+        bonus = torch.split(head(pol.action_features(prompts, cands)).squeeze(-1), [len(c) for c in cands])
+    for p, h, r, b in zip(plain, with_head, reference, bonus):
+        assert torch.allclose(torch.log_softmax(p + b, -1), h, atol=1e-5)  # logits: score + head
+        assert torch.allclose(p, r, atol=1e-5)  # the reference is the model alone (adapter still zero)
+    assert any(not torch.allclose(h, p, atol=1e-3) for h, p in zip(with_head, plain))
+    steps = [Step(prompt_ids=p, candidate_ids=c, action_index=1, logprob=0.0) for p, c in zip(prompts, cands)]
+    ev = pol.evaluate(steps, frozen_body=True)
+    for d, h in zip(ev.distributions, with_head):
+        assert torch.allclose(d, h, atol=1e-5)
+    pol.zero_grad(set_to_none=True)
+    torch.stack([d[1] for d in ev.distributions]).sum().backward()
+    assert head.linear.weight.grad is not None and head.linear.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in pol.named_parameters() if p.requires_grad and "lora_" in n)
+
+
+def test_on_policy_config_refuses_a_frozen_adapter_without_a_policy_head():
+    from rllama.algorithms.ppo import PPOConfig
+
+    with pytest.raises(ValueError, match="train_adapter"):
+        PPOConfig(train_adapter=False)
+    with pytest.raises(ValueError, match="policy_head"):
+        PPOConfig(policy_head=-1)
+
+
+def test_ppo_with_a_policy_head_waits_for_learning_starts_then_trains_the_heads_only(make_agent):
+    config = {"policy_head": 8, "train_adapter": False, "learning_starts": 12, "batch_episodes": 4,
+              "minibatch_size": 4, "head_learning_rate": 3e-2}
+    agent = make_agent(algorithm="ppo", algorithm_config=config)
+    lora_before = {n: p.detach().clone() for n, p in agent.policy.named_parameters() if "lora_" in n}
+    assert agent.policy.heads["value"].whiten == 8
+    stats = agent.train(ChoiceEnv(steps=2), 4, seed=0, progress=False)  # 8 steps: under learning_starts
+    assert stats == [] and not agent.policy.heads["policy"].fitted
+    stats = agent.train(ChoiceEnv(steps=2), 8, seed=1, progress=False)
+    assert stats and stats[0]["rollout/steps"] >= 12  # the first update trains on everything collected
+    assert agent.policy.heads["policy"].fitted and agent.policy.heads["value"].fitted
+    assert agent.policy.heads["policy"].linear.weight.abs().sum() > 0
+    for n, p in agent.policy.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(p, lora_before[n]), n

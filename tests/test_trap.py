@@ -84,9 +84,16 @@ TRAP_CASES = {
 }
 
 
-@pytest.mark.parametrize("algorithm", list(TRAP_CASES))
-def test_every_algorithm_escapes_the_trap(algorithm):
-    config, episodes = TRAP_CASES[algorithm]
+# A linear policy head on the frozen model's whitened features, the adapter left as it is.
+POLICY_HEAD = {"policy_head": 64, "train_adapter": False, "learning_starts": 64, "head_learning_rate": 3e-2}
+TRAP_CASES["ppo-policy-head"] = (POLICY_HEAD, 640)
+TRAP_CASES["reinforce-policy-head"] = (POLICY_HEAD, 640)
+
+
+@pytest.mark.parametrize("case", list(TRAP_CASES))
+def test_every_algorithm_escapes_the_trap(case):
+    config, episodes = TRAP_CASES[case]
+    algorithm = case.split("-")[0]
     accuracy = train_on_trap(algorithm, config, episodes)
     # Learned, and kept: at least 0.9 at two of the last three evaluations.
     assert sum(a >= 0.9 for a in accuracy[-3:]) >= 2, (algorithm, accuracy)

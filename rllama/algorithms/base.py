@@ -31,7 +31,7 @@ from rllama.algorithms.buffers import (
 )
 from rllama.distributed import current as current_data_parallel
 from rllama.errors import RLlamaError
-from rllama.policy.model import CandidateOutputs, PolicyModel, StepEvaluation
+from rllama.policy.model import POLICY_HEAD, CandidateOutputs, PolicyModel, StepEvaluation
 
 
 @dataclass
@@ -273,6 +273,16 @@ class OnPolicyConfig(AlgorithmConfig):
         ent_coef: weight of the entropy bonus.
         vf_coef: weight of the value loss (algorithms that learn a value).
         normalize_advantages: standardise advantages over the batch.
+        policy_head: ``k > 0`` adds a linear head on each candidate's features, whitened to their
+            top ``k`` principal components, to the candidate's logit (scoring mode), and the value
+            head reads the prompt's features whitened the same way; both are fitted once, at the
+            first update, from the steps collected so far (``learning_starts``). A linear policy on
+            the model's features learns state-dependent choices that the adapter alone learns slowly
+            (``docs/algorithms.md``). ``0``: off, the policy is the model's own scores.
+        train_adapter: ``False`` (with a policy head) keeps the LoRA adapter as it is: only the heads
+            learn, and every forward runs without gradients through the prefix cache.
+        learning_starts: steps collected before the first update (all of them train it: the policy
+            does not change before); with a policy head, the sample its whitening is fitted from.
     """
 
     minibatch_size: int = 16
@@ -284,9 +294,19 @@ class OnPolicyConfig(AlgorithmConfig):
     vf_coef: float = 0.5
     normalize_advantages: bool = True
     max_importance_weight: float = 2.0
+    policy_head: int = 0
+    train_adapter: bool = True
+    learning_starts: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check(self, "policy_head", isinstance(self.policy_head, int) and self.policy_head >= 0,
+               "must be 0 (off) or a number of components")
+        _check(self, "train_adapter", isinstance(self.train_adapter, bool), "must be True or False")
+        _check(self, "train_adapter", self.train_adapter or self.policy_head > 0,
+               "may be False only with a policy head (policy_head > 0): otherwise nothing but the critic would learn")
+        _check(self, "learning_starts", isinstance(self.learning_starts, int) and self.learning_starts >= 0,
+               "must be a non-negative number of steps")
         _check(self, "minibatch_size", self.minibatch_size >= 1, "must be at least 1")
         _check(self, "max_importance_weight", self.max_importance_weight >= 1, "must be at least 1")
         _check(self, "gamma", 0 <= self.gamma <= 1, "must lie in [0, 1]")
@@ -332,6 +352,32 @@ class OnPolicyAlgorithm(Algorithm):
     uses_value: ClassVar[bool] = True
 
     @torch.no_grad()
+    def __init__(self, policy: PolicyModel, config=None, seed: int | None = None) -> None:
+        config = self.resolve_config(config)
+        if config.policy_head:  # before the optimizer is built
+            policy.add_head(POLICY_HEAD, whiten=config.policy_head)
+            if policy.heads["value"].whiten != min(config.policy_head, policy.hidden_size):
+                policy.replace_head("value", whiten=config.policy_head)
+        super().__init__(policy, config, seed)
+
+    def ready(self) -> bool:
+        return super().ready() and (self.num_updates > 0 or self.buffer.num_steps >= self.config.learning_starts)
+
+    def fit_whitening(self, steps: Sequence[Step]) -> bool:
+        """Fit the policy and value heads' whitening from ``steps`` (once); returns whether it did."""
+        heads = self.policy.heads
+        if not self.config.policy_head or heads[POLICY_HEAD].fitted:
+            return False
+        scored = [s for s in steps if s.is_scored]
+        if not scored:
+            raise RLlamaError("a policy head (policy_head > 0) needs scored steps (candidate actions); "
+                              "this batch was generated")
+        prompt, action = self.policy.features([s.prompt_ids for s in scored], [s.candidate_ids for s in scored])
+        heads[POLICY_HEAD].fit_whitening(action)
+        if not heads["value"].fitted:
+            heads["value"].fit_whitening(prompt)
+        return True
+
     def reference_distributions(self, steps: Sequence[Step]) -> list[torch.Tensor]:
         """Each step's action distribution under the reference policy (adapter disabled)."""
         return self.policy.reference_distributions(steps, self.config.minibatch_size)
@@ -354,6 +400,7 @@ class OnPolicyAlgorithm(Algorithm):
         episodes = self.buffer.episodes
         recomputed = self.recompute_behaviour([s for e in episodes for s in e.steps])
         proximal, staleness = self.proximal_logprobs([s for e in episodes for s in e.steps])
+        self.fit_whitening([s for e in episodes for s in e.steps])
         batch = self.buffer.to_batch(cfg.gamma, cfg.gae_lambda, self.bootstrap_values(episodes))
         self.buffer.clear()
         advantages, returns = self.compute_targets(batch, episodes)
@@ -375,7 +422,10 @@ class OnPolicyAlgorithm(Algorithm):
             for idx in batch.minibatches(cfg.minibatch_size, self.generator, count=count):
                 rows = idx.tolist()
                 steps = [batch.steps[i] for i in rows]
-                ev = self.policy.evaluate(steps, with_values=self.uses_value)
+                if not cfg.train_adapter and not all(s.is_scored for s in steps):
+                    raise RLlamaError("train_adapter=False trains the policy head only, which needs scored steps "
+                                      "(candidate actions); generated steps need the adapter")
+                ev = self.policy.evaluate(steps, with_values=self.uses_value, frozen_body=not cfg.train_adapter)
                 tokens += tokens_of(steps)
                 new_lp, owner = ev.unit_logprobs()
                 units_per_step = torch.bincount(owner, minlength=len(steps)).float()

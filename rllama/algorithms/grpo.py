@@ -113,6 +113,8 @@ class GRPO(OnPolicyAlgorithm):
 
     def ready(self) -> bool:
         complete = self._complete_groups()
+        if self.num_updates == 0 and self.buffer.num_steps < self.config.learning_starts:
+            return False
         return sum(self._trainable(e, complete) for e in self.buffer.episodes) >= self.config.batch_episodes
 
     def update(self) -> dict[str, float]:

@@ -145,6 +145,10 @@ class ValueHead(nn.Module):
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+POLICY_HEAD = "policy"
+"""Name of the optional head whose output on a candidate's features is added to its logit (see
+``OnPolicyConfig.policy_head``)."""
+
 DEFAULT_TOP_BLOCKS = 8
 """Transformer blocks a :class:`PolicyModel` adapts by default, counted from the top (see ``docs/scaling.md``)."""
 
@@ -332,6 +336,7 @@ class PolicyModel(nn.Module):
         self._probe = None  # see _lora_probe
         self._bottom = self._make_frozen_bottom(prefix_cache, prefix_cache_mb)
         self._reference_memo: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._in_reference = False  # the policy head is part of the trained policy, not of the reference
 
     # ------------------------------------------------------------------ structure
     @staticmethod
@@ -556,9 +561,14 @@ class PolicyModel(nn.Module):
 
     @contextlib.contextmanager
     def reference(self):
-        """Context in which the model is the reference policy: the base model, adapter disabled."""
-        with self.lm.disable_adapter():
-            yield
+        """Context in which the model is the reference policy: the base model, adapter disabled (and
+        the policy head, if any, left out)."""
+        outer, self._in_reference = self._in_reference, True
+        try:
+            with self.lm.disable_adapter():
+                yield
+        finally:
+            self._in_reference = outer
 
     def _cache_arg(self, cache) -> dict:
         """The key/value cache argument under the name this transformers version takes (``cache`` from 5.x on,
@@ -900,6 +910,14 @@ class PolicyModel(nn.Module):
         text = (lengths - 1).clamp(min=1)
         return torch.where(lengths > 1, (summed - last) / text + last, summed)
 
+    def _policy_scores(self, enc: Continuations) -> torch.Tensor:
+        """The candidates' logits ``[R]``: their scores over the temperature, plus the policy head's
+        output on their features when the policy has one (:data:`POLICY_HEAD`; not in the reference)."""
+        scores = self._candidate_scores(enc) / self.temperature
+        if POLICY_HEAD in self.heads and not self._in_reference:
+            scores = scores + self.heads[POLICY_HEAD](enc.action_hidden).squeeze(-1)
+        return scores
+
     def score_candidates(
         self, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]]
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -936,23 +954,38 @@ class PolicyModel(nn.Module):
         with torch.no_grad() if frozen_body else contextlib.nullcontext():
             enc = self.continuation_logprobs(prompts, flat, owner, logprobs=scores)
         sizes = [len(c) for c in candidates]
-        scores = self._candidate_scores(enc) / self.temperature  # [R]
+        scores = self._policy_scores(enc)  # [R]
         values = self.heads["value"](enc.prompt_hidden).squeeze(-1)
         q = {name: list(torch.split(self.heads[name](enc.action_hidden).squeeze(-1), sizes)) for name in q_heads}
         return CandidateOutputs(_segment_log_softmax(scores, sizes), values, q)
 
     @torch.no_grad()
-    def action_features(self, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]],
-                        batch_size: int = 32) -> torch.Tensor:
-        """The hidden states a state-action head reads, ``[sum of K_b, H]``, in batches of prompts."""
-        parts = []
+    def features(self, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]],
+                 batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden states heads read: ``(prompt [B, H], action [sum of K_b, H])``, in batches of prompts."""
+        prompt_parts, action_parts = [], []
         for start in range(0, len(prompts), batch_size):
             chunk = candidates[start:start + batch_size]
             flat = [c for cands in chunk for c in cands]
             owner = [b for b, cands in enumerate(chunk) for _ in cands]
-            parts.append(self.continuation_logprobs(prompts[start:start + batch_size], flat, owner,
-                                                    logprobs=False).action_hidden)
-        return torch.cat(parts).float()
+            enc = self.continuation_logprobs(prompts[start:start + batch_size], flat, owner, logprobs=False)
+            prompt_parts.append(enc.prompt_hidden)
+            action_parts.append(enc.action_hidden)
+        return torch.cat(prompt_parts).float(), torch.cat(action_parts).float()
+
+    def action_features(self, prompts, candidates, batch_size: int = 32) -> torch.Tensor:
+        """The hidden states a state-action head reads, ``[sum of K_b, H]`` (see :meth:`features`)."""
+        return self.features(prompts, candidates, batch_size)[1]
+
+    def replace_head(self, name: str, whiten: int = 0) -> ValueHead:
+        """Replace head ``name`` with a fresh zero-initialised one (``whiten`` as in :class:`ValueHead`,
+        capped at the hidden size); only before training, while the head still outputs zero."""
+        head = self.heads[name]
+        if any(p.detach().abs().sum() > 0 for p in head.parameters()):
+            raise RLlamaError(f"head {name!r} has been trained; it can only be replaced before training")
+        self.heads[name] = ValueHead(self.hidden_size, head.linear.out_features,
+                                     whiten=min(int(whiten), self.hidden_size)).to(self.device)
+        return self.heads[name]
 
     # ------------------------------------------------------------------ heads and weight snapshots
     def add_head(self, name: str, out_features: int = 1, whiten: int = 0) -> ValueHead:
@@ -1055,10 +1088,12 @@ class PolicyModel(nn.Module):
             positions = positions + 1
         return replies
 
-    def evaluate(self, steps, with_values: bool = True, with_entropy: bool = True) -> StepEvaluation:
+    def evaluate(self, steps, with_values: bool = True, with_entropy: bool = True,
+                 frozen_body: bool = False) -> StepEvaluation:
         """Re-evaluate stored steps under the current parameters (with gradients if enabled).
 
-        One batched pass serves scored and generated steps alike.
+        One batched pass serves scored and generated steps alike. With ``frozen_body`` the model runs
+        without gradients (through the prefix cache) and only the heads keep theirs.
         """
         prompts = [s.prompt_ids for s in steps]
         conts, owner, ent_rows, spans = [], [], [], []
@@ -1068,8 +1103,9 @@ class PolicyModel(nn.Module):
             conts.extend(rows)
             owner.extend([i] * len(rows))
             ent_rows.extend([with_entropy and not s.is_scored] * len(rows))
-        enc = self.continuation_logprobs(prompts, conts, owner, entropy_rows=ent_rows)
-        scores = self._candidate_scores(enc) / self.temperature  # [R], meaningful for scored rows
+        with torch.no_grad() if frozen_body else contextlib.nullcontext():
+            enc = self.continuation_logprobs(prompts, conts, owner, entropy_rows=ent_rows)
+        scores = self._policy_scores(enc)  # [R], meaningful for scored rows
         dists, entropies, indices = [], [], []
         for s, (start, n) in zip(steps, spans):
             if s.is_scored:
