@@ -141,3 +141,13 @@ def test_ppo_with_a_policy_head_waits_for_learning_starts_then_trains_the_heads_
     for n, p in agent.policy.named_parameters():
         if "lora_" in n:
             assert torch.equal(p, lora_before[n]), n
+
+
+def test_a_checkpoint_with_other_heads_gets_a_clear_error(make_agent, tmp_path):
+    from rllama.errors import RLlamaError as Error
+
+    trained = make_agent(algorithm="dqn", algorithm_config={"whiten_features": 0, "train_adapter": True})
+    trained.save(tmp_path / "agent")
+    other = make_agent(algorithm="dqn")  # the default: a whitened Q head, another shape
+    with pytest.raises(Error, match="whiten_features"):
+        other.load(tmp_path / "agent")

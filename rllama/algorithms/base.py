@@ -351,7 +351,6 @@ class OnPolicyAlgorithm(Algorithm):
     config_class: ClassVar[type] = OnPolicyConfig
     uses_value: ClassVar[bool] = True
 
-    @torch.no_grad()
     def __init__(self, policy: PolicyModel, config=None, seed: int | None = None) -> None:
         config = self.resolve_config(config)
         if config.policy_head:  # before the optimizer is built
@@ -378,6 +377,7 @@ class OnPolicyAlgorithm(Algorithm):
             heads["value"].fit_whitening(prompt)
         return True
 
+    @torch.no_grad()
     def reference_distributions(self, steps: Sequence[Step]) -> list[torch.Tensor]:
         """Each step's action distribution under the reference policy (adapter disabled)."""
         return self.policy.reference_distributions(steps, self.config.minibatch_size)

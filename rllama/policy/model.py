@@ -1222,7 +1222,15 @@ class PolicyModel(nn.Module):
                 f"checkpoint {str(path)!r} does not match this adapter: missing {missing_lora[:3]}, "
                 f"unexpected {list(getattr(result, 'unexpected_keys', []))[:3]}"
             )
-        self.heads.load_state_dict(load_file(str(heads_file), device=str(self.device)), strict=True)
+        try:
+            self.heads.load_state_dict(load_file(str(heads_file), device=str(self.device)), strict=True)
+        except RuntimeError as e:
+            raise RLlamaError(
+                f"checkpoint {str(path)!r} holds heads {meta.get('heads')} that do not match this policy's "
+                f"{sorted(self.heads.keys())}: a head with whitening (DQN's whiten_features, the on-policy "
+                f"policy_head) has another shape than one without; build the agent with the algorithm config "
+                f"the checkpoint was trained with ({str(e).splitlines()[0]})"
+            ) from None
         self.score_normalization = meta.get("score_normalization", self.score_normalization)
         self.temperature = float(meta.get("temperature", self.temperature))
         return meta
