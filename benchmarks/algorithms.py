@@ -42,7 +42,7 @@ COLORS = {"ppo": "tab:blue", "a2c": "tab:purple", "reinforce": "tab:brown", "grp
           "sac": "tab:gray"}
 
 
-def name(run: dict) -> str:
+def label(run: dict) -> str:
     """A run's label: its algorithm, and the policy head if its config has one."""
     return run["algorithm"] + (" + policy head" if run.get("config", {}).get("policy_head") else "")
 
@@ -99,8 +99,8 @@ def run(algorithm: str, seed: int, args) -> dict:
 
 def summarise(runs: list[dict]) -> dict:
     table = {}
-    for algorithm in dict.fromkeys(name(r) for r in runs):
-        rs = [r for r in runs if name(r) == algorithm]
+    for algorithm in dict.fromkeys(label(r) for r in runs):
+        rs = [r for r in runs if label(r) == algorithm]
         after = np.array([r["trained"] for r in rs])
         table[algorithm] = {
             "trained_mean": float(after.mean()), "trained_min": float(after.min()), "trained_max": float(after.max()),
@@ -125,7 +125,7 @@ def plot(result: dict, path: Path) -> None:
     fig, (ax, tx, bx) = plt.subplots(1, 3, figsize=(16, 5), gridspec_kw={"width_ratios": [3, 3, 2]})
     table = result["table"]
     for algorithm in table:
-        rs = [r for r in result["runs"] if name(r) == algorithm]
+        rs = [r for r in result["runs"] if label(r) == algorithm]
         n = min(len(r["curve"]) for r in rs)
         y = np.array([[p["map_value"] for p in r["curve"][:n]] for r in rs])
         x = np.array([[p["episodes"] for p in r["curve"][:n]] for r in rs]).mean(0)
@@ -140,7 +140,7 @@ def plot(result: dict, path: Path) -> None:
                          label=f"{name} ({value:+.3f})" if axis is ax else None)
     names = list(table)
     for i, algorithm in enumerate(names):
-        rs = [r for r in result["runs"] if name(r) == algorithm]
+        rs = [r for r in result["runs"] if label(r) == algorithm]
         bx.bar(i, table[algorithm]["trained_mean"], width=0.6, color=color(algorithm), alpha=0.6)
         bx.plot([i] * len(rs), [r["trained"] for r in rs], "k.", ms=8, label="each seed" if i == 0 else None)
     bx.set_xticks(range(len(names)), names)
@@ -170,7 +170,7 @@ def plot_policies(result: dict, path: Path) -> None:
 
     maps = [("optimal", optimal_policy(), "")]
     for algorithm in result["table"]:
-        rs = sorted((r for r in result["runs"] if name(r) == algorithm), key=lambda r: r["map_value"])
+        rs = sorted((r for r in result["runs"] if label(r) == algorithm), key=lambda r: r["map_value"])
         r = rs[len(rs) // 2]
         maps.append((f"{algorithm} seed {r['seed']}", dict(zip(STATES, r["policy"])),
                      f"value {r['map_value']:+.3f}, {r['agreement']:.0%} optimal"))

@@ -1,6 +1,6 @@
 """Train an LLM agent to play Blackjack, on the embedded default model.
 
-    python examples/blackjack.py                     # DQN, 2,000 episodes: a few minutes on 2 CPU cores
+    python examples/blackjack.py                     # DQN, 3,000 episodes: about 10 minutes on 2 CPU cores
     python examples/blackjack.py --algorithm ppo     # or any registered algorithm (PPO: hours to leave always-stick)
     python examples/blackjack.py --episodes 400 --eval-episodes 200   # a quick look
 
@@ -29,7 +29,7 @@ __all__ = ["BlackjackAgent"]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithm", default="dqn", help="a registered algorithm (default: dqn)")
-    parser.add_argument("--episodes", type=int, default=2000, help="training episodes (default: 2000)")
+    parser.add_argument("--episodes", type=int, default=3000, help="training episodes (default: 3000)")
     parser.add_argument("--eval-episodes", type=int, default=1000,
                         help="fixed evaluation deals before and after (default: 1000)")
     parser.add_argument("--envs", type=int, default=16, help="parallel environments (vector env)")
