@@ -87,8 +87,8 @@ def test_sac_needs_its_adapter():
 
 
 def test_the_policy_head_adds_to_the_scores_but_not_to_the_reference(tokenizer):
-    from rllama.policy.model import POLICY_HEAD
     from rllama.algorithms.buffers import Step
+    from rllama.policy.model import POLICY_HEAD
 
     pol = PolicyModel(make_deep_lm(), tokenizer, lora_config=default_lora_config(layers=[2, 3]), precision="fp32")
     prompts = episode_prompts()[:3]
