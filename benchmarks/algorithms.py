@@ -48,7 +48,7 @@ def label(run: dict) -> str:
 
 
 def color(label: str) -> str:
-    return COLORS.get(label.split(" ")[0], "black") if "policy head" not in label else "navy"
+    return COLORS.get(label.split(" ")[0], "black")
 
 
 def _map_point(agent, t_train: float) -> dict:
@@ -143,7 +143,7 @@ def plot(result: dict, path: Path) -> None:
         rs = [r for r in result["runs"] if label(r) == algorithm]
         bx.bar(i, table[algorithm]["trained_mean"], width=0.6, color=color(algorithm), alpha=0.6)
         bx.plot([i] * len(rs), [r["trained"] for r in rs], "k.", ms=8, label="each seed" if i == 0 else None)
-    bx.set_xticks(range(len(names)), names)
+    bx.set_xticks(range(len(names)), [n.replace(" + policy head", "\n+ head") for n in names], fontsize=8)
     bx.set_ylabel(f"greedy mean return, {result['config']['eval_episodes']} fixed deals")
     bx.set_title("after training")
     bx.legend(fontsize=8, loc="lower right")
