@@ -1,8 +1,10 @@
 """Deep Q-learning over candidate actions (Double DQN, Huber loss, replay, target network).
 
 ``Q(s, a)`` is a linear head on the hidden state of the prompt followed by the action's text, so
-actions are compared by what they say. The target network is a snapshot of the LoRA adapter and
-the Q head (the base model is shared). For a transition ``(s, a, r, s')``:
+actions are compared by what they say. By default the head reads that state whitened and learns
+alone, the adapter frozen (``train_adapter=False``, ``whiten_features=64``; see
+``docs/algorithms/dqn.md``). The target network is a snapshot of the Q head (and of the LoRA
+adapter when it trains; the base model is shared). For a transition ``(s, a, r, s')``:
 
     y = r + gamma * Q_target(s', argmax_a' Q(s', a'))      (0 after the last step)
     L = Huber(Q(s, a) - y)
