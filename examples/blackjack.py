@@ -1,6 +1,6 @@
 """Train an LLM agent to play Blackjack, on the embedded default model.
 
-    python examples/blackjack.py                     # DQN, 3,000 episodes: about 10 minutes on 2 CPU cores
+    python examples/blackjack.py                     # DQN, 3,000 episodes: about 7 minutes on 2 CPU cores
     python examples/blackjack.py --algorithm ppo     # or any registered algorithm (PPO: hours to leave always-stick)
     python examples/blackjack.py --episodes 400 --eval-episodes 200   # a quick look
 
