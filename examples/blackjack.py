@@ -1,7 +1,7 @@
 """Train an LLM agent to play Blackjack, on the embedded default model.
 
     python examples/blackjack.py                     # DQN, 3,000 episodes: about 7 minutes on 2 CPU cores
-    python examples/blackjack.py --algorithm ppo     # or any registered algorithm (PPO: hours to leave always-stick)
+    python examples/blackjack.py --algorithm ppo     # any registered algorithm (PPO alone: still always-stick at 1,600)
     python examples/blackjack.py --episodes 400 --eval-episodes 200   # a quick look
 
 The default, DQN, trains a Q head on the model's own (whitened) features, with the LoRA adapter
