@@ -43,35 +43,22 @@ def features(model):
     from rllama.agents.blackjack import STATES
 
     agent = BlackjackAgent(model, algorithm="dqn", seed=0, precision="fp32")
-    prompts, candidates = [], []
-    for state in STATES:
-        messages = [{"role": "system", "content": agent.get_system_prompt()},
-                    {"role": "user", "content": agent.format_observation(state)}]
-        prompts.append(agent.chat.prompt_ids(messages))
-        candidates.append([agent.chat.reply_ids(c) for c in agent.get_valid_actions(state)])
-    action, prompt, prior = [], [], []
+    prompts, candidates = agent.state_prompts()
+    prior = []
     with torch.no_grad():
-        for start in range(0, len(STATES), 40):
-            out = agent.policy.candidate_outputs(prompts[start:start + 40], candidates[start:start + 40])
-            prior += out.logprobs
-            flat = [c for cands in candidates[start:start + 40] for c in cands]
-            owner = [b for b, cands in enumerate(candidates[start:start + 40]) for _ in cands]
-            enc = agent.policy.continuation_logprobs(prompts[start:start + 40], flat, owner, logprobs=False)
-            action.append(enc.action_hidden.reshape(-1, 2, enc.action_hidden.shape[-1]))
-            prompt.append(enc.prompt_hidden)
+        for start in range(0, len(prompts), 32):  # in chunks, as policy_map
+            prior += agent.policy.candidate_outputs(prompts[start:start + 32], candidates[start:start + 32]).logprobs
+    prompt, action = agent.policy.features(prompts, candidates)
+    action = action.reshape(len(STATES), -1, action.shape[-1])
     norm = lambda x: torch.nn.functional.layer_norm(x.double(), (x.shape[-1],)) / math.sqrt(x.shape[-1])  # noqa: E731
-    return norm(torch.cat(action)), norm(torch.cat(prompt)), torch.stack(prior).double()
+    return norm(action), norm(prompt), torch.stack(prior).double()
 
 
 def whitening(x, k: int):
-    """``(mean, basis)`` as ``ValueHead.fit_whitening`` computes them, from rows ``x``."""
-    import torch
+    """``(mean, basis)`` as ``ValueHead.fit_whitening`` computes them, from rows ``x`` (in their dtype)."""
+    from rllama.policy.model import pca_whitening
 
-    mean = x.mean(0)
-    variances, directions = torch.linalg.eigh((x - mean).T @ (x - mean) / len(x))
-    variances, directions = variances.flip(0)[:k], directions.flip(1)[:, :k]
-    kept = variances > variances[0] * 1e-7
-    return mean, torch.where(kept, directions / variances.clamp(min=1e-30).sqrt(), 0.0) / math.sqrt(k)
+    return pca_whitening(x, k)
 
 
 def probes(action, prompt) -> dict:

@@ -57,6 +57,15 @@ class BlackjackAgent(RLlamaAgent):
             return 0
         raise ValueError(f"no 'hit' or 'stick' in {response!r}")
 
+    def state_prompts(self) -> tuple[list[list[int]], list[list[list[int]]]]:
+        """The prompt ids of every state in :data:`STATES` at an episode's first step, and its
+        candidates' ids (as the agent renders them when acting)."""
+        prompts = [self.chat.prompt_ids([{"role": "system", "content": self.get_system_prompt()},
+                                         {"role": "user", "content": self.format_observation(state)}])
+                   for state in STATES]
+        candidates = [[self.chat.reply_ids(c) for c in self.get_valid_actions(state)] for state in STATES]
+        return prompts, candidates
+
     def policy_map(self) -> dict[tuple[int, int, bool], int]:
         """The greedy action (0 stick, 1 hit) in every state of :data:`STATES`, at an episode's first step.
 
@@ -65,12 +74,7 @@ class BlackjackAgent(RLlamaAgent):
         """
         import torch
 
-        prompts, candidates = [], []
-        for state in STATES:
-            messages = [{"role": "system", "content": self.get_system_prompt()},
-                        {"role": "user", "content": self.format_observation(state)}]
-            prompts.append(self.chat.prompt_ids(messages))
-            candidates.append([self.chat.reply_ids(c) for c in self.get_valid_actions(state)])
+        prompts, candidates = self.state_prompts()
         choices = []
         for start in range(0, len(STATES), 32):  # in chunks: one batch of 280 prompts peaks at gigabytes
             with torch.no_grad():

@@ -398,9 +398,13 @@ class OnPolicyAlgorithm(Algorithm):
         cfg = self.config
         timer = Timer()
         episodes = self.buffer.episodes
-        recomputed = self.recompute_behaviour([s for e in episodes for s in e.steps])
-        proximal, staleness = self.proximal_logprobs([s for e in episodes for s in e.steps])
-        self.fit_whitening([s for e in episodes for s in e.steps])
+        all_steps = [s for e in episodes for s in e.steps]
+        if not cfg.train_adapter and not all(s.is_scored for s in all_steps):
+            raise RLlamaError("train_adapter=False trains the policy head only, which needs scored steps "
+                              "(candidate actions); generated steps need the adapter")
+        recomputed = self.recompute_behaviour(all_steps)
+        proximal, staleness = self.proximal_logprobs(all_steps)
+        self.fit_whitening(all_steps)
         batch = self.buffer.to_batch(cfg.gamma, cfg.gae_lambda, self.bootstrap_values(episodes))
         self.buffer.clear()
         advantages, returns = self.compute_targets(batch, episodes)
@@ -422,9 +426,6 @@ class OnPolicyAlgorithm(Algorithm):
             for idx in batch.minibatches(cfg.minibatch_size, self.generator, count=count):
                 rows = idx.tolist()
                 steps = [batch.steps[i] for i in rows]
-                if not cfg.train_adapter and not all(s.is_scored for s in steps):
-                    raise RLlamaError("train_adapter=False trains the policy head only, which needs scored steps "
-                                      "(candidate actions); generated steps need the adapter")
                 ev = self.policy.evaluate(steps, with_values=self.uses_value, frozen_body=not cfg.train_adapter)
                 tokens += tokens_of(steps)
                 new_lp, owner = ev.unit_logprobs()
@@ -630,9 +631,9 @@ class OffPolicyAlgorithm(Algorithm):
                                              frozen_body=not self.config.train_adapter, scores=scores)
 
     def fit_whitening(self, max_transitions: int = 4096) -> bool:
-        """Fit the whitening of Q heads that have none yet, from the states of the most recent
-        ``max_transitions`` transitions in the replay buffer (every candidate of each); returns
-        whether it fitted any."""
+        """Fit the whitening of Q heads that have none yet, from the states of up to
+        ``max_transitions`` transitions in the replay buffer (every candidate of each; it runs at the
+        first update, before the ring buffer wraps); returns whether it fitted any."""
         heads = [self.policy.heads[name] for name in self.q_heads if not self.policy.heads[name].fitted]
         if not heads:
             return False

@@ -63,6 +63,18 @@ def candidate_score(token_logprobs: Sequence[float], normalization: str) -> floa
     return sum(lps[:-1]) / (len(lps) - 1) + lps[-1]
 
 
+def pca_whitening(x: torch.Tensor, k: int, floor: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean [H], basis [H, k])`` such that ``(x - mean) @ basis`` holds the top ``k`` principal
+    components of the rows of ``x``, each at variance ``1/k``; directions with less than ``floor``
+    times the largest variance get a zero column. Computed in ``x``'s dtype (see
+    :meth:`ValueHead.fit_whitening`)."""
+    mean = x.mean(0)
+    variances, directions = torch.linalg.eigh((x - mean).T @ (x - mean) / len(x))
+    variances, directions = variances.flip(0)[:k], directions.flip(1)[:, :k]
+    kept = variances > float(variances[0]) * floor
+    return mean, torch.where(kept, directions / variances.clamp(min=1e-30).sqrt(), 0.0) / math.sqrt(k)
+
+
 class ValueHead(nn.Module):
     """Scalar head on a hidden state, computed in float32.
 
@@ -124,11 +136,7 @@ class ValueHead(nn.Module):
         x = self._normalised(hidden).double()
         if not torch.isfinite(x).all():
             raise RLlamaError("fit_whitening got non-finite hidden states")
-        mean = x.mean(0)
-        variances, directions = torch.linalg.eigh((x - mean).T @ (x - mean) / len(x))
-        variances, directions = variances.flip(0)[: self.whiten], directions.flip(1)[:, : self.whiten]
-        kept = variances > float(variances[0]) * floor
-        basis = torch.where(kept, directions / variances.clamp(min=1e-30).sqrt(), 0.0) / math.sqrt(self.whiten)
+        mean, basis = pca_whitening(x, self.whiten, floor)
         self.white_mean.copy_(mean.float())
         self.white_basis.copy_(basis.float())
         self.white_fitted.fill_(True)
