@@ -113,7 +113,8 @@ def main() -> None:
     parser.add_argument("--envs", type=int, default=16)
     parser.add_argument("--model", default=None)
     parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--config", default="", help="PPO config overrides as JSON")
+    parser.add_argument("--config", default='{"policy_head": 0}',
+                        help="PPO config overrides as JSON (default: the adapter alone, as measured here)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--lora-layers", choices=["default", "all"], default="default",
                         help="'default': the library's (top 8 blocks, prefix cache); 'all': every block, no cache")

@@ -40,7 +40,7 @@ def run(condition: str, seed: int, args) -> dict:
 
     t0 = time.perf_counter()
     memory = None if condition == "no memory" else make_memory()
-    config = {"learning_rate": args.lr, "epochs": args.epochs}
+    config = {"policy_head": 0, "learning_rate": args.lr, "epochs": args.epochs}  # the adapter learns
     agent = RoomsAgent(args.model, seed=seed, memory=memory, precision=args.precision, algorithm_config=config)
     env = RoomsEnv(n_rooms=args.rooms, world_seed=seed)
     before = success_per_room(agent, env)

@@ -111,7 +111,7 @@ def part(args) -> dict:
            "rllama_imported_from": str(Path(rllama.__file__).parent)}
     # The update measured is one pass over 16 episodes in minibatches of 16 (the committed figures' setting).
     agent = make_agent(args.layout, args.precision,
-                       algorithm_config={"batch_episodes": 16, "minibatch_size": 16, "epochs": 1})
+                       algorithm_config={"policy_head": 0, "batch_episodes": 16, "minibatch_size": 16, "epochs": 1})
     out["prefix_cache"] = getattr(agent.policy, "prefix_cache_active", False)
     out["adapted_blocks"] = sorted({int(n.split("layers.")[1].split(".")[0])
                                     for n, _ in agent.policy.named_parameters() if "lora_" in n})
@@ -163,7 +163,8 @@ def textworld_part(args) -> dict:
 
         kwargs["lora_config"] = default_lora_config(layers=range(26, 30))
     agent = TextWorldAgent(None, seed=0, precision=args.precision,
-                           algorithm_config={"batch_episodes": 4, "minibatch_size": 4, "epochs": 1}, **kwargs)
+                           algorithm_config={"policy_head": 0, "batch_episodes": 4, "minibatch_size": 4, "epochs": 1},
+                           **kwargs)
     envs = make_env(TRAIN_SEEDS[:8], max_episode_steps=args.textworld_steps, num_envs=4)
     t0 = time.perf_counter()
     history = agent.train(envs, 4, seed=0, progress=False)

@@ -107,7 +107,7 @@ def make_agent(seed: int, args):
         depth = AutoConfig.from_pretrained(resolve_model_path(args.model)).num_hidden_layers
         lora = default_lora_config(layers=range(max(0, depth - args.lora_top_layers), depth))
     return TextWorldAgent(args.model, seed=seed, precision=args.precision, lora_config=lora,
-                          algorithm_config={"batch_episodes": args.envs, "learning_rate": args.lr,
+                          algorithm_config={"policy_head": 0, "batch_episodes": args.envs, "learning_rate": args.lr,
                                             "minibatch_size": args.minibatch_size, "epochs": args.epochs,
                                             "ent_coef": args.ent_coef})
 

@@ -244,7 +244,7 @@ def part_update(args) -> dict:
 
     baseline = current_rss_mb()  # the interpreter with torch, transformers and peft loaded
     agent = make_agent(args.model_name, "scoring", args.precision, args.new_tokens,
-                       algorithm_config={"batch_episodes": 16, "minibatch_size": 16, "epochs": 1})
+                       algorithm_config={"policy_head": 0, "batch_episodes": 16, "minibatch_size": 16, "epochs": 1})
     envs = gym.make_vec("Blackjack-v1", num_envs=16, vectorization_mode="sync", sab=True)
     history = agent.train(envs, 16, seed=0, progress=False)  # warm-up update: first shapes, optimizer state
     assert len(history) == 1
@@ -316,7 +316,7 @@ def dp_worker(args) -> None:
 
     torch.set_num_threads(1)
     agent = make_agent(args.model_name, "scoring", args.precision, args.new_tokens,
-                       algorithm_config={"batch_episodes": 16, "minibatch_size": 16, "epochs": 1})
+                       algorithm_config={"policy_head": 0, "batch_episodes": 16, "minibatch_size": 16, "epochs": 1})
     rank = agent.data_parallel.rank if agent.data_parallel else 0
     envs = gym.make_vec("Blackjack-v1", num_envs=16, vectorization_mode="sync", sab=True)
     agent.train(envs, 16, seed=0, progress=False)  # warm-up

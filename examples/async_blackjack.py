@@ -31,7 +31,9 @@ from rllama.async_rl import AsyncTrainer
 
 
 def make_agent(seed: int, model: str | None = None) -> BlackjackAgent:
-    return BlackjackAgent(model, seed=seed, algorithm="ppo", algorithm_config={"batch_episodes": 16})
+    # policy_head=0: the adapter trains (the measured setting below; a policy head is PPO's default for
+    # a scoring agent and also works with workers).
+    return BlackjackAgent(model, seed=seed, algorithm="ppo", algorithm_config={"batch_episodes": 16, "policy_head": 0})
 
 
 def make_env(num_envs: int = 8):

@@ -48,7 +48,7 @@ def main() -> None:
 
     from examples.blackjack import BlackjackAgent
 
-    agent = BlackjackAgent(algorithm="top_half_pg", seed=0)
+    agent = BlackjackAgent(algorithm="top_half_pg", algorithm_config={"policy_head": 0}, seed=0)  # the adapter trains
     envs = gym.make_vec("Blackjack-v1", num_envs=8, vectorization_mode="sync", sab=True)
     history = agent.train(envs, 64)
     print("updates:", len(history), "last stats:", {k: round(v, 3) for k, v in history[-1].items()})

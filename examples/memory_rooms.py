@@ -123,7 +123,8 @@ def main() -> None:
     args = parser.parse_args()
 
     env = RoomsEnv(world_seed=args.seed)
-    agent = RoomsAgent(args.model, seed=args.seed, memory=None if args.no_memory else make_memory())
+    agent = RoomsAgent(args.model, seed=args.seed, memory=None if args.no_memory else make_memory(),
+                       algorithm_config={"policy_head": 0})  # the adapter learns, as benchmarks/memory_ablation.py
     print(f"untrained: {np.mean(success_per_room(agent, env)):.2f} of rooms solved")
     envs = gym.vector.SyncVectorEnv([lambda: RoomsEnv(world_seed=args.seed) for _ in range(args.envs)])
     agent.train(envs, args.episodes, seed=args.seed)

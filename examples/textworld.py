@@ -104,8 +104,10 @@ def main() -> None:
     args = parser.parse_args()
 
     t0 = time.perf_counter()
+    # policy_head=0: the adapter trains in both modes, as benchmarks/textworld_heldout.py measures it
+    # (the policy head, PPO's default for scoring agents, is unmeasured on TextWorld).
     agent = TextWorldAgent(args.model, seed=args.seed, generate=args.generate,
-                           algorithm_config={"batch_episodes": args.envs})
+                           algorithm_config={"batch_episodes": args.envs, "policy_head": 0})
     held_out = make_env(HELD_OUT_SEEDS)
     before = play_each_game(agent, held_out)
     print(f"untrained on {len(HELD_OUT_SEEDS)} held-out games: success {before['success']:.2f}, "

@@ -91,7 +91,11 @@ class RLlamaAgent(ABC):
         tokenizer: the tokenizer of a model object; loaded with the model otherwise.
         device: ``"cpu"``, ``"cuda"``, ...; defaults to the model's device.
         algorithm: a registered name (``"ppo"``), an Algorithm subclass or instance.
-        algorithm_config: the algorithm's config dataclass or a dict of its fields.
+        algorithm_config: the algorithm's config dataclass or a dict of its fields. Its ``"auto"``
+            values are decided for this agent: an agent that scores candidate actions (it overrides
+            ``get_valid_actions`` or sets ``action_names``: :meth:`scores_actions`) gets the
+            on-policy algorithms' policy head on the model's features, one that generates does not
+            (:meth:`rllama.algorithms.OnPolicyConfig.resolved`).
         lora_config: a ``peft.LoraConfig`` (default: rank 16 on every linear layer of the top 8
             transformer blocks of Llama-family models, of every block of others;
             ``default_lora_config(layers="all")`` adapts every block).
@@ -168,8 +172,11 @@ class RLlamaAgent(ABC):
             self.policy.set_adapter(adapter)  # before the optimizer collects the trainable parameters
         # Launched as several processes (torchrun / accelerate launch): train data-parallel.
         self.data_parallel = distributed.setup()
-        self.algorithm = make_algorithm(algorithm, self.policy, algorithm_config, seed=seed)
         self.backend = make_backend(backend)
+        # "auto" config values (an on-policy policy head) depend on whether this agent scores
+        # candidates in this process (AlgorithmConfig.resolved).
+        scoring = self.backend.provides_values and self.scores_actions()
+        self.algorithm = make_algorithm(algorithm, self.policy, algorithm_config, seed=seed, scoring=scoring)
         if self.algorithm.acting_heads and not self.backend.provides_values:
             raise ValueError(f"algorithm {self.algorithm.name!r} acts on Q heads {list(self.algorithm.acting_heads)}, "
                              f"which {type(self.backend).__name__} does not serve; use the in-process backend")
@@ -238,6 +245,14 @@ class RLlamaAgent(ABC):
         The default returns ``action_names`` when the subclass sets it, else ``None``.
         """
         return list(self.action_names) if self.action_names else None
+
+    def scores_actions(self) -> bool:
+        """Whether this agent picks its actions among candidates rather than generating them. Asked
+        once, while the agent is built, to decide the algorithm config's ``"auto"`` values (an
+        on-policy policy head is for scoring agents). The default: ``action_names`` is set or
+        ``get_valid_actions`` is overridden; override this where it depends on the agent's settings
+        (``TextWorldAgent(generate=True)`` generates)."""
+        return bool(self.action_names) or type(self).get_valid_actions is not RLlamaAgent.get_valid_actions
 
     def fallback_action(self, observation, response: str):
         """Action used in generate mode when ``extract_action`` fails on the model's reply.

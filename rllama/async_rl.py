@@ -48,8 +48,11 @@ from rllama.errors import RLlamaError
 
 
 def trainable_state(policy) -> dict[str, torch.Tensor]:
-    """The adapter's and heads' weights (what the learner trains), on the CPU: what workers need."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in policy.named_parameters() if p.requires_grad}
+    """The adapter's and heads' weights (what the learner trains) and the heads' buffers (a fitted
+    whitening), on the CPU: what workers need."""
+    state = {name: p.detach().to("cpu", copy=True) for name, p in policy.named_parameters() if p.requires_grad}
+    state.update({f"heads.{name}": b.detach().to("cpu", copy=True) for name, b in policy.heads.named_buffers()})
+    return state
 
 
 def checksum(state: dict[str, torch.Tensor]) -> float:
@@ -59,7 +62,7 @@ def checksum(state: dict[str, torch.Tensor]) -> float:
 
 @torch.no_grad()
 def load_trainable_state(policy, state: dict[str, torch.Tensor]) -> None:
-    params = dict(policy.named_parameters())
+    params = {**dict(policy.named_parameters()), **{f"heads.{n}": b for n, b in policy.heads.named_buffers()}}
     missing = [name for name in state if name not in params]
     if missing:
         raise RLlamaError(f"published weights name parameters this policy lacks: {missing[:3]}")

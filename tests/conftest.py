@@ -105,6 +105,9 @@ class ChoiceAgent(RLlamaAgent):
         self.calls.append(("get_valid_actions", observation))
         return list(self.candidates) if self.candidates else None
 
+    def scores_actions(self):
+        return bool(self.candidates)
+
     def extract_action(self, response):
         self.calls.append(("extract_action", response))
         if "right" in response:
@@ -159,7 +162,8 @@ def tiny_run_config(tmp_path, model_dir, **overrides):
     values = dict(model=str(model_dir), agent="tests.conftest:ChoiceAgent", env="tests.conftest:ChoiceEnv",
                   env_kwargs={"steps": 2}, num_envs=2, episodes=16, segment_episodes=4, eval_every=8, eval_episodes=4,
                   checkpoint_every=4, precision="fp32", algorithm="ppo",
-                  algorithm_config={"batch_episodes": 4, "minibatch_size": 4}, loggers=["jsonl"], progress=False,
+                  algorithm_config={"batch_episodes": 4, "minibatch_size": 4, "learning_starts": 8},
+                  loggers=["jsonl"], progress=False,
                   output_dir=str(tmp_path / "runs"), name="run", threads=1)
     values.update(overrides)
     return RunConfig(**values)

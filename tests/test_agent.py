@@ -62,7 +62,7 @@ def test_default_format_without_chat_template(make_agent):
 
 
 def test_terminate_returns_empty_dict_until_batch_full_then_stats(make_agent):
-    agent = make_agent(algorithm_config={"batch_episodes": 3, "minibatch_size": 4})
+    agent = make_agent(algorithm_config={"batch_episodes": 3, "minibatch_size": 4, "policy_head": 0})
     for k in range(3):
         agent.act(k)
         agent.assign_reward(1.0)
@@ -117,7 +117,7 @@ def test_same_seed_same_actions_and_updates(make_agent):
 
 
 def test_train_and_evaluate_on_a_single_env(make_agent):
-    agent = make_agent(algorithm_config={"batch_episodes": 4, "minibatch_size": 4})
+    agent = make_agent(algorithm_config={"batch_episodes": 4, "minibatch_size": 4, "policy_head": 0})
     history = agent.train(ChoiceEnv(steps=2), 8, seed=0, progress=False)
     assert len(history) == 2
     result = agent.evaluate(ChoiceEnv(steps=2), 5, seed=0)
@@ -132,7 +132,7 @@ def test_train_and_evaluate_on_a_vector_env(make_agent, mode):
 
     autoreset = {"next_step": AutoresetMode.NEXT_STEP, "same_step": AutoresetMode.SAME_STEP}[mode]
     envs = gym.vector.SyncVectorEnv([lambda: ChoiceEnv(steps=2) for _ in range(3)], autoreset_mode=autoreset)
-    agent = make_agent(algorithm_config={"batch_episodes": 4, "minibatch_size": 8})
+    agent = make_agent(algorithm_config={"batch_episodes": 4, "minibatch_size": 8, "policy_head": 0})
     history = agent.train(envs, 9, seed=0, progress=False)
     assert len(history) >= 1
     assert agent.total_episodes == 9

@@ -13,7 +13,9 @@ from rllama.algorithms.grpo import group_advantages
 from tests.conftest import ChoiceEnv, right_probability
 
 POLICY_GRADIENT = ["ppo", "a2c", "reinforce", "grpo"]
-FAST = {"batch_episodes": 8, "minibatch_size": 8, "learning_rate": 1e-3, "kl_coef": 0.0, "ent_coef": 0.0}
+# The adapter alone (no policy head), updating from the first batch.
+FAST = {"batch_episodes": 8, "minibatch_size": 8, "learning_rate": 1e-3, "kl_coef": 0.0, "ent_coef": 0.0,
+        "policy_head": 0}
 
 
 @pytest.mark.parametrize("algorithm", POLICY_GRADIENT)
@@ -192,12 +194,20 @@ def test_dqn_greedy_action_moves_to_the_rewarded_one(make_agent, reward_right, c
     assert result["mean_return"] == 1.0  # greedy on Q picks the rewarded side every time
 
 
+SAC_CASES = {  # (config, training episodes)
+    "adapter": ({"train_adapter": True, "whiten_features": 0}, 16),
+    "frozen-whitened": ({"learning_starts": 16}, 64),  # the default: a policy head and Q heads on whitened features
+}
+
+
+@pytest.mark.parametrize("case", list(SAC_CASES))
 @pytest.mark.parametrize("reward_right", [1.0, -1.0])
-def test_sac_moves_probability_toward_the_rewarded_action(make_agent, reward_right):
-    agent = make_agent(algorithm="sac", algorithm_config=dict(OFF_POLICY))
+def test_sac_moves_probability_toward_the_rewarded_action(make_agent, reward_right, case):
+    config, episodes = SAC_CASES[case]
+    agent = make_agent(algorithm="sac", algorithm_config=dict(OFF_POLICY, **config))
     before = [right_probability(agent, o) for o in (0, 3, 5, 9)]
     alpha0 = agent.algorithm.alpha
-    history = agent.train(ChoiceEnv(reward_right=reward_right), 16, seed=0, progress=False)
+    history = agent.train(ChoiceEnv(reward_right=reward_right), episodes, seed=0, progress=False)
     assert history and "loss/critic" in history[0] and "sac/alpha" in history[0]
     after = [right_probability(agent, o) for o in (0, 3, 5, 9)]
     for b, a in zip(before, after):

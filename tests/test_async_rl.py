@@ -10,7 +10,7 @@ from tests.conftest import ChoiceAgent, ChoiceEnv, make_tiny_lm, make_tokenizer,
 
 
 def test_steps_record_the_policy_version_and_sync_training_is_never_stale(make_agent):
-    agent = make_agent(algorithm_config={"batch_episodes": 4, "minibatch_size": 4})
+    agent = make_agent(algorithm_config={"batch_episodes": 4, "minibatch_size": 4, "policy_head": 0})
     history = agent.train(ChoiceEnv(steps=2), 8, seed=0, progress=False)
     assert len(history) == 2 and not any("rollout/stale_steps" in h for h in history)
     agent.auto_update = False
@@ -48,8 +48,11 @@ def test_stale_steps_are_corrected_with_capped_importance_weights(make_agent):
 # ---------------------------------------------------------------------------------------------- on Ray
 def make_choice_agent(seed):
     torch.set_num_threads(1)
+    # PPO's default for a scoring agent: a policy head on whitened features, the adapter frozen (the
+    # workers must receive the fitted whitening with the heads); it starts with the first batch here.
     return ChoiceAgent(make_tiny_lm(seed=0), make_tokenizer(), seed=seed, precision="fp32",
-                       algorithm_config={"batch_episodes": 8, "minibatch_size": 8, "learning_rate": 2e-2})
+                       algorithm_config={"batch_episodes": 8, "minibatch_size": 8, "learning_starts": 16,
+                                         "head_learning_rate": 5e-2})
 
 
 def make_choice_env():

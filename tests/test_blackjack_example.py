@@ -17,7 +17,7 @@ from tests.conftest import make_tiny_lm
 @pytest.fixture
 def agent(tokenizer):
     return BlackjackAgent(make_tiny_lm(), tokenizer, seed=0,
-                          algorithm_config={"batch_episodes": 8, "minibatch_size": 8})
+                          algorithm_config={"batch_episodes": 8, "minibatch_size": 8, "learning_starts": 0})
 
 
 def test_observation_text(agent):

@@ -12,10 +12,13 @@ from rllama.memory import EpisodicMemory
 from tests.conftest import ChoiceEnv
 
 CONFIGS = {
-    "ppo": {"batch_episodes": 4, "minibatch_size": 4},
-    "reinforce": {"batch_episodes": 6, "minibatch_size": 4, "baseline": "mean"},  # buffer non-empty at saves
+    "ppo": {"batch_episodes": 4, "minibatch_size": 4, "policy_head": 0},  # the adapter trains
+    "reinforce": {"batch_episodes": 6, "minibatch_size": 4, "baseline": "mean",  # buffer non-empty at saves
+                  "policy_head": 0},
     "dqn": {"batch_episodes": 2, "learning_starts": 2, "minibatch_size": 4, "target_update_interval": 3},
-    "sac": {"batch_episodes": 2, "learning_starts": 2, "minibatch_size": 4},
+    "sac": {"batch_episodes": 2, "learning_starts": 2, "minibatch_size": 4},  # policy head, adapter frozen
+    "sac-adapter": {"batch_episodes": 2, "learning_starts": 2, "minibatch_size": 4, "train_adapter": True,
+                    "whiten_features": 0},
     "dqn-frozen-adapter": {"batch_episodes": 2, "learning_starts": 2, "minibatch_size": 4, "target_update_interval": 3,
                            "train_adapter": False, "whiten_features": 4},  # whitening fitted before the save
     "ppo-policy-head": {"batch_episodes": 4, "minibatch_size": 4, "policy_head": 4, "train_adapter": False,

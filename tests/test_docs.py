@@ -16,6 +16,8 @@ The convention (docs/contributing.md):
   or at most N on a page that says
   ``<!-- docs-test: max-episodes N -->`` (for pages whose episodes are long). Everything else runs
   as written.
+- The steps an on-policy policy head waits for (``OnPolicyConfig.auto_learning_starts``, 500) are
+  cut to 16 the same way.
 - A page that says ``<!-- docs-test: requires MODULE -->`` (an optional extra, such as
   ``textworld``) is skipped, with that reason, where the module is not installed.
 
@@ -167,6 +169,10 @@ def docs_environment(tiny_default_model, tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "default_model_path", lambda: tiny_default_model)
     monkeypatch.setattr(episodic, "make_embedder",
                         lambda spec: HashingEmbedder(384) if spec is None else real_make_embedder(spec))
+    # Like the episode counts (shorten), the steps a policy head waits for before its first update.
+    from rllama.algorithms import OnPolicyConfig
+
+    monkeypatch.setattr(OnPolicyConfig, "auto_learning_starts", 16)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("RLLAMA_CACHE", str(tmp_path.parent / "docs-cache"))  # TextWorld games: once per session

@@ -69,7 +69,8 @@ class CrashAfter(Callback):
 
 
 @pytest.mark.parametrize("algorithm,config", [
-    ("ppo", {"batch_episodes": 4, "minibatch_size": 4}),
+    ("ppo", {"batch_episodes": 4, "minibatch_size": 4, "learning_starts": 8}),  # a policy head, fitted mid-run
+    ("ppo", {"batch_episodes": 4, "minibatch_size": 4, "policy_head": 0}),  # the adapter trains
     ("dqn", {"batch_episodes": 2, "learning_starts": 2, "minibatch_size": 4}),
 ])
 def test_crashed_run_resumes_exactly(tmp_path, tiny_model_dir, algorithm, config):
@@ -84,6 +85,7 @@ def test_crashed_run_resumes_exactly(tmp_path, tiny_model_dir, algorithm, config
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert comparable(read_metrics(straight["run_dir"])) == comparable(read_metrics(resumed["run_dir"]))
+    assert sum(r["kind"] == "update" for r in read_metrics(straight["run_dir"])) >= 3  # it trained
     assert straight["eval/mean_return"] == resumed["eval/mean_return"]
 
 
@@ -93,7 +95,7 @@ def test_crashed_run_with_the_prefix_cache_resumes_exactly(tmp_path, tokenizer):
     model_dir = tmp_path / "deep-model"
     make_deep_lm(layers=10).save_pretrained(model_dir)  # the default LoRA adapts the top 8: 2 blocks cached
     tokenizer.save_pretrained(model_dir)
-    config = {"batch_episodes": 4, "minibatch_size": 4}
+    config = {"batch_episodes": 4, "minibatch_size": 4, "policy_head": 0}  # the adapter trains through the cache
     straight = train(tiny_config(tmp_path, model_dir, name="straight", algorithm_config=config))
     cfg = tiny_config(tmp_path, model_dir, name="crashed", algorithm_config=config)
     with pytest.raises(KeyboardInterrupt):

@@ -79,11 +79,26 @@ def test_dqn_with_a_frozen_adapter_trains_its_whitened_q_head_only(make_agent):
     assert agent.policy.heads["q"].linear.weight.abs().sum() > 0
 
 
-def test_sac_needs_its_adapter():
-    from rllama.algorithms.sac import SACConfig
+def test_sac_with_a_frozen_adapter_trains_its_policy_head_and_critics_only(make_agent):
+    from rllama.policy.model import POLICY_HEAD
 
-    with pytest.raises(ValueError, match="train_adapter"):
-        SACConfig(train_adapter=False)
+    config = {"whiten_features": 8, "learning_starts": 8, "batch_episodes": 4, "gradient_steps": 3,
+              "minibatch_size": 4, "head_learning_rate": 3e-2}
+    agent = make_agent(algorithm="sac", algorithm_config=config)  # train_adapter=False: the default
+    adapter_before = agent.policy.snapshot(heads=())
+    assert set(agent.algorithm.target) == {f"heads.{q}.linear.{w}" for q in ("q1", "q2") for w in ("weight", "bias")}
+    probe = agent.chat.prompt_ids([{"role": "user", "content": "n=0"}])
+    cands = [[agent.chat.reply_ids(c) for c in agent.candidates]]
+    with torch.no_grad():
+        before = agent.policy.candidate_outputs([probe], cands).logprobs[0]
+    stats = agent.train(ChoiceEnv(steps=2), 12, seed=0, progress=False)
+    assert stats and all(agent.policy.heads[h].fitted for h in ("q1", "q2", POLICY_HEAD))
+    assert agent.policy.heads[POLICY_HEAD].linear.weight.abs().sum() > 0  # the actor moved
+    with torch.no_grad():
+        after = agent.policy.candidate_outputs([probe], cands).logprobs[0]
+    assert not torch.allclose(before, after)
+    for name, value in agent.policy.snapshot(heads=()).items():
+        assert torch.equal(value, adapter_before[name]), name
 
 
 def test_the_policy_head_adds_to_the_scores_but_not_to_the_reference(tokenizer):
@@ -121,9 +136,53 @@ def test_on_policy_config_refuses_a_frozen_adapter_without_a_policy_head():
     from rllama.algorithms.ppo import PPOConfig
 
     with pytest.raises(ValueError, match="train_adapter"):
-        PPOConfig(train_adapter=False)
-    with pytest.raises(ValueError, match="policy_head"):
-        PPOConfig(policy_head=-1)
+        PPOConfig(train_adapter=False, policy_head=0)
+    with pytest.raises(ValueError, match="train_adapter"):  # "auto" decided as no head: same error
+        PPOConfig(train_adapter=False).resolved(scoring=False)
+    for bad in ({"policy_head": -1}, {"policy_head": True}, {"policy_head": "64"}):
+        with pytest.raises(ValueError, match="policy_head"):
+            PPOConfig(**bad)
+    with pytest.raises(ValueError, match="learning_starts"):
+        PPOConfig(learning_starts="soon")
+    with pytest.raises(ValueError, match="head_learning_rate"):
+        PPOConfig(head_learning_rate="fast")
+    from rllama.algorithms.dqn import DQNConfig
+
+    with pytest.raises(ValueError, match="head_learning_rate"):  # "auto" only where a config decides it
+        DQNConfig(head_learning_rate="auto")
+
+
+@pytest.mark.parametrize("name", ["ppo", "a2c", "reinforce", "grpo"])
+def test_auto_gives_scoring_agents_a_policy_head_and_generating_ones_the_adapter(name):
+    from rllama.algorithms import get_algorithm_class
+
+    config = get_algorithm_class(name).config_class()
+    assert config.policy_head == "auto"
+    scoring = config.resolved(scoring=True)
+    assert (scoring.policy_head, scoring.train_adapter, scoring.learning_starts, scoring.head_learning_rate) == \
+        (64, False, 500, 1e-2)
+    for mode in (False, None):  # generating, or unknown: what works in both modes
+        plain = config.resolved(scoring=mode)
+        assert (plain.policy_head, plain.train_adapter, plain.learning_starts, plain.head_learning_rate) == \
+            (0, True, 0, 1e-3)
+    mine = type(config)(policy_head=0, learning_starts=7).resolved(scoring=True)  # set values are kept
+    assert (mine.policy_head, mine.train_adapter, mine.learning_starts) == (0, True, 7)
+    both = type(config)(train_adapter=True).resolved(scoring=True)
+    assert (both.policy_head, both.train_adapter) == (64, True)
+
+
+def test_the_agent_decides_auto_by_how_it_acts(make_agent):
+    from rllama.policy.model import POLICY_HEAD
+    from tests.conftest import FreeTextAgent
+
+    scoring = make_agent(algorithm="ppo")
+    assert scoring.algorithm.config.policy_head == 64 and POLICY_HEAD in scoring.policy.heads
+    assert scoring.algorithm.config.train_adapter is False
+    generating = make_agent(FreeTextAgent, algorithm="ppo")
+    assert generating.algorithm.config.policy_head == 0 and POLICY_HEAD not in generating.policy.heads
+    assert generating.algorithm.config.train_adapter is True
+    chosen = make_agent(algorithm="ppo", algorithm_config={"policy_head": 0})
+    assert POLICY_HEAD not in chosen.policy.heads and chosen.algorithm.config.train_adapter is True
 
 
 def test_ppo_with_a_policy_head_waits_for_learning_starts_then_trains_the_heads_only(make_agent):

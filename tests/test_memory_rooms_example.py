@@ -53,7 +53,7 @@ def test_memory_recalls_only_the_same_room(tokenizer):
 def test_short_training_run_fills_memory_with_successes_only(tokenizer):
     memory = EpisodicMemory("hashing", k=1, min_similarity=0.95, write_filter=lambda e: e.episode_return > 0)
     agent = RoomsAgent(make_tiny_lm(), tokenizer, seed=0, precision="fp32", memory=memory,
-                       algorithm_config={"batch_episodes": 8, "minibatch_size": 8})
+                       algorithm_config={"batch_episodes": 8, "minibatch_size": 8, "policy_head": 0})
     envs = gym.vector.SyncVectorEnv([lambda: RoomsEnv(world_seed=0) for _ in range(4)])
     stats = agent.train(envs, 16, seed=0, progress=False)
     assert stats and all(e.episode_return == 1.0 for e in memory)

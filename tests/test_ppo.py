@@ -40,7 +40,8 @@ def test_generate_mode_update_raises_logprob_of_positive_and_lowers_negative_rep
 
 
 def test_base_weights_never_change_and_every_trainable_parameter_does(make_agent):
-    agent = make_agent(algorithm_config={"batch_episodes": 4, "minibatch_size": 4, "learning_rate": 1e-3})
+    agent = make_agent(algorithm_config={"policy_head": 0, "batch_episodes": 4, "minibatch_size": 4,
+                                         "learning_rate": 1e-3})
     before = _params(agent.policy)
     agent.train(ChoiceEnv(steps=2), 4, seed=0, progress=False)
     after = _params(agent.policy)
@@ -53,7 +54,7 @@ def test_base_weights_never_change_and_every_trainable_parameter_does(make_agent
 
 
 def test_kl_to_reference_is_zero_before_training_and_grows(make_agent):
-    agent = make_agent(algorithm_config={"batch_episodes": 4, "minibatch_size": 2, "epochs": 2,
+    agent = make_agent(algorithm_config={"policy_head": 0, "batch_episodes": 4, "minibatch_size": 2, "epochs": 2,
                                          "learning_rate": 5e-3})
     stats = agent.train(ChoiceEnv(), 4, seed=0, progress=False)[0]
     # The adapter starts as the identity (LoRA B = 0), so the first minibatch has KL 0; later ones do not.
@@ -74,7 +75,7 @@ def test_kl_to_reference_is_zero_before_training_and_grows(make_agent):
 
 
 def test_target_kl_stops_epochs_early(make_agent):
-    agent = make_agent(algorithm_config={"batch_episodes": 8, "minibatch_size": 2, "epochs": 8,
+    agent = make_agent(algorithm_config={"policy_head": 0, "batch_episodes": 8, "minibatch_size": 2, "epochs": 8,
                                          "learning_rate": 5e-2, "target_kl": 1e-4})
     stats = agent.train(ChoiceEnv(), 8, seed=0, progress=False)[0]
     assert stats["train/minibatches"] < 8 * 4

@@ -96,7 +96,8 @@ def test_custom_algorithm_example_registers_and_learns(clean_registry, make_agen
     assert "top_half_pg" in available()
     from tests.conftest import right_probability
 
-    agent = make_agent(algorithm="top_half_pg", algorithm_config={"batch_episodes": 8, "learning_rate": 1e-3})
+    agent = make_agent(algorithm="top_half_pg",
+                       algorithm_config={"batch_episodes": 8, "learning_rate": 1e-3, "policy_head": 0})
     before = right_probability(agent, 3)
     agent.train(ChoiceEnv(), 8, seed=0, progress=False)
     assert right_probability(agent, 3) > before

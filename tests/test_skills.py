@@ -115,7 +115,7 @@ def test_generate_while_learning_in_the_background(skill):
 
 
 def test_agent_trains_its_named_adapter(make_agent):
-    agent = make_agent(adapter="skill", algorithm_config={"batch_episodes": 4, "minibatch_size": 4})
+    agent = make_agent(adapter="skill", algorithm_config={"batch_episodes": 4, "minibatch_size": 4, "policy_head": 0})
     assert agent.policy.active_adapter == "skill"
     default_before = adapter_state(agent.policy, "default")
     skill_before = adapter_state(agent.policy, "skill")

@@ -26,7 +26,7 @@ def agent(tokenizer, **kw):
     from examples.textworld import TextWorldAgent
 
     return TextWorldAgent(make_tiny_lm(), tokenizer, seed=0, precision="fp32",
-                          algorithm_config={"batch_episodes": 2, "minibatch_size": 4}, **kw)
+                          algorithm_config={"batch_episodes": 2, "minibatch_size": 4, "learning_starts": 4}, **kw)
 
 
 def test_hooks(tokenizer):

@@ -29,6 +29,9 @@ class TextWorldAgent(RLlamaAgent):
             text += "\nCommands you can use: " + ", ".join(observation["admissible_commands"])
         return text
 
+    def scores_actions(self) -> bool:
+        return not self.generate
+
     def get_valid_actions(self, observation):
         if self.generate or not isinstance(observation, dict):
             return None

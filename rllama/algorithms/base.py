@@ -33,6 +33,9 @@ from rllama.distributed import current as current_data_parallel
 from rllama.errors import RLlamaError
 from rllama.policy.model import POLICY_HEAD, CandidateOutputs, PolicyModel, StepEvaluation
 
+AUTO = "auto"
+"""A config value decided when the algorithm is built for an agent (:meth:`AlgorithmConfig.resolved`)."""
+
 
 @dataclass
 class AlgorithmConfig:
@@ -52,6 +55,8 @@ class AlgorithmConfig:
     head_learning_rate: float | None = 1e-3
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
+    auto_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields that may be ``"auto"``, decided by :meth:`resolved`."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -62,10 +67,18 @@ class AlgorithmConfig:
                 raise ValueError(f"{type(self).__name__}.{f.name} is NaN")
         _check(self, "batch_episodes", self.batch_episodes >= 1, "must be at least 1")
         _check(self, "learning_rate", self.learning_rate > 0, "must be positive")
-        _check(self, "head_learning_rate", self.head_learning_rate is None or self.head_learning_rate > 0,
-               "must be positive or None")
+        rate = self.head_learning_rate
+        _check(self, "head_learning_rate",
+               rate is None or (rate == AUTO and "head_learning_rate" in self.auto_fields)
+               or (isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0),
+               "must be positive or None" + (" or 'auto'" if "head_learning_rate" in self.auto_fields else ""))
         _check(self, "max_grad_norm", self.max_grad_norm > 0, "must be positive")
         _check(self, "weight_decay", self.weight_decay >= 0, "must be non-negative")
+
+    def resolved(self, scoring: bool | None = None) -> AlgorithmConfig:
+        """A copy with every ``"auto"`` value decided for an agent that scores candidate actions
+        (``scoring=True``), generates (``False``) or is unknown (``None``); this one has none."""
+        return self
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
@@ -119,17 +132,18 @@ class Algorithm(ABC):
             self.data_parallel.broadcast_parameters(policy.trainable_parameters())
 
     @classmethod
-    def resolve_config(cls, config):
-        """``config`` as an instance of ``config_class`` (from ``None``: the defaults, or a dict of fields)."""
+    def resolve_config(cls, config, scoring: bool | None = None):
+        """``config`` as an instance of ``config_class`` (from ``None``: the defaults, or a dict of
+        fields), its ``"auto"`` values decided for ``scoring`` (:meth:`AlgorithmConfig.resolved`)."""
         if config is None:
-            return cls.config_class()
-        if isinstance(config, dict):
-            return cls.config_class.from_dict(config)
-        if not isinstance(config, cls.config_class):
+            config = cls.config_class()
+        elif isinstance(config, dict):
+            config = cls.config_class.from_dict(config)
+        elif not isinstance(config, cls.config_class):
             raise TypeError(
                 f"{cls.__name__} expects a {cls.config_class.__name__} or a dict, got {type(config).__name__}"
             )
-        return config
+        return config.resolved(scoring)
 
     def add_episode(self, episode: Episode) -> None:
         """Receive a finished episode from the agent."""
@@ -230,6 +244,12 @@ class Algorithm(ABC):
         load_optimizer_state("optimizer", self.optimizer, meta["optimizer"], tensors)
         self.buffer.episodes = [episode_from_dict(e) for e in meta["buffer"]]
 
+    def _share_whitening(self, heads) -> None:
+        """Across processes, every head gets the whitening process 0 fitted (each fits it from its own
+        steps; features must be read the same way everywhere for the averaged gradients to agree)."""
+        if self.data_parallel is not None:
+            self.data_parallel.broadcast_parameters([b for head in heads for b in head.buffers()])
+
     def _agree(self, flag: bool) -> bool:
         """``flag`` if in one process; across processes, whether any process raised it."""
         return flag if self.data_parallel is None else self.data_parallel.any(flag)
@@ -277,12 +297,18 @@ class OnPolicyConfig(AlgorithmConfig):
             top ``k`` principal components, to the candidate's logit (scoring mode), and the value
             head reads the prompt's features whitened the same way; both are fitted once, at the
             first update, from the steps collected so far (``learning_starts``). A linear policy on
-            the model's features learns state-dependent choices that the adapter alone learns slowly
-            (``docs/algorithms.md``). ``0``: off, the policy is the model's own scores.
-        train_adapter: ``False`` (with a policy head) keeps the LoRA adapter as it is: only the heads
-            learn, and every forward runs without gradients through the prefix cache.
+            the model's features learns state-dependent choices that the adapter alone does not
+            (Blackjack: ``docs/algorithms.md``). ``0``: off, the policy is the model's own scores.
+            ``"auto"`` (default): 64 for an agent that scores candidate actions, 0 for one that
+            generates (see :meth:`resolved`).
+        train_adapter: ``False`` keeps the LoRA adapter as it is: only the heads learn, and every
+            forward runs without gradients through the prefix cache (only with a policy head).
+            ``"auto"``: ``False`` with a policy head, ``True`` without.
         learning_starts: steps collected before the first update (all of them train it: the policy
             does not change before); with a policy head, the sample its whitening is fitted from.
+            ``"auto"``: 500 with a policy head, 0 without.
+        head_learning_rate: as for every algorithm; ``"auto"``: ``1e-2`` with a policy head (a
+            linear policy on unit-variance features), ``1e-3`` without (the value head alone).
     """
 
     minibatch_size: int = 16
@@ -294,19 +320,28 @@ class OnPolicyConfig(AlgorithmConfig):
     vf_coef: float = 0.5
     normalize_advantages: bool = True
     max_importance_weight: float = 2.0
-    policy_head: int = 0
-    train_adapter: bool = True
-    learning_starts: int = 0
+    auto_fields: ClassVar[tuple[str, ...]] = ("policy_head", "train_adapter", "learning_starts", "head_learning_rate")
+    # What "auto" gives a scoring agent (resolved): the policy head's components, the steps its
+    # whitening is fitted from, the heads' learning rate.
+    auto_policy_head: ClassVar[int] = 64
+    auto_learning_starts: ClassVar[int] = 500
+    auto_head_learning_rate: ClassVar[float] = 1e-2
+    policy_head: int | str = AUTO
+    train_adapter: bool | str = AUTO
+    learning_starts: int | str = AUTO
+    head_learning_rate: float | str | None = AUTO
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self, "policy_head", isinstance(self.policy_head, int) and self.policy_head >= 0,
-               "must be 0 (off) or a number of components")
-        _check(self, "train_adapter", isinstance(self.train_adapter, bool), "must be True or False")
-        _check(self, "train_adapter", self.train_adapter or self.policy_head > 0,
+        _check(self, "policy_head", self.policy_head == AUTO or _count(self.policy_head),
+               "must be 'auto', 0 (off) or a number of components")
+        _check(self, "train_adapter", self.train_adapter == AUTO or isinstance(self.train_adapter, bool),
+               "must be 'auto', True or False")
+        head_possible = self.policy_head == AUTO or self.policy_head > 0
+        _check(self, "train_adapter", self.train_adapter is not False or head_possible,
                "may be False only with a policy head (policy_head > 0): otherwise nothing but the critic would learn")
-        _check(self, "learning_starts", isinstance(self.learning_starts, int) and self.learning_starts >= 0,
-               "must be a non-negative number of steps")
+        _check(self, "learning_starts", self.learning_starts == AUTO or _count(self.learning_starts),
+               "must be 'auto' or a non-negative number of steps")
         _check(self, "minibatch_size", self.minibatch_size >= 1, "must be at least 1")
         _check(self, "max_importance_weight", self.max_importance_weight >= 1, "must be at least 1")
         _check(self, "gamma", 0 <= self.gamma <= 1, "must lie in [0, 1]")
@@ -314,6 +349,27 @@ class OnPolicyConfig(AlgorithmConfig):
         _check(self, "kl_coef", self.kl_coef >= 0, "must be non-negative")
         _check(self, "kl_direction", self.kl_direction in ("forward", "reverse"), "must be 'forward' or 'reverse'")
         _check(self, "vf_coef", self.vf_coef >= 0, "must be non-negative")
+
+    def resolved(self, scoring: bool | None = None) -> OnPolicyConfig:
+        """A copy with every ``"auto"`` field decided. ``scoring``: whether the agent scores candidate
+        actions (and its backend serves the heads); the policy head is on only then (``None``,
+        unknown: off, the setting that works in both modes). The measurements behind these values
+        are in ``docs/algorithms.md``, "Heads on the model's features"."""
+        head = self.policy_head if self.policy_head != AUTO else (self.auto_policy_head if scoring else 0)
+        starts = self.auto_learning_starts if head else 0
+        rate = self.auto_head_learning_rate if head else 1e-3
+        return dataclasses.replace(
+            self,
+            policy_head=head,
+            train_adapter=(not head) if self.train_adapter == AUTO else self.train_adapter,
+            learning_starts=starts if self.learning_starts == AUTO else self.learning_starts,
+            head_learning_rate=rate if self.head_learning_rate == AUTO else self.head_learning_rate,
+        )
+
+
+def _count(value) -> bool:
+    """Whether ``value`` is a non-negative int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass
@@ -375,6 +431,7 @@ class OnPolicyAlgorithm(Algorithm):
         heads[POLICY_HEAD].fit_whitening(action)
         if not heads["value"].fitted:
             heads["value"].fit_whitening(prompt)
+        self._share_whitening([heads[POLICY_HEAD], heads["value"]])
         return True
 
     @torch.no_grad()
@@ -401,7 +458,8 @@ class OnPolicyAlgorithm(Algorithm):
         all_steps = [s for e in episodes for s in e.steps]
         if not cfg.train_adapter and not all(s.is_scored for s in all_steps):
             raise RLlamaError("train_adapter=False trains the policy head only, which needs scored steps "
-                              "(candidate actions); generated steps need the adapter")
+                              "(candidate actions); generated steps need the adapter: set train_adapter=True "
+                              "(or policy_head=0), or have the agent's scores_actions() return False")
         recomputed = self.recompute_behaviour(all_steps)
         proximal, staleness = self.proximal_logprobs(all_steps)
         self.fit_whitening(all_steps)
@@ -631,16 +689,18 @@ class OffPolicyAlgorithm(Algorithm):
                                              frozen_body=not self.config.train_adapter, scores=scores)
 
     def fit_whitening(self, max_transitions: int = 4096) -> bool:
-        """Fit the whitening of Q heads that have none yet, from the states of up to
-        ``max_transitions`` transitions in the replay buffer (every candidate of each; it runs at the
-        first update, before the ring buffer wraps); returns whether it fitted any."""
-        heads = [self.policy.heads[name] for name in self.q_heads if not self.policy.heads[name].fitted]
+        """Fit the whitening of Q heads (and of a policy head) that have none yet, from the states of
+        up to ``max_transitions`` transitions in the replay buffer (every candidate of each; it runs
+        at the first update, before the ring buffer wraps); returns whether it fitted any."""
+        names = [*self.q_heads, *([POLICY_HEAD] if POLICY_HEAD in self.policy.heads else [])]
+        heads = [self.policy.heads[name] for name in names if not self.policy.heads[name].fitted]
         if not heads:
             return False
         steps = [t.step for t in self.replay.items[-max_transitions:]]
         hidden = self.policy.action_features([s.prompt_ids for s in steps], [s.candidate_ids for s in steps])
         for head in heads:
             head.fit_whitening(hidden)
+        self._share_whitening(heads)
         self.target = self.policy.snapshot(heads=self.q_heads, adapter=self.config.train_adapter)
         return True
 

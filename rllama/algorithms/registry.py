@@ -62,7 +62,7 @@ def get_algorithm_class(name: str) -> type:
     return _REGISTRY[key]
 
 
-def make_algorithm(algorithm, policy, config=None, seed: int | None = None):
+def make_algorithm(algorithm, policy, config=None, seed: int | None = None, scoring: bool | None = None):
     """Build an algorithm from a registered name, a class, or return an instance unchanged.
 
     Args:
@@ -70,6 +70,8 @@ def make_algorithm(algorithm, policy, config=None, seed: int | None = None):
         policy: the :class:`~rllama.policy.PolicyModel` to train.
         config: the algorithm's config dataclass, or a dict of its fields.
         seed: seeds the algorithm's own random generator (minibatch shuffling).
+        scoring: whether the agent scores candidate actions, which decides the config's ``"auto"``
+            values (:meth:`~rllama.algorithms.AlgorithmConfig.resolved`); ``None``: unknown.
     """
     from rllama.algorithms.base import Algorithm
 
@@ -80,4 +82,4 @@ def make_algorithm(algorithm, policy, config=None, seed: int | None = None):
     cls = algorithm if isinstance(algorithm, type) else get_algorithm_class(algorithm)
     if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
         raise TypeError(f"algorithm={algorithm!r}: expected a registered name, an Algorithm subclass or instance")
-    return cls(policy, config, seed=seed)
+    return cls(policy, cls.resolve_config(config, scoring), seed=seed)

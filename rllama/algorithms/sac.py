@@ -1,9 +1,12 @@
 """Soft actor-critic for discrete candidate actions (Christodoulou, 2019), on a LoRA policy.
 
 The actor is the policy itself: the softmax over the candidates' scores. Two Q heads on the hidden
-state of (prompt + action text) are the critics, with a target snapshot of the adapter and Q heads.
-The entropy temperature ``alpha`` is tuned so the policy's entropy tracks
-``target_entropy_ratio * log(K)`` for a state with ``K`` candidates.
+state of (prompt + action text) are the critics, with a target snapshot of the Q heads (and of the
+adapter when it trains). By default the adapter stays as it is (``train_adapter=False``) and the
+actor learns through a policy head, a linear function of each candidate's whitened features added
+to its logit, as the on-policy algorithms' ``policy_head`` does; with ``train_adapter=True`` the
+adapter is the actor and critics' shared body. The entropy temperature ``alpha`` is tuned so the
+policy's entropy tracks ``target_entropy_ratio * log(K)`` for a state with ``K`` candidates.
 
     y      = r + gamma * sum_a' pi(a'|s') [min_i Q_target_i(s', a') - alpha log pi(a'|s')]
     L_Q    = sum_i (Q_i(s, a) - y)^2 / 2
@@ -28,6 +31,7 @@ from rllama.algorithms.base import (
 )
 from rllama.algorithms.buffers import Transition
 from rllama.algorithms.registry import register_algorithm
+from rllama.policy.model import POLICY_HEAD
 
 
 @dataclass
@@ -38,9 +42,18 @@ class SACConfig(OffPolicyConfig):
         initial_alpha: starting entropy temperature.
         alpha_learning_rate: Adam learning rate of ``log(alpha)``.
         target_entropy_ratio: target entropy as a fraction of the uniform policy's, ``log(K)``.
-        actor_coef: weight of the actor loss against the critics' (they share the adapter).
+        actor_coef: weight of the actor loss against the critics' (they share the adapter when
+            it trains).
+
+    With ``train_adapter=False`` (the default) the Q heads and the actor's policy head read the
+    candidates' features whitened to ``whiten_features`` components, fitted at the first update.
     """
 
+    learning_starts: int = 500
+    gradient_steps: int = 16
+    minibatch_size: int = 64
+    train_adapter: bool = False
+    whiten_features: int = 64
     tau: float = 0.05
     target_update_interval: int = 1
     initial_alpha: float = 0.1
@@ -54,7 +67,6 @@ class SACConfig(OffPolicyConfig):
         _check(self, "alpha_learning_rate", self.alpha_learning_rate > 0, "must be positive")
         _check(self, "target_entropy_ratio", 0 <= self.target_entropy_ratio <= 1, "must lie in [0, 1]")
         _check(self, "actor_coef", self.actor_coef >= 0, "must be non-negative")
-        _check(self, "train_adapter", self.train_adapter, "is not supported: SAC's actor is the adapter")
 
 
 @register_algorithm("sac")
@@ -65,6 +77,9 @@ class SAC(OffPolicyAlgorithm):
     q_heads = ("q1", "q2")
 
     def __init__(self, policy, config=None, seed: int | None = None) -> None:
+        config = self.resolve_config(config)
+        if not config.train_adapter:  # the actor is a policy head; before the optimizer is built
+            policy.add_head(POLICY_HEAD, whiten=config.whiten_features)
         super().__init__(policy, config, seed)
         self.log_alpha = torch.tensor(math.log(self.config.initial_alpha), requires_grad=True)
         self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=self.config.alpha_learning_rate)
@@ -94,14 +109,15 @@ class SAC(OffPolicyAlgorithm):
         targets = rewards.clone()
         if live:
             with torch.no_grad():
-                next_pi = self.policy.candidate_outputs(next_prompts, next_candidates).logprobs
+                next_pi = self.policy.candidate_outputs(next_prompts, next_candidates,
+                                                        frozen_body=not cfg.train_adapter).logprobs
                 target = self.target_outputs(next_prompts, next_candidates)
                 soft_values = torch.stack([
                     (lp.exp() * (torch.min(q1, q2) - alpha * lp)).sum()
                     for lp, q1, q2 in zip(next_pi, target.q["q1"], target.q["q2"])
                 ]).float().cpu()
             targets[live] += cfg.gamma * soft_values
-        out = self.policy.candidate_outputs(prompts, candidates, q_heads=self.q_heads)
+        out = self.q_outputs(prompts, candidates)
         targets = targets.to(out.values.device)
 
         critic_loss = actor_loss = 0.0
