@@ -152,15 +152,15 @@ def test_on_policy_config_refuses_a_frozen_adapter_without_a_policy_head():
         DQNConfig(head_learning_rate="auto")
 
 
-@pytest.mark.parametrize("name", ["ppo", "a2c", "reinforce", "grpo"])
-def test_auto_gives_scoring_agents_a_policy_head_and_generating_ones_the_adapter(name):
+@pytest.mark.parametrize("name,head_rate", [("ppo", 1e-2), ("a2c", 3e-2), ("reinforce", 3e-2), ("grpo", 3e-2)])
+def test_auto_gives_scoring_agents_a_policy_head_and_generating_ones_the_adapter(name, head_rate):
     from rllama.algorithms import get_algorithm_class
 
     config = get_algorithm_class(name).config_class()
     assert config.policy_head == "auto"
     scoring = config.resolved(scoring=True)
     assert (scoring.policy_head, scoring.train_adapter, scoring.learning_starts, scoring.head_learning_rate) == \
-        (64, False, 500, 1e-2)
+        (64, False, 500, head_rate)
     for mode in (False, None):  # generating, or unknown: what works in both modes
         plain = config.resolved(scoring=mode)
         assert (plain.policy_head, plain.train_adapter, plain.learning_starts, plain.head_learning_rate) == \

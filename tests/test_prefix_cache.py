@@ -80,6 +80,37 @@ def test_scoring_equals_the_uncached_path_across_calls(tokenizer):
     assert stats["hit_tokens"] > stats["miss_tokens"] > 0 and stats["frozen_blocks"] == 2
 
 
+def test_remembered_scores_follow_the_adapter_and_the_temperature(tokenizer):
+    """Scores read from the memo (a frozen adapter's) equal a fresh forward, and are forgotten when the
+    adapter's weights or the temperature change."""
+    cached, plain = make_pair(tokenizer)
+    prompts = episode_prompts()[:4]
+    cands = [candidates(i) for i in range(4)]
+
+    def both():
+        with torch.no_grad():
+            return (cached.candidate_outputs(prompts, cands).logprobs,
+                    plain.candidate_outputs(prompts, cands).logprobs)
+
+    def check():
+        a, b = both()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+
+    check()
+    assert cached.prefix_cache_stats()["memo_continuations"] == sum(len(c) for c in cands)
+    check()  # from the memo
+    with torch.no_grad():
+        for pol in (cached, plain):
+            next(p for n, p in pol.named_parameters() if "lora_B" in n).add_(0.5)
+    check()  # new adapter weights: computed afresh
+    for pol in (cached, plain):
+        pol.temperature = 2.0
+    check()
+    cached.clear_prefix_cache()
+    assert cached.prefix_cache_stats()["memo_continuations"] == 0
+
+
 def steps_of(prompts, cands, scored=True):
     rng = random.Random(0)
     out = []

@@ -307,8 +307,10 @@ class OnPolicyConfig(AlgorithmConfig):
         learning_starts: steps collected before the first update (all of them train it: the policy
             does not change before); with a policy head, the sample its whitening is fitted from.
             ``"auto"``: 500 with a policy head, 0 without.
-        head_learning_rate: as for every algorithm; ``"auto"``: ``1e-2`` with a policy head (a
-            linear policy on unit-variance features), ``1e-3`` without (the value head alone).
+        head_learning_rate: as for every algorithm; ``"auto"``: with a policy head, the config's
+            ``auto_head_learning_rate`` (a linear policy on unit-variance features: PPO ``1e-2``;
+            A2C, REINFORCE and GRPO, with fewer gradient steps per episode, ``3e-2``), without one
+            ``1e-3`` (the value head alone).
     """
 
     minibatch_size: int = 16

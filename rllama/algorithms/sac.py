@@ -111,7 +111,7 @@ class SAC(OffPolicyAlgorithm):
             with torch.no_grad():
                 next_pi = self.policy.candidate_outputs(next_prompts, next_candidates,
                                                         frozen_body=not cfg.train_adapter).logprobs
-                target = self.target_outputs(next_prompts, next_candidates)
+                target = self.target_outputs(next_prompts, next_candidates, scores=False)  # Q only
                 soft_values = torch.stack([
                     (lp.exp() * (torch.min(q1, q2) - alpha * lp)).sum()
                     for lp, q1, q2 in zip(next_pi, target.q["q1"], target.q["q2"])

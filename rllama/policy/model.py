@@ -47,6 +47,8 @@ from rllama.policy.prefix_cache import (
 
 POLICY_FILE = "policy.json"
 REFERENCE_MEMO_ENTRIES = 100_000
+SCORE_MEMO_ENTRIES = 100_000
+"""Continuations whose token log-probabilities are remembered while the adapted weights stay the same."""
 """Steps whose reference distributions a :class:`PolicyModel` with the prefix cache remembers (about 30 MB)."""
 HEADS_FILE = "heads.safetensors"
 ADAPTER_DIR = "adapter"
@@ -344,6 +346,10 @@ class PolicyModel(nn.Module):
         self._probe = None  # see _lora_probe
         self._bottom = self._make_frozen_bottom(prefix_cache, prefix_cache_mb)
         self._reference_memo: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        # Token log-probs of (prompt, continuation) pairs under the adapted weights of the top tree's
+        # signature (see _top_cache_usable): a frozen adapter's scores are computed once per pair.
+        self._score_memo: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._score_memo_for = None
         self._in_reference = False  # the policy head is part of the trained policy, not of the reference
 
     # ------------------------------------------------------------------ structure
@@ -436,7 +442,7 @@ class PolicyModel(nn.Module):
         if not self.prefix_cache_active:
             return {}
         return {"frozen_blocks": self._bottom.split, **self._bottom.cache.stats(),
-                "top": self._bottom.top_cache.stats()}
+                "top": self._bottom.top_cache.stats(), "memo_continuations": len(self._score_memo)}
 
     def clear_prefix_cache(self) -> None:
         """Forget every cached prefix and reference distribution (needed only if the base model's weights were
@@ -445,6 +451,7 @@ class PolicyModel(nn.Module):
             self._bottom.cache.clear()
             self._bottom.top_cache.clear()
         self._reference_memo.clear()
+        self._score_memo.clear()
 
     def _adapters_changed(self) -> None:
         self._probe = None
@@ -640,6 +647,9 @@ class PolicyModel(nn.Module):
         if not self.prefix_cache_active or torch.is_grad_enabled():
             return False
         self._bottom.check_top(self._adapter_signature())
+        if self._score_memo_for is not self._bottom._top_signature:  # filled under other weights
+            self._score_memo.clear()
+            self._score_memo_for = self._bottom._top_signature
         return True
 
     def _adapter_signature(self) -> tuple:
@@ -805,14 +815,30 @@ class PolicyModel(nn.Module):
         token_logprobs = torch.zeros((R, Lc), dtype=torch.float32, device=self.device)
         if not logprobs:
             return Continuations(prompt_hidden, token_logprobs, cmask, None, action_hidden)
+        want_entropy = entropy_rows is not None and any(entropy_rows)
+        # From the top tree (a frozen adapter), rows seen before take their log-probs from the memo.
+        keys = self._score_keys(prompts, continuations, owner) if top_cached and not want_entropy else None
+        todo = torch.ones(R, dtype=torch.bool)
+        if keys is not None:
+            for r, key in enumerate(keys):
+                known = self._score_memo.get(key)
+                if known is not None:
+                    self._score_memo.move_to_end(key)
+                    token_logprobs[r, : len(known)] = known
+                    todo[r] = False
         # Project only the real positions to the vocabulary: the lm head is a fifth of the model.
-        rows, cols = cmask.nonzero(as_tuple=True)
+        rows, cols = (cmask * todo.to(cmask.device)[:, None]).nonzero(as_tuple=True)
         with self._autocast():
             logits = self._lm_head()(hidden[rows, cols])  # [N, V]
         logp = F.log_softmax(logits.float() / self.temperature, dim=-1)
         token_logprobs = token_logprobs.index_put((rows, cols), logp.gather(-1, cont[rows, cols, None]).squeeze(-1))
+        if keys is not None:
+            for r in todo.nonzero().flatten().tolist():
+                self._score_memo[keys[r]] = token_logprobs[r, : len(continuations[r])].clone()
+            while len(self._score_memo) > SCORE_MEMO_ENTRIES:
+                self._score_memo.popitem(last=False)
         entropy = None
-        if entropy_rows is not None and any(entropy_rows):
+        if want_entropy:
             want = torch.as_tensor(list(entropy_rows), dtype=torch.bool, device=self.device)[rows]
             ent = torch.zeros((R, Lc), dtype=torch.float32, device=self.device)
             lp = logp[want]
@@ -1162,6 +1188,23 @@ class PolicyModel(nn.Module):
         while memo is not None and len(memo) > REFERENCE_MEMO_ENTRIES:
             memo.popitem(last=False)
         return out
+
+    def _score_keys(self, prompts, continuations, owner) -> list[bytes]:
+        """Per continuation, a digest of what its token log-probs depend on besides the weights: the
+        temperature, its prompt and its tokens."""
+        heads = []
+        for ids in prompts:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(f"{self.temperature!r}|".encode())
+            h.update(array("l", ids).tobytes())
+            heads.append(h)
+        keys = []
+        for c, b in zip(continuations, owner):
+            h = heads[b].copy()
+            h.update(b"|")
+            h.update(array("l", c).tobytes())
+            keys.append(h.digest())
+        return keys
 
     def _step_key(self, step) -> bytes:
         """A digest of what defines a step's reference distribution (its tokens and the scoring settings)."""
