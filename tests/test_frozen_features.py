@@ -85,6 +85,9 @@ def test_sac_with_a_frozen_adapter_trains_its_policy_head_and_critics_only(make_
     config = {"whiten_features": 8, "learning_starts": 8, "batch_episodes": 4, "gradient_steps": 3,
               "minibatch_size": 4, "head_learning_rate": 3e-2}
     agent = make_agent(algorithm="sac", algorithm_config=config)  # train_adapter=False: the default
+    groups = agent.algorithm.optimizer.param_groups  # adapter, critics, actor (its own rate)
+    assert [g["lr"] for g in groups[1:]] == [3e-2, agent.algorithm.config.actor_learning_rate] and len(groups) == 3
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in agent.policy.heads[POLICY_HEAD].parameters()}
     adapter_before = agent.policy.snapshot(heads=())
     assert set(agent.algorithm.target) == {f"heads.{q}.linear.{w}" for q in ("q1", "q2") for w in ("weight", "bias")}
     probe = agent.chat.prompt_ids([{"role": "user", "content": "n=0"}])

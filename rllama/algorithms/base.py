@@ -120,16 +120,23 @@ class Algorithm(ABC):
         head_ids = {id(p) for p in heads}
         adapter = [p for p in policy.trainable_parameters() if id(p) not in head_ids]
         head_lr = config.learning_rate if config.head_learning_rate is None else config.head_learning_rate
-        self.optimizer = torch.optim.AdamW(
-            [{"params": adapter, "lr": config.learning_rate}, {"params": heads, "lr": head_lr}],
-            weight_decay=config.weight_decay,
-        )
+        # Param groups: the adapter, the heads, then each head with a rate of its own (head_learning_rates).
+        own = {name: rate for name, rate in self.head_learning_rates().items() if name in policy.heads}
+        own_ids = {id(p) for name in own for p in policy.heads[name].parameters()}
+        groups = [{"params": adapter, "lr": config.learning_rate},
+                  {"params": [p for p in heads if id(p) not in own_ids], "lr": head_lr}]
+        groups += [{"params": list(policy.heads[name].parameters()), "lr": rate} for name, rate in own.items()]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         self.num_updates = 0
         self.last_head_grad_norm = 0.0
         # Several processes (torchrun / accelerate launch): start from rank 0's weights, average gradients.
         self.data_parallel = current_data_parallel()
         if self.data_parallel is not None:
             self.data_parallel.broadcast_parameters(policy.trainable_parameters())
+
+    def head_learning_rates(self) -> dict[str, float]:
+        """Heads that learn at a rate of their own rather than ``head_learning_rate`` (none here)."""
+        return {}
 
     @classmethod
     def resolve_config(cls, config, scoring: bool | None = None):
@@ -266,7 +273,8 @@ class Algorithm(ABC):
         loss.backward()
         if self.data_parallel is not None:
             self.data_parallel.average_gradients(self.policy.trainable_parameters())
-        adapter, heads = (group["params"] for group in self.optimizer.param_groups[:2])
+        groups = self.optimizer.param_groups
+        adapter, heads = groups[0]["params"], [p for group in groups[1:] for p in group["params"]]
         norm = torch.nn.utils.clip_grad_norm_(adapter, self.config.max_grad_norm)
         self.last_head_grad_norm = float(torch.nn.utils.clip_grad_norm_(heads, self.config.max_grad_norm))
         self.optimizer.step()

@@ -44,6 +44,8 @@ class SACConfig(OffPolicyConfig):
         target_entropy_ratio: target entropy as a fraction of the uniform policy's, ``log(K)``.
         actor_coef: weight of the actor loss against the critics' (they share the adapter when
             it trains).
+        actor_learning_rate: AdamW learning rate of the actor's policy head (``train_adapter=False``;
+            ``None``: ``head_learning_rate``).
 
     With ``train_adapter=False`` (the default) the Q heads and the actor's policy head read the
     candidates' features whitened to ``whiten_features`` components, fitted at the first update.
@@ -60,6 +62,7 @@ class SACConfig(OffPolicyConfig):
     alpha_learning_rate: float = 3e-3
     target_entropy_ratio: float = 0.5
     actor_coef: float = 1.0
+    actor_learning_rate: float | None = 1e-2
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +70,8 @@ class SACConfig(OffPolicyConfig):
         _check(self, "alpha_learning_rate", self.alpha_learning_rate > 0, "must be positive")
         _check(self, "target_entropy_ratio", 0 <= self.target_entropy_ratio <= 1, "must lie in [0, 1]")
         _check(self, "actor_coef", self.actor_coef >= 0, "must be non-negative")
+        _check(self, "actor_learning_rate", self.actor_learning_rate is None or self.actor_learning_rate > 0,
+               "must be positive or None")
 
 
 @register_algorithm("sac")
@@ -95,6 +100,10 @@ class SAC(OffPolicyAlgorithm):
         with torch.no_grad():
             self.log_alpha.copy_(tensors["log_alpha"])
         load_optimizer_state("alpha_optimizer", self.alpha_optimizer, meta["alpha_optimizer"], tensors)
+
+    def head_learning_rates(self) -> dict[str, float]:
+        rate = self.config.actor_learning_rate
+        return {POLICY_HEAD: rate} if rate is not None and not self.config.train_adapter else {}
 
     @property
     def alpha(self) -> float:
