@@ -97,6 +97,15 @@ def run(algorithm: str, seed: int, args) -> dict:
     return result
 
 
+TARGET = -0.08  # issue 21: every algorithm at least this, greedy
+
+
+def first_reaching(run: dict, target: float = TARGET) -> dict | None:
+    """The first policy map of a run worth at least ``target``: its episodes and training minutes."""
+    point = next((p for p in run["curve"] if p["map_value"] >= target), None)
+    return None if point is None else {"episodes": point["episodes"], "train_min": point["train_s"] / 60}
+
+
 def summarise(runs: list[dict]) -> dict:
     table = {}
     for algorithm in dict.fromkeys(label(r) for r in runs):
@@ -110,6 +119,7 @@ def summarise(runs: list[dict]) -> dict:
             "episodes": rs[0]["curve"][-1]["episodes"],
             "train_min_mean": float(np.mean([r["train_s"] for r in rs]) / 60),
             "seeds": [r["seed"] for r in rs],
+            f"first_map_at_least_{TARGET}": [first_reaching(r) for r in rs],  # per seed; None: never
         }
     return table
 
@@ -206,9 +216,12 @@ def merge(args) -> None:
 
 def print_table(result: dict) -> None:
     for algorithm, row in result["table"].items():
+        reached = ", ".join("never" if p is None else f"{p['episodes']} ({p['train_min']:.1f} min)"
+                            for p in row.get(f"first_map_at_least_{TARGET}", []))
         print(f"{algorithm:10s} {row['trained_mean']:+.3f} on the fixed deals (seeds {row['trained_min']:+.3f}.."
               f"{row['trained_max']:+.3f}), map value {row['map_value_mean']:+.3f}, {row['agreement_mean']:.0%} of "
-              f"states optimal, {row['episodes']} episodes, {row['train_min_mean']:.1f} min")
+              f"states optimal, {row['episodes']} episodes, {row['train_min_mean']:.1f} min; "
+              f"map >= {TARGET} first at: {reached}")
 
 
 def main() -> None:
