@@ -181,8 +181,10 @@ class RLlamaAgent(ABC):
             raise ValueError(f"algorithm {self.algorithm.name!r} acts on Q heads {list(self.algorithm.acting_heads)}, "
                              f"which {type(self.backend).__name__} does not serve; use the in-process backend")
         if POLICY_HEAD in self.policy.heads and not self.backend.provides_values:
-            raise ValueError(f"a policy head (policy_head > 0) adds to the candidates' scores in this process; "
-                             f"{type(self.backend).__name__} cannot serve it: use the in-process backend")
+            raise ValueError(f"a policy head (the on-policy policy_head > 0, or SAC's actor with its default "
+                             f"train_adapter=False) adds to the candidates' scores in this process; "
+                             f"{type(self.backend).__name__} cannot serve it: use the in-process backend, or "
+                             f"policy_head=0 / SAC's train_adapter=True and whiten_features=0")
         self.backend.bind(self.policy)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; expected at least 1")

@@ -98,7 +98,11 @@ def test_remembered_scores_follow_the_adapter_and_the_temperature(tokenizer):
             torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
 
     check()
-    assert cached.prefix_cache_stats()["memo_continuations"] == sum(len(c) for c in cands)
+    n = sum(len(c) for c in cands)
+    assert cached.prefix_cache_stats()["memo_continuations"] == n
+    with torch.no_grad(), cached.reference():  # the reference's scores are remembered apart ...
+        cached.candidate_outputs(prompts, cands)
+    assert cached.prefix_cache_stats()["memo_continuations"] == 2 * n  # ... and the policy's survive them
     check()  # from the memo
     with torch.no_grad():
         for pol in (cached, plain):

@@ -271,10 +271,11 @@ class Algorithm(ABC):
         """
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.data_parallel is not None:
-            self.data_parallel.average_gradients(self.policy.trainable_parameters())
         groups = self.optimizer.param_groups
         adapter, heads = groups[0]["params"], [p for group in groups[1:] for p in group["params"]]
+        if self.data_parallel is not None:  # a frozen adapter has no gradients to average (nor to step)
+            frozen = getattr(self.config, "train_adapter", True) is False
+            self.data_parallel.average_gradients(heads if frozen else self.policy.trainable_parameters())
         norm = torch.nn.utils.clip_grad_norm_(adapter, self.config.max_grad_norm)
         self.last_head_grad_norm = float(torch.nn.utils.clip_grad_norm_(heads, self.config.max_grad_norm))
         self.optimizer.step()
@@ -349,7 +350,8 @@ class OnPolicyConfig(AlgorithmConfig):
                "must be 'auto', True or False")
         head_possible = self.policy_head == AUTO or self.policy_head > 0
         _check(self, "train_adapter", self.train_adapter is not False or head_possible,
-               "may be False only with a policy head (policy_head > 0): otherwise nothing but the critic would learn")
+               "may be False only with a policy head (policy_head > 0): otherwise nothing but the critic would "
+               "learn ('auto' gives a policy head only to an agent that scores its actions in this process)")
         _check(self, "learning_starts", self.learning_starts == AUTO or _count(self.learning_starts),
                "must be 'auto' or a non-negative number of steps")
         _check(self, "minibatch_size", self.minibatch_size >= 1, "must be at least 1")

@@ -47,9 +47,10 @@ from rllama.policy.prefix_cache import (
 
 POLICY_FILE = "policy.json"
 REFERENCE_MEMO_ENTRIES = 100_000
-SCORE_MEMO_ENTRIES = 100_000
-"""Continuations whose token log-probabilities are remembered while the adapted weights stay the same."""
 """Steps whose reference distributions a :class:`PolicyModel` with the prefix cache remembers (about 30 MB)."""
+SCORE_MEMO_ENTRIES = 100_000
+"""Continuations whose token log-probabilities are remembered per adapter state (about 30 MB each; the
+policy's and the reference's, two at most)."""
 HEADS_FILE = "heads.safetensors"
 ADAPTER_DIR = "adapter"
 FORMAT_VERSION = 1
@@ -346,10 +347,11 @@ class PolicyModel(nn.Module):
         self._probe = None  # see _lora_probe
         self._bottom = self._make_frozen_bottom(prefix_cache, prefix_cache_mb)
         self._reference_memo: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        # Token log-probs of (prompt, continuation) pairs under the adapted weights of the top tree's
-        # signature (see _top_cache_usable): a frozen adapter's scores are computed once per pair.
+        # Token log-probs of (prompt, continuation) pairs, one memo per adapter state (the top tree's
+        # signature, see _top_cache_usable; the policy's and the reference's survive each other's
+        # passes): a frozen adapter's scores are computed once per pair.
+        self._score_memos: OrderedDict[tuple, OrderedDict[bytes, torch.Tensor]] = OrderedDict()
         self._score_memo: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        self._score_memo_for = None
         self._in_reference = False  # the policy head is part of the trained policy, not of the reference
 
     # ------------------------------------------------------------------ structure
@@ -442,7 +444,8 @@ class PolicyModel(nn.Module):
         if not self.prefix_cache_active:
             return {}
         return {"frozen_blocks": self._bottom.split, **self._bottom.cache.stats(),
-                "top": self._bottom.top_cache.stats(), "memo_continuations": len(self._score_memo)}
+                "top": self._bottom.top_cache.stats(),
+                "memo_continuations": sum(len(m) for m in self._score_memos.values())}
 
     def clear_prefix_cache(self) -> None:
         """Forget every cached prefix and reference distribution (needed only if the base model's weights were
@@ -451,7 +454,8 @@ class PolicyModel(nn.Module):
             self._bottom.cache.clear()
             self._bottom.top_cache.clear()
         self._reference_memo.clear()
-        self._score_memo.clear()
+        self._score_memos.clear()
+        self._score_memo = OrderedDict()
 
     def _adapters_changed(self) -> None:
         self._probe = None
@@ -646,10 +650,15 @@ class PolicyModel(nn.Module):
         and the adapters as they were when the tree was filled (else the tree is emptied first)."""
         if not self.prefix_cache_active or torch.is_grad_enabled():
             return False
-        self._bottom.check_top(self._adapter_signature())
-        if self._score_memo_for is not self._bottom._top_signature:  # filled under other weights
-            self._score_memo.clear()
-            self._score_memo_for = self._bottom._top_signature
+        signature = self._adapter_signature()
+        self._bottom.check_top(signature)
+        memo = self._score_memos.get(signature)
+        if memo is None:  # weights not seen (recently): the memos of older ones are dropped
+            memo = self._score_memos[signature] = OrderedDict()
+            while len(self._score_memos) > 2:
+                self._score_memos.popitem(last=False)
+        self._score_memos.move_to_end(signature)
+        self._score_memo = memo
         return True
 
     def _adapter_signature(self) -> tuple:
@@ -1278,9 +1287,12 @@ class PolicyModel(nn.Module):
         except RuntimeError as e:
             raise RLlamaError(
                 f"checkpoint {str(path)!r} holds heads {meta.get('heads')} that do not match this policy's "
-                f"{sorted(self.heads.keys())}: a head with whitening (DQN's whiten_features, the on-policy "
-                f"policy_head) has another shape than one without; build the agent with the algorithm config "
-                f"the checkpoint was trained with ({str(e).splitlines()[0]})"
+                f"{sorted(self.heads.keys())}: a head with whitening (DQN's and SAC's whiten_features, the "
+                f"on-policy policy_head, SAC's actor with train_adapter=False) has another shape than one "
+                f"without; build the agent with the algorithm config the checkpoint was trained with (since "
+                f"rllama's issue 21 a scoring agent's defaults add these heads: a checkpoint from before needs "
+                f"policy_head=0 on-policy, or train_adapter=True and whiten_features=0 for SAC) "
+                f"({str(e).splitlines()[0]})"
             ) from None
         self.score_normalization = meta.get("score_normalization", self.score_normalization)
         self.temperature = float(meta.get("temperature", self.temperature))
