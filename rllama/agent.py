@@ -484,6 +484,14 @@ class RLlamaAgent(ABC):
                 f"but get_valid_actions({_short(observations[generated[0]])}) returned None (free text). "
                 "Implement get_valid_actions(observation) or set action_names on the agent."
             )
+        if generated and self._recording and getattr(self.algorithm.config, "train_adapter", True) is False:
+            # Said now rather than at the first update, hundreds of steps later.
+            raise RLlamaError(
+                f"{type(self.algorithm).__name__} trains heads on a frozen adapter (train_adapter=False), which "
+                f"needs scored steps, but get_valid_actions({_short(observations[generated[0]])}) returned None "
+                "(free text). Set train_adapter=True (or policy_head=0), or have the agent's scores_actions() "
+                "return False so that the defaults train the adapter."
+            )
         with torch.no_grad():
             if scored:
                 self._score(scored, prompts, candidates, steps)

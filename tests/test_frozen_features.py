@@ -213,3 +213,20 @@ def test_a_checkpoint_with_other_heads_gets_a_clear_error(make_agent, tmp_path):
     other = make_agent(algorithm="dqn")  # the default: a whitened Q head, another shape
     with pytest.raises(Error, match="whiten_features"):
         other.load(tmp_path / "agent")
+
+
+def test_a_generated_step_with_a_frozen_adapter_is_refused_when_acted(make_agent):
+    """An agent that says it scores but returns no candidates learns at once that the defaults it got
+    (a policy head, the adapter frozen) cannot train on free text, not hundreds of steps later."""
+    from tests.conftest import FreeTextAgent
+
+    class SaysItScores(FreeTextAgent):
+        def scores_actions(self):
+            return True
+
+    agent = make_agent(SaysItScores, algorithm="ppo", max_new_tokens=3)
+    assert agent.algorithm.config.train_adapter is False
+    with pytest.raises(RLlamaError, match="frozen adapter"):
+        agent.train(ChoiceEnv(), 1, progress=False)
+    result = agent.evaluate(ChoiceEnv(), 2, seed=0)  # acting without recording is fine
+    assert result["n_episodes"] == 2
