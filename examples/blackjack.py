@@ -1,7 +1,7 @@
 """Train an LLM agent to play Blackjack, on the embedded default model.
 
     python examples/blackjack.py                     # DQN, 3,000 episodes: about 7 minutes on 2 CPU cores
-    python examples/blackjack.py --algorithm ppo     # any registered algorithm (PPO alone: still always-stick at 1,600)
+    python examples/blackjack.py --algorithm sac     # any registered algorithm (at its defaults, 3,000 episodes)
     python examples/blackjack.py --episodes 400 --eval-episodes 200   # a quick look
 
 The default, DQN, trains a Q head on the model's own (whitened) features, with the LoRA adapter
@@ -11,6 +11,9 @@ Prints the mean greedy return on fixed evaluation deals before and after trainin
 trained agent's policy map: its action in each of the 280 decision states (player total x dealer
 card, with and without a usable ace) beside the optimal one. For reference (exact, sab rules):
 optimal -0.043, stick at 17+ -0.076, always stick -0.183, uniform random -0.394.
+
+It runs on one torch thread (``--threads``): on 2 cores two threads were no faster alone and three
+times slower beside another busy process (``benchmarks/threads.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import time
 
 import gymnasium as gym
+import torch
 
 from rllama.agents import BlackjackAgent
 from rllama.agents.blackjack import format_policy_map, policy_value
@@ -36,7 +40,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="model folder or hub id (default: embedded SmolLM2-135M)")
     parser.add_argument("--save", default=None, help="folder to save the trained adapter and heads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default: 1, measured fastest on 2 cores; 0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     agent = BlackjackAgent(args.model, algorithm=args.algorithm, seed=args.seed)
     envs = gym.make_vec("Blackjack-v1", num_envs=args.envs, vectorization_mode="sync", sab=True)
