@@ -484,7 +484,7 @@ class RLlamaAgent(ABC):
                 f"but get_valid_actions({_short(observations[generated[0]])}) returned None (free text). "
                 "Implement get_valid_actions(observation) or set action_names on the agent."
             )
-        if generated and self._recording and getattr(self.algorithm.config, "train_adapter", True) is False:
+        if generated and self._recording and not self.algorithm.trains_adapter:
             # Said now rather than at the first update, hundreds of steps later.
             raise RLlamaError(
                 f"{type(self.algorithm).__name__} trains heads on a frozen adapter (train_adapter=False), which "

@@ -134,6 +134,11 @@ class Algorithm(ABC):
         if self.data_parallel is not None:
             self.data_parallel.broadcast_parameters(policy.trainable_parameters())
 
+    @property
+    def trains_adapter(self) -> bool:
+        """Whether updates train the LoRA adapter (``train_adapter``; configs without it always do)."""
+        return getattr(self.config, "train_adapter", True) is not False
+
     def head_learning_rates(self) -> dict[str, float]:
         """Heads that learn at a rate of their own rather than ``head_learning_rate`` (none here)."""
         return {}
@@ -274,8 +279,7 @@ class Algorithm(ABC):
         groups = self.optimizer.param_groups
         adapter, heads = groups[0]["params"], [p for group in groups[1:] for p in group["params"]]
         if self.data_parallel is not None:  # a frozen adapter has no gradients to average (nor to step)
-            frozen = getattr(self.config, "train_adapter", True) is False
-            self.data_parallel.average_gradients(heads if frozen else self.policy.trainable_parameters())
+            self.data_parallel.average_gradients(self.policy.trainable_parameters() if self.trains_adapter else heads)
         norm = torch.nn.utils.clip_grad_norm_(adapter, self.config.max_grad_norm)
         self.last_head_grad_norm = float(torch.nn.utils.clip_grad_norm_(heads, self.config.max_grad_norm))
         self.optimizer.step()

@@ -30,9 +30,7 @@ class REINFORCEConfig(OnPolicyConfig):
         minibatch_size: steps per gradient step (the batch is passed once).
     """
 
-    # A policy head's rate for a scoring agent ("auto"): these take fewer gradient steps per episode
-    # than PPO; on Blackjack 1e-2 was still far from the policy after 3,200 episodes (docs/algorithms.md).
-    auto_head_learning_rate: ClassVar[float] = 3e-2
+    auto_head_learning_rate: ClassVar[float] = 3e-2  # fewer steps an episode than PPO (OnPolicyConfig)
 
     batch_episodes: int = 8
     minibatch_size: int = 4
