@@ -22,7 +22,12 @@ share the cores), on the embedded SmolLM2-135M, Blackjack-v1, the same seeds and
   tokens), env steps/s and ms per generated token.
 - ``ppo_update_s``: a PPO update of 16 episodes (one epoch, as in ``throughput.py``): the mean of
   the updates of the ``train`` part, which follows a first update (shapes, optimizer state).
-- ``dqn_step_s``: one DQN gradient step on a replayed minibatch of 16 transitions.
+- ``dqn_step_s``: one DQN gradient step on a replayed minibatch of 16 transitions, training the adapter.
+- ``train_defaults``, ``dqn_default_step_s`` (this checkout's layouts only): PPO training at its
+  defaults (a policy head on whitened features, the adapter frozen, the first update after 500
+  steps) over ``--defaults-episodes`` episodes, and a DQN gradient step at its defaults (64
+  transitions, heads only); ``gemv_floor_ms``: every linear weight read once at batch 1, the
+  memory-bandwidth floor of one generated token.
 - ``train``: PPO training env steps/s over ``--train-episodes`` episodes with 16 envs, updates
   included; peak RSS of the whole process.
 - the naive LlamaGym-style loop of ``throughput.py`` (one env, ``model.generate`` per step, a
@@ -49,6 +54,18 @@ from common import add_common_args, cpu_name, save_figure, save_result, set_thre
 LAYOUTS = {"before": "before: every block, no cache", "default": "default: top 8 blocks + prefix cache",
            "top4": "top 4 blocks + prefix cache"}
 COLOURS = {"before": "tab:gray", "default": "tab:blue", "top4": "tab:cyan"}
+
+
+def ppo_config(**fields) -> dict:
+    """PPO on the adapter alone, as the committed figures measured it: ``policy_head: 0`` where the imported
+    library has that field (the "before" commit predates it)."""
+    import dataclasses
+
+    from rllama.algorithms.ppo import PPOConfig
+
+    if "policy_head" in {f.name for f in dataclasses.fields(PPOConfig)}:
+        fields["policy_head"] = 0
+    return fields
 
 
 def make_agent(layout: str, precision: str, generate: bool = False, **kwargs):
@@ -111,7 +128,7 @@ def part(args) -> dict:
            "rllama_imported_from": str(Path(rllama.__file__).parent)}
     # The update measured is one pass over 16 episodes in minibatches of 16 (the committed figures' setting).
     agent = make_agent(args.layout, args.precision,
-                       algorithm_config={"policy_head": 0, "batch_episodes": 16, "minibatch_size": 16, "epochs": 1})
+                       algorithm_config=ppo_config(batch_episodes=16, minibatch_size=16, epochs=1))
     out["prefix_cache"] = getattr(agent.policy, "prefix_cache_active", False)
     out["adapted_blocks"] = sorted({int(n.split("layers.")[1].split(".")[0])
                                     for n, _ in agent.policy.named_parameters() if "lora_" in n})
@@ -134,20 +151,79 @@ def part(args) -> dict:
     out["cache_after_training"] = stats_of(agent)
     print(args.layout, "ppo", out["ppo_update_s"], out["train"], flush=True)
     del agent
-    # DQN: two updates of 8 gradient steps each; the second one is measured.
+    # DQN training the adapter on minibatches of 16 (what "before" ran): two updates of 8 gradient steps; the
+    # second one is measured.
     agent = make_agent(args.layout, args.precision, algorithm="dqn",
-                       algorithm_config={"batch_episodes": 16, "learning_starts": 16, "gradient_steps": 8})
+                       algorithm_config=adapter_dqn_config(batch_episodes=16, learning_starts=16, gradient_steps=8))
     agent.train(envs, 32, seed=5, progress=False)
     history = agent.train(envs, 16, seed=6, progress=False)
     out["dqn_step_s"] = history[-1]["time/update_s"] / 8
     print(args.layout, "dqn step", out["dqn_step_s"], flush=True)
     del agent
+    if args.layout != "before":
+        out.update(defaults_part(args, envs))
     agent = make_agent(args.layout, args.precision, generate=True, max_new_tokens=args.new_tokens)
     for n, episodes in ((16, args.gen_episodes), (1, max(2, args.gen_episodes // 4))):
         out[f"generate_{n}"] = acting(agent, n, 0, episodes)
         print(args.layout, f"generate {n}", out[f"generate_{n}"], flush=True)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+def adapter_dqn_config(**fields) -> dict:
+    """DQN training the adapter on minibatches of 16, as the committed "before" figures measured it (the
+    defaults changed since: a frozen adapter and whitened heads)."""
+    import dataclasses
+
+    from rllama.algorithms.dqn import DQNConfig
+
+    if "train_adapter" in {f.name for f in dataclasses.fields(DQNConfig)}:
+        fields.update(train_adapter=True, whiten_features=0, minibatch_size=16)
+    return fields
+
+
+def defaults_part(args, envs) -> dict:
+    """What this checkout's defaults cost: PPO training at its defaults (a policy head on whitened features,
+    the adapter frozen, the first update after 500 steps), a DQN gradient step at its defaults (64
+    transitions, heads only), and the floor of generation (every weight read once)."""
+    out = {}
+    agent = make_agent(args.layout, args.precision)
+    t0 = time.perf_counter()
+    history = agent.train(envs, args.defaults_episodes, seed=7, progress=False)
+    wall = time.perf_counter() - t0
+    steps = agent.total_steps
+    out["train_defaults"] = {"episodes": args.defaults_episodes, "updates": len(history), "env_steps": steps,
+                             "wall_s": wall, "env_steps_per_s": steps / wall,
+                             "update_s": [h["time/update_s"] for h in history]}
+    print(args.layout, "train (defaults)", out["train_defaults"], flush=True)
+    del agent
+    agent = make_agent(args.layout, args.precision, algorithm="dqn", algorithm_config={"learning_starts": 128})
+    agent.train(envs, 160, seed=8, progress=False)
+    history = agent.train(envs, 16, seed=9, progress=False)
+    steps = agent.algorithm.config.gradient_steps
+    out["dqn_default_step_s"] = history[-1]["time/update_s"] / steps
+    out["dqn_default_minibatch"] = agent.algorithm.config.minibatch_size
+    print(args.layout, "dqn step (defaults)", out["dqn_default_step_s"], flush=True)
+    out["gemv_floor_ms"] = gemv_floor_ms(agent.policy)
+    del agent
+    return out
+
+
+def gemv_floor_ms(policy, repeats: int = 5) -> float:
+    """Milliseconds to read every linear weight of the model once at batch 1 (each one GEMV, the language-model
+    head included): the memory-bandwidth floor of generating one token."""
+    import torch
+
+    weights = [m.weight for m in policy.lm.modules() if isinstance(m, torch.nn.Linear) and m.weight.dim() == 2]
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+            best = min(best, time.perf_counter() - t)
+    return 1000 * best
 
 
 def textworld_part(args) -> dict:
@@ -163,7 +239,7 @@ def textworld_part(args) -> dict:
 
         kwargs["lora_config"] = default_lora_config(layers=range(26, 30))
     agent = TextWorldAgent(None, seed=0, precision=args.precision,
-                           algorithm_config={"policy_head": 0, "batch_episodes": 4, "minibatch_size": 4, "epochs": 1},
+                           algorithm_config=ppo_config(batch_episodes=4, minibatch_size=4, epochs=1),
                            **kwargs)
     envs = make_env(TRAIN_SEEDS[:8], max_episode_steps=args.textworld_steps, num_envs=4)
     t0 = time.perf_counter()
@@ -183,7 +259,8 @@ def run_part(layout: str, args, tmp: Path, precision: str, textworld: bool = Fal
            "--out", str(out), "--textworld-steps", str(args.textworld_steps),
            "--precision", precision, "--threads", str(args.threads), "--warmup", str(args.warmup),
            "--act-episodes", str(args.act_episodes), "--gen-episodes", str(args.gen_episodes),
-           "--train-episodes", str(args.train_episodes), "--new-tokens", str(args.new_tokens)]
+           "--train-episodes", str(args.train_episodes), "--new-tokens", str(args.new_tokens),
+           "--defaults-episodes", str(args.defaults_episodes)]
     env = dict(os.environ)
     if layout == "before":  # import the library of --before-commit, not this checkout's
         tree = tmp / "before"
@@ -214,11 +291,18 @@ def ratios(before: dict, default: dict, naive: dict) -> dict:
     """``default`` against ``before`` (and the naive loop): the issue's targets are these ratios."""
     speed = {key: default[key]["env_steps_per_s"] / before[key]["env_steps_per_s"]
              for key in ("scoring_1", "scoring_16", "generate_1", "generate_16", "train")}
-    return {**{f"{k}_speedup": v for k, v in speed.items()},
-            "ppo_update_speedup": before["ppo_update_s"] / default["ppo_update_s"],
-            "dqn_step_speedup": before["dqn_step_s"] / default["dqn_step_s"],
-            "train_over_naive": default["train"]["env_steps_per_s"] / naive["env_steps_per_s"],
-            "peak_rss_ratio": default["peak_rss_mb"] / before["peak_rss_mb"]}
+    out = {**{f"{k}_speedup": v for k, v in speed.items()},
+           "ppo_update_speedup": before["ppo_update_s"] / default["ppo_update_s"],
+           "dqn_step_speedup": before["dqn_step_s"] / default["dqn_step_s"],
+           "train_over_naive": default["train"]["env_steps_per_s"] / naive["env_steps_per_s"],
+           "peak_rss_ratio": default["peak_rss_mb"] / before["peak_rss_mb"]}
+    if "train_defaults" in default:  # results from before these rows were measured lack them
+        speed = default["train_defaults"]["env_steps_per_s"]
+        out.update(train_defaults_over_naive=speed / naive["env_steps_per_s"],
+                   train_defaults_speedup=speed / before["train"]["env_steps_per_s"],
+                   dqn_default_step_speedup=before["dqn_step_s"] / default["dqn_default_step_s"],
+                   generate_1_ms_per_token_over_floor=default["generate_1"]["ms_per_token"] / default["gemv_floor_ms"])
+    return out
 
 
 def plot(result: dict, path: Path) -> None:
@@ -229,32 +313,40 @@ def plot(result: dict, path: Path) -> None:
     import numpy as np
 
     runs = {r["layout"]: r for r in result["runs"]}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    keys = ["scoring_1", "scoring_16", "generate_1", "generate_16", "train"]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    keys = ["scoring_1", "scoring_16", "generate_1", "generate_16", "train", "train_defaults"]
+    costs = ["ppo_update_s", "dqn_step_s", "dqn_default_step_s"]
     x, width = np.arange(len(keys)), 0.8 / len(runs)
+    nan = float("nan")
     for off, (layout, r) in enumerate(runs.items()):
-        pos = x + (off - (len(runs) - 1) / 2) * width
-        axes[0].bar(pos, [r[k]["env_steps_per_s"] for k in keys], width, label=LAYOUTS[layout], color=COLOURS[layout])
-        axes[1].bar(np.arange(2) + (off - (len(runs) - 1) / 2) * width, [r["ppo_update_s"], r["dqn_step_s"]], width,
-                    color=COLOURS[layout])
+        shift = (off - (len(runs) - 1) / 2) * width
+        axes[0].bar(x + shift, [r[k]["env_steps_per_s"] if k in r else nan for k in keys], width,
+                    label=LAYOUTS[layout], color=COLOURS[layout])
+        axes[1].bar(np.arange(len(costs)) + shift, [r.get(k, nan) for k in costs], width, color=COLOURS[layout])
     axes[0].axhline(result["naive"]["env_steps_per_s"], color="tab:red", ls="--", lw=1, label="naive LlamaGym loop")
     axes[0].set_xticks(x, ["score\n1 env", "score\n16 envs", "generate\n1 env", "generate\n16 envs",
-                           "PPO training\n16 envs"])
+                           "PPO training\n16 envs", "PPO training\nat defaults"])
     axes[0].set_ylabel("env steps / s")
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
     axes[0].set_title("acting and training throughput")
-    axes[1].set_xticks(np.arange(2), ["PPO update\n(16 episodes)", "DQN gradient\nstep"])
+    axes[1].set_xticks(np.arange(len(costs)), ["PPO update\n(16 episodes)", "DQN step, adapter\n(16 transitions)",
+                                               "DQN step, defaults\n(64, heads only)"])
     axes[1].set_ylabel("seconds")
+    axes[1].set_yscale("log")
     axes[1].set_title("update cost")
     sp = result["speedups"]
-    labels = ["score 1", "score 16", "gen 1", "gen 16", "train", "PPO update", "DQN step"]
-    values = [sp["scoring_1_speedup"], sp["scoring_16_speedup"], sp["generate_1_speedup"],
-              sp["generate_16_speedup"], sp["train_speedup"], sp["ppo_update_speedup"], sp["dqn_step_speedup"]]
-    axes[2].barh(labels, values, color="tab:blue")
+    rows = [("score 1", "scoring_1_speedup"), ("score 16", "scoring_16_speedup"), ("gen 1", "generate_1_speedup"),
+            ("gen 16", "generate_16_speedup"), ("train", "train_speedup"),
+            ("train, defaults", "train_defaults_speedup"),
+            ("PPO update", "ppo_update_speedup"), ("DQN step", "dqn_step_speedup"),
+            ("DQN step, defaults", "dqn_default_step_speedup")]
+    rows = [(label, sp[key]) for label, key in rows if key in sp]
+    axes[2].barh([r[0] for r in rows], [r[1] for r in rows], color="tab:blue")
     axes[2].axvline(1, color="k", lw=0.8)
-    for i, v in enumerate(values):
+    for i, (_, v) in enumerate(rows):
         axes[2].text(v, i, f" {v:.2f}x", va="center")
+    axes[2].set_xscale("log")
     axes[2].invert_yaxis()
     axes[2].set_xlabel("default / before (higher is better)")
     rss = " / ".join(f"{runs[k]['peak_rss_mb'] / 1024:.1f}" for k in runs)
@@ -298,6 +390,8 @@ def main() -> None:
     parser.add_argument("--train-episodes", type=int, default=64, help="PPO training episodes measured")
     parser.add_argument("--new-tokens", type=int, default=24, help="longest generated reply")
     parser.add_argument("--naive-steps", type=int, default=12, help="env steps of the naive loop")
+    parser.add_argument("--defaults-episodes", type=int, default=640,
+                        help="episodes of PPO training at this checkout's defaults (first update after 500 steps)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few episodes")
     parser.add_argument("--summarise", metavar="JSON", help="recompute the ratios and the PNG of a result file")
     parser.add_argument("--before-commit", default="f6395ac", help="the commit measured as 'before'")
@@ -325,6 +419,7 @@ def main() -> None:
         return
     if args.quick:
         args.warmup, args.act_episodes, args.gen_episodes, args.train_episodes, args.naive_steps = 16, 32, 4, 32, 4
+        args.defaults_episodes = 400
     import tempfile
 
     import torch

@@ -440,3 +440,70 @@ def test_acting_top_tree_and_the_reference_snapshots_and_other_adapters(tokenize
     with cached.using_adapter("other"), plain.using_adapter("other"):
         _same_scores(cached, plain, prompts, cands)
     _same_scores(cached, plain, prompts, cands)
+
+
+def test_many_candidates_of_one_prompt_run_packed_once_each_with_the_uncached_results(tokenizer, monkeypatch):
+    from rllama.policy.prefix_cache import FrozenBottom
+
+    cached, plain = make_pair(tokenizer)
+    prompts = episode_prompts()[:2]
+    rng = random.Random(3)
+    many = [[rng.randrange(3, 380) for _ in range(rng.randrange(1, 5))] for _ in range(40)]
+    cands = [many + many[:5], candidates(1, 4)]  # five candidates twice
+    calls = []
+    extend = FrozenBottom._extend
+
+    def spy(self, tree, lo, hi, seqs, cached_parts, units):
+        calls.append([[(tuple(seqs[i]), len(seqs[i]) - cached_parts[i].n, cached_parts[i].n) for i in unit]
+                      for unit in units])
+        return extend(self, tree, lo, hi, seqs, cached_parts, units)
+
+    monkeypatch.setattr(FrozenBottom, "_extend", spy)
+    for grad in (False, True):  # acting (both trees) and an update (boundary states only)
+        with torch.set_grad_enabled(grad):
+            a = cached.candidate_outputs(prompts, cands, q_heads=("value",))
+            b = plain.candidate_outputs(prompts, cands, q_heads=("value",))
+        for x, y in zip(a.logprobs, b.logprobs):
+            torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+        torch.testing.assert_close(a.q["value"][0], b.q["value"][0], atol=ATOL, rtol=0)
+    assert calls
+    for units in calls:
+        rows = [row for unit in units for row in unit]
+        assert len({seq for seq, _, _ in rows}) == len(rows)  # a sequence met twice runs once
+        for unit in units:
+            prefix = unit[0][2]
+            assert len({seq[:prefix] for seq, _, _ in unit}) == 1  # one shared cached prefix a packed row
+            assert len(unit) == 1 or sum(new for _, new, _ in unit) <= max(prefix, 64)
+    assert any(len(unit) > 1 for units in calls for unit in units)
+
+
+def test_an_untrained_adapter_and_the_reference_share_their_cached_states(tokenizer):
+    lm = make_deep_lm(0)
+    pol = PolicyModel(lm, tokenizer, lora_config=default_lora_config(layers=[2, 3]), precision="fp32")
+    prompts = episode_prompts(seed=5)
+    cands = [candidates(i) for i in range(len(prompts))]
+    with torch.no_grad():
+        acted = pol.candidate_outputs(prompts, cands)  # a fresh adapter: every B weight is zero
+    top = pol.prefix_cache_stats()["top"]
+    with torch.no_grad(), pol.reference():
+        reference = pol.candidate_outputs(prompts, cands)
+    after = pol.prefix_cache_stats()["top"]
+    assert after["miss_tokens"] == top["miss_tokens"]  # the reference computed nothing again
+    for a, b in zip(acted.logprobs, reference.logprobs):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # once the adapter adds something, the two are apart again
+        pol.adapter_parameters()[-1].add_(0.5)
+        moved = pol.candidate_outputs(prompts, cands)
+        with pol.reference():
+            again = pol.candidate_outputs(prompts, cands)
+    plain = PolicyModel(make_deep_lm(0), tokenizer, lora_config=default_lora_config(layers=[2, 3]),
+                        precision="fp32", prefix_cache=False)
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(pol.named_parameters(), plain.named_parameters()):
+            b.copy_(a)
+        expected = plain.candidate_outputs(prompts, cands)
+        with plain.reference():
+            expected_reference = plain.candidate_outputs(prompts, cands)
+    torch.testing.assert_close(torch.cat(moved.logprobs), torch.cat(expected.logprobs), atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.cat(again.logprobs), torch.cat(expected_reference.logprobs), atol=ATOL, rtol=0)
+    assert not torch.allclose(torch.cat(moved.logprobs), torch.cat(again.logprobs))

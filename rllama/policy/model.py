@@ -283,7 +283,7 @@ class PolicyModel(nn.Module):
             (:mod:`rllama.policy.prefix_cache`); ``"auto"`` uses it where blocks below the adapters
             are frozen, ``True`` makes a model where it cannot work an error.
         prefix_cache_mb: its bound in MiB (``0``: off); a quarter of it again bounds the adapted
-            blocks' tree used while acting.
+            blocks' trees used while no gradient is taken (one per recent adapter state).
         score_normalization: how a candidate's token log-probs become its score: ``"mean"``
             (default: the mean over its text tokens plus the log-prob of its last, end-of-turn
             token, so long candidates are not penalised for their length and a one-word action
@@ -452,7 +452,7 @@ class PolicyModel(nn.Module):
         changed by hand)."""
         if self._bottom is not None:
             self._bottom.cache.clear()
-            self._bottom.top_cache.clear()
+            self._bottom.clear_top()
         self._reference_memo.clear()
         self._score_memos.clear()
         self._score_memo = OrderedDict()
@@ -664,21 +664,33 @@ class PolicyModel(nn.Module):
     def _adapter_signature(self) -> tuple:
         """What the adapted blocks compute with: the active and enabled adapters, and each LoRA weight's
         version counter and sum (the sum catches changes that bypass the counter, such as ``.data`` writes
-        and fused optimizers)."""
-        probe, params = self._lora_probe
+        and fused optimizers). Adapters that add nothing (disabled, or every ``B`` weight of the active
+        ones zero, as a fresh adapter is) compute the base model's function: they share one signature,
+        so a frozen, untrained adapter and the reference reuse each other's states and scores."""
+        probe, params, outputs = self._lora_probe
         if probe is None:
             return ()
+        active = tuple(probe.active_adapters)
+        if probe.disable_adapters or not any(p.detach().any() for name in active for p in outputs.get(name, ())):
+            return ("base model",)
         sums = torch.stack([p.detach().float().sum() for p in params]).tolist() if params else []
-        return (tuple(probe.active_adapters), bool(probe.disable_adapters), tuple(p._version for p in params),
-                tuple(sums))
+        return (active, tuple(p._version for p in params), tuple(sums))
 
     @property
     def _lora_probe(self):
-        """One LoRA layer (it says which adapters are active and whether they are disabled) and every LoRA
-        weight; found again after the adapters change."""
+        """One LoRA layer (it says which adapters are active and whether they are disabled), every LoRA
+        weight, and each adapter's output (``B``) weights; found again after the adapters change."""
         if self._probe is None:
             layer = next((m for m in self.lm.modules() if holds_lora(m)), None)
-            self._probe = (layer, [p for n, p in self.lm.named_parameters() if "lora_" in n])
+            named = [(n, p) for n, p in self.lm.named_parameters() if "lora_" in n]
+            outputs: dict[str, list[nn.Parameter]] = {}
+            if any("lora_magnitude" in n for n, _ in named):  # DoRA: a zero B still rescales the weights
+                outputs = {name: [torch.ones(1)] for name in self.list_adapters()}
+            for n, p in named:
+                for marker in ("lora_B.", "lora_embedding_B."):
+                    if marker in n:
+                        outputs.setdefault(n.split(marker, 1)[1].split(".")[0], []).append(p)
+            self._probe = (layer, [p for _, p in named], outputs)
         return self._probe
 
     def _hidden_from_top_tree(self, prompts, continuations, owner, Lc: int):

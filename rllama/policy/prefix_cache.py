@@ -26,12 +26,16 @@ model's own forward pass once, on a few tokens, before it is used.
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from rllama.errors import RLlamaError
+
+TOP_TREES = 2
+"""Adapter states whose adapted blocks' states are kept at once (the policy's and the reference's)."""
 
 DEFAULT_CACHE_MB = 512
 """Default bound of the prefix cache, in MiB (SmolLM2-135M with 8 adapted blocks: ≈ 36 KiB a token in fp32)."""
@@ -161,7 +165,7 @@ class RadixCache:
             parent.children[node.tokens[0]] = node
             self._account(node, +1)
             self.nodes += 1
-        self._evict()
+        self.evict()
 
     def _account(self, node: _Node, sign: int) -> None:
         self.nbytes += sign * node.nbytes
@@ -202,7 +206,9 @@ class RadixCache:
         self.nodes += 1
         return upper
 
-    def _evict(self) -> None:
+    def evict(self) -> None:
+        """Drop least recently used states until the tree holds at most 90 % of ``max_bytes`` (nothing if
+        it is within the bound)."""
         if self.nbytes <= self.max_bytes:
             return
         # Down to 90 % of the bound, so that a full cache does not scan the tree on every insert.
@@ -301,9 +307,13 @@ class FrozenBottom:
         self.eager = attn_implementation == "eager"
         self.mask_dtype = mask_dtype
         self.cache = RadixCache(max_bytes)
-        # The adapted blocks' states of prefixes, valid while their weights stay the same (acting).
-        self.top_cache = RadixCache(max_bytes // 4)
-        self._top_signature = None
+        # The adapted blocks' states of prefixes, one tree per adapter state (signature) for the
+        # TOP_TREES most recent ones, valid while those weights stay the same: the policy's and
+        # the reference's (adapter disabled) survive each other's passes. Together they hold at most
+        # a quarter of the bound.
+        self.top_bytes = max_bytes // 4
+        self._top_trees: OrderedDict[tuple, RadixCache] = OrderedDict()
+        self.top_cache = RadixCache(self.top_bytes)
         self.split = 0
         self.refresh()
 
@@ -314,9 +324,13 @@ class FrozenBottom:
         split = 0 if embeds_adapted else (min(adapted) if adapted else len(self.body.layers))
         if split != self.split:
             self.cache.clear()
-        self.top_cache.clear()
-        self._top_signature = None
+        self.clear_top()
         self.split = split
+
+    def clear_top(self) -> None:
+        """Forget the adapted blocks' states of every adapter state."""
+        self._top_trees.clear()
+        self.top_cache = RadixCache(self.top_bytes)
 
     @property
     def active(self) -> bool:
@@ -377,11 +391,18 @@ class FrozenBottom:
         return self._states(self.top_cache, self.split, len(self.body.layers), seqs, False)
 
     def check_top(self, signature) -> None:
-        """Empty the top tree unless ``signature`` (what the adapted blocks compute with) is the one it was
-        filled under."""
-        if signature != self._top_signature:
-            self.top_cache.clear()
-            self._top_signature = signature
+        """Make the top tree the one filled under ``signature`` (what the adapted blocks compute with): a
+        new, empty one if that state is not among the ``TOP_TREES`` most recent (the oldest is dropped)."""
+        tree = self._top_trees.get(signature)
+        if tree is None:
+            tree = self._top_trees[signature] = RadixCache(self.top_bytes)
+            while len(self._top_trees) > TOP_TREES:
+                self._top_trees.popitem(last=False)
+            for other in self._top_trees.values():  # the quarter of the bound shared among them
+                other.max_bytes = self.top_bytes // len(self._top_trees)
+                other.evict()
+        self._top_trees.move_to_end(signature)
+        self.top_cache = tree
 
     def _states(self, tree: RadixCache, lo: int, hi: int, seqs, want_kv: bool):
         """What ``blocks[lo:hi]`` output for each token of ``seqs`` (and their keys and values), from ``tree``;
@@ -402,17 +423,24 @@ class FrozenBottom:
             cached.append(_Cached(m, [p.node.hidden[: p.n] for p in usable],
                                   [p.node.keys[:, :, : p.n] for p in usable] if with_kv else [],
                                   [p.node.values[:, :, : p.n] for p in usable] if with_kv else []))
-        todo = [i for i, (s, c) in enumerate(zip(seqs, cached)) if c.n < len(s)]
+        first: dict[tuple, int] = {}  # a sequence met twice in one batch runs once
+        for i, (s, c) in enumerate(zip(seqs, cached)):
+            if c.n < len(s):
+                first.setdefault(tuple(s), i)
+        units_list = _packing_units(seqs, cached, list(first.values()))
         fresh = {}
-        if todo:  # rows with similar numbers of new tokens run together (little left padding)
-            for group in length_groups([len(seqs[i]) - cached[i].n for i in todo], 0):
-                rows = [todo[g] for g in group]
-                fresh.update(zip(rows, self._extend(tree, lo, hi, [seqs[i] for i in rows], [cached[i] for i in rows])))
+        if units_list:  # packed rows with similar numbers of new tokens run together (little left padding)
+            sizes = [sum(len(seqs[i]) - cached[i].n for i in unit) for unit in units_list]
+            for group in length_groups(sizes, 0):
+                batch = [units_list[g] for g in group]
+                rows = [i for unit in batch for i in unit]
+                fresh.update(zip(rows, self._extend(tree, lo, hi, seqs, cached, batch)))
         out = []
         for i, c in enumerate(cached):
             hs, ks, vs = list(c.hidden), list(c.keys), list(c.values)
-            if i in fresh:
-                h, k, v = fresh[i]
+            j = first.get(tuple(seqs[i])) if c.n < len(seqs[i]) else None
+            if j is not None:
+                h, k, v = fresh[j]
                 hs.append(h)
                 ks.append(k)
                 vs.append(v)
@@ -420,55 +448,70 @@ class FrozenBottom:
             out.append((hidden, _cat(ks, 2), _cat(vs, 2)) if want_kv else hidden)
         return out
 
-    def _extend(self, tree: RadixCache, lo: int, hi: int, seqs, cached):
-        """``blocks[lo:hi]`` over each sequence's uncached tail, batched; stores and returns ``(hidden, keys, values)``.
+    def _extend(self, tree: RadixCache, lo: int, hi: int, seqs, cached, units: list[list[int]]):
+        """``blocks[lo:hi]`` over the uncached tails of ``seqs``, batched; stores and returns ``(hidden, keys, values)``
+        of each row of ``units``, in that order.
 
-        The inputs of the tail are the token embeddings (``lo == 0``) or the boundary states.
+        A unit is a list of rows sharing one cached prefix: their tails are packed into one row after
+        the prefix's keys and values, with a block mask (each token sees the prefix and the earlier
+        tokens of its own tail). The inputs of a tail are the token embeddings (``lo == 0``) or the
+        boundary states.
         """
         from transformers import DynamicCache
 
         body = self.body
         device = body.embed_tokens.weight.device
-        R = len(seqs)
-        starts = [c.n for c in cached]
-        news = [len(s) - m for s, m in zip(seqs, starts)]
-        M, N = max(starts), max(news)
-        # Each row: its cached prefix right-aligned in M key columns, then its new tokens right-aligned in N.
-        ids = torch.zeros((R, N), dtype=torch.long)
-        pos = torch.zeros((R, N), dtype=torch.long)
-        real = torch.zeros((R, M + N), dtype=torch.bool)
-        for r, (s, m, n) in enumerate(zip(seqs, starts, news)):
-            ids[r, N - n :] = torch.as_tensor(list(s[m:]), dtype=torch.long)
-            pos[r, N - n :] = torch.arange(m, m + n)
-            real[r, M - m : M] = True
-            real[r, M + N - n :] = True
-        ids, pos, real = ids.to(device), pos.to(device), real.to(device)
+        U = len(units)
+        starts = [cached[unit[0]].n for unit in units]  # the shared prefix's length
+        news = [[len(seqs[i]) - m for i in unit] for unit, m in zip(units, starts)]
+        M, N = max(starts), max(sum(n) for n in news)
+        # Each packed row: its cached prefix right-aligned in M key columns, then its tails right-aligned in N.
+        ids = torch.zeros((U, N), dtype=torch.long)
+        pos = torch.zeros((U, N), dtype=torch.long)
+        seg = torch.full((U, N), -1, dtype=torch.long)  # which row a packed token belongs to (-1: padding)
+        prefix = torch.zeros((U, M), dtype=torch.bool)
+        where = []  # (unit, first column) of each row's tail
+        for u, (unit, m, ns) in enumerate(zip(units, starts, news)):
+            col = N - sum(ns)
+            prefix[u, M - m :] = True
+            for i, n in zip(unit, ns):
+                ids[u, col : col + n] = torch.as_tensor(list(seqs[i][m:]), dtype=torch.long)
+                pos[u, col : col + n] = torch.arange(m, m + n)
+                seg[u, col : col + n] = i
+                where.append((u, col, n))
+                col += n
+        ids, pos, seg, prefix = ids.to(device), pos.to(device), seg.to(device), prefix.to(device)
+        rows = [i for unit in units for i in unit]
         if lo == 0:
             x = body.embed_tokens(ids)
         else:  # the boundary states of the new tokens
-            bounds = self.boundary(seqs)
-            x = bounds[0].new_zeros((R, N, bounds[0].shape[-1]))
-            for r, (b, m, n) in enumerate(zip(bounds, starts, news)):
-                x[r, N - n :] = b[m:]
+            bounds = self.boundary([seqs[i] for i in rows])
+            x = bounds[0].new_zeros((U, N, bounds[0].shape[-1]))
+            for (u, col, n), b in zip(where, bounds):
+                x[u, col : col + n] = b[len(b) - n :]
         cache = DynamicCache()
         if M:
-            ref = next(k for c in cached for k in c.keys)
-            past_k = ref.new_zeros((hi - lo, R, ref.shape[1], M, ref.shape[3]))  # [layers, R, kv, M, d]
+            ref = next(k for unit in units for k in cached[unit[0]].keys)
+            past_k = ref.new_zeros((hi - lo, U, ref.shape[1], M, ref.shape[3]))  # [layers, U, kv, M, d]
             past_v = torch.zeros_like(past_k)
-            for r, c in enumerate(cached):
-                if c.n:
-                    past_k[:, r, :, M - c.n :] = _cat(c.keys, 2)
-                    past_v[:, r, :, M - c.n :] = _cat(c.values, 2)
+            for u, (unit, m) in enumerate(zip(units, starts)):
+                if m:
+                    past_k[:, u, :, M - m :] = _cat(cached[unit[0]].keys, 2)
+                    past_v[:, u, :, M - m :] = _cat(cached[unit[0]].values, 2)
             for j in range(hi - lo):
                 cache.update(past_k[j], past_v[j], lo + j)
-        allowed = self.causal(real, N)
+        q = torch.arange(N, device=device)
+        own = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & (q[None, None, :] <= q[None, :, None])
+        own = own | torch.eye(N, dtype=torch.bool, device=device)[None]  # a padding query sees itself
+        allowed = torch.cat([prefix[:, None, :].expand(U, N, M), own], dim=2)[:, None]  # [U, 1, N, M + N]
         hidden = self.run_blocks(x, body.layers[lo:hi], allowed, pos, cache, True)
-        keys = torch.stack([cache.layers[lo + j].keys for j in range(hi - lo)], dim=1)  # [R, layers, kv, M+N, d]
-        values = torch.stack([cache.layers[lo + j].values for j in range(hi - lo)], dim=1)
+        # [U, layers, kv, N, d]: the tails' keys and values (the prefix's are in the tree already)
+        keys = torch.stack([cache.layers[lo + j].keys[:, :, M:] for j in range(hi - lo)], dim=1)
+        values = torch.stack([cache.layers[lo + j].values[:, :, M:] for j in range(hi - lo)], dim=1)
         out = []
-        for r, (s, m, n) in enumerate(zip(seqs, starts, news)):
-            h, k, v = hidden[r, N - n :], keys[r, :, :, M + N - n :], values[r, :, :, M + N - n :]
-            tree.insert(s, m, k, v, h)
+        for i, (u, col, n) in zip(rows, where):
+            h, k, v = hidden[u, col : col + n], keys[u, :, :, col : col + n], values[u, :, :, col : col + n]
+            tree.insert(seqs[i], cached[i].n, k, v, h)
             out.append((h, k, v))
         return out
 
@@ -514,6 +557,28 @@ def length_groups(lengths: Sequence[int], shared: int, overhead: int = 16, max_g
         bounds.append((values[i], values[j - 1]))
         j, k = i, k - 1
     return [[i for i in order if lo <= key[i] <= hi] for lo, hi in reversed(bounds)]
+
+
+def _packing_units(seqs, cached, rows: list[int], min_tokens: int = 64) -> list[list[int]]:
+    """``rows`` in packing units: rows sharing one cached prefix, at most ``max(prefix, min_tokens)`` new tokens a
+    unit (a packed row's attention then costs at most about twice what separate rows would; separate rows
+    would each assemble the prefix's keys and values)."""
+    by_prefix: dict[tuple, list[int]] = {}
+    for i in rows:
+        by_prefix.setdefault(tuple(seqs[i][: cached[i].n]), []).append(i)
+    units = []
+    for members in by_prefix.values():
+        cap = max(cached[members[0]].n, min_tokens)
+        unit, size = [], 0
+        for i in members:
+            n = len(seqs[i]) - cached[i].n
+            if unit and size + n > cap:
+                units.append(unit)
+                unit, size = [], 0
+            unit.append(i)
+            size += n
+        units.append(unit)
+    return units
 
 
 @dataclass
