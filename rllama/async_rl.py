@@ -44,7 +44,7 @@ import torch
 
 from rllama.algorithms.base import OnPolicyAlgorithm
 from rllama.algorithms.buffers import episode_from_dict, episode_to_dict
-from rllama.errors import RLlamaError
+from rllama.errors import RLlamaError, require
 
 
 def trainable_state(policy) -> dict[str, torch.Tensor]:
@@ -168,10 +168,7 @@ class AsyncTrainer:
         self.tasks: list[dict[str, Any]] = []  # per finished task: version, checksum, episodes, lag, dropped
 
     def _init_ray(self):
-        try:
-            import ray
-        except ImportError as exc:
-            raise ImportError("asynchronous training runs on Ray: pip install 'rllama[ray]' (or ray)") from exc
+        ray = require("ray", "ray", "asynchronous training")
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False, "log_to_driver": False, **self.ray_init_kwargs}
             if self.ray_address is None:

@@ -25,3 +25,20 @@ class InvalidActionError(RLlamaError, ValueError):
 
 class AgentStateError(RLlamaError, RuntimeError):
     """A loop method was called out of order (for example ``assign_reward`` before ``act``)."""
+
+
+class MissingExtraError(RLlamaError, ImportError):
+    """An optional feature's package is not installed; the message names the extra that installs it."""
+
+
+def require(module: str, extra: str, feature: str):
+    """Import and return ``module``, or raise :class:`MissingExtraError` saying which ``rllama[extra]`` installs
+    it (``feature`` names what needs it)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"{feature} needs the package {module.split('.')[0]!r}, which is not installed: "
+            f"pip install 'rllama[{extra}]'") from exc

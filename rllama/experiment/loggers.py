@@ -21,6 +21,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from rllama.errors import require
+
 
 class Callback:
     """Receives a run's events; override what you need."""
@@ -123,8 +125,7 @@ class WandbLogger(RecordLogger):
         self.run = None
 
     def on_run_start(self, config, run_dir, resumed_from):
-        import wandb
-
+        wandb = require("wandb", "wandb", "the wandb logger")
         kwargs = dict(self.init_kwargs)
         kwargs.setdefault("mode", wandb_mode())
         kwargs.setdefault("name", Path(run_dir).name)
@@ -179,11 +180,9 @@ class MLflowLogger(RecordLogger):
         self.run_id: str | None = None
 
     def on_run_start(self, config, run_dir, resumed_from):
-        try:
-            from mlflow.entities import Param
-            from mlflow.tracking import MlflowClient
-        except ImportError as exc:
-            raise ImportError("the mlflow logger needs MLflow: pip install mlflow-skinny (or rllama[mlflow])") from exc
+        require("mlflow", "mlflow", "the mlflow logger")
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
         uri = mlflow_tracking_uri(self.tracking_uri)
         if uri.startswith("file:"):
             # MLflow 3 keeps its file store in maintenance mode behind this switch; it is the offline default here.

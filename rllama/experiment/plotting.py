@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from rllama.errors import require
+
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The records of ``<run_dir>/metrics.jsonl`` (lines that are not JSON, e.g. cut by a crash, skipped)."""
@@ -31,8 +33,7 @@ def plot_run(run_dir: str | os.PathLike, output: str | os.PathLike | None = None
 
 def plot_runs(run_dirs: list[str | os.PathLike], output: str | os.PathLike) -> Path:
     """Learning curves of several runs in one PNG (one colour a run)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

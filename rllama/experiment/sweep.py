@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from rllama.errors import RLlamaError
+from rllama.errors import RLlamaError, require
 from rllama.experiment.config import ConfigError, RunConfig
 from rllama.experiment.loggers import Callback, WandbLogger, wandb_mode
 
@@ -243,7 +243,7 @@ def suggest_params(spec: dict[str, Any], trial) -> dict[str, Any]:
 
 def make_sampler(spec: dict[str, Any], seed: int):
     """The Optuna sampler of the sweep's method, seeded."""
-    import optuna
+    optuna = require("optuna", "sweep", "a sweep")
 
     if spec["method"] == "grid":
         return optuna.samplers.GridSampler(grid_space(spec), seed=seed)
@@ -377,7 +377,7 @@ def _recorder(path: Path) -> Callable[[dict[str, Any]], None]:
 
 
 def _run_offline(spec, base_config, name, sweep_dir, n, record, callbacks) -> None:
-    import optuna
+    optuna = require("optuna", "sweep", "a sweep")
 
     from rllama.experiment.runner import train
 
@@ -402,7 +402,7 @@ def _run_offline(spec, base_config, name, sweep_dir, n, record, callbacks) -> No
 
 
 def _run_online(spec, base_config, name, sweep_dir, n, record, callbacks) -> None:
-    import wandb
+    wandb = require("wandb", "wandb", "an online (wandb) sweep")
 
     from rllama.experiment.runner import train
 
@@ -441,8 +441,7 @@ class _AgentRunLogger(WandbLogger):
     """Logs to the run ``wandb.agent`` started, instead of starting one."""
 
     def on_run_start(self, config, run_dir, resumed_from):
-        import wandb
-
+        wandb = require("wandb", "wandb", "an online (wandb) sweep")
         self.run, self._wandb = wandb.run, wandb
         self.run.config.update({"rllama": config}, allow_val_change=True)
 

