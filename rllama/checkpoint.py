@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 
 from rllama.errors import RLlamaError
-from rllama.fileio import replace_dir
+from rllama.fileio import recover_dir, writing_dir
 
 FORMAT = "rllama.TrainingState"
 VERSION = 1
@@ -65,10 +63,8 @@ def save_training_state(agent, path: str | os.PathLike, extra: dict[str, Any] | 
     if any(slot.steps for slot in agent._slots.values()):
         raise CheckpointError("save_training_state between episodes only: some environments are mid-episode")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     agent.policy.clear_prefix_cache()
-    try:
+    with writing_dir(path) as tmp:
         agent.save(tmp / "policy")  # adapter, heads and (under policy/memory) the memory store
         tensors, algorithm_meta = agent.algorithm.state_dict()
         tensors = {f"algorithm.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -88,11 +84,6 @@ def save_training_state(agent, path: str | os.PathLike, extra: dict[str, Any] | 
             "extra": extra or {},
         }
         (tmp / STATE_JSON).write_text(json.dumps(meta))
-        _fsync_tree(tmp)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -100,7 +91,7 @@ def load_training_state(agent, path: str | os.PathLike) -> dict[str, Any]:
     """Restore a state written by :func:`save_training_state`; returns its ``extra``."""
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = recover_dir(path)
     if not (path / STATE_JSON).is_file() or not (path / STATE_TENSORS).is_file():
         raise CheckpointError(f"{str(path)!r} is not a complete rllama training checkpoint "
                               f"({STATE_JSON} or {STATE_TENSORS} is missing)")
@@ -132,8 +123,3 @@ def load_training_state(agent, path: str | os.PathLike) -> dict[str, Any]:
     return meta["extra"]
 
 
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gymnasium as gym
 import pytest
 import torch
@@ -87,6 +89,55 @@ def test_save_replaces_an_existing_checkpoint_atomically(make_agent, tmp_path):
     save_training_state(agent, tmp_path / "ckpt", extra={"n": 2})
     assert load_training_state(agent, tmp_path / "ckpt") == {"n": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("what", ["training state", "policy"])
+def test_a_crash_between_the_two_renames_of_a_save_loses_nothing(make_agent, tmp_path, monkeypatch, what):
+    from rllama import fileio
+
+    agent = make_agent(algorithm="ppo")
+    save = (lambda: save_training_state(agent, tmp_path / "ckpt", extra={"n": 1})) if what == "training state" \
+        else (lambda: agent.save(tmp_path / "ckpt"))
+    save()
+    before = params(agent)
+    with torch.no_grad():
+        for p in agent.policy.trainable_parameters():
+            p.add_(1.0)
+    real = fileio.os.replace
+
+    def crash_on_the_second_rename(src, dst):  # the old folder moved aside, the new one not yet in place
+        if Path(dst) == tmp_path / "ckpt" and (tmp_path / ".ckpt.old").exists():
+            raise KeyboardInterrupt("killed")
+        real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", crash_on_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save()
+    monkeypatch.setattr(fileio.os, "replace", real)
+    assert not (tmp_path / "ckpt").exists()  # the old folder waits as .ckpt.old
+    if what == "training state":
+        assert load_training_state(agent, tmp_path / "ckpt") == {"n": 1}
+    else:
+        agent.load(tmp_path / "ckpt")
+    after = params(agent)
+    assert all(torch.equal(before[n], after[n]) for n in before)  # the previous save, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left
+
+
+def test_a_failed_write_leaves_the_previous_folder_and_no_temporary_one(tmp_path):
+    from rllama.fileio import writing_dir
+
+    with writing_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("old")
+    with pytest.raises(RuntimeError), writing_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("new")
+        raise RuntimeError("disk full")
+    assert (tmp_path / "out" / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with writing_dir(tmp_path / "out", replace=False) as tmp:  # another process got there first: keep its copy
+        (tmp / "a").write_text("mine")
+    assert (tmp_path / "out" / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "dqn"])

@@ -36,22 +36,12 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from rllama.envs.textworld_games import DEFAULT_FAMILY, make_games, require_textworld
 from rllama.errors import RLlamaError
 
 CHARSET = frozenset(string.printable)
 MAX_ENGINE_COMMAND = 190  # jericho truncates commands longer than 198 bytes, with a warning
 _STATUS_LINE = re.compile(r"\n?>\s[^\n]*$")  # the interpreter's prompt and status bar at the end
-
-
-def _require_textworld():
-    try:
-        import textworld
-    except ImportError as exc:
-        raise RLlamaError(
-            "TextWorld is not installed. Install it with: pip install 'textworld>=1.6' "
-            "(it builds jericho from source and needs gcc and make), or pip install -e '.[textworld]'"
-        ) from exc
-    return textworld
 
 
 def clean_text(text: str, max_length: int | None = None) -> str:
@@ -101,7 +91,7 @@ class TextWorldEnv(gym.Env):
         max_command_length: int = 180,
         render_mode: str | None = None,
     ) -> None:
-        self._tw = _require_textworld()
+        self._tw = require_textworld()
         self.games = _resolve_games(games)
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps={max_steps}; expected None or at least 1")
@@ -236,8 +226,6 @@ class TextWorldEnv(gym.Env):
 
 def _resolve_games(games) -> list[Path]:
     if games is None:
-        from rllama.envs.textworld_games import DEFAULT_FAMILY, make_games
-
         return make_games(DEFAULT_FAMILY)
     if isinstance(games, (str, os.PathLike)):
         path = Path(games).expanduser()

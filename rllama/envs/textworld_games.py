@@ -25,7 +25,14 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rllama.errors import require
 from rllama.policy.loading import cache_dir
+
+
+def require_textworld():
+    """The ``textworld`` module, or an error saying how to install it (it builds jericho from source: gcc and
+    make must be present)."""
+    return require("textworld", "textworld", "TextWorld (it builds jericho from source and needs gcc and make)")
 
 
 @dataclass(frozen=True)
@@ -72,8 +79,6 @@ def game_path(family: GameFamily, seed: int, root: Path | None = None) -> Path:
 def make_games(family: GameFamily = DEFAULT_FAMILY, seeds: Iterable[int] = DEFAULT_SEEDS,
                root: str | Path | None = None, progress: bool = False) -> list[Path]:
     """Paths of the games of ``family`` for ``seeds``, generating those not cached yet."""
-    from rllama.envs.textworld import _require_textworld
-
     root = Path(root) if root is not None else None
     paths = []
     seeds = [int(s) for s in seeds]
@@ -81,7 +86,7 @@ def make_games(family: GameFamily = DEFAULT_FAMILY, seeds: Iterable[int] = DEFAU
         raise ValueError("make_games needs at least one seed")
     missing = [s for s in seeds if not game_path(family, s, root).exists()]
     if missing:
-        tw = _require_textworld()
+        tw = require_textworld()
         for i, seed in enumerate(missing):
             if progress:
                 print(f"generating TextWorld game {i + 1}/{len(missing)} ({family.name}, seed {seed})", flush=True)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from rllama.errors import ModelNotFoundError
+from rllama.fileio import writing_dir
 
 logger = logging.getLogger(__name__)
 
@@ -80,18 +79,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with writing_dir(target, replace=False) as tmp:  # another process may finish first: its copy stays
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-            return
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> str:

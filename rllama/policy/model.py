@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from array import array
 from collections import OrderedDict
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rllama.errors import ModelNotFoundError, RLlamaError
-from rllama.fileio import replace_dir
+from rllama.fileio import recover_dir, writing_dir
 from rllama.policy.prefix_cache import (
     DEFAULT_CACHE_MB,
     FrozenBottom,
@@ -528,19 +527,13 @@ class PolicyModel(nn.Module):
         """Write adapter ``name`` alone (PEFT format, safetensors) to folder ``path``, atomically."""
         self._require_adapter(name)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-        try:
+        with writing_dir(path) as tmp:
             self.lm.save_pretrained(str(tmp), selected_adapters=[name], safe_serialization=True)
             found = _adapter_folder(tmp)
             if found != tmp:  # PEFT nests non-default adapters in a subfolder; keep one flat layout
                 for f in found.iterdir():
                     shutil.move(str(f), str(tmp / f.name))
                 shutil.rmtree(found)
-            replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     def load_adapter(self, name: str, path: str | os.PathLike) -> None:
@@ -1242,9 +1235,7 @@ class PolicyModel(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-        try:
+        with writing_dir(path) as tmp:
             self.lm.save_pretrained(str(tmp / ADAPTER_DIR), safe_serialization=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()},
                       str(tmp / HEADS_FILE))
@@ -1259,10 +1250,6 @@ class PolicyModel(nn.Module):
                 **(extra or {}),
             }
             (tmp / POLICY_FILE).write_text(json.dumps(meta, indent=2))
-            replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     def load(self, path: str | os.PathLike) -> dict:
@@ -1270,7 +1257,7 @@ class PolicyModel(nn.Module):
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        path = Path(path)
+        path = recover_dir(path)
         meta_file = path / POLICY_FILE
         if not meta_file.is_file():
             raise ModelNotFoundError(f"{str(path)!r} is not an rllama checkpoint: {POLICY_FILE} is missing")
