@@ -264,7 +264,7 @@ def part_update(args) -> dict:
         agent.train(envs, 8, seed=2, progress=False)  # refill without an update (batch of 16)
         steps = [s for e in algo.buffer.episodes for s in e.steps][: algo.config.minibatch_size]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        ev = agent.policy.evaluate(steps)
+        ev = agent.policy.evaluate_actions(steps)
         loss = ev.values.sum() + sum(d.sum() for d in ev.distributions)
     loss.backward()
     agent.policy.zero_grad(set_to_none=True)

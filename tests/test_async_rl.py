@@ -31,7 +31,7 @@ def test_stale_steps_are_corrected_with_capped_importance_weights(make_agent):
     behaviour = old_unit_logprobs(steps)
     old_values = [s.value for s in steps]
     with torch.no_grad():
-        ev = agent.policy.evaluate(steps)
+        ev = agent.policy.evaluate_actions(steps)
     prox = torch.stack([d[s.action_index] for d, s in zip(ev.distributions, steps)])
     expected = (prox - behaviour).exp().clamp(max=1.05)
     assert not torch.allclose(prox, behaviour, atol=1e-4)  # the update moved the policy

@@ -126,7 +126,7 @@ def test_the_policy_head_adds_to_the_scores_but_not_to_the_reference(tokenizer):
         assert torch.allclose(p, r, atol=1e-5)  # the reference is the model alone (adapter still zero)
     assert any(not torch.allclose(h, p, atol=1e-3) for h, p in zip(with_head, plain))
     steps = [Step(prompt_ids=p, candidate_ids=c, action_index=1, logprob=0.0) for p, c in zip(prompts, cands)]
-    ev = pol.evaluate(steps, frozen_body=True)
+    ev = pol.evaluate_actions(steps, frozen_body=True)
     for d, h in zip(ev.distributions, with_head):
         assert torch.allclose(d, h, atol=1e-5)
     pol.zero_grad(set_to_none=True)

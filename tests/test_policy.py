@@ -138,7 +138,7 @@ def test_evaluate_matches_acting_logprobs(tokenizer, tiny_lm):
             Step(prompt_ids=prompts[1], candidate_ids=cands[1], action_index=2),
             Step(prompt_ids=[3, 4], response_ids=reply.token_ids),
         ]
-        ev = policy.evaluate(steps)
+        ev = policy.evaluate_actions(steps)
     torch.testing.assert_close(ev.distributions[0], logprobs[0])
     torch.testing.assert_close(ev.distributions[1], logprobs[1])
     torch.testing.assert_close(ev.distributions[2], torch.tensor(reply.token_logprobs), atol=1e-4, rtol=1e-4)

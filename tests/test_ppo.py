@@ -30,7 +30,7 @@ def test_generate_mode_update_raises_logprob_of_positive_and_lowers_negative_rep
         stats = agent.terminate_episode()
     assert stats, "the update should have run"
     with torch.no_grad():
-        after = agent.policy.evaluate(steps, with_entropy=False).distributions
+        after = agent.policy.evaluate_actions(steps, with_entropy=False).distributions
     for k, (step, dist) in enumerate(zip(steps, after)):
         delta = float(dist.sum()) - step.logprob
         if k % 2 == 0:
@@ -67,7 +67,7 @@ def test_kl_to_reference_is_zero_before_training_and_grows(make_agent):
         agent.terminate_episode()
     reference = agent.algorithm.reference_distributions(steps)
     with torch.no_grad():
-        ev = agent.policy.evaluate(steps)
+        ev = agent.policy.evaluate_actions(steps)
     from rllama.algorithms import kl_to_reference
 
     assert torch.all(kl_to_reference(ev, reference, steps) > 0)

@@ -135,8 +135,8 @@ def test_evaluate_and_gradients_equal_the_uncached_path(tokenizer, scored):
     for pol in (cached, plain):
         pol.zero_grad()
         with torch.no_grad():
-            pol.evaluate(steps[:3])  # warm the cache on part of the batch
-        ev = pol.evaluate(steps)
+            pol.evaluate_actions(steps[:3])  # warm the cache on part of the batch
+        ev = pol.evaluate_actions(steps)
         logp, _ = ev.unit_logprobs()
         loss = logp.sum() + ev.values.sum() + ev.entropy.sum()
         loss.backward()
@@ -158,7 +158,7 @@ def test_reference_pass_equals_the_uncached_path(tokenizer):
     out = []
     for pol in (cached, plain):
         with torch.no_grad(), pol.reference():
-            out.append(torch.cat(pol.evaluate(steps).distributions))
+            out.append(torch.cat(pol.evaluate_actions(steps).distributions))
     torch.testing.assert_close(out[0], out[1], atol=ATOL, rtol=0)
 
 
@@ -249,7 +249,7 @@ def test_states_without_keys_and_values_still_give_the_uncached_results(tokenize
         for pol in (cached, plain):
             with torch.no_grad():
                 out = pol.candidate_outputs(prompts[rnd:], cands[rnd:])
-                ev = pol.evaluate(steps)
+                ev = pol.evaluate_actions(steps)
                 gen = pol.generate(prompts[:2], max_new_tokens=3, greedy=True)
             if pol is cached:
                 a = (torch.cat(out.logprobs), torch.cat(ev.distributions), ev.values, [g.token_ids for g in gen])
@@ -370,8 +370,8 @@ def test_reference_distributions_are_remembered_and_equal_a_fresh_computation(to
     steps = steps_of(prompts, [candidates(i) for i in range(len(prompts))])
     first = cached.reference_distributions(steps[:4], batch_size=3)
     calls = []
-    original = cached.evaluate
-    cached.evaluate = lambda part, **kw: calls.append(len(part)) or original(part, **kw)
+    original = cached.evaluate_actions
+    cached.evaluate_actions = lambda part, **kw: calls.append(len(part)) or original(part, **kw)
     again = cached.reference_distributions(steps, batch_size=3)
     assert sum(calls) == len(steps) - 4  # the first four were remembered
     fresh = plain.reference_distributions(steps, batch_size=3)
@@ -404,7 +404,7 @@ def test_acting_never_reads_adapted_block_states_of_older_weights(tokenizer, cha
         params = pol.adapter_parameters()
         if change.endswith("adamw"):
             opt = torch.optim.AdamW(params, lr=0.05, fused=change == "fused-adamw")
-            loss = pol.evaluate(steps_of(prompts[:3], cands[:3])).values.sum() + sum(p.sum() for p in params)
+            loss = pol.evaluate_actions(steps_of(prompts[:3], cands[:3])).values.sum() + sum(p.sum() for p in params)
             loss.backward()
             opt.step()
         elif change == "data-write":

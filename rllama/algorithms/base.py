@@ -196,7 +196,7 @@ class Algorithm(ABC):
         size = int(getattr(self.config, "minibatch_size", 16))
         for start in range(0, len(steps), size):
             part = steps[start : start + size]
-            ev = self.policy.evaluate(part, with_values=True, with_entropy=False)
+            ev = self.policy.evaluate_actions(part, with_values=True, with_entropy=False)
             yield from zip(part, ev.distributions, ev.values.tolist())
 
     @torch.no_grad()
@@ -500,7 +500,7 @@ class OnPolicyAlgorithm(Algorithm):
             for idx in batch.minibatches(cfg.minibatch_size, self.generator, count=count):
                 rows = idx.tolist()
                 steps = [batch.steps[i] for i in rows]
-                ev = self.policy.evaluate(steps, with_values=self.uses_value, frozen_body=not cfg.train_adapter)
+                ev = self.policy.evaluate_actions(steps, with_values=self.uses_value, frozen_body=not cfg.train_adapter)
                 tokens += tokens_of(steps)
                 new_lp, owner = ev.unit_logprobs()
                 units_per_step = torch.bincount(owner, minlength=len(steps)).float()

@@ -59,11 +59,6 @@ class Step:
         """Whether the action was chosen by scoring candidates (rather than generated)."""
         return self.candidate_ids is not None
 
-    @property
-    def num_units(self) -> int:
-        """Number of log-probability terms of the step: 1 when scored, one per token when generated."""
-        return 1 if self.is_scored else len(self.response_ids or ())
-
 
 @dataclass
 class Episode:

@@ -1136,7 +1136,7 @@ class PolicyModel(nn.Module):
             positions = positions + 1
         return replies
 
-    def evaluate(self, steps, with_values: bool = True, with_entropy: bool = True,
+    def evaluate_actions(self, steps, with_values: bool = True, with_entropy: bool = True,
                  frozen_body: bool = False) -> StepEvaluation:
         """Re-evaluate stored steps under the current parameters (with gradients if enabled).
 
@@ -1171,6 +1171,11 @@ class PolicyModel(nn.Module):
         entropy = torch.stack(entropies) if with_entropy else None
         return StepEvaluation(values, dists, entropy, indices)
 
+    def evaluate(self, steps, **kwargs) -> StepEvaluation:
+        """Deprecated name of :meth:`evaluate_actions` (``agent.evaluate`` plays episodes; this scores steps)."""
+        warnings.warn("PolicyModel.evaluate is renamed evaluate_actions", DeprecationWarning, stacklevel=2)
+        return self.evaluate_actions(steps, **kwargs)
+
     @torch.no_grad()
     def reference_distributions(self, steps, batch_size: int = 16) -> list[torch.Tensor]:
         """Each step's action distribution under the reference policy (the base model, adapter disabled).
@@ -1194,7 +1199,7 @@ class PolicyModel(nn.Module):
         with self.reference():
             for start in range(0, len(todo), batch_size):
                 part = todo[start : start + batch_size]
-                ev = self.evaluate([steps[i] for i in part], with_values=False, with_entropy=False)
+                ev = self.evaluate_actions([steps[i] for i in part], with_values=False, with_entropy=False)
                 for i, dist in zip(part, ev.distributions):
                     out[i] = dist
                     if memo is not None:
