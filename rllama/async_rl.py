@@ -42,8 +42,8 @@ from typing import Any
 
 import torch
 
-from rllama.algorithms.base import OnPolicyAlgorithm
 from rllama.algorithms.buffers import episode_from_dict, episode_to_dict
+from rllama.algorithms.on_policy import OnPolicyAlgorithm
 from rllama.errors import RLlamaError, require
 
 

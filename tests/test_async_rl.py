@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rllama.algorithms.base import old_unit_logprobs
+from rllama.algorithms.losses import old_unit_logprobs
 from tests.conftest import ChoiceAgent, ChoiceEnv, make_tiny_lm, make_tokenizer, right_probability
 
 

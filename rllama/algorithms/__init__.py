@@ -5,16 +5,7 @@
 """
 
 from rllama.algorithms.a2c import A2C, A2CConfig
-from rllama.algorithms.base import (
-    Algorithm,
-    AlgorithmConfig,
-    Minibatch,
-    OffPolicyAlgorithm,
-    OffPolicyConfig,
-    OnPolicyAlgorithm,
-    OnPolicyConfig,
-    kl_to_reference,
-)
+from rllama.algorithms.base import Algorithm, AlgorithmConfig
 from rllama.algorithms.buffers import (
     Episode,
     ReplayBuffer,
@@ -27,6 +18,9 @@ from rllama.algorithms.buffers import (
 )
 from rllama.algorithms.dqn import DQN, DQNConfig
 from rllama.algorithms.grpo import GRPO, GRPOConfig
+from rllama.algorithms.losses import Minibatch, kl_to_reference
+from rllama.algorithms.off_policy import OffPolicyAlgorithm, OffPolicyConfig
+from rllama.algorithms.on_policy import OnPolicyAlgorithm, OnPolicyConfig
 from rllama.algorithms.ppo import PPO, PPOConfig
 from rllama.algorithms.registry import available, get_algorithm_class, make_algorithm, register_algorithm
 from rllama.algorithms.reinforce import REINFORCE, REINFORCEConfig

@@ -15,7 +15,8 @@ from typing import ClassVar
 
 import torch
 
-from rllama.algorithms.base import Minibatch, OnPolicyAlgorithm, OnPolicyConfig
+from rllama.algorithms.losses import Minibatch
+from rllama.algorithms.on_policy import OnPolicyAlgorithm, OnPolicyConfig
 from rllama.algorithms.registry import register_algorithm
 
 

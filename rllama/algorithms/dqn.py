@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rllama.algorithms.base import OffPolicyAlgorithm, OffPolicyConfig, _check, transition_batch
+from rllama.algorithms.base import check_field
 from rllama.algorithms.buffers import Transition
+from rllama.algorithms.off_policy import OffPolicyAlgorithm, OffPolicyConfig, transition_batch
 from rllama.algorithms.registry import register_algorithm
 from rllama.policy.model import CandidateOutputs
 
@@ -51,9 +52,9 @@ class DQNConfig(OffPolicyConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("exploration_initial_eps", "exploration_final_eps"):
-            _check(self, name, 0 <= getattr(self, name) <= 1, "must lie in [0, 1]")
-        _check(self, "exploration_steps", self.exploration_steps >= 1, "must be at least 1")
-        _check(self, "huber_delta", self.huber_delta > 0, "must be positive")
+            check_field(self, name, 0 <= getattr(self, name) <= 1, "must lie in [0, 1]")
+        check_field(self, "exploration_steps", self.exploration_steps >= 1, "must be at least 1")
+        check_field(self, "huber_delta", self.huber_delta > 0, "must be positive")
 
 
 def greedy_index(q: torch.Tensor, prior: torch.Tensor) -> int:

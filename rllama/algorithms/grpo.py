@@ -23,8 +23,10 @@ from typing import ClassVar
 
 import torch
 
-from rllama.algorithms.base import Minibatch, OnPolicyAlgorithm, OnPolicyConfig, _check, clipped_surrogate
+from rllama.algorithms.base import check_field
 from rllama.algorithms.buffers import Episode, RolloutBatch, RolloutBuffer
+from rllama.algorithms.losses import Minibatch, clipped_surrogate
+from rllama.algorithms.on_policy import OnPolicyAlgorithm, OnPolicyConfig
 from rllama.algorithms.registry import register_algorithm
 
 
@@ -56,11 +58,11 @@ class GRPOConfig(OnPolicyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self, "group_size", self.group_size >= 2, "must be at least 2")
-        _check(self, "batch_episodes", self.batch_episodes % self.group_size == 0,
+        check_field(self, "group_size", self.group_size >= 2, "must be at least 2")
+        check_field(self, "batch_episodes", self.batch_episodes % self.group_size == 0,
                f"must be a multiple of group_size={self.group_size}")
-        _check(self, "epochs", self.epochs >= 1, "must be at least 1")
-        _check(self, "clip_range", self.clip_range > 0, "must be positive")
+        check_field(self, "epochs", self.epochs >= 1, "must be at least 1")
+        check_field(self, "clip_range", self.clip_range > 0, "must be positive")
 
 
 def group_key(episode: Episode):

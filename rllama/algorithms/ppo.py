@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rllama.algorithms.base import Minibatch, OnPolicyAlgorithm, OnPolicyConfig, _check, clipped_surrogate
+from rllama.algorithms.base import check_field
+from rllama.algorithms.losses import Minibatch, clipped_surrogate
+from rllama.algorithms.on_policy import OnPolicyAlgorithm, OnPolicyConfig
 from rllama.algorithms.registry import register_algorithm
 
 
@@ -42,9 +44,9 @@ class PPOConfig(OnPolicyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self, "epochs", self.epochs >= 1, "must be at least 1")
-        _check(self, "clip_range", self.clip_range > 0, "must be positive")
-        _check(self, "target_kl", self.target_kl is None or self.target_kl > 0, "must be positive or None")
+        check_field(self, "epochs", self.epochs >= 1, "must be at least 1")
+        check_field(self, "clip_range", self.clip_range > 0, "must be positive")
+        check_field(self, "target_kl", self.target_kl is None or self.target_kl > 0, "must be positive or None")
 
 
 @register_algorithm("ppo")

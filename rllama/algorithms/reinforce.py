@@ -15,8 +15,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from rllama.algorithms.base import Minibatch, OnPolicyAlgorithm, OnPolicyConfig, _check
+from rllama.algorithms.base import check_field
 from rllama.algorithms.buffers import Episode, RolloutBatch, discounted_returns
+from rllama.algorithms.losses import Minibatch
+from rllama.algorithms.on_policy import OnPolicyAlgorithm, OnPolicyConfig
 from rllama.algorithms.registry import register_algorithm
 
 
@@ -44,8 +46,8 @@ class REINFORCEConfig(OnPolicyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self, "baseline", self.baseline in ("value", "mean", "none"), "must be 'value', 'mean' or 'none'")
-        _check(self, "baseline_momentum", 0 <= self.baseline_momentum < 1, "must lie in [0, 1)")
+        check_field(self, "baseline", self.baseline in ("value", "mean", "none"), "must be 'value', 'mean' or 'none'")
+        check_field(self, "baseline_momentum", 0 <= self.baseline_momentum < 1, "must lie in [0, 1)")
 
 
 @register_algorithm("reinforce")

@@ -21,15 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rllama.algorithms.base import (
-    OffPolicyAlgorithm,
-    OffPolicyConfig,
-    _check,
-    load_optimizer_state,
-    optimizer_state,
-    transition_batch,
-)
+from rllama.algorithms.base import check_field, load_optimizer_state, optimizer_state
 from rllama.algorithms.buffers import Transition
+from rllama.algorithms.off_policy import OffPolicyAlgorithm, OffPolicyConfig, transition_batch
 from rllama.algorithms.registry import register_algorithm
 from rllama.policy.model import POLICY_HEAD
 
@@ -66,11 +60,11 @@ class SACConfig(OffPolicyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self, "initial_alpha", self.initial_alpha > 0, "must be positive")
-        _check(self, "alpha_learning_rate", self.alpha_learning_rate > 0, "must be positive")
-        _check(self, "target_entropy_ratio", 0 <= self.target_entropy_ratio <= 1, "must lie in [0, 1]")
-        _check(self, "actor_coef", self.actor_coef >= 0, "must be non-negative")
-        _check(self, "actor_learning_rate", self.actor_learning_rate is None or self.actor_learning_rate > 0,
+        check_field(self, "initial_alpha", self.initial_alpha > 0, "must be positive")
+        check_field(self, "alpha_learning_rate", self.alpha_learning_rate > 0, "must be positive")
+        check_field(self, "target_entropy_ratio", 0 <= self.target_entropy_ratio <= 1, "must lie in [0, 1]")
+        check_field(self, "actor_coef", self.actor_coef >= 0, "must be non-negative")
+        check_field(self, "actor_learning_rate", self.actor_learning_rate is None or self.actor_learning_rate > 0,
                "must be positive or None")
 
 

@@ -1,0 +1,289 @@
+"""Policy-gradient algorithms (PPO, A2C, REINFORCE, GRPO): collect episodes, compute targets, minimise a
+loss over minibatches."""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from rllama.algorithms.base import AUTO, Algorithm, AlgorithmConfig, Timer, check_field, tokens_of
+from rllama.algorithms.buffers import (
+    Episode,
+    RolloutBatch,
+    Step,
+)
+from rllama.algorithms.losses import Minibatch, explained_variance, kl_to_reference, old_unit_logprobs, unit_logprobs_of
+from rllama.errors import RLlamaError
+from rllama.policy.model import POLICY_HEAD, PolicyModel
+
+
+@dataclass
+class OnPolicyConfig(AlgorithmConfig):
+    """Settings shared by the on-policy algorithms.
+
+    Attributes:
+        minibatch_size: steps per gradient step.
+        max_importance_weight: cap of the importance weight ``pi_prox / pi_behav`` that corrects steps
+            acted by an older policy (asynchronous training, :mod:`rllama.async_rl`); unused when every
+            step is on-policy.
+        gamma: discount factor.
+        gae_lambda: GAE lambda.
+        kl_coef: weight of the KL divergence to the reference policy (the base model with the
+            adapter disabled) in the loss; 0 turns the reference pass off.
+        kl_direction: ``"forward"``, ``KL(pi_ref || pi)``: a pull toward the base model whose gradient
+            (``pi - pi_ref`` per candidate) does not vanish as the policy becomes certain, so an
+            action the policy has nearly given up keeps being tried; or ``"reverse"``,
+            ``KL(pi || pi_ref)`` as in RLHF, whose pull fades with the action's probability.
+        ent_coef: weight of the entropy bonus.
+        vf_coef: weight of the value loss (algorithms that learn a value).
+        normalize_advantages: standardise advantages over the batch.
+        policy_head: ``k > 0`` adds a linear head on each candidate's features, whitened to their
+            top ``k`` principal components, to the candidate's logit (scoring mode), and the value
+            head reads the prompt's features whitened the same way; both are fitted once, at the
+            first update, from the steps collected so far (``learning_starts``). A linear policy on
+            the model's features learns state-dependent choices that the adapter alone does not
+            (Blackjack: ``docs/algorithms.md``). ``0``: off, the policy is the model's own scores.
+            ``"auto"`` (default): 64 for an agent that scores candidate actions, 0 for one that
+            generates (see :meth:`resolved`).
+        train_adapter: ``False`` keeps the LoRA adapter as it is: only the heads learn, and every
+            forward runs without gradients through the prefix cache (only with a policy head).
+            ``"auto"``: ``False`` with a policy head, ``True`` without.
+        learning_starts: steps collected before the first update (all of them train it: the policy
+            does not change before); with a policy head, the sample its whitening is fitted from.
+            ``"auto"``: 500 with a policy head, 0 without.
+        head_learning_rate: as for every algorithm; ``"auto"``: with a policy head, the config's
+            ``auto_head_learning_rate`` (a linear policy on unit-variance features: PPO ``1e-2``;
+            A2C, REINFORCE and GRPO, with fewer gradient steps per episode, ``3e-2``), without one
+            ``1e-3`` (the value head alone).
+    """
+
+    minibatch_size: int = 16
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    kl_coef: float = 0.05
+    kl_direction: str = "forward"
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    normalize_advantages: bool = True
+    max_importance_weight: float = 2.0
+    auto_fields: ClassVar[tuple[str, ...]] = ("policy_head", "train_adapter", "learning_starts", "head_learning_rate")
+    # What "auto" gives a scoring agent (resolved): the policy head's components, the steps its
+    # whitening is fitted from, the heads' learning rate.
+    auto_policy_head: ClassVar[int] = 64
+    auto_learning_starts: ClassVar[int] = 500
+    auto_head_learning_rate: ClassVar[float] = 1e-2
+    policy_head: int | str = AUTO
+    train_adapter: bool | str = AUTO
+    learning_starts: int | str = AUTO
+    head_learning_rate: float | str | None = AUTO
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_field(self, "policy_head", self.policy_head == AUTO or _count(self.policy_head),
+               "must be 'auto', 0 (off) or a number of components")
+        check_field(self, "train_adapter", self.train_adapter == AUTO or isinstance(self.train_adapter, bool),
+               "must be 'auto', True or False")
+        head_possible = self.policy_head == AUTO or self.policy_head > 0
+        check_field(self, "train_adapter", self.train_adapter is not False or head_possible,
+               "may be False only with a policy head (policy_head > 0): otherwise nothing but the critic would "
+               "learn ('auto' gives a policy head only to an agent that scores its actions in this process)")
+        check_field(self, "learning_starts", self.learning_starts == AUTO or _count(self.learning_starts),
+               "must be 'auto' or a non-negative number of steps")
+        check_field(self, "minibatch_size", self.minibatch_size >= 1, "must be at least 1")
+        check_field(self, "max_importance_weight", self.max_importance_weight >= 1, "must be at least 1")
+        check_field(self, "gamma", 0 <= self.gamma <= 1, "must lie in [0, 1]")
+        check_field(self, "gae_lambda", 0 <= self.gae_lambda <= 1, "must lie in [0, 1]")
+        check_field(self, "kl_coef", self.kl_coef >= 0, "must be non-negative")
+        check_field(self, "kl_direction", self.kl_direction in ("forward", "reverse"), "must be 'forward' or 'reverse'")
+        check_field(self, "vf_coef", self.vf_coef >= 0, "must be non-negative")
+
+    def resolved(self, scoring: bool | None = None) -> OnPolicyConfig:
+        """A copy with every ``"auto"`` field decided. ``scoring``: whether the agent scores candidate
+        actions (and its backend serves the heads); the policy head is on only then (``None``,
+        unknown: off, the setting that works in both modes). The measurements behind these values
+        are in ``docs/algorithms.md``, "Heads on the model's features"."""
+        head = self.policy_head if self.policy_head != AUTO else (self.auto_policy_head if scoring else 0)
+        starts = self.auto_learning_starts if head else 0
+        rate = self.auto_head_learning_rate if head else 1e-3
+        return dataclasses.replace(
+            self,
+            policy_head=head,
+            train_adapter=(not head) if self.train_adapter == AUTO else self.train_adapter,
+            learning_starts=starts if self.learning_starts == AUTO else self.learning_starts,
+            head_learning_rate=rate if self.head_learning_rate == AUTO else self.head_learning_rate,
+        )
+
+
+def _count(value) -> bool:
+    """Whether ``value`` is a non-negative int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class OnPolicyAlgorithm(Algorithm):
+    """Policy-gradient algorithms: collect episodes, compute targets, minimise a loss over minibatches.
+
+    A subclass implements :meth:`policy_loss` and may override :meth:`compute_targets`; the
+    loop adds the value loss (when ``uses_value``), the entropy bonus and the KL penalty to the
+    reference policy, and handles epochs, minibatches, the optimizer step and statistics.
+    """
+
+    config_class: ClassVar[type] = OnPolicyConfig
+    uses_value: ClassVar[bool] = True
+
+    def __init__(self, policy: PolicyModel, config=None, seed: int | None = None) -> None:
+        config = self.resolve_config(config)
+        if config.policy_head:  # before the optimizer is built
+            policy.add_head(POLICY_HEAD, whiten=config.policy_head)
+            if policy.heads["value"].whiten != min(config.policy_head, policy.hidden_size):
+                policy.replace_head("value", whiten=config.policy_head)
+        super().__init__(policy, config, seed)
+
+    def ready(self) -> bool:
+        return super().ready() and (self.num_updates > 0 or self.buffer.num_steps >= self.config.learning_starts)
+
+    def fit_whitening(self, steps: Sequence[Step]) -> bool:
+        """Fit the policy and value heads' whitening from ``steps`` (once); returns whether it did."""
+        heads = self.policy.heads
+        if not self.config.policy_head or heads[POLICY_HEAD].fitted:
+            return False
+        scored = [s for s in steps if s.is_scored]
+        if not scored:
+            raise RLlamaError("a policy head (policy_head > 0) needs scored steps (candidate actions); "
+                              "this batch was generated")
+        prompt, action = self.policy.features([s.prompt_ids for s in scored], [s.candidate_ids for s in scored])
+        heads[POLICY_HEAD].fit_whitening(action)
+        if not heads["value"].fitted:
+            heads["value"].fit_whitening(prompt)
+        self._share_whitening([heads[POLICY_HEAD], heads["value"]])
+        return True
+
+    @torch.no_grad()
+    def reference_distributions(self, steps: Sequence[Step]) -> list[torch.Tensor]:
+        """Each step's action distribution under the reference policy (adapter disabled)."""
+        return self.policy.reference_distributions(steps, self.config.minibatch_size)
+
+    def compute_targets(self, batch: RolloutBatch, episodes: list[Episode]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(advantages [S], returns [S])``; the default is GAE from the value estimates made when acting."""
+        return batch.advantages, batch.returns
+
+    @abstractmethod
+    def policy_loss(self, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The policy-gradient part of the loss and its statistics."""
+
+    @property
+    def epochs(self) -> int:
+        return int(getattr(self.config, "epochs", 1))
+
+    def update(self) -> dict[str, float]:
+        cfg = self.config
+        timer = Timer()
+        episodes = self.buffer.episodes
+        all_steps = [s for e in episodes for s in e.steps]
+        if not cfg.train_adapter and not all(s.is_scored for s in all_steps):
+            raise RLlamaError("train_adapter=False trains the policy head only, which needs scored steps "
+                              "(candidate actions); generated steps need the adapter: set train_adapter=True "
+                              "(or policy_head=0), or have the agent's scores_actions() return False")
+        recomputed = self.recompute_behaviour(all_steps)
+        proximal, staleness = self.proximal_logprobs(all_steps)
+        self.fit_whitening(all_steps)
+        batch = self.buffer.to_batch(cfg.gamma, cfg.gae_lambda, self.bootstrap_values(episodes))
+        self.buffer.clear()
+        advantages, returns = self.compute_targets(batch, episodes)
+        if cfg.normalize_advantages and len(advantages) > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        reference = self.reference_distributions(batch.steps) if cfg.kl_coef > 0 else None
+        target_kl = getattr(cfg, "target_kl", None)
+
+        sums: dict[str, float] = {}
+        stats_weights: list[torch.Tensor] = []
+        n_minibatches = 0
+        tokens = tokens_of(batch.steps) if reference is not None else 0
+        # Across processes every one takes the same number of gradient steps (the fewest minibatches any has).
+        count = None
+        if self.data_parallel is not None:
+            count = self.data_parallel.min_int(-(-len(batch) // cfg.minibatch_size))
+        for _epoch in range(self.epochs):
+            stop = False
+            for idx in batch.minibatches(cfg.minibatch_size, self.generator, count=count):
+                rows = idx.tolist()
+                steps = [batch.steps[i] for i in rows]
+                ev = self.policy.evaluate_actions(steps, with_values=self.uses_value, frozen_body=not cfg.train_adapter)
+                tokens += tokens_of(steps)
+                new_lp, owner = ev.unit_logprobs()
+                units_per_step = torch.bincount(owner, minlength=len(steps)).float()
+                behaviour = old_unit_logprobs(steps).to(new_lp.device)
+                weights = None
+                if proximal:
+                    # Decoupled PPO: the ratio is taken to the policy at the start of this update (proximal);
+                    # the capped pi_prox / pi_behav corrects for the older policy that acted.
+                    prox = torch.cat([proximal[id(s)].to(behaviour.device) if id(s) in proximal
+                                      else behaviour.new_tensor(unit_logprobs_of(s)) for s in steps])
+                    weights = (prox - behaviour).exp().clamp(max=cfg.max_importance_weight)
+                    behaviour = prox
+                    stats_weights.append(weights)
+                mb = Minibatch(
+                    steps=steps, evaluation=ev, new_logprobs=new_lp, owner=owner, old_logprobs=behaviour,
+                    unit_weights=1.0 / units_per_step[owner],
+                    advantages=advantages[idx].to(new_lp.device), returns=returns[idx].to(new_lp.device),
+                    importance_weights=weights,
+                )
+                pg_loss, stats = self.policy_loss(mb)
+                entropy = ev.entropy.mean()
+                loss = pg_loss - cfg.ent_coef * entropy
+                stats["loss/policy"] = pg_loss.item()
+                stats["policy/entropy"] = entropy.item()
+                if self.uses_value:
+                    v_loss = 0.5 * (ev.values - mb.returns).pow(2).mean()
+                    loss = loss + cfg.vf_coef * v_loss
+                    stats["loss/value"] = v_loss.item()
+                if reference is not None:
+                    kl_ref = kl_to_reference(ev, [reference[i] for i in rows], steps, cfg.kl_direction).mean()
+                    loss = loss + cfg.kl_coef * kl_ref
+                    stats["policy/kl_ref"] = kl_ref.item()
+                with torch.no_grad():
+                    log_ratio = new_lp - mb.old_logprobs
+                    approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean().item()
+                stats["policy/approx_kl"] = approx_kl
+                stats["train/grad_norm"] = self.optimizer_step(loss)
+                stats["train/head_grad_norm"] = self.last_head_grad_norm
+                stats["loss/total"] = loss.item()
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                n_minibatches += 1
+                if target_kl is not None and self._agree(approx_kl > 1.5 * target_kl):
+                    stop = True
+                    break
+            if stop:
+                break
+        self.num_updates += 1
+        out = {k: v / n_minibatches for k, v in sums.items()}
+        out.update(
+            {
+                "rollout/episodes": float(len(episodes)),
+                "rollout/steps": float(len(batch)),
+                "rollout/mean_return": float(sum(e.total_reward for e in episodes) / len(episodes)),
+                "train/minibatches": float(n_minibatches),
+                "train/updates": float(self.num_updates),
+                "time/update_s": timer(),
+            }
+        )
+        out["time/update_tokens_per_s"] = tokens / max(out["time/update_s"], 1e-9)
+        if recomputed:
+            out["rollout/recomputed_steps"] = float(recomputed)
+        if staleness:
+            out["rollout/stale_steps"] = float(sum(1 for lag in staleness if lag > 0))
+            out["rollout/mean_staleness"] = sum(staleness) / len(staleness)
+        if stats_weights:
+            w = torch.cat(stats_weights)
+            out["policy/importance_weight"] = float(w.mean())
+            out["policy/importance_weight_capped"] = float((w >= cfg.max_importance_weight).float().mean())
+        if self.uses_value:
+            out["value/explained_variance"] = explained_variance(batch.old_values, returns)
+            out["value/mean"] = float(batch.old_values.mean())
+        return out
+
