@@ -328,7 +328,10 @@ def plot(result: dict, path: Path) -> None:
                            "PPO training\n16 envs", "PPO training\nat defaults"])
     axes[0].set_ylabel("env steps / s")
     axes[0].set_yscale("log")
-    axes[0].legend(fontsize=8)
+    axes[0].set_ylim(top=axes[0].get_ylim()[1] * 6)  # room for the legend above the bars
+    axes[0].tick_params(axis="x", labelsize=8)
+    axes[1].tick_params(axis="x", labelsize=8)
+    axes[0].legend(fontsize=8, loc="upper left")
     axes[0].set_title("acting and training throughput")
     axes[1].set_xticks(np.arange(len(costs)), ["PPO update\n(16 episodes)", "DQN step, adapter\n(16 transitions)",
                                                "DQN step, defaults\n(64, heads only)"])

@@ -22,6 +22,7 @@ from rllama.algorithms import (
     make_algorithm,
     register_algorithm,
 )
+from rllama.callbacks import Callback
 from rllama.errors import (
     AgentStateError,
     HookError,
@@ -37,6 +38,7 @@ from rllama.prompting import ChatFormat
 __version__ = "0.1.0"
 
 __all__ = [
+    "Callback",
     "DEFAULT_MODEL",
     "PPO",
     "AgentStateError",

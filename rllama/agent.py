@@ -39,7 +39,7 @@ import math
 import random
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ import torch
 from rllama import distributed
 from rllama.algorithms import Episode, Step, make_algorithm
 from rllama.backends import make_backend
+from rllama.callbacks import CallbackLike, update_hooks, wants_stop
 from rllama.errors import AgentStateError, HookError, InvalidActionError, RLlamaError
 from rllama.loops import run_episodes
 from rllama.memory import EpisodicMemory, Retrieved, WorkingMemory
@@ -766,7 +767,7 @@ class RLlamaAgent(ABC):
         }
 
     def train(self, env, n_episodes: int, *, seed: int | None = None, progress: bool = True,
-              callback: Callable[[dict], Any] | None = None) -> list[dict[str, float]]:
+              callback: CallbackLike = None) -> list[dict[str, float]]:
         """Run ``n_episodes`` training episodes on ``env`` (single or vector env).
 
         Args:
@@ -774,16 +775,19 @@ class RLlamaAgent(ABC):
                 ``seed + i``); ``None`` continues from the env's state. Training in slices with
                 ``seed=base + k`` would replay the same deals in every slice of a vector env: step
                 the seed by at least ``num_envs`` per slice, or seed only the first.
-            callback: called with each update's statistics; returning ``False`` stops training.
+            callback: a :class:`~rllama.callbacks.Callback` (its ``on_update`` gets each update's
+                statistics), a function of the statistics, or a list of these; ``False`` from any
+                stops training.
 
         Returns:
             The statistics of every update.
         """
         history: list[dict[str, float]] = []
+        hooks = update_hooks(callback)
 
         def on_update(stats: dict) -> bool:
             history.append(stats)
-            return not (callback is not None and callback(stats) is False)
+            return not wants_stop(hooks, stats)
 
         if seed is not None and self.data_parallel is not None:
             seed += 1_000_003 * self.data_parallel.rank  # each process plays different episodes

@@ -44,6 +44,7 @@ import torch
 
 from rllama.algorithms.buffers import episode_from_dict, episode_to_dict
 from rllama.algorithms.on_policy import OnPolicyAlgorithm
+from rllama.callbacks import CallbackLike, update_hooks, wants_stop
 from rllama.errors import RLlamaError, require
 
 
@@ -216,11 +217,14 @@ class AsyncTrainer:
         return ray.put(state)
 
     def train(self, n_episodes: int, *, progress: bool = True,
-              on_update: Callable[[dict[str, float]], bool | None] | None = None) -> list[dict[str, float]]:
+              callback: CallbackLike = None, on_update: CallbackLike = None) -> list[dict[str, float]]:
         """Train on ``n_episodes`` more accepted episodes; returns each update's statistics.
 
-        ``on_update(stats)`` returning ``False`` stops the run after that update.
+        ``callback``: as in :meth:`RLlamaAgent.train` (a :class:`~rllama.callbacks.Callback`, a function of
+        an update's statistics, or a list); ``False`` from any stops the run after that update.
+        ``on_update`` is its older name.
         """
+        hooks = update_hooks(callback) + update_hooks(on_update)
         if n_episodes < 1:
             raise ValueError(f"n_episodes={n_episodes}; expected at least 1")
         ray = self._init_ray()
@@ -285,7 +289,7 @@ class AsyncTrainer:
                     if bar is not None:
                         bar.set_postfix(ret=f"{stats['async/train_return']:+.3f}", dropped=self.stats.dropped,
                                         refresh=False)
-                    if on_update is not None and on_update(stats) is False:
+                    if wants_stop(hooks, stats):
                         break
         finally:
             # Tasks still in flight carry on: the next train() call takes their episodes (staleness-checked).

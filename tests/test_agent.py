@@ -126,6 +126,30 @@ def test_train_and_evaluate_on_a_single_env(make_agent):
     assert agent.algorithm.buffer.num_episodes == 0  # evaluation records nothing
 
 
+def test_train_takes_callbacks_functions_or_lists_of_them_and_any_false_stops(make_agent):
+    from rllama import Callback
+
+    class Counter(Callback):
+        def __init__(self, stop_after=None):
+            self.seen, self.stop_after = [], stop_after
+
+        def on_update(self, record):
+            self.seen.append(record)
+            return False if self.stop_after is not None and len(self.seen) >= self.stop_after else None
+
+    config = {"batch_episodes": 2, "minibatch_size": 2, "policy_head": 0}
+    agent = make_agent(algorithm_config=config)
+    counter, calls = Counter(stop_after=2), []
+    history = agent.train(ChoiceEnv(steps=1), 12, seed=0, progress=False, callback=[counter, calls.append])
+    assert len(history) == len(counter.seen) == len(calls) == 2  # stopped at the second update; both heard it
+    assert calls == counter.seen == history
+    alone = Counter()
+    assert len(make_agent(algorithm_config=config).train(ChoiceEnv(steps=1), 4, seed=0, progress=False,
+                                                         callback=alone)) == len(alone.seen) == 2
+    with pytest.raises(TypeError, match="callback 3"):
+        agent.train(ChoiceEnv(steps=1), 2, seed=0, progress=False, callback=[3])
+
+
 @pytest.mark.parametrize("mode", ["next_step", "same_step"])
 def test_train_and_evaluate_on_a_vector_env(make_agent, mode):
     from gymnasium.vector import AutoresetMode

@@ -1,4 +1,4 @@
-"""Callbacks and loggers of a run (in the spirit of Stable-Baselines3's callbacks).
+"""Loggers of a run: each is a :class:`~rllama.callbacks.Callback` (defined in :mod:`rllama.callbacks`).
 
 A :class:`Callback` gets the run's events; every logger is one. The runner sends records (dicts)
 with a ``"kind"``:
@@ -21,23 +21,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from rllama.callbacks import Callback
 from rllama.errors import require
-
-
-class Callback:
-    """Receives a run's events; override what you need."""
-
-    def on_run_start(self, config: dict[str, Any], run_dir: Path, resumed_from: Path | None) -> None: ...
-
-    def on_update(self, record: dict[str, Any]) -> bool | None: ...
-
-    def on_segment(self, record: dict[str, Any]) -> bool | None: ...
-
-    def on_eval(self, record: dict[str, Any]) -> None: ...
-
-    def on_checkpoint(self, path: Path, record: dict[str, Any]) -> None: ...
-
-    def on_run_end(self, summary: dict[str, Any]) -> None: ...
 
 
 class RecordLogger(Callback, ABC):
