@@ -27,6 +27,7 @@ class Minibatch:
     advantages: torch.Tensor  # [S]
     returns: torch.Tensor  # [S]
     importance_weights: torch.Tensor | None = None  # [U] pi_prox / pi_behav of stale steps (capped), else None
+    reference: list[torch.Tensor] | None = None  # per step, its distribution under the reference policy
 
     def unit_advantages(self) -> torch.Tensor:
         """Each unit's advantage; for steps acted by an older policy, times its importance weight."""

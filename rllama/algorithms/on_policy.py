@@ -127,9 +127,11 @@ def _count(value) -> bool:
 class OnPolicyAlgorithm(Algorithm):
     """Policy-gradient algorithms: collect episodes, compute targets, minimise a loss over minibatches.
 
-    A subclass implements :meth:`policy_loss` and may override :meth:`compute_targets`; the
-    loop adds the value loss (when ``uses_value``), the entropy bonus and the KL penalty to the
-    reference policy, and handles epochs, minibatches, the optimizer step and statistics.
+    A subclass implements :meth:`policy_loss` and may override :meth:`compute_targets`; :meth:`loss`
+    adds the value loss (when ``uses_value``), the entropy bonus and the KL penalty to the reference
+    policy (a subclass may override it to write its whole objective, as PPO does, from the terms
+    :meth:`entropy`, :meth:`value_loss` and :meth:`kl_to_reference`); the loop handles epochs,
+    minibatches, the optimizer step and statistics.
     """
 
     config_class: ClassVar[type] = OnPolicyConfig
@@ -174,6 +176,40 @@ class OnPolicyAlgorithm(Algorithm):
     @abstractmethod
     def policy_loss(self, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The policy-gradient part of the loss and its statistics."""
+
+    def loss(self, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The minibatch's whole objective and its statistics. The default adds the shared terms to
+        :meth:`policy_loss`: ``policy_loss - ent_coef * entropy + vf_coef * value_loss + kl_coef * KL``
+        (the value term when the algorithm has a critic, the KL term when ``kl_coef > 0``); an
+        algorithm may write its own out instead, as PPO does."""
+        cfg = self.config
+        pg_loss, stats = self.policy_loss(mb)
+        entropy = self.entropy(mb)
+        loss = pg_loss - cfg.ent_coef * entropy
+        stats.update({"loss/policy": pg_loss.item(), "policy/entropy": entropy.item()})
+        if self.uses_value:
+            v_loss = self.value_loss(mb)
+            loss = loss + cfg.vf_coef * v_loss
+            stats["loss/value"] = v_loss.item()
+        if mb.reference is not None:
+            kl_ref = self.kl_to_reference(mb)
+            loss = loss + cfg.kl_coef * kl_ref
+            stats["policy/kl_ref"] = kl_ref.item()
+        return loss, stats
+
+    @staticmethod
+    def entropy(mb: Minibatch) -> torch.Tensor:
+        """The policy's mean entropy over the minibatch's steps (per token for generated steps)."""
+        return mb.evaluation.entropy.mean()
+
+    @staticmethod
+    def value_loss(mb: Minibatch) -> torch.Tensor:
+        """``E[(V(s) - R)^2] / 2`` over the minibatch's steps."""
+        return 0.5 * (mb.evaluation.values - mb.returns).pow(2).mean()
+
+    def kl_to_reference(self, mb: Minibatch) -> torch.Tensor:
+        """The mean KL divergence to the reference policy (``kl_direction``) over the minibatch's steps."""
+        return kl_to_reference(mb.evaluation, mb.reference, mb.steps, self.config.kl_direction).mean()
 
     @property
     def epochs(self) -> int:
@@ -230,21 +266,9 @@ class OnPolicyAlgorithm(Algorithm):
                     steps=steps, evaluation=ev, new_logprobs=new_lp, owner=owner, old_logprobs=behaviour,
                     unit_weights=1.0 / units_per_step[owner],
                     advantages=advantages[idx].to(new_lp.device), returns=returns[idx].to(new_lp.device),
-                    importance_weights=weights,
+                    importance_weights=weights, reference=None if reference is None else [reference[i] for i in rows],
                 )
-                pg_loss, stats = self.policy_loss(mb)
-                entropy = ev.entropy.mean()
-                loss = pg_loss - cfg.ent_coef * entropy
-                stats["loss/policy"] = pg_loss.item()
-                stats["policy/entropy"] = entropy.item()
-                if self.uses_value:
-                    v_loss = 0.5 * (ev.values - mb.returns).pow(2).mean()
-                    loss = loss + cfg.vf_coef * v_loss
-                    stats["loss/value"] = v_loss.item()
-                if reference is not None:
-                    kl_ref = kl_to_reference(ev, [reference[i] for i in rows], steps, cfg.kl_direction).mean()
-                    loss = loss + cfg.kl_coef * kl_ref
-                    stats["policy/kl_ref"] = kl_ref.item()
+                loss, stats = self.loss(mb)
                 with torch.no_grad():
                     log_ratio = new_lp - mb.old_logprobs
                     approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean().item()

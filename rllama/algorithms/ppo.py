@@ -61,3 +61,17 @@ class PPO(OnPolicyAlgorithm):
 
     def policy_loss(self, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         return clipped_surrogate(mb, self.config.clip_range)
+
+    def loss(self, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective of the module docstring, term by term."""
+        cfg = self.config
+        surrogate, stats = self.policy_loss(mb)
+        entropy = self.entropy(mb)
+        value = self.value_loss(mb)
+        loss = surrogate - cfg.ent_coef * entropy + cfg.vf_coef * value
+        stats.update({"loss/policy": surrogate.item(), "policy/entropy": entropy.item(), "loss/value": value.item()})
+        if mb.reference is not None:  # kl_coef > 0
+            kl = self.kl_to_reference(mb)
+            loss = loss + cfg.kl_coef * kl
+            stats["policy/kl_ref"] = kl.item()
+        return loss, stats
