@@ -507,3 +507,16 @@ def test_an_untrained_adapter_and_the_reference_share_their_cached_states(tokeni
     torch.testing.assert_close(torch.cat(moved.logprobs), torch.cat(expected.logprobs), atol=ATOL, rtol=0)
     torch.testing.assert_close(torch.cat(again.logprobs), torch.cat(expected_reference.logprobs), atol=ATOL, rtol=0)
     assert not torch.allclose(torch.cat(moved.logprobs), torch.cat(again.logprobs))
+
+
+def test_a_dora_adapter_is_never_taken_for_the_base_model(tokenizer):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[2, 3],
+                        use_dora=True)
+    pol = PolicyModel(make_deep_lm(0), tokenizer, lora_config=config, precision="fp32")
+    assert pol._adapter_signature() != ("base model",)  # a zero B still rescales DoRA's weights
+    with pol.reference():
+        assert pol._adapter_signature() == ("base model",)
+    fresh = PolicyModel(make_deep_lm(0), tokenizer, lora_config=default_lora_config(layers=[2, 3]), precision="fp32")
+    assert fresh._adapter_signature() == ("base model",)

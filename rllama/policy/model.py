@@ -664,7 +664,8 @@ class PolicyModel(nn.Module):
         if probe is None:
             return ()
         active = tuple(probe.active_adapters)
-        if probe.disable_adapters or not any(p.detach().any() for name in active for p in outputs.get(name, ())):
+        adds_nothing = outputs is not None and not any(p.detach().any() for a in active for p in outputs.get(a, ()))
+        if probe.disable_adapters or adds_nothing:
             return ("base model",)
         sums = torch.stack([p.detach().float().sum() for p in params]).tolist() if params else []
         return (active, tuple(p._version for p in params), tuple(sums))
@@ -672,17 +673,18 @@ class PolicyModel(nn.Module):
     @property
     def _lora_probe(self):
         """One LoRA layer (it says which adapters are active and whether they are disabled), every LoRA
-        weight, and each adapter's output (``B``) weights; found again after the adapters change."""
+        weight, and each adapter's output (``B``) weights (``None`` for DoRA, where a zero ``B`` still
+        rescales the weights); found again after the adapters change."""
         if self._probe is None:
             layer = next((m for m in self.lm.modules() if holds_lora(m)), None)
             named = [(n, p) for n, p in self.lm.named_parameters() if "lora_" in n]
-            outputs: dict[str, list[nn.Parameter]] = {}
-            if any("lora_magnitude" in n for n, _ in named):  # DoRA: a zero B still rescales the weights
-                outputs = {name: [torch.ones(1)] for name in self.list_adapters()}
+            outputs: dict[str, list[nn.Parameter]] | None = {}
             for n, p in named:
                 for marker in ("lora_B.", "lora_embedding_B."):
                     if marker in n:
                         outputs.setdefault(n.split(marker, 1)[1].split(".")[0], []).append(p)
+            if any("lora_magnitude" in n for n, _ in named):
+                outputs = None
             self._probe = (layer, [p for _, p in named], outputs)
         return self._probe
 
