@@ -796,6 +796,30 @@ class RLlamaAgent(ABC):
         return history
 
     # ------------------------------------------------------------------ persistence
+    @property
+    def mid_episode(self) -> bool:
+        """Whether some environment has steps of an unfinished episode."""
+        return any(slot.steps for slot in self._slots.values())
+
+    def loop_state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The agent's own training state besides the policy and the algorithm, for an exact resume: its
+        random generator (tensors), its counters and GRPO's group bookkeeping (JSON-serialisable)."""
+        tensors = {"rng": self._rng.get_state()}
+        meta = {"total_steps": self.total_steps, "total_episodes": self.total_episodes,
+                "next_group": self._next_group, "pending_group_slots": [list(x) for x in self._pending_group_slots],
+                "parse_failures": self._parse_failures}
+        return tensors, meta
+
+    def load_loop_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`loop_state_dict` returned; unfinished episodes are dropped (:meth:`reset`)."""
+        self._rng.set_state(tensors["rng"])
+        self.total_steps, self.total_episodes = int(meta["total_steps"]), int(meta["total_episodes"])
+        self._next_group = int(meta["next_group"])
+        self._pending_group_slots.clear()
+        self._pending_group_slots.extend(tuple(x) for x in meta["pending_group_slots"])
+        self._parse_failures = int(meta["parse_failures"])
+        self.reset()
+
     def save(self, path) -> None:
         """Save the adapter and heads (safetensors), a JSON config, and the episodic memory store
         (subfolder ``memory/``) to folder ``path``."""

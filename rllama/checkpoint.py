@@ -60,7 +60,7 @@ def save_training_state(agent, path: str | os.PathLike, extra: dict[str, Any] | 
     """
     from safetensors.torch import save_file
 
-    if any(slot.steps for slot in agent._slots.values()):
+    if agent.mid_episode:
         raise CheckpointError("save_training_state between episodes only: some environments are mid-episode")
     path = Path(path)
     agent.policy.clear_prefix_cache()
@@ -69,17 +69,14 @@ def save_training_state(agent, path: str | os.PathLike, extra: dict[str, Any] | 
         tensors, algorithm_meta = agent.algorithm.state_dict()
         tensors = {f"algorithm.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
         tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.agent"] = agent._rng.get_state()
+        agent_tensors, agent_meta = agent.loop_state_dict()
+        tensors["rng.agent"] = agent_tensors["rng"]
         save_file(tensors, str(tmp / STATE_TENSORS))
         meta = {
             "format": FORMAT, "version": VERSION,
             "agent_class": f"{type(agent).__module__}.{type(agent).__qualname__}",
             "algorithm": algorithm_meta,
-            "agent": {
-                "total_steps": agent.total_steps, "total_episodes": agent.total_episodes,
-                "next_group": agent._next_group, "pending_group_slots": [list(x) for x in agent._pending_group_slots],
-                "parse_failures": agent._parse_failures,
-            },
+            "agent": agent_meta,
             "rng": {"python": _python_rng(), "numpy": _numpy_rng()},
             "extra": extra or {},
         }
@@ -108,14 +105,7 @@ def load_training_state(agent, path: str | os.PathLike) -> dict[str, Any]:
     algorithm_tensors = {k[len("algorithm."):]: v for k, v in tensors.items() if k.startswith("algorithm.")}
     agent.algorithm.load_state_dict(algorithm_tensors, meta["algorithm"])
     torch.set_rng_state(tensors["rng.torch"])
-    agent._rng.set_state(tensors["rng.agent"])
-    a = meta["agent"]
-    agent.total_steps, agent.total_episodes = int(a["total_steps"]), int(a["total_episodes"])
-    agent._next_group = int(a["next_group"])
-    agent._pending_group_slots.clear()
-    agent._pending_group_slots.extend(tuple(x) for x in a["pending_group_slots"])
-    agent._parse_failures = int(a["parse_failures"])
-    agent.reset()
+    agent.load_loop_state_dict({"rng": tensors["rng.agent"]}, meta["agent"])
     version, internal, gauss = meta["rng"]["python"]
     random.setstate((version, tuple(internal), gauss))
     n = meta["rng"]["numpy"]
