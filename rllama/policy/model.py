@@ -41,6 +41,7 @@ from rllama.policy.prefix_cache import (
     attention_mask,
     holds_lora,
     length_groups,
+    segment_mask,
     supports_split,
 )
 
@@ -891,11 +892,8 @@ class PolicyModel(nn.Module):
         ids, seg = ids.to(self.device), seg.to(self.device)
         positions = plen.unsqueeze(1) + pos.to(self.device)
         # [B, 1, Q, Kp + Q]: the prompt (where it is not padding), and causally within the same segment
-        q = torch.arange(Q, device=self.device)
-        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & (q[None, None, :] <= q[None, :, None])
-        same = same | torch.eye(Q, dtype=torch.bool, device=self.device)[None]  # padding tokens see themselves
         sees_prompt = pmask.bool()[:, None, :].expand(B, Q, pmask.shape[1])
-        allowed = torch.cat([sees_prompt, same], dim=2)[:, None]
+        allowed = torch.cat([sees_prompt, segment_mask(seg)], dim=2)[:, None]
         if self.prefix_cache_active:
             packed = self._packed_top(prompts, continuations, segments, allowed, positions, cache, Q)
         else:

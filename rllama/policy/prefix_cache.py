@@ -283,6 +283,14 @@ def attention_mask(allowed: torch.Tensor, eager: bool, dtype: torch.dtype) -> to
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def segment_mask(seg: torch.Tensor) -> torch.Tensor:
+    """``[B, Q, Q]``: which packed token each token of ``seg`` ``[B, Q]`` (its segment's index, ``-1`` for
+    padding) may see: the earlier tokens of its own segment, and itself (so a padding row is not empty)."""
+    q = torch.arange(seg.shape[1], device=seg.device)
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & (q[None, None, :] <= q[None, :, None])
+    return same | (q[:, None] == q[None, :])[None]
+
+
 def supports_split(body) -> bool:
     """Whether the model body has the structure the split forward runs (embeddings, blocks, norm, rotary)."""
     return all(hasattr(body, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb"))
@@ -423,10 +431,12 @@ class FrozenBottom:
             cached.append(_Cached(m, [p.node.hidden[: p.n] for p in usable],
                                   [p.node.keys[:, :, : p.n] for p in usable] if with_kv else [],
                                   [p.node.values[:, :, : p.n] for p in usable] if with_kv else []))
-        first: dict[tuple, int] = {}  # a sequence met twice in one batch runs once
+        # A sequence met twice in one batch runs once: runs[i] is the row whose extension row i takes.
+        runs: dict[int, int] = {}
+        first: dict[tuple, int] = {}
         for i, (s, c) in enumerate(zip(seqs, cached)):
             if c.n < len(s):
-                first.setdefault(tuple(s), i)
+                runs[i] = first.setdefault(tuple(s), i)
         units_list = _packing_units(seqs, cached, list(first.values()))
         fresh = {}
         if units_list:  # packed rows with similar numbers of new tokens run together (little left padding)
@@ -438,9 +448,8 @@ class FrozenBottom:
         out = []
         for i, c in enumerate(cached):
             hs, ks, vs = list(c.hidden), list(c.keys), list(c.values)
-            j = first.get(tuple(seqs[i])) if c.n < len(seqs[i]) else None
-            if j is not None:
-                h, k, v = fresh[j]
+            if i in runs:
+                h, k, v = fresh[runs[i]]
                 hs.append(h)
                 ks.append(k)
                 vs.append(v)
@@ -500,10 +509,7 @@ class FrozenBottom:
                     past_v[:, u, :, M - m :] = _cat(cached[unit[0]].values, 2)
             for j in range(hi - lo):
                 cache.update(past_k[j], past_v[j], lo + j)
-        q = torch.arange(N, device=device)
-        own = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & (q[None, None, :] <= q[None, :, None])
-        own = own | torch.eye(N, dtype=torch.bool, device=device)[None]  # a padding query sees itself
-        allowed = torch.cat([prefix[:, None, :].expand(U, N, M), own], dim=2)[:, None]  # [U, 1, N, M + N]
+        allowed = torch.cat([prefix[:, None, :].expand(U, N, M), segment_mask(seg)], dim=2)[:, None]  # [U, 1, N, M+N]
         hidden = self.run_blocks(x, body.layers[lo:hi], allowed, pos, cache, True)
         # [U, layers, kv, N, d]: the tails' keys and values (the prefix's are in the tree already)
         keys = torch.stack([cache.layers[lo + j].keys[:, :, M:] for j in range(hi - lo)], dim=1)
