@@ -38,9 +38,7 @@ import logging
 import math
 import random
 from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +48,16 @@ import torch
 from rllama import distributed
 from rllama.algorithms import Episode, Step, make_algorithm
 from rllama.backends import make_backend
-from rllama.callbacks import CallbackLike, update_hooks, wants_stop
+from rllama.callbacks import CallbackLike
 from rllama.errors import AgentStateError, HookError, InvalidActionError, RLlamaError
 from rllama.loops import run_episodes
 from rllama.memory import EpisodicMemory, Retrieved, WorkingMemory
 from rllama.policy import PolicyModel, load_model
 from rllama.policy.model import POLICY_HEAD
 from rllama.policy.prefix_cache import DEFAULT_CACHE_MB
-from rllama.prompting import ChatFormat
+from rllama.prompting import ChatFormat, PromptBuilder
+from rllama.recording import EnvRecord, Recorder
+from rllama.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -67,20 +67,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@dataclass
-class _EnvSlot:
-    """The running episode of one environment: its chat and its recorded steps."""
-
-    messages: list[dict] = field(default_factory=list)
-    steps: list[Step] = field(default_factory=list)
-    # what episodic memory stores when the episode ends: observation texts, action texts, rewards
-    observations: list[str] = field(default_factory=list)
-    actions: list[str] = field(default_factory=list)
-    rewards: list[float] = field(default_factory=list)
-    prompts: list[list[dict]] = field(default_factory=list)  # the chat each action was chosen from
-    env_actions: list = field(default_factory=list)  # what extract_action returned
 
 
 class RLlamaAgent(ABC):
@@ -191,29 +177,24 @@ class RLlamaAgent(ABC):
             raise ValueError(f"max_new_tokens={max_new_tokens}; expected at least 1")
         self.max_new_tokens = int(max_new_tokens)
         context = getattr(self.policy.lm.get_base_model().config, "max_position_embeddings", None) or 2048
-        self.max_prompt_tokens = int(max_prompt_tokens or max(16, context - self.max_new_tokens))
+        self.prompts = PromptBuilder(self.chat, int(max_prompt_tokens or max(16, context - self.max_new_tokens)))
         self.action_space = action_space
         rank = self.data_parallel.rank if self.data_parallel is not None else 0
-        self._rng = torch.Generator().manual_seed((0 if seed is None else int(seed)) + 7919 * rank)
-        self._slots: dict[int, _EnvSlot] = {}
+        # samples actions (and, without a loop seed, GRPO's group seeds)
+        self.generator = torch.Generator().manual_seed((0 if seed is None else int(seed)) + 7919 * rank)
+        self.recorder = Recorder()  # each environment's running episode
+        self.trainer = Trainer(self)  # when the algorithm updates; the training counters
         self._recording = True  # False in evaluation mode
         self._greedy = False
         self._parse_failures = 0
         self._warned_fallback = False
         self._warned_truncation = False
-        self.total_steps = 0
-        self.total_episodes = 0
-        self._next_group = 0  # ids of start-state groups (GRPO)
-        self._pending_group_slots: deque = deque()  # (group id, reset seed) still to play
         self.episodic_memory, self.working_memory = _split_memory(memory)
         self._write_memory = True  # False while evaluating, unless evaluating(write_memory=True)
         self.last_prompt_ids: dict[int, list[int]] = {}  # env id -> the prompt of its last action
         self.last_retrieved: dict[int, list[Retrieved]] = {}  # env id -> what memory gave it
         self.last_replies: dict[int, str] = {}  # env id -> the reply text of its last action
         self._last_env_id = 0
-        self._others_active = False  # data-parallel: whether another process still plays episodes
-        # False: terminate_episode never trains; finished episodes wait in algorithm.buffer (rollout workers).
-        self.auto_update = True
         self.trajectory_log = None
         if trajectory_log is not None:
             from rllama.trajectories import TrajectoryWriter
@@ -396,47 +377,19 @@ class RLlamaAgent(ABC):
             )
 
     # ------------------------------------------------------------------ prompts
-    def _slot(self, env_id: int) -> _EnvSlot:
-        slot = self._slots.get(env_id)
-        if slot is None:
-            slot = self._slots[env_id] = _EnvSlot(messages=[{"role": "system", "content": self._system_prompt()}])
-        return slot
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt (:class:`~rllama.prompting.PromptBuilder`)."""
+        return self.prompts.max_prompt_tokens
 
-    def _compose(self, slot: _EnvSlot, content: str) -> list[dict]:
-        """System prompt + history (through working memory, if any; none when ``keep_history`` is
-        off) + the current user message."""
-        system, history = slot.messages[:1], (slot.messages[1:] if self.keep_history else [])
-        current = [{"role": "user", "content": content}]
-        if self.working_memory is not None and history:
-            base = len(self.chat.prompt_ids(system + current))
-            history = self.working_memory.select(
-                history, lambda msgs: len(self.chat.prompt_ids(system + msgs + current)) - base
-            )
-        return system + history + current
-
-    def _prompt(self, slot: _EnvSlot, text: str, found: list[Retrieved]) -> tuple[list[int], list[dict]]:
-        """The prompt ids of an observation's text in ``slot``'s chat, with retrieved memories injected,
-        and the messages they were rendered from (see :meth:`_fit_prompt`)."""
+    def _prompt(self, record: EnvRecord, text: str, found: list[Retrieved]) -> tuple[list[int], list[dict]]:
+        """The prompt ids of an observation's text after ``record``'s chat, with retrieved memories
+        injected, and the messages they were rendered from."""
         content = self._hook("inject_memories", text, found) if found else text
         if not isinstance(content, str):
             raise HookError(f"inject_memories returned {type(content).__name__}; expected str")
-        return self._fit_prompt(self._compose(slot, content))
-
-    def _fit_prompt(self, messages: list[dict]) -> tuple[list[int], list[dict]]:
-        """Prompt ids of ``messages``, dropping the oldest (observation, reply) pairs until it fits.
-
-        Returns the ids and the messages they were rendered from (the system prompt always stays).
-        """
-        ids = self.chat.prompt_ids(messages)
-        while len(ids) > self.max_prompt_tokens and len(messages) > 3:
-            messages = messages[:1] + messages[3:]
-            ids = self.chat.prompt_ids(messages)
-        if len(ids) > self.max_prompt_tokens:
-            raise RLlamaError(
-                f"the prompt of the current observation alone is {len(ids)} tokens, over max_prompt_tokens="
-                f"{self.max_prompt_tokens}; shorten the system prompt or format_observation's text"
-            )
-        return ids, messages
+        return self.prompts.build(record.messages, content, keep_history=self.keep_history,
+                                  working_memory=self.working_memory)
 
     # ------------------------------------------------------------------ acting
     def act(self, observation):
@@ -465,14 +418,14 @@ class RLlamaAgent(ABC):
             return []
         # Nothing is written to an env's chat until its action is known, so an error in a hook
         # leaves every chat as it was.
-        slots, texts, prompts, candidates, chats = [], [], [], [], []
+        records, texts, prompts, candidates, chats = [], [], [], [], []
         for env_id, obs in zip(env_ids, observations):
-            slots.append(self._slot(env_id))
+            records.append(self.recorder.open(env_id, self._system_prompt))
             texts.append(self._observation_text(obs))
             candidates.append(self._valid_actions(obs))
         retrieved = self._retrieve(texts)
-        for slot, text, found in zip(slots, texts, retrieved):
-            ids, fitted = self._prompt(slot, text, found)
+        for record, text, found in zip(records, texts, retrieved):
+            ids, fitted = self._prompt(record, text, found)
             prompts.append(ids)
             chats.append(fitted)
 
@@ -509,23 +462,14 @@ class RLlamaAgent(ABC):
             actions.append(step.action)
         # The history keeps the plain observation text; retrieved memories appear only in the
         # prompt of the step they were retrieved for.
-        for env_id, slot, text, found, ids, step, chat in zip(env_ids, slots, texts, retrieved, prompts, steps, chats):
-            if self.working_memory is None and len(chat) < len(slot.messages) + 1:
-                slot.messages = chat[:-1]  # turns that no longer fit the context are gone for good
-            slot.messages = slot.messages + [{"role": "user", "content": text},
-                                             {"role": "assistant", "content": step.text}]
-            slot.observations.append(text)
-            slot.actions.append(step.text)
-            slot.rewards.append(0.0)
-            if self.trajectory_log is not None:
-                slot.prompts.append(chat)
-                slot.env_actions.append(step.action)
+        for env_id, record, text, found, ids, step, chat in zip(env_ids, records, texts, retrieved, prompts, steps,
+                                                                 chats):
+            if self.working_memory is None and len(chat) < len(record.messages) + 1:
+                record.messages = chat[:-1]  # turns that no longer fit the context are gone for good
+            record.add(step, text, prompt=chat if self.trajectory_log is not None else None)
             self.last_prompt_ids[env_id] = ids
             self.last_retrieved[env_id] = found
             self.last_replies[env_id] = step.text
-            if self._recording:
-                slot.steps.append(step)
-                self.total_steps += 1
         self._last_env_id = env_ids[-1]
         return actions
 
@@ -538,7 +482,7 @@ class RLlamaAgent(ABC):
         cand_ids = [[self.chat.reply_ids(c) for c in candidates[i]] for i in rows]
         outputs = self.backend.candidate_outputs([prompts[i] for i in rows], cand_ids,
                                                  q_heads=self.algorithm.acting_heads)
-        choices = self.algorithm.choose_actions(outputs, greedy=self._greedy, generator=self._rng,
+        choices = self.algorithm.choose_actions(outputs, greedy=self._greedy, generator=self.generator,
                                                 training=self._recording)
         for j, (i, (k, logprob)) in enumerate(zip(rows, choices)):
             steps[i] = Step(
@@ -550,7 +494,7 @@ class RLlamaAgent(ABC):
     def _generate(self, rows, prompts, steps) -> None:
         replies = self.backend.generate(
             [prompts[i] for i in rows], max_new_tokens=self.max_new_tokens, greedy=self._greedy,
-            stop_token_ids=self.chat.end_of_turn_ids, generator=self._rng,
+            stop_token_ids=self.chat.end_of_turn_ids, generator=self.generator,
         )
         for i, reply in zip(rows, replies):
             steps[i] = Step(
@@ -590,14 +534,12 @@ class RLlamaAgent(ABC):
         for env_id, r in zip(env_ids, rewards):
             if not math.isfinite(r):
                 raise ValueError(f"reward {r} for env {env_id} is not finite")
-            slot = self._slots.get(env_id)
-            if slot is None or not slot.rewards:
+            record = self.recorder.get(env_id)
+            if record is None or not record.steps:
                 if not self._recording:
                     continue
                 raise AgentStateError(f"assign_reward for env {env_id} before any act() in its episode")
-            slot.rewards[-1] += float(r)
-            if self._recording:
-                slot.steps[-1].reward += float(r)
+            record.steps[-1].reward += float(r)
 
     def terminate_episode(self, truncated: bool = False, group: int | None = None,
                           final_observation=None) -> dict[str, float]:
@@ -646,87 +588,75 @@ class RLlamaAgent(ABC):
         if len(finals) != len(ids):
             raise ValueError(f"{len(ids)} env_ids but {len(finals)} final_observations")
         for env_id, trunc, group, final in zip(ids, truncated, groups, finals):
-            slot = self._slots.get(env_id)
-            if slot is None or (self._recording and not slot.steps):
+            record = self.recorder.get(env_id)
+            if record is None or (self._recording and not record.steps):
                 raise AgentStateError(
                     f"terminate_episode for env {env_id} with no steps since its last episode ended; call act() first"
                 )
-            bootstrap = self._bootstrap_step(slot, final) if trunc and final is not None and self._recording else None
+            bootstrap = self._bootstrap_step(record, final) if trunc and final is not None and self._recording else None
             if trunc and final is None and self._recording and not self._warned_truncation:
                 self._warned_truncation = True
                 logger.warning("an episode was truncated without its final observation; pass "
                                "final_observation= to terminate_episode so its return is completed with the "
                                "value of the state it was cut in (warned once)")
-            del self._slots[env_id]
+            self.recorder.close(env_id)
             if self._recording:
                 info = {} if group is None else {"group": int(group)}
-                self.algorithm.add_episode(Episode(slot.steps, env_id=env_id, truncated=trunc, info=info,
-                                                   bootstrap=bootstrap))
-                self.total_episodes += 1
-            self._remember(slot, trunc)
-            if self.trajectory_log is not None and slot.observations and self._recording:
-                self.trajectory_log.write_episode(slot, truncated=trunc, metadata={"env_id": env_id})
-        if self._recording and self.auto_update and self._ready_everywhere(active=True):
-            stats = self._update()
+                self.trainer.add_episode(Episode(record.steps, env_id=env_id, truncated=trunc, info=info,
+                                                 bootstrap=bootstrap))
+            self._remember(record, trunc)
+            if self.trajectory_log is not None and record.steps and self._recording:
+                self.trajectory_log.write_episode(record, truncated=trunc, metadata={"env_id": env_id})
+        if not self._recording:
+            return {}
+        stats = self.trainer.maybe_update()
+        if stats:
             stats["rollout/parse_failures"] = float(self._parse_failures)
-            stats["rollout/total_episodes"] = float(self.total_episodes)
-            stats["rollout/total_steps"] = float(self.total_steps)
             self._parse_failures = 0
-            return stats
-        return {}
+        return stats
 
-    def _bootstrap_step(self, slot: _EnvSlot, observation) -> Step:
+    def _bootstrap_step(self, record: EnvRecord, observation) -> Step:
         """The state a truncated episode was cut in, as a step with no action: its prompt (built as
         ``act`` would) and, in scoring mode, its candidates."""
         text = self._observation_text(observation)
-        ids, _ = self._prompt(slot, text, self._retrieve([text])[0])
+        ids, _ = self._prompt(record, text, self._retrieve([text])[0])
         candidates = self._valid_actions(observation)
         return Step(prompt_ids=ids, candidate_ids=None if candidates is None else
                     [self.chat.reply_ids(c) for c in candidates])
 
-    def _update(self) -> dict[str, float]:
-        stats = self.algorithm.update()
-        self.backend.after_update(self.policy)
-        return stats
-
-    def _ready_everywhere(self, active: bool) -> bool:
-        """Whether to update now: the algorithm has a full batch — in every process, when data-parallel.
-
-        Data-parallel processes call this in lockstep (one small all-reduce each time); ``active``
-        tells the others whether this process still has episodes to play.
-        """
-        if self.data_parallel is None:
-            return self.algorithm.ready()
-        ready, _active = self.data_parallel.sum([float(self.algorithm.ready()), float(active)])
-        self._others_active = _active > float(active)
-        return ready == self.data_parallel.world_size
-
     def finish_data_parallel(self) -> list[dict[str, float]]:
-        """After this process's last training episode: keep taking part in the other processes' update
-        checks (and their updates) until every process has finished. ``train`` calls it; a hand-written
-        training loop calls it once at the end. Returns the statistics of updates that ran meanwhile.
-        """
-        history = []
-        if self.data_parallel is None:
-            return history
-        while True:
-            if self._ready_everywhere(active=False):
-                history.append(self._update())
-            if not self._others_active:
-                return history
+        """After this process's last training episode, take part in the other processes' updates until
+        all have finished (:meth:`rllama.trainer.Trainer.finish_data_parallel`); a hand-written
+        data-parallel loop calls it once at the end."""
+        return self.trainer.finish_data_parallel()
 
-    def _remember(self, slot: _EnvSlot, truncated: bool) -> None:
-        if self.episodic_memory is None or not self._write_memory or not slot.observations:
+    def _remember(self, record: EnvRecord, truncated: bool) -> None:
+        if self.episodic_memory is None or not self._write_memory or not record.steps:
             return
-        total = float(sum(slot.rewards))
-        outcome = self._hook("episode_outcome", total, truncated)
-        lesson = self._hook("episode_lesson", list(slot.observations), list(slot.actions), list(slot.rewards))
-        self.episodic_memory.add_episode(slot.observations, slot.actions, slot.rewards, outcome=outcome,
+        observations, replies, rewards = list(record.observations), record.replies, record.rewards
+        outcome = self._hook("episode_outcome", float(sum(rewards)), truncated)
+        lesson = self._hook("episode_lesson", list(observations), list(replies), list(rewards))
+        self.episodic_memory.add_episode(observations, replies, rewards, outcome=outcome,
                                          lesson=lesson, metadata={"episode": self.total_episodes})
 
-    def reset(self) -> None:
-        """Forget the running episodes (their unfinished steps are dropped)."""
-        self._slots.clear()
+    def reset(self, env_ids: Sequence[int] | None = None) -> None:
+        """Forget the running episodes of ``env_ids`` (default: all); their unfinished steps are dropped."""
+        self.recorder.drop(env_ids)
+
+    @property
+    def recording(self) -> bool:
+        """Whether the agent records experience for training (``False`` inside :meth:`evaluating`)."""
+        return self._recording
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of the training episodes recorded so far (:class:`~rllama.trainer.Trainer`)."""
+        return self.trainer.total_steps
+
+    @property
+    def total_episodes(self) -> int:
+        """Training episodes recorded so far."""
+        return self.trainer.total_episodes
 
     # ------------------------------------------------------------------ evaluation
     @contextlib.contextmanager
@@ -736,12 +666,13 @@ class RLlamaAgent(ABC):
         Running training episodes are set aside and restored afterwards. Episodic memory is still
         read; it is written only with ``write_memory=True``.
         """
-        saved = (self._slots, self._recording, self._greedy, self._write_memory)
-        self._slots, self._recording, self._greedy, self._write_memory = {}, False, greedy, write_memory
+        saved = (self.recorder.swap({}), self._recording, self._greedy, self._write_memory)
+        self._recording, self._greedy, self._write_memory = False, greedy, write_memory
         try:
             yield self
         finally:
-            self._slots, self._recording, self._greedy, self._write_memory = saved
+            records, self._recording, self._greedy, self._write_memory = saved
+            self.recorder.swap(records)
 
     def evaluate(self, env, n_episodes: int, *, greedy: bool = True, seed: int | None = None,
                  progress: bool = False, write_memory: bool = False) -> dict[str, Any]:
@@ -782,41 +713,25 @@ class RLlamaAgent(ABC):
         Returns:
             The statistics of every update.
         """
-        history: list[dict[str, float]] = []
-        hooks = update_hooks(callback)
-
-        def on_update(stats: dict) -> bool:
-            history.append(stats)
-            return not wants_stop(hooks, stats)
-
-        if seed is not None and self.data_parallel is not None:
-            seed += 1_000_003 * self.data_parallel.rank  # each process plays different episodes
-        run_episodes(self, env, n_episodes, seed=seed, progress=progress, desc="train", on_update=on_update)
-        history.extend(self.finish_data_parallel())
-        return history
+        return self.trainer.train(env, n_episodes, seed=seed, progress=progress, callback=callback)
 
     # ------------------------------------------------------------------ persistence
     @property
     def mid_episode(self) -> bool:
         """Whether some environment has steps of an unfinished episode."""
-        return any(slot.steps for slot in self._slots.values())
+        return self.recorder.mid_episode
 
     def loop_state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The agent's own training state besides the policy and the algorithm, for an exact resume: its
-        random generator (tensors), its counters and GRPO's group bookkeeping (JSON-serialisable)."""
-        tensors = {"rng": self._rng.get_state()}
-        meta = {"total_steps": self.total_steps, "total_episodes": self.total_episodes,
-                "next_group": self._next_group, "pending_group_slots": [list(x) for x in self._pending_group_slots],
-                "parse_failures": self._parse_failures}
-        return tensors, meta
+        random generator (tensors), its trainer's counters and GRPO's group bookkeeping, and the
+        parse-failure count (JSON-serialisable)."""
+        meta = {**self.trainer.state_dict(), "parse_failures": self._parse_failures}
+        return {"rng": self.generator.get_state()}, meta
 
     def load_loop_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore what :meth:`loop_state_dict` returned; unfinished episodes are dropped (:meth:`reset`)."""
-        self._rng.set_state(tensors["rng"])
-        self.total_steps, self.total_episodes = int(meta["total_steps"]), int(meta["total_episodes"])
-        self._next_group = int(meta["next_group"])
-        self._pending_group_slots.clear()
-        self._pending_group_slots.extend(tuple(x) for x in meta["pending_group_slots"])
+        self.generator.set_state(tensors["rng"])
+        self.trainer.load_state_dict(meta)
         self._parse_failures = int(meta["parse_failures"])
         self.reset()
 

@@ -79,7 +79,7 @@ class RolloutWorker:
         if threads:
             torch.set_num_threads(int(threads))
         self.agent = make_agent(seed)
-        self.agent.auto_update = False  # the learner trains; finished episodes wait in the buffer
+        self.agent.trainer.auto_update = False  # the learner trains; finished episodes wait in the buffer
         self.env = make_env()
         self.seed = int(seed)
         self.version = None
@@ -97,8 +97,7 @@ class RolloutWorker:
         steps_before = self.agent.total_steps
         returns = run_episodes(self.agent, self.env, n_episodes, seed=self.seed * 1_000_003 + self.tasks)
         self.tasks += 1
-        episodes = self.agent.algorithm.buffer.episodes
-        self.agent.algorithm.buffer.clear()
+        episodes = self.agent.trainer.take_episodes()
         return {"episodes": [episode_to_dict(e) for e in episodes], "version": int(version), "returns": returns,
                 "steps": self.agent.total_steps - steps_before, "wall_s": time.perf_counter() - start,
                 "checksum": checksum(trainable_state(self.agent.policy))}
@@ -230,7 +229,7 @@ class AsyncTrainer:
         ray = self._init_ray()
         self.start()
         target = self.stats.episodes + n_episodes  # counters run across calls
-        agent, algorithm, workers = self.agent, self.agent.algorithm, self.workers
+        trainer, algorithm, workers = self.agent.trainer, self.agent.algorithm, self.workers
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -262,9 +261,7 @@ class AsyncTrainer:
                     if lag > self.max_staleness:
                         self.stats.dropped += 1
                         continue
-                    algorithm.add_episode(episode_from_dict(data))
-                    agent.total_episodes += 1
-                    agent.total_steps += len(data["steps"])
+                    trainer.add_episode(episode_from_dict(data))
                     self.stats.episodes += 1
                     returns.append(float(ret))
                     if bar is not None:
@@ -273,8 +270,8 @@ class AsyncTrainer:
                 # the rest of the run.
                 if self.stats.episodes + len(pending) * self.episodes_per_task < target:
                     pending[worker.collect.remote(self.episodes_per_task, algorithm.num_updates, weights)] = worker
-                if algorithm.ready():
-                    stats = algorithm.update()
+                if trainer.ready():
+                    stats = trainer.update()
                     weights = self._publish(ray)
                     elapsed = time.perf_counter() - start
                     stats.update({

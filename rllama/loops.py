@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
     from rllama.agent import RLlamaAgent
@@ -45,7 +44,7 @@ def run_episodes(
     previous_space = agent.action_space
     agent.action_space = space
     bar = _progress(n_episodes, desc, progress, agent)
-    group_size = int(getattr(agent.algorithm, "group_size", 1)) if agent._recording else 1
+    group_size = int(getattr(agent.algorithm, "group_size", 1)) if agent.recording else 1
     try:
         if group_size > 1:
             return _run_grouped(agent, env, n_episodes, group_size, seed, bar, on_update)
@@ -125,9 +124,7 @@ def _run_vector(agent, env, n_episodes, seed, bar, on_update) -> list[float]:
             stop = True
         done = np.logical_or(terminated, truncated)
         resetting = done if mode == AutoresetMode.NEXT_STEP else np.zeros(n, dtype=bool)
-    # Sub-envs stopped mid-episode by a callback leave unfinished chats behind.
-    for i in range(n):
-        agent._slots.pop(i, None)
+    agent.reset(range(n))  # sub-envs stopped mid-episode by a callback leave unfinished chats behind
     return returns
 
 
@@ -144,9 +141,6 @@ def _run_grouped(agent, env, n_episodes, group_size, seed, bar, on_update) -> li
     is_vector = isinstance(env, gym.vector.VectorEnv)
     n = env.num_envs if is_vector else 1
     seeds = np.random.default_rng(seed) if seed is not None else None
-    # (group id, reset seed) of each episode still to run; kept on the agent so that a group cut by
-    # the end of one call is completed by the next.
-    pending = agent._pending_group_slots
     returns: list[float] = []
     space = env.single_action_space if is_vector else env.action_space
     if seed is not None:
@@ -154,15 +148,8 @@ def _run_grouped(agent, env, n_episodes, group_size, seed, bar, on_update) -> li
     stop = False
     while len(returns) < n_episodes and not stop:
         active = min(n, n_episodes - len(returns))
-        while len(pending) < active:
-            if seeds is not None:
-                group_seed = int(seeds.integers(2**31))
-            else:
-                group_seed = int(torch.randint(2**31, (1,), generator=agent._rng))
-            group = agent._next_group
-            agent._next_group += 1
-            pending.extend((group, group_seed) for _ in range(group_size))
-        slots = [pending.popleft() for _ in range(active)]
+        # a group cut by the end of one call is completed by the next (the trainer keeps it)
+        slots = agent.trainer.group_slots(active, group_size, seeds, agent.generator)
         reset_seeds = [s for _, s in slots] + [None] * (n - active)
         obs, _ = env.reset(seed=reset_seeds if is_vector else reset_seeds[0])
         running = [0.0] * n
@@ -193,8 +180,7 @@ def _run_grouped(agent, env, n_episodes, group_size, seed, bar, on_update) -> li
             playing = [i for i in playing if i not in ended]
             if stats and on_update is not None and on_update(stats) is False:
                 stop = True
-        for i in range(n):
-            agent._slots.pop(i, None)
+        agent.reset(range(n))
     return returns
 
 
@@ -245,7 +231,7 @@ def _tick(bar, returns: list[float]) -> None:
     recent = returns[-100:]
     postfix = {"ret": f"{sum(recent) / len(recent):+.3f}"}
     start, steps0, agent = getattr(bar, "rllama_start", (None, 0, None))
-    if agent is not None and agent._recording:
+    if agent is not None and agent.recording:
         elapsed = time.perf_counter() - start
         postfix["steps/s"] = f"{(agent.total_steps - steps0) / max(elapsed, 1e-9):.1f}"
     bar.set_postfix(postfix, refresh=False)

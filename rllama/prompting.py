@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rllama.errors import RLlamaError
+
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
 DEFAULT_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -76,3 +78,57 @@ class ChatFormat:
         if ids and ids[-1] in self.end_of_turn_ids:
             ids = ids[:-1]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+class PromptBuilder:
+    """Builds the prompt of each step from an episode's chat: the system prompt, the earlier turns
+    (all of them, those working memory selects, or none), and the current user message; the oldest
+    turns are dropped until the prompt fits ``max_prompt_tokens``.
+
+    Args:
+        chat: renders messages to token ids.
+        max_prompt_tokens: the longest prompt.
+    """
+
+    def __init__(self, chat: ChatFormat, max_prompt_tokens: int) -> None:
+        self.chat = chat
+        self.max_prompt_tokens = int(max_prompt_tokens)
+
+    def build(self, messages: Sequence[Message], content: str, *, keep_history: bool = True,
+              working_memory=None) -> tuple[list[int], list[Message]]:
+        """The prompt ids for the user message ``content`` after the chat ``messages`` (system prompt
+        first), and the messages they were rendered from.
+
+        Args:
+            keep_history: show the earlier turns (else the system prompt and ``content`` alone).
+            working_memory: a :class:`~rllama.memory.WorkingMemory` choosing which earlier turns to
+                show within its token budget.
+        """
+        return self.fit(self.compose(messages, content, keep_history=keep_history, working_memory=working_memory))
+
+    def compose(self, messages: Sequence[Message], content: str, *, keep_history: bool = True,
+                working_memory=None) -> list[Message]:
+        """System prompt + history (through working memory, if any; none without ``keep_history``) +
+        the current user message."""
+        system, history = list(messages[:1]), (list(messages[1:]) if keep_history else [])
+        current = [{"role": "user", "content": content}]
+        if working_memory is not None and history:
+            base = len(self.chat.prompt_ids(system + current))
+            history = working_memory.select(
+                history, lambda msgs: len(self.chat.prompt_ids(system + msgs + current)) - base
+            )
+        return system + history + current
+
+    def fit(self, messages: list[Message]) -> tuple[list[int], list[Message]]:
+        """Prompt ids of ``messages``, dropping the oldest (observation, reply) pairs until it fits;
+        returns the ids and the messages they were rendered from (the system prompt always stays)."""
+        ids = self.chat.prompt_ids(messages)
+        while len(ids) > self.max_prompt_tokens and len(messages) > 3:
+            messages = messages[:1] + messages[3:]
+            ids = self.chat.prompt_ids(messages)
+        if len(ids) > self.max_prompt_tokens:
+            raise RLlamaError(
+                f"the prompt of the current observation alone is {len(ids)} tokens, over max_prompt_tokens="
+                f"{self.max_prompt_tokens}; shorten the system prompt or format_observation's text"
+            )
+        return ids, messages

@@ -53,21 +53,22 @@ class TrajectoryWriter:
         self._lock = threading.Lock()
         self._next_episode = _next_episode_id(self.path)
 
-    def write_episode(self, slot, truncated: bool = False, metadata: dict | None = None) -> int:
-        """Write one finished episode from the agent's record of it; returns its id."""
+    def write_episode(self, record, truncated: bool = False, metadata: dict | None = None) -> int:
+        """Write one finished episode from the agent's record of it (a :class:`rllama.recording.EnvRecord`
+        kept with its prompts); returns its id."""
         with self._lock:
             episode = self._next_episode
             self._next_episode += 1
             lines = []
-            n = len(slot.observations)
-            for t in range(n):
+            n = len(record.steps)
+            for t, step in enumerate(record.steps):
                 meta = dict(metadata or {})
                 if t == n - 1 and truncated:
                     meta["truncated"] = True
                 lines.append(json.dumps({
-                    "episode": episode, "step": t, "observation": slot.observations[t], "prompt": slot.prompts[t],
-                    "response": slot.actions[t], "action": _jsonable(slot.env_actions[t]),
-                    "reward": float(slot.rewards[t]), "done": t == n - 1, "metadata": meta,
+                    "episode": episode, "step": t, "observation": record.observations[t], "prompt": record.prompts[t],
+                    "response": step.text, "action": _jsonable(step.action),
+                    "reward": float(step.reward), "done": t == n - 1, "metadata": meta,
                 }, ensure_ascii=False))
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("".join(line + "\n" for line in lines))

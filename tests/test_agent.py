@@ -29,7 +29,7 @@ def test_chat_context_grows_by_observation_and_reply(make_agent):
     agent.act(3)
     agent.assign_reward(0.5)
     agent.act(4)
-    slot = agent._slots[0]
+    slot = agent.recorder[0]
     roles = [m["role"] for m in slot.messages]
     assert roles == ["system", "user", "assistant", "user", "assistant"]
     assert slot.messages[0]["content"] == "Pick a side."
@@ -41,7 +41,7 @@ def test_chat_context_grows_by_observation_and_reply(make_agent):
     assert agent.calls.count(("get_system_prompt",)) == 1
     agent.terminate_episode()
     agent.act(5)
-    assert [m["role"] for m in agent._slots[0].messages] == ["system", "user", "assistant"]
+    assert [m["role"] for m in agent.recorder[0].messages] == ["system", "user", "assistant"]
     assert agent.calls.count(("get_system_prompt",)) == 2  # a new episode starts a new chat
 
 
@@ -49,7 +49,7 @@ def test_chat_template_is_used_when_the_tokenizer_has_one():
     tok = make_tokenizer(CHAT_TEMPLATE)
     agent = ChoiceAgent(make_tiny_lm(), tok, seed=0)
     agent.act(1)
-    prompt = agent._slots[0].steps[0].prompt_ids
+    prompt = agent.recorder[0].steps[0].prompt_ids
     assert tok.decode(prompt) == "<system>Pick a side.</s><user>n=1</s><assistant>"
 
 
@@ -82,11 +82,11 @@ def test_act_batch_keeps_one_chat_per_env(make_agent):
     actions = agent.act_batch([1, 2, 3])
     assert len(actions) == 3
     agent.assign_rewards([1.0, 0.0, -1.0])
-    assert [agent._slots[i].messages[1]["content"] for i in range(3)] == ["n=1", "n=2", "n=3"]
+    assert [agent.recorder[i].messages[1]["content"] for i in range(3)] == ["n=1", "n=2", "n=3"]
     agent.act_batch([4, 6], env_ids=[0, 2])
-    assert len(agent._slots[0].steps) == 2 and len(agent._slots[1].steps) == 1
+    assert len(agent.recorder[0].steps) == 2 and len(agent.recorder[1].steps) == 1
     agent.terminate_episodes(np.array([True, False, True]))
-    assert set(agent._slots) == {1}
+    assert set(agent.recorder) == {1}
     assert agent.algorithm.buffer.num_episodes == 2
 
 
@@ -99,7 +99,7 @@ def test_batched_acting_matches_one_at_a_time(make_agent):
         for i, o in enumerate(obs):
             b.act_batch([o], env_ids=[i])
     for i in range(3):
-        sa, sb = a._slots[i].steps[0], b._slots[i].steps[0]
+        sa, sb = a.recorder[i].steps[0], b.recorder[i].steps[0]
         assert sa.prompt_ids == sb.prompt_ids
         batched_p = np.exp(sa.logprob) if sa.action_index == 1 else 1 - np.exp(sa.logprob)
         single_p = np.exp(sb.logprob) if sb.action_index == 1 else 1 - np.exp(sb.logprob)
@@ -182,7 +182,7 @@ def test_evaluation_mode_sets_running_episodes_aside(make_agent):
         agent.act(2)
         agent.assign_reward(5.0)
         assert agent.terminate_episode() == {}
-    assert agent._slots[0].steps[0].reward == 1.0 and len(agent._slots[0].steps) == 1
+    assert agent.recorder[0].steps[0].reward == 1.0 and len(agent.recorder[0].steps) == 1
     assert agent.algorithm.buffer.num_episodes == 0
 
 
@@ -283,7 +283,7 @@ def test_long_chats_drop_oldest_turns_to_fit(make_agent):
     agent = make_agent(max_prompt_tokens=120)
     for k in range(12):
         agent.act(k)
-    slot = agent._slots[0]
+    slot = agent.recorder[0]
     assert all(len(s.prompt_ids) <= 120 for s in slot.steps)
     assert slot.messages[0]["role"] == "system"
     assert slot.messages[-2]["content"] == "n=11"
@@ -314,13 +314,13 @@ def test_a_failing_hook_leaves_the_chat_unchanged(make_agent):
 
     agent = make_agent(FailsOnSeven)
     agent.act(1)
-    before = [dict(m) for m in agent._slots[0].messages]
+    before = [dict(m) for m in agent.recorder[0].messages]
     with pytest.raises(HookError):
         agent.act_batch([7, 2], env_ids=[0, 1])
-    assert agent._slots[0].messages == before and len(agent._slots[0].steps) == 1
-    assert 1 not in agent._slots or not agent._slots[1].steps
+    assert agent.recorder[0].messages == before and len(agent.recorder[0].steps) == 1
+    assert 1 not in agent.recorder or not agent.recorder[1].steps
     agent.act(3)  # the agent carries on
-    assert [m["role"] for m in agent._slots[0].messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in agent.recorder[0].messages] == ["system", "user", "assistant", "user", "assistant"]
 
 
 def test_a_truncated_episode_keeps_the_state_it_was_cut_in(make_agent):

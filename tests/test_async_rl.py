@@ -13,7 +13,7 @@ def test_steps_record_the_policy_version_and_sync_training_is_never_stale(make_a
     agent = make_agent(algorithm_config={"batch_episodes": 4, "minibatch_size": 4, "policy_head": 0})
     history = agent.train(ChoiceEnv(steps=2), 8, seed=0, progress=False)
     assert len(history) == 2 and not any("rollout/stale_steps" in h for h in history)
-    agent.auto_update = False
+    agent.trainer.auto_update = False
     agent.train(ChoiceEnv(steps=2), 2, seed=1, progress=False)
     assert {s.policy_version for e in agent.algorithm.buffer.episodes for s in e.steps} == {2}
 
@@ -21,7 +21,7 @@ def test_steps_record_the_policy_version_and_sync_training_is_never_stale(make_a
 def test_stale_steps_are_corrected_with_capped_importance_weights(make_agent):
     agent = make_agent(algorithm_config={"batch_episodes": 4, "minibatch_size": 16, "learning_rate": 5e-2,
                                          "epochs": 1, "max_importance_weight": 1.05})
-    agent.auto_update = False
+    agent.trainer.auto_update = False
     agent.train(ChoiceEnv(steps=2), 8, seed=0, progress=False)  # 8 episodes acted by version 0
     fresh, stale = agent.algorithm.buffer.episodes[:4], agent.algorithm.buffer.episodes[4:]
     agent.algorithm.buffer.episodes = fresh

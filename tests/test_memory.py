@@ -290,7 +290,7 @@ def test_agent_writes_episodes_to_memory_and_injects_retrievals(make_agent):
     for r in retrieved:
         assert f"- {r.experience.observation} -> {r.experience.action}" in prompt
     # the history keeps the plain observation; the memory block is in the current prompt only
-    assert agent._slots[0].messages[-2]["content"] == agent.format_observation(obs)
+    assert agent.recorder[0].messages[-2]["content"] == agent.format_observation(obs)
 
 
 def test_evaluation_reads_memory_but_writes_only_when_asked(make_agent):
@@ -327,11 +327,11 @@ def test_working_memory_in_agent_bounds_the_prompt(make_agent):
         agent.act(obs)
         agent.assign_reward(0.0)
         lengths.append(len(agent.last_prompt_ids[0]))
-    system_and_current = len(agent.chat.prompt_ids([agent._slots[0].messages[0],
+    system_and_current = len(agent.chat.prompt_ids([agent.recorder[0].messages[0],
                                                     {"role": "user", "content": agent.format_observation(obs)}]))
     assert max(lengths) <= system_and_current + budget
     assert "earlier turns of this episode are not shown" in agent.last_prompt
-    assert len(agent._slots[0].messages) == 1 + 2 * 25  # the full episode is kept, only the prompt is cut
+    assert len(agent.recorder[0].messages) == 1 + 2 * 25  # the full episode is kept, only the prompt is cut
 
 
 def test_agent_save_load_carries_the_memory_store(make_agent, tmp_path):

@@ -38,7 +38,7 @@ def test_memory_recalls_only_the_same_room(tokenizer):
     obs, _ = env.reset(options={"room": 3})
     agent.act(obs)
     agent.assign_reward(1.0)  # pretend it opened the exit
-    agent._slots[0].actions[-1] = exit_door
+    agent.recorder[0].steps[-1].text = exit_door
     agent.terminate_episode()
     assert len(agent.episodic_memory) == 1
     agent.act(3)

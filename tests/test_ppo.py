@@ -26,7 +26,7 @@ def test_generate_mode_update_raises_logprob_of_positive_and_lowers_negative_rep
     for k in range(8):
         agent.act(k)
         agent.assign_reward(1.0 if k % 2 == 0 else -1.0)
-        steps.append(agent._slots[0].steps[-1])
+        steps.append(agent.recorder[0].steps[-1])
         stats = agent.terminate_episode()
     assert stats, "the update should have run"
     with torch.no_grad():
@@ -62,7 +62,7 @@ def test_kl_to_reference_is_zero_before_training_and_grows(make_agent):
     steps = []
     for k in range(3):
         agent.act(k)
-        steps.append(agent._slots[0].steps[-1])
+        steps.append(agent.recorder[0].steps[-1])
         agent.assign_reward(0.0)
         agent.terminate_episode()
     reference = agent.algorithm.reference_distributions(steps)

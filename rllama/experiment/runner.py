@@ -132,8 +132,6 @@ class Experiment:
 
     # ------------------------------------------------------------------ the loop
     def _train(self, state: dict[str, Any]) -> dict[str, Any]:
-        from rllama.loops import run_episodes
-
         cfg, agent = self.config, self.agent
         n_segments = math.ceil(cfg.episodes / cfg.segment_episodes)
         started = time.perf_counter() - state["wall_s"]
@@ -152,8 +150,8 @@ class Experiment:
                           **stats}
                 return not any(cb.on_update(record) is False for cb in self.callbacks)
 
-            returns = run_episodes(agent, self.envs, n, seed=segment_seed(cfg, k), on_update=on_update,
-                                   progress=cfg.progress, desc=f"train {k + 1}/{n_segments}")
+            returns, _ = agent.trainer.collect(self.envs, n, seed=segment_seed(cfg, k), callback=on_update,
+                                               progress=cfg.progress, desc=f"train {k + 1}/{n_segments}")
             elapsed = time.perf_counter() - t0
             state["episodes"] += len(returns)
             record = {"kind": "segment", "segment": k, "episodes": agent.total_episodes, "steps": agent.total_steps,
