@@ -47,13 +47,14 @@ import torch
 
 from rllama import distributed
 from rllama.algorithms import Episode, Step, make_algorithm
-from rllama.backends import make_backend
+from rllama.backends import check_can_serve, make_backend
 from rllama.callbacks import CallbackLike
-from rllama.errors import AgentStateError, HookError, InvalidActionError, RLlamaError
+from rllama.errors import AgentStateError, HookError, RLlamaError
+from rllama.hooks import Hooks, short
 from rllama.loops import run_episodes
 from rllama.memory import EpisodicMemory, Retrieved, WorkingMemory
-from rllama.policy import PolicyModel, load_model
-from rllama.policy.model import POLICY_HEAD
+from rllama.memory.hooks import MemoryHooks
+from rllama.policy import build_policy
 from rllama.policy.prefix_cache import DEFAULT_CACHE_MB
 from rllama.prompting import ChatFormat, PromptBuilder
 from rllama.recording import EnvRecord, Recorder
@@ -69,7 +70,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class RLlamaAgent(ABC):
+class RLlamaAgent(MemoryHooks, ABC):
     """Base class of LLM agents. Subclasses implement the hooks; the loop methods do the rest.
 
     Args:
@@ -147,9 +148,10 @@ class RLlamaAgent(ABC):
         if seed is not None:
             set_seed(seed)
         self.seed = seed
-        self.policy = self._build_policy(
-            model, tokenizer, device, lora_config, precision, score_normalization, temperature,
-            prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb,
+        self.policy = build_policy(
+            model, tokenizer, device=device, lora_config=lora_config, precision=precision,
+            score_normalization=score_normalization, temperature=temperature, prefix_cache=prefix_cache,
+            prefix_cache_mb=prefix_cache_mb,
         )
         self.tokenizer = self.policy.tokenizer
         self.chat = ChatFormat(self.tokenizer, use_chat_template)
@@ -164,14 +166,7 @@ class RLlamaAgent(ABC):
         # candidates in this process (AlgorithmConfig.resolved).
         scoring = self.backend.provides_values and self.scores_actions()
         self.algorithm = make_algorithm(algorithm, self.policy, algorithm_config, seed=seed, scoring=scoring)
-        if self.algorithm.acting_heads and not self.backend.provides_values:
-            raise ValueError(f"algorithm {self.algorithm.name!r} acts on Q heads {list(self.algorithm.acting_heads)}, "
-                             f"which {type(self.backend).__name__} does not serve; use the in-process backend")
-        if POLICY_HEAD in self.policy.heads and not self.backend.provides_values:
-            raise ValueError(f"a policy head (the on-policy policy_head > 0, or SAC's actor with its default "
-                             f"train_adapter=False) adds to the candidates' scores in this process; "
-                             f"{type(self.backend).__name__} cannot serve it: use the in-process backend, or "
-                             f"policy_head=0 / SAC's train_adapter=True and whiten_features=0")
+        check_can_serve(self.backend, self.algorithm, self.policy)
         self.backend.bind(self.policy)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; expected at least 1")
@@ -182,6 +177,7 @@ class RLlamaAgent(ABC):
         rank = self.data_parallel.rank if self.data_parallel is not None else 0
         # samples actions (and, without a loop seed, GRPO's group seeds)
         self.generator = torch.Generator().manual_seed((0 if seed is None else int(seed)) + 7919 * rank)
+        self.hooks = Hooks(self)  # the subclass's hooks, called and checked
         self.recorder = Recorder()  # each environment's running episode
         self.trainer = Trainer(self)  # when the algorithm updates; the training counters
         self._recording = True  # False in evaluation mode
@@ -252,37 +248,6 @@ class RLlamaAgent(ABC):
             )
         return self.action_space.sample()
 
-    # ------------------------------------------------------------------ construction
-    def format_memories(self, retrieved: list[Retrieved]) -> str:
-        """The text block that presents retrieved experiences (override to change the template).
-
-        The default lists each as ``- <observation> -> <action> (reward r, return g[, outcome][: lesson])``.
-        """
-        lines = ["Relevant past experience:"]
-        for r in retrieved:
-            e = r.experience
-            extra = f", {e.outcome}" if e.outcome else ""
-            lesson = f": {e.lesson}" if e.lesson else ""
-            lines.append(f"- {e.observation} -> {e.action} "
-                         f"(reward {e.reward:+g}, return {e.return_to_go:+g}{extra}){lesson}")
-        return "\n".join(lines)
-
-    def inject_memories(self, observation_text: str, retrieved: list[Retrieved]) -> str:
-        """The user message shown for the current step: memories (if any) before the observation."""
-        if not retrieved:
-            return observation_text
-        return f"{self.format_memories(retrieved)}\n\nNow:\n{observation_text}"
-
-    def episode_outcome(self, episode_return: float, truncated: bool) -> str:
-        """A word for how an episode ended, stored with its experiences in episodic memory."""
-        if truncated:
-            return "truncated"
-        return "won" if episode_return > 0 else "lost" if episode_return < 0 else "draw"
-
-    def episode_lesson(self, observations: list[str], actions: list[str], rewards: list[float]) -> str | None:
-        """Optional free-text lesson stored with an episode's experiences (default: none)."""
-        return None
-
     @property
     def last_prompt(self) -> str | None:
         """The exact prompt text of the most recent action (memories and history included)."""
@@ -299,83 +264,6 @@ class RLlamaAgent(ABC):
         ids = self.last_prompt_ids.get(int(env_id))
         return None if ids is None else self.tokenizer.decode(ids)
 
-    @staticmethod
-    def _build_policy(model, tokenizer, device, lora_config, precision, score_normalization, temperature,
-                      prefix_cache="auto", prefix_cache_mb=DEFAULT_CACHE_MB):
-        if isinstance(model, PolicyModel):
-            return model
-        if model is None or isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-            if tokenizer is not None and model is None:
-                raise ValueError("a tokenizer was given without a model; pass both, or neither for the default model")
-            lm, loaded_tokenizer = load_model(model)
-            tokenizer = tokenizer or loaded_tokenizer
-        else:
-            if not isinstance(model, torch.nn.Module):
-                raise TypeError(
-                    f"model={type(model).__name__}: expected None, a path or hub id, a transformers causal LM "
-                    "or a PolicyModel"
-                )
-            if tokenizer is None:
-                raise ValueError("a model object was given without its tokenizer; pass tokenizer=")
-            lm = model
-        return PolicyModel(
-            lm, tokenizer, lora_config=lora_config, device=device, precision=precision,
-            score_normalization=score_normalization, temperature=temperature,
-            prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb,
-        )
-
-    # ------------------------------------------------------------------ hook calls, checked
-    def _hook(self, name: str, *args):
-        try:
-            return getattr(self, name)(*args)
-        except RLlamaError:
-            raise
-        except Exception as exc:
-            shown = ", ".join(_short(a) for a in args)
-            raise HookError(f"{type(self).__name__}.{name}({shown}) raised {type(exc).__name__}: {exc}") from exc
-
-    def _system_prompt(self) -> str:
-        text = self._hook("get_system_prompt")
-        if not isinstance(text, str):
-            raise HookError(f"get_system_prompt() returned {type(text).__name__}; expected str")
-        return text
-
-    def _observation_text(self, observation) -> str:
-        text = self._hook("format_observation", observation)
-        if not isinstance(text, str):
-            raise HookError(
-                f"format_observation({_short(observation)}) returned {type(text).__name__} {_short(text)}; expected str"
-            )
-        return text
-
-    def _valid_actions(self, observation) -> list[str] | None:
-        candidates = self._hook("get_valid_actions", observation)
-        if candidates is None:
-            return None
-        if isinstance(candidates, str) or not isinstance(candidates, (list, tuple)):
-            raise HookError(
-                f"get_valid_actions({_short(observation)}) returned {_short(candidates)}; expected a list of "
-                "strings or None"
-            )
-        candidates = list(candidates)
-        if not candidates:
-            raise HookError(
-                f"get_valid_actions({_short(observation)}) returned an empty list; return None to generate free text"
-            )
-        bad = [c for c in candidates if not isinstance(c, str) or not c.strip()]
-        if bad:
-            raise HookError(f"get_valid_actions returned non-string or empty candidates {bad[:3]}")
-        if len(set(candidates)) != len(candidates):
-            raise HookError(f"get_valid_actions returned duplicate candidates {candidates}")
-        return candidates
-
-    def _check_action(self, action, response: str) -> None:
-        if self.action_space is not None and not _space_contains(self.action_space, action):
-            raise InvalidActionError(
-                f"extract_action({response!r}) returned {action!r}, which is not in the action space "
-                f"{self.action_space}"
-            )
-
     # ------------------------------------------------------------------ prompts
     @property
     def max_prompt_tokens(self) -> int:
@@ -385,7 +273,7 @@ class RLlamaAgent(ABC):
     def _prompt(self, record: EnvRecord, text: str, found: list[Retrieved]) -> tuple[list[int], list[dict]]:
         """The prompt ids of an observation's text after ``record``'s chat, with retrieved memories
         injected, and the messages they were rendered from."""
-        content = self._hook("inject_memories", text, found) if found else text
+        content = self.hooks.call("inject_memories", text, found) if found else text
         if not isinstance(content, str):
             raise HookError(f"inject_memories returned {type(content).__name__}; expected str")
         return self.prompts.build(record.messages, content, keep_history=self.keep_history,
@@ -420,9 +308,9 @@ class RLlamaAgent(ABC):
         # leaves every chat as it was.
         records, texts, prompts, candidates, chats = [], [], [], [], []
         for env_id, obs in zip(env_ids, observations):
-            records.append(self.recorder.open(env_id, self._system_prompt))
-            texts.append(self._observation_text(obs))
-            candidates.append(self._valid_actions(obs))
+            records.append(self.recorder.open(env_id, self.hooks.system_prompt))
+            texts.append(self.hooks.observation_text(obs))
+            candidates.append(self.hooks.valid_actions(obs))
         retrieved = self._retrieve(texts)
         for record, text, found in zip(records, texts, retrieved):
             ids, fitted = self._prompt(record, text, found)
@@ -435,14 +323,14 @@ class RLlamaAgent(ABC):
         if generated and self.algorithm.requires_candidates:
             raise RLlamaError(
                 f"{type(self.algorithm).__name__} is value-based and needs a discrete set of candidate actions, "
-                f"but get_valid_actions({_short(observations[generated[0]])}) returned None (free text). "
+                f"but get_valid_actions({short(observations[generated[0]])}) returned None (free text). "
                 "Implement get_valid_actions(observation) or set action_names on the agent."
             )
         if generated and self._recording and not self.algorithm.trains_adapter:
             # Said now rather than at the first update, hundreds of steps later.
             raise RLlamaError(
                 f"{type(self.algorithm).__name__} trains heads on a frozen adapter (train_adapter=False), which "
-                f"needs scored steps, but get_valid_actions({_short(observations[generated[0]])}) returned None "
+                f"needs scored steps, but get_valid_actions({short(observations[generated[0]])}) returned None "
                 "(free text). Set train_adapter=True (or policy_head=0), or have the agent's scores_actions() "
                 "return False so that the defaults train the adapter."
             )
@@ -455,8 +343,8 @@ class RLlamaAgent(ABC):
         actions = []
         for step, obs in zip(steps, observations):
             if step.is_scored:
-                step.action = self._hook("extract_action", step.text)
-                self._check_action(step.action, step.text)
+                step.action = self.hooks.call("extract_action", step.text)
+                self.hooks.check_action(step.action, step.text)
             else:
                 step.action = self._parse_generated(obs, step.text)
             actions.append(step.action)
@@ -508,7 +396,7 @@ class RLlamaAgent(ABC):
             action = self.extract_action(text)
             if action is None:
                 raise ValueError("extract_action returned None")
-            self._check_action(action, text)
+            self.hooks.check_action(action, text)
             return action
         except Exception as exc:  # generate mode: unparseable text falls back, counted in the stats
             self._parse_failures += 1
@@ -516,8 +404,8 @@ class RLlamaAgent(ABC):
                 logger.warning("extract_action failed on %r (%s: %s); using fallback_action (warned once)",
                                text, type(exc).__name__, exc)
                 self._warned_fallback = True
-            action = self._hook("fallback_action", observation, text)
-            self._check_action(action, text)
+            action = self.hooks.call("fallback_action", observation, text)
+            self.hooks.check_action(action, text)
             return action
 
     # ------------------------------------------------------------------ rewards and episode ends
@@ -618,9 +506,9 @@ class RLlamaAgent(ABC):
     def _bootstrap_step(self, record: EnvRecord, observation) -> Step:
         """The state a truncated episode was cut in, as a step with no action: its prompt (built as
         ``act`` would) and, in scoring mode, its candidates."""
-        text = self._observation_text(observation)
+        text = self.hooks.observation_text(observation)
         ids, _ = self._prompt(record, text, self._retrieve([text])[0])
-        candidates = self._valid_actions(observation)
+        candidates = self.hooks.valid_actions(observation)
         return Step(prompt_ids=ids, candidate_ids=None if candidates is None else
                     [self.chat.reply_ids(c) for c in candidates])
 
@@ -634,8 +522,8 @@ class RLlamaAgent(ABC):
         if self.episodic_memory is None or not self._write_memory or not record.steps:
             return
         observations, replies, rewards = list(record.observations), record.replies, record.rewards
-        outcome = self._hook("episode_outcome", float(sum(rewards)), truncated)
-        lesson = self._hook("episode_lesson", list(observations), list(replies), list(rewards))
+        outcome = self.hooks.call("episode_outcome", float(sum(rewards)), truncated)
+        lesson = self.hooks.call("episode_lesson", list(observations), list(replies), list(rewards))
         self.episodic_memory.add_episode(observations, replies, rewards, outcome=outcome,
                                          lesson=lesson, metadata={"episode": self.total_episodes})
 
@@ -763,16 +651,3 @@ def _split_memory(memory) -> tuple[EpisodicMemory | None, WorkingMemory | None]:
             f"memory={memory!r}: expected an EpisodicMemory, a WorkingMemory, or a list with at most one of each"
         )
     return (episodic[0] if episodic else None), (working[0] if working else None)
-
-
-def _space_contains(space, action) -> bool:
-    try:
-        return bool(space.contains(action))
-    except Exception:  # a space may raise on values of the wrong type; that is a "no"
-        return False
-
-
-def _short(value, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-

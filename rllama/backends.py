@@ -234,3 +234,18 @@ def make_backend(backend) -> Backend:
     if isinstance(backend, Backend):
         return backend
     raise TypeError(f"backend={backend!r}: expected None or a rllama.backends.Backend")
+
+
+def check_can_serve(backend: Backend, algorithm, policy) -> None:
+    """Raise ``ValueError`` when ``backend`` cannot act for ``algorithm`` on ``policy``: a backend without
+    the learner's heads (:attr:`Backend.provides_values` false) serves neither Q heads nor a policy head."""
+    from rllama.policy.model import POLICY_HEAD
+
+    if algorithm.acting_heads and not backend.provides_values:
+        raise ValueError(f"algorithm {algorithm.name!r} acts on Q heads {list(algorithm.acting_heads)}, "
+                         f"which {type(backend).__name__} does not serve; use the in-process backend")
+    if POLICY_HEAD in policy.heads and not backend.provides_values:
+        raise ValueError(f"a policy head (the on-policy policy_head > 0, or SAC's actor with its default "
+                         f"train_adapter=False) adds to the candidates' scores in this process; "
+                         f"{type(backend).__name__} cannot serve it: use the in-process backend, or "
+                         f"policy_head=0 / SAC's train_adapter=True and whiten_features=0")

@@ -6,6 +6,7 @@ from rllama.policy.model import (
     PolicyModel,
     StepEvaluation,
     ValueHead,
+    build_policy,
     default_lora_config,
 )
 
@@ -16,6 +17,7 @@ __all__ = [
     "PolicyModel",
     "StepEvaluation",
     "ValueHead",
+    "build_policy",
     "default_lora_config",
     "load_model",
     "resolve_model_path",

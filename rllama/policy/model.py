@@ -1402,3 +1402,28 @@ def _segment_log_softmax(scores: torch.Tensor, sizes: Sequence[int]) -> list[tor
         out.append(F.log_softmax(scores[start : start + n], dim=-1))
         start += n
     return out
+
+
+def build_policy(model=None, tokenizer=None, **kwargs) -> PolicyModel:
+    """A :class:`PolicyModel` for what an agent was given: ``None`` (the embedded default model), a
+    local folder or hub id, a transformers causal LM with its ``tokenizer``, or a PolicyModel (returned
+    as is). ``kwargs`` go to :class:`PolicyModel`."""
+    from rllama.policy.loading import load_model
+
+    if isinstance(model, PolicyModel):
+        return model
+    if model is None or isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        if tokenizer is not None and model is None:
+            raise ValueError("a tokenizer was given without a model; pass both, or neither for the default model")
+        lm, loaded_tokenizer = load_model(model)
+        tokenizer = tokenizer or loaded_tokenizer
+    else:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"model={type(model).__name__}: expected None, a path or hub id, a transformers causal LM "
+                "or a PolicyModel"
+            )
+        if tokenizer is None:
+            raise ValueError("a model object was given without its tokenizer; pass tokenizer=")
+        lm = model
+    return PolicyModel(lm, tokenizer, **kwargs)

@@ -1,0 +1,87 @@
+"""Calling an agent's hooks, checked: an exception inside a hook, or a value of the wrong kind,
+becomes a :class:`~rllama.errors.HookError` that names the hook and what it was given."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rllama.errors import HookError, InvalidActionError, RLlamaError
+
+if TYPE_CHECKING:
+    from rllama.agent import RLlamaAgent
+
+
+class Hooks:
+    """The hooks of ``agent`` (its subclass's methods), called and checked."""
+
+    def __init__(self, agent: RLlamaAgent) -> None:
+        self.agent = agent
+
+    def call(self, name: str, *args):
+        """``agent.<name>(*args)``; any exception but rllama's own becomes a HookError."""
+        try:
+            return getattr(self.agent, name)(*args)
+        except RLlamaError:
+            raise
+        except Exception as exc:
+            shown = ", ".join(short(a) for a in args)
+            raise HookError(f"{type(self.agent).__name__}.{name}({shown}) raised {type(exc).__name__}: {exc}") from exc
+
+    def system_prompt(self) -> str:
+        """``get_system_prompt()``, a string."""
+        text = self.call("get_system_prompt")
+        if not isinstance(text, str):
+            raise HookError(f"get_system_prompt() returned {type(text).__name__}; expected str")
+        return text
+
+    def observation_text(self, observation) -> str:
+        """``format_observation(observation)``, a string."""
+        text = self.call("format_observation", observation)
+        if not isinstance(text, str):
+            raise HookError(
+                f"format_observation({short(observation)}) returned {type(text).__name__} {short(text)}; expected str"
+            )
+        return text
+
+    def valid_actions(self, observation) -> list[str] | None:
+        """``get_valid_actions(observation)``: ``None``, or distinct non-empty strings."""
+        candidates = self.call("get_valid_actions", observation)
+        if candidates is None:
+            return None
+        if isinstance(candidates, str) or not isinstance(candidates, (list, tuple)):
+            raise HookError(
+                f"get_valid_actions({short(observation)}) returned {short(candidates)}; expected a list of "
+                "strings or None"
+            )
+        candidates = list(candidates)
+        if not candidates:
+            raise HookError(
+                f"get_valid_actions({short(observation)}) returned an empty list; return None to generate free text"
+            )
+        bad = [c for c in candidates if not isinstance(c, str) or not c.strip()]
+        if bad:
+            raise HookError(f"get_valid_actions returned non-string or empty candidates {bad[:3]}")
+        if len(set(candidates)) != len(candidates):
+            raise HookError(f"get_valid_actions returned duplicate candidates {candidates}")
+        return candidates
+
+    def check_action(self, action, response: str) -> None:
+        """Raise InvalidActionError unless ``action`` is in the agent's action space (when it has one)."""
+        if self.agent.action_space is not None and not space_contains(self.agent.action_space, action):
+            raise InvalidActionError(
+                f"extract_action({response!r}) returned {action!r}, which is not in the action space "
+                f"{self.agent.action_space}"
+            )
+
+
+def space_contains(space, action) -> bool:
+    try:
+        return bool(space.contains(action))
+    except Exception:  # a space may raise on values of the wrong type; that is a "no"
+        return False
+
+
+def short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
