@@ -215,6 +215,29 @@ def test_sac_moves_probability_toward_the_rewarded_action(make_agent, reward_rig
     assert agent.algorithm.alpha != alpha0  # the temperature is tuned
 
 
+@pytest.mark.parametrize("train_adapter", [False, True])
+def test_sac_train_step_computes_losses_and_steps_nothing(make_agent, train_adapter):
+    config = dict(OFF_POLICY, train_adapter=train_adapter, whiten_features=0 if train_adapter else 4)
+    agent = make_agent(algorithm="sac", algorithm_config=config)
+    agent.train(ChoiceEnv(), 8, seed=0, progress=False)  # one update: the optimizers have state
+    algo = agent.algorithm
+    params = {n: p.detach().clone() for n, p in agent.policy.named_parameters() if p.requires_grad}
+    log_alpha = algo.log_alpha.detach().clone()
+    def optimizer_steps():
+        return [[float(s["step"]) for s in opt.state.values()] for opt in (algo.optimizer, algo.alpha_optimizer)]
+
+    steps = optimizer_steps()
+    assert all(steps)
+    loss, stats, auxiliary = algo.train_step(algo.replay.sample(8))
+    assert all(torch.equal(p, params[n]) for n, p in agent.policy.named_parameters() if p.requires_grad)
+    assert torch.equal(algo.log_alpha.detach(), log_alpha) and optimizer_steps() == steps
+    assert loss.requires_grad and {"loss/critic", "loss/actor", "loss/alpha", "sac/alpha"} <= set(stats)
+    [(optimizer, alpha_loss)] = auxiliary  # the temperature's loss, for the update to step
+    assert optimizer is algo.alpha_optimizer and alpha_loss.item() == stats["loss/alpha"]
+    algo.auxiliary_step(optimizer, alpha_loss)
+    assert not torch.equal(algo.log_alpha.detach(), log_alpha)
+
+
 def test_target_network_lags_then_syncs(make_agent):
     config = dict(OFF_POLICY, target_update_interval=1000, train_adapter=True)  # the target copies the adapter too
     agent = make_agent(algorithm="dqn", algorithm_config=config)

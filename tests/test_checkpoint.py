@@ -69,6 +69,25 @@ def test_resume_continues_bit_for_bit(make_agent, tmp_path, case):
     assert [vars(e) for e in straight.episodic_memory] == [vars(e) for e in resumed.episodic_memory]
 
 
+@pytest.mark.parametrize("algorithm", ["ppo", "reinforce", "grpo", "dqn", "sac"])
+def test_only_algorithms_that_keep_episodes_have_and_save_an_episode_buffer(make_agent, algorithm):
+    """On-policy algorithms (and plain ``Algorithm`` subclasses) buffer finished episodes and save them;
+    off-policy ones keep their experience in the replay buffer alone."""
+    on_policy = algorithm in ("ppo", "reinforce", "grpo")
+    agent = make_agent(algorithm=algorithm, algorithm_config={"batch_episodes": 8})  # 3 episodes: no update
+    run_episodes(agent, ChoiceEnv(steps=2), 3, seed=0)
+    algo = agent.algorithm
+    assert algo.keeps_episodes is on_policy and hasattr(algo, "buffer") is on_policy
+    _, meta = algo.state_dict()
+    if on_policy:
+        assert len(meta["buffer"]) == 3
+    else:
+        assert "buffer" not in meta and len(algo.replay) == 6
+        tensors, meta = algo.state_dict()
+        algo.load_state_dict(tensors, {**meta, "buffer": []})  # as older versions saved it
+        assert not hasattr(algo, "buffer") and len(algo.replay) == 6
+
+
 def test_checkpoint_refuses_mismatches_and_half_episodes(make_agent, tmp_path):
     agent = make_agent(algorithm="ppo")
     agent.act(1)

@@ -107,12 +107,18 @@ class Algorithm(ABC):
     """Value-based algorithms need a list of candidate actions for every observation."""
     acting_heads: ClassVar[tuple[str, ...]] = ()
     """State-action heads whose values :meth:`choose_actions` needs when acting."""
+    keeps_episodes: ClassVar[bool] = True
+    """Whether finished episodes wait in ``self.buffer``, a :class:`RolloutBuffer` (checkpointed with
+    the algorithm), until an update uses them: what the default :meth:`add_episode` and :meth:`ready`
+    do. Algorithms that keep experience otherwise (the off-policy ones: a replay buffer) set it
+    ``False``, override both, and have no ``self.buffer``."""
 
     def __init__(self, policy: PolicyModel, config=None, seed: int | None = None) -> None:
         self.policy = policy
         self.config = config = self.resolve_config(config)
         self.generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-        self.buffer = RolloutBuffer()
+        if self.keeps_episodes:
+            self.buffer = RolloutBuffer()
         heads = [p for p in policy.heads.parameters() if p.requires_grad]
         head_ids = {id(p) for p in heads}
         adapter = [p for p in policy.trainable_parameters() if id(p) not in head_ids]
@@ -235,13 +241,14 @@ class Algorithm(ABC):
         """Everything an update depends on besides the policy's weights, for an exact resume.
 
         Returns ``(tensors, meta)``: tensors for safetensors, JSON-serialisable metadata (the
-        optimizer's hyperparameters, counters, the buffered experience). Subclasses with more state
-        extend both (and :meth:`load_state_dict`).
+        optimizer's hyperparameters, counters, the buffered episodes when :attr:`keeps_episodes`).
+        Subclasses with more state extend both (and :meth:`load_state_dict`).
         """
         tensors = {"generator": self.generator.get_state()}
         meta: dict[str, Any] = {"name": self.name, "num_updates": self.num_updates}
         meta["optimizer"] = optimizer_state("optimizer", self.optimizer, tensors)
-        meta["buffer"] = [episode_to_dict(e) for e in self.buffer.episodes]
+        if self.keeps_episodes:
+            meta["buffer"] = [episode_to_dict(e) for e in self.buffer.episodes]
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -251,7 +258,10 @@ class Algorithm(ABC):
         self.generator.set_state(tensors["generator"])
         self.num_updates = int(meta["num_updates"])
         load_optimizer_state("optimizer", self.optimizer, meta["optimizer"], tensors)
-        self.buffer.episodes = [episode_from_dict(e) for e in meta["buffer"]]
+        if self.keeps_episodes:
+            self.buffer.episodes = [episode_from_dict(e) for e in meta["buffer"]]
+        # Otherwise a "buffer" in the checkpoint is ignored: older versions saved every algorithm's,
+        # always empty for those that keep no episodes (they never added to it).
 
     def _share_whitening(self, heads) -> None:
         """Across processes, every head gets the whitening process 0 fitted (each fits it from its own

@@ -21,6 +21,9 @@ from rllama.algorithms.buffers import (
 )
 from rllama.policy.model import POLICY_HEAD, CandidateOutputs, PolicyModel
 
+AuxiliaryLosses = Sequence[tuple[torch.optim.Optimizer, torch.Tensor]]
+"""Losses of parameters outside the main optimizer, each with its optimizer (:meth:`OffPolicyAlgorithm.train_step`)."""
+
 
 @dataclass
 class OffPolicyConfig(AlgorithmConfig):
@@ -79,12 +82,15 @@ class OffPolicyAlgorithm(Algorithm):
     """Value-based algorithms: transitions go to a replay buffer; updates sample it.
 
     Subclasses name their state-action heads in ``q_heads`` (created on the policy, zero-initialised)
-    and implement :meth:`train_step`. The target network is a snapshot of the adapter and the Q
-    heads (:meth:`PolicyModel.snapshot`), never a copy of the base model.
+    and implement :meth:`train_step`, which computes losses; :meth:`update` samples the minibatches
+    and takes every optimizer step. The target network is a snapshot of the adapter and the Q
+    heads (:meth:`PolicyModel.snapshot`), never a copy of the base model. Experience lives in the
+    replay buffer (``self.replay``): there is no episode buffer (:attr:`Algorithm.keeps_episodes`).
     """
 
     config_class: ClassVar[type] = OffPolicyConfig
     requires_candidates: ClassVar[bool] = True
+    keeps_episodes: ClassVar[bool] = False
     q_heads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, policy: PolicyModel, config=None, seed: int | None = None) -> None:
@@ -110,8 +116,25 @@ class OffPolicyAlgorithm(Algorithm):
                 and len(self._episodes_since_update) >= self.config.batch_episodes)
 
     @abstractmethod
-    def train_step(self, batch: list[Transition]) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of one sampled minibatch and its statistics."""
+    def train_step(
+        self, batch: list[Transition]
+    ) -> tuple[torch.Tensor, dict[str, float]] | tuple[torch.Tensor, dict[str, float], AuxiliaryLosses]:
+        """The loss of one sampled minibatch and its statistics: ``(loss, stats)``, ``loss`` minimised by
+        ``self.optimizer`` (adapter and heads). It only computes: :meth:`update` steps the optimizers.
+
+        An algorithm with parameters of its own, outside ``self.optimizer`` (SAC's temperature),
+        returns a third item, ``[(optimizer, loss), ...]``: :meth:`update` takes a step of each
+        (:meth:`auxiliary_step`), in that order, before the step of ``self.optimizer`` on ``loss``.
+        """
+
+    def auxiliary_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """Backward and step of an optimizer of the algorithm's own parameters (see :meth:`train_step`);
+        across processes, their gradients averaged first. No clipping."""
+        optimizer.zero_grad()
+        loss.backward()
+        if self.data_parallel is not None:
+            self.data_parallel.average_gradients([p for group in optimizer.param_groups for p in group["params"]])
+        optimizer.step()
 
     def update_target(self) -> None:
         """Copy (``tau=1``) or move (Polyak) the target snapshot toward the online weights."""
@@ -176,7 +199,9 @@ class OffPolicyAlgorithm(Algorithm):
         for _ in range(cfg.gradient_steps):
             sample = self.replay.sample(cfg.minibatch_size)
             tokens += tokens_of([t.step for t in sample]) + 2 * tokens_of([t.next_step for t in sample if t.next_step])
-            loss, stats = self.train_step(sample)
+            loss, stats, *auxiliary = self.train_step(sample)
+            for optimizer, auxiliary_loss in (auxiliary[0] if auxiliary else ()):
+                self.auxiliary_step(optimizer, auxiliary_loss)
             stats["train/grad_norm"] = self.optimizer_step(loss)
             stats["train/head_grad_norm"] = self.last_head_grad_norm
             stats["loss/total"] = loss.item()

@@ -12,6 +12,11 @@ policy's entropy tracks ``target_entropy_ratio * log(K)`` for a state with ``K``
     L_Q    = sum_i (Q_i(s, a) - y)^2 / 2
     L_pi   = sum_a pi(a|s) [alpha log pi(a|s) - min_i Q_i(s, a)]        (Q detached)
     L_alpha = log(alpha) * (H[pi(.|s)] - H_target)                        (H detached)
+
+The heads (and the adapter, when it trains) minimise ``L_Q + actor_coef * L_pi`` with the algorithm's optimizer;
+``log(alpha)`` minimises ``L_alpha`` with an Adam of its own. :meth:`SAC.train_step` computes the three
+losses and steps nothing: the update (:meth:`OffPolicyAlgorithm.update`) takes the temperature's step,
+then the heads'. In ``y`` and ``L_pi``, ``alpha`` is a number read at the start of the minibatch.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 
 from rllama.algorithms.base import check_field, load_optimizer_state, optimizer_state
 from rllama.algorithms.buffers import Transition
-from rllama.algorithms.off_policy import OffPolicyAlgorithm, OffPolicyConfig, transition_batch
+from rllama.algorithms.off_policy import AuxiliaryLosses, OffPolicyAlgorithm, OffPolicyConfig, transition_batch
 from rllama.algorithms.registry import register_algorithm
 from rllama.policy.model import POLICY_HEAD
 
@@ -103,7 +108,9 @@ class SAC(OffPolicyAlgorithm):
     def alpha(self) -> float:
         return float(self.log_alpha.detach().exp())
 
-    def train_step(self, batch: list[Transition]) -> tuple[torch.Tensor, dict[str, float]]:
+    def train_step(self, batch: list[Transition]) -> tuple[torch.Tensor, dict[str, float], AuxiliaryLosses]:
+        """``L_Q + actor_coef * L_pi`` (for the heads and adapter), the statistics, and ``L_alpha`` with the
+        temperature's optimizer, which the update steps (this steps nothing)."""
         cfg = self.config
         alpha = self.alpha
         prompts, candidates, actions, rewards, live, next_prompts, next_candidates = transition_batch(batch)
@@ -136,13 +143,8 @@ class SAC(OffPolicyAlgorithm):
         critic_loss, actor_loss = critic_loss / n, actor_loss / n
         entropy = torch.stack(entropies)
         alpha_loss = (self.log_alpha * (entropy.detach() - torch.tensor(target_entropies))).mean()
-        self.alpha_optimizer.zero_grad()
-        alpha_loss.backward()
-        if self.data_parallel is not None:
-            self.data_parallel.average_gradients([self.log_alpha])
-        self.alpha_optimizer.step()
         loss = critic_loss + cfg.actor_coef * actor_loss
-        return loss, {
+        stats = {
             "loss/critic": critic_loss.item(),
             "loss/actor": actor_loss.item(),
             "loss/alpha": alpha_loss.item(),
@@ -150,3 +152,4 @@ class SAC(OffPolicyAlgorithm):
             "sac/alpha": alpha,
             "q/mean": float(torch.stack([q[a] for q, a in zip(out.q["q1"], actions.tolist())]).detach().mean()),
         }
+        return loss, stats, [(self.alpha_optimizer, alpha_loss)]
