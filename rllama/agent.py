@@ -358,6 +358,8 @@ class RLlamaAgent(MemoryHooks, ABC):
             self.last_prompt_ids[env_id] = ids
             self.last_retrieved[env_id] = found
             self.last_replies[env_id] = step.text
+        if self._recording:
+            self.trainer.count_steps(len(steps))
         self._last_env_id = env_ids[-1]
         return actions
 
@@ -538,12 +540,12 @@ class RLlamaAgent(MemoryHooks, ABC):
 
     @property
     def total_steps(self) -> int:
-        """Steps of the training episodes recorded so far (:class:`~rllama.trainer.Trainer`)."""
+        """Training steps taken so far (:class:`~rllama.trainer.Trainer`)."""
         return self.trainer.total_steps
 
     @property
     def total_episodes(self) -> int:
-        """Training episodes recorded so far."""
+        """Training episodes finished so far."""
         return self.trainer.total_episodes
 
     # ------------------------------------------------------------------ evaluation

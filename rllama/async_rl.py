@@ -261,6 +261,7 @@ class AsyncTrainer:
                     if lag > self.max_staleness:
                         self.stats.dropped += 1
                         continue
+                    trainer.count_steps(len(data["steps"]))
                     trainer.add_episode(episode_from_dict(data))
                     self.stats.episodes += 1
                     returns.append(float(ret))

@@ -33,8 +33,8 @@ class Trainer:
     Attributes:
         auto_update: ``False`` makes :meth:`maybe_update` never update: finished episodes wait in the
             algorithm's buffer (rollout workers, whose learner trains elsewhere).
-        total_episodes: training episodes recorded.
-        total_steps: steps of those episodes.
+        total_episodes: training episodes finished.
+        total_steps: training steps taken (episodes still running included).
     """
 
     def __init__(self, agent: RLlamaAgent) -> None:
@@ -51,11 +51,14 @@ class Trainer:
         return self.agent.algorithm
 
     # ------------------------------------------------------------------ the schedule
+    def count_steps(self, n: int) -> None:
+        """Count ``n`` training steps just taken (the agent does as it acts)."""
+        self.total_steps += int(n)
+
     def add_episode(self, episode: Episode) -> None:
         """Hand a finished training episode to the algorithm and count it (no update yet: :meth:`maybe_update`)."""
         self.algorithm.add_episode(episode)
         self.total_episodes += 1
-        self.total_steps += len(episode.steps)
 
     def ready(self) -> bool:
         """Whether the algorithm holds a full batch (in this process)."""
@@ -105,7 +108,9 @@ class Trainer:
 
     def take_episodes(self) -> list[Episode]:
         """Remove and return the episodes waiting in the algorithm's buffer (rollout workers send them on)."""
-        buffer = self.algorithm.buffer
+        buffer = getattr(self.algorithm, "buffer", None)
+        if buffer is None:
+            return []
         episodes = list(buffer.episodes)
         buffer.clear()
         return episodes
