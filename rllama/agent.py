@@ -273,9 +273,7 @@ class RLlamaAgent(MemoryHooks, ABC):
     def _prompt(self, record: EnvRecord, text: str, found: list[Retrieved]) -> tuple[list[int], list[dict]]:
         """The prompt ids of an observation's text after ``record``'s chat, with retrieved memories
         injected, and the messages they were rendered from."""
-        content = self.hooks.call("inject_memories", text, found) if found else text
-        if not isinstance(content, str):
-            raise HookError(f"inject_memories returned {type(content).__name__}; expected str")
+        content = self.hooks.user_message(text, found)
         return self.prompts.build(record.messages, content, keep_history=self.keep_history,
                                   working_memory=self.working_memory)
 
@@ -525,7 +523,7 @@ class RLlamaAgent(MemoryHooks, ABC):
             return
         observations, replies, rewards = list(record.observations), record.replies, record.rewards
         outcome = self.hooks.call("episode_outcome", float(sum(rewards)), truncated)
-        lesson = self.hooks.call("episode_lesson", list(observations), list(replies), list(rewards))
+        lesson = self.hooks.call("episode_lesson", observations, replies, rewards)
         self.episodic_memory.add_episode(observations, replies, rewards, outcome=outcome,
                                          lesson=lesson, metadata={"episode": self.total_episodes})
 

@@ -65,6 +65,16 @@ class Hooks:
             raise HookError(f"get_valid_actions returned duplicate candidates {candidates}")
         return candidates
 
+    def user_message(self, observation_text: str, retrieved: list) -> str:
+        """The user message of a step: ``inject_memories(observation_text, retrieved)`` when memory gave
+        something, else the observation text; a string."""
+        if not retrieved:
+            return observation_text
+        content = self.call("inject_memories", observation_text, retrieved)
+        if not isinstance(content, str):
+            raise HookError(f"inject_memories returned {type(content).__name__}; expected str")
+        return content
+
     def check_action(self, action, response: str) -> None:
         """Raise InvalidActionError unless ``action`` is in the agent's action space (when it has one)."""
         if self.agent.action_space is not None and not space_contains(self.agent.action_space, action):

@@ -149,7 +149,7 @@ def _run_grouped(agent, env, n_episodes, group_size, seed, bar, on_update) -> li
     while len(returns) < n_episodes and not stop:
         active = min(n, n_episodes - len(returns))
         # a group cut by the end of one call is completed by the next (the trainer keeps it)
-        slots = agent.trainer.group_slots(active, group_size, seeds, agent.generator)
+        slots = agent.trainer.group_slots(active, group_size, seeds)
         reset_seeds = [s for _, s in slots] + [None] * (n - active)
         obs, _ = env.reset(seed=reset_seeds if is_vector else reset_seeds[0])
         running = [0.0] * n

@@ -146,16 +146,15 @@ class Trainer:
         history.extend(self.finish_data_parallel())
         return history
 
-    def group_slots(self, count: int, group_size: int, seeds: np.random.Generator | None,
-                    generator: torch.Generator) -> list[tuple[int, int]]:
+    def group_slots(self, count: int, group_size: int, seeds: np.random.Generator | None) -> list[tuple[int, int]]:
         """The (group id, reset seed) of the next ``count`` episodes of a group-relative algorithm:
-        groups of ``group_size`` episodes share a reset seed (drawn from ``seeds``, or from
-        ``generator`` without). A group cut by the end of one loop is completed by the next."""
+        groups of ``group_size`` episodes share a reset seed (drawn from ``seeds``, or from the agent's
+        generator without). A group cut by the end of one loop is completed by the next."""
         while len(self.pending_groups) < count:
             if seeds is not None:
                 group_seed = int(seeds.integers(2**31))
             else:
-                group_seed = int(torch.randint(2**31, (1,), generator=generator))
+                group_seed = int(torch.randint(2**31, (1,), generator=self.agent.generator))
             self.pending_groups.extend((self.next_group, group_seed) for _ in range(group_size))
             self.next_group += 1
         return [self.pending_groups.popleft() for _ in range(count)]

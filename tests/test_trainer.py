@@ -4,7 +4,6 @@ Recorder: one Step list per environment."""
 from __future__ import annotations
 
 import gymnasium as gym
-import torch
 
 from tests.conftest import ChoiceEnv
 
@@ -98,4 +97,4 @@ def test_group_bookkeeping_lives_in_the_trainer_and_resumes(make_agent):
     slot = tuple(state["pending_group_slots"][0])
     other = make_agent(algorithm="grpo", algorithm_config={"group_size": 2, "batch_episodes": 4})
     other.trainer.load_state_dict(state)
-    assert other.trainer.group_slots(1, 2, None, torch.Generator()) == [slot]  # the cut group is completed first
+    assert other.trainer.group_slots(1, 2, None) == [slot]  # the cut group is completed first

@@ -37,6 +37,7 @@ from rllama.policy.adapters import AdapterMixin
 from rllama.policy.forward import SCORE_MEMO_ENTRIES, ForwardMixin
 from rllama.policy.generation import GenerationMixin
 from rllama.policy.heads import POLICY_HEAD, ValueHead, pca_whitening
+from rllama.policy.loading import load_model
 from rllama.policy.outputs import CandidateOutputs, Continuations, GeneratedReply, StepEvaluation, candidate_score
 from rllama.policy.packing import PackingMixin
 from rllama.policy.persistence import ADAPTER_DIR, FORMAT_VERSION, HEADS_FILE, POLICY_FILE, PersistenceMixin
@@ -426,8 +427,6 @@ def build_policy(model=None, tokenizer=None, **kwargs) -> PolicyModel:
     """A :class:`PolicyModel` for what an agent was given: ``None`` (the embedded default model), a
     local folder or hub id, a transformers causal LM with its ``tokenizer``, or a PolicyModel (returned
     as is). ``kwargs`` go to :class:`PolicyModel`."""
-    from rllama.policy.loading import load_model
-
     if isinstance(model, PolicyModel):
         return model
     if model is None or isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
