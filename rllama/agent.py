@@ -37,7 +37,6 @@ import contextlib
 import logging
 import math
 import random
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,14 +45,15 @@ import numpy as np
 import torch
 
 from rllama import distributed
+from rllama.acting import Actor
 from rllama.algorithms import Episode, Step, make_algorithm
 from rllama.backends import check_can_serve, make_backend
 from rllama.callbacks import CallbackLike
-from rllama.errors import AgentStateError, HookError, RLlamaError
-from rllama.hooks import Hooks, short
-from rllama.loops import run_episodes
-from rllama.memory import EpisodicMemory, Retrieved, WorkingMemory
-from rllama.memory.hooks import MemoryHooks
+from rllama.errors import AgentStateError
+from rllama.hooks import AgentHooks, Hooks
+from rllama.loops import return_stats, run_episodes
+from rllama.memory import EpisodicMemory, Retrieved
+from rllama.memory.hooks import MemoryHooks, split_memory
 from rllama.policy import build_policy
 from rllama.policy.prefix_cache import DEFAULT_CACHE_MB
 from rllama.prompting import ChatFormat, PromptBuilder
@@ -70,7 +70,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class RLlamaAgent(MemoryHooks, ABC):
+class RLlamaAgent(AgentHooks, MemoryHooks):
     """Base class of LLM agents. Subclasses implement the hooks; the loop methods do the rest.
 
     Args:
@@ -178,15 +178,12 @@ class RLlamaAgent(MemoryHooks, ABC):
         # samples actions (and, without a loop seed, GRPO's group seeds)
         self.generator = torch.Generator().manual_seed((0 if seed is None else int(seed)) + 7919 * rank)
         self.hooks = Hooks(self)  # the subclass's hooks, called and checked
+        self.actor = Actor(self)  # scores or generates, samples, parses the actions
         self.recorder = Recorder()  # each environment's running episode
         self.trainer = Trainer(self)  # when the algorithm updates; the training counters
         self._recording = True  # False in evaluation mode
-        self._greedy = False
-        self._parse_failures = 0
-        self._warned_fallback = False
         self._warned_truncation = False
-        self.episodic_memory, self.working_memory = _split_memory(memory)
-        self._write_memory = True  # False while evaluating, unless evaluating(write_memory=True)
+        self.episodic_memory, self.working_memory = split_memory(memory)
         self.last_prompt_ids: dict[int, list[int]] = {}  # env id -> the prompt of its last action
         self.last_retrieved: dict[int, list[Retrieved]] = {}  # env id -> what memory gave it
         self.last_replies: dict[int, str] = {}  # env id -> the reply text of its last action
@@ -196,57 +193,6 @@ class RLlamaAgent(MemoryHooks, ABC):
             from rllama.trajectories import TrajectoryWriter
 
             self.trajectory_log = TrajectoryWriter(trajectory_log)
-
-    # ------------------------------------------------------------------ hooks
-    @abstractmethod
-    def get_system_prompt(self) -> str:
-        """The system message that opens every episode's chat."""
-
-    @abstractmethod
-    def format_observation(self, observation) -> str:
-        """Text of an observation, sent to the model as the user's message."""
-
-    @abstractmethod
-    def extract_action(self, response: str):
-        """The environment action for the model's reply (a generated text or a chosen candidate)."""
-
-    action_names: Sequence[str] | None = None
-    """Optional names of a ``Discrete`` action space's actions; used as the candidates when set."""
-
-    keep_history: bool = True
-    """Whether a prompt shows the episode's earlier turns. Set ``False`` where an observation is the
-    whole state (Blackjack, a rendered grid): each prompt is then the system prompt and the current
-    observation alone, shorter, the same for a state whenever it is met, and served from the prefix
-    cache after the first time."""
-
-    def get_valid_actions(self, observation) -> list[str] | None:
-        """Candidate action texts to score, or ``None`` to generate free text.
-
-        The default returns ``action_names`` when the subclass sets it, else ``None``.
-        """
-        return list(self.action_names) if self.action_names else None
-
-    def scores_actions(self) -> bool:
-        """Whether this agent picks its actions among candidates rather than generating them. Asked
-        once, while the agent is built, to decide the algorithm config's ``"auto"`` values (an
-        on-policy policy head is for scoring agents). The default: ``action_names`` is set or
-        ``get_valid_actions`` is overridden; override this where it depends on the agent's settings
-        (``TextWorldAgent(generate=True)`` generates)."""
-        return bool(self.action_names) or type(self).get_valid_actions is not RLlamaAgent.get_valid_actions
-
-    def fallback_action(self, observation, response: str):
-        """Action used in generate mode when ``extract_action`` fails on the model's reply.
-
-        The default samples the action space (so it needs ``action_space``, which ``train`` and
-        ``evaluate`` set from the environment). Every use is counted in the training statistics
-        as ``rollout/parse_failures``.
-        """
-        if self.action_space is None:
-            raise HookError(
-                f"extract_action could not parse the reply {response!r} and no action_space is known for a "
-                "fallback; pass action_space= to the agent or override fallback_action()"
-            )
-        return self.action_space.sample()
 
     @property
     def last_prompt(self) -> str | None:
@@ -315,37 +261,7 @@ class RLlamaAgent(MemoryHooks, ABC):
             prompts.append(ids)
             chats.append(fitted)
 
-        steps: list[Step | None] = [None] * len(observations)
-        scored = [i for i, c in enumerate(candidates) if c is not None]
-        generated = [i for i, c in enumerate(candidates) if c is None]
-        if generated and self.algorithm.requires_candidates:
-            raise RLlamaError(
-                f"{type(self.algorithm).__name__} is value-based and needs a discrete set of candidate actions, "
-                f"but get_valid_actions({short(observations[generated[0]])}) returned None (free text). "
-                "Implement get_valid_actions(observation) or set action_names on the agent."
-            )
-        if generated and self._recording and not self.algorithm.trains_adapter:
-            # Said now rather than at the first update, hundreds of steps later.
-            raise RLlamaError(
-                f"{type(self.algorithm).__name__} trains heads on a frozen adapter (train_adapter=False), which "
-                f"needs scored steps, but get_valid_actions({short(observations[generated[0]])}) returned None "
-                "(free text). Set train_adapter=True (or policy_head=0), or have the agent's scores_actions() "
-                "return False so that the defaults train the adapter."
-            )
-        with torch.no_grad():
-            if scored:
-                self._score(scored, prompts, candidates, steps)
-            if generated:
-                self._generate(generated, prompts, steps)
-
-        actions = []
-        for step, obs in zip(steps, observations):
-            if step.is_scored:
-                step.action = self.hooks.call("extract_action", step.text)
-                self.hooks.check_action(step.action, step.text)
-            else:
-                step.action = self._parse_generated(obs, step.text)
-            actions.append(step.action)
+        steps = self.actor.steps(observations, prompts, candidates, training=self._recording)
         # The history keeps the plain observation text; retrieved memories appear only in the
         # prompt of the step they were retrieved for.
         for env_id, record, text, found, ids, step, chat in zip(env_ids, records, texts, retrieved, prompts, steps,
@@ -359,54 +275,7 @@ class RLlamaAgent(MemoryHooks, ABC):
         if self._recording:
             self.trainer.count_steps(len(steps))
         self._last_env_id = env_ids[-1]
-        return actions
-
-    def _retrieve(self, texts: list[str]) -> list[list[Retrieved]]:
-        if self.episodic_memory is None or len(self.episodic_memory) == 0:
-            return [[] for _ in texts]
-        return self.episodic_memory.search(texts)
-
-    def _score(self, rows, prompts, candidates, steps) -> None:
-        cand_ids = [[self.chat.reply_ids(c) for c in candidates[i]] for i in rows]
-        outputs = self.backend.candidate_outputs([prompts[i] for i in rows], cand_ids,
-                                                 q_heads=self.algorithm.acting_heads)
-        choices = self.algorithm.choose_actions(outputs, greedy=self._greedy, generator=self.generator,
-                                                training=self._recording)
-        for j, (i, (k, logprob)) in enumerate(zip(rows, choices)):
-            steps[i] = Step(
-                prompt_ids=prompts[i], candidate_ids=cand_ids[j], action_index=k, logprob=logprob,
-                value=float(outputs.values[j]), text=candidates[i][k],
-                learner_recompute=not self.backend.provides_values, policy_version=self.algorithm.num_updates,
-            )
-
-    def _generate(self, rows, prompts, steps) -> None:
-        replies = self.backend.generate(
-            [prompts[i] for i in rows], max_new_tokens=self.max_new_tokens, greedy=self._greedy,
-            stop_token_ids=self.chat.end_of_turn_ids, generator=self.generator,
-        )
-        for i, reply in zip(rows, replies):
-            steps[i] = Step(
-                prompt_ids=prompts[i], response_ids=reply.token_ids, logprob=float(sum(reply.token_logprobs)),
-                token_logprobs=reply.token_logprobs, value=reply.value, text=self.chat.decode_reply(reply.token_ids),
-                learner_recompute=not self.backend.provides_values, policy_version=self.algorithm.num_updates,
-            )
-
-    def _parse_generated(self, observation, text: str):
-        try:
-            action = self.extract_action(text)
-            if action is None:
-                raise ValueError("extract_action returned None")
-            self.hooks.check_action(action, text)
-            return action
-        except Exception as exc:  # generate mode: unparseable text falls back, counted in the stats
-            self._parse_failures += 1
-            if not self._warned_fallback:
-                logger.warning("extract_action failed on %r (%s: %s); using fallback_action (warned once)",
-                               text, type(exc).__name__, exc)
-                self._warned_fallback = True
-            action = self.hooks.call("fallback_action", observation, text)
-            self.hooks.check_action(action, text)
-            return action
+        return [step.action for step in steps]
 
     # ------------------------------------------------------------------ rewards and episode ends
     def assign_reward(self, reward: float) -> None:
@@ -466,15 +335,9 @@ class RLlamaAgent(MemoryHooks, ABC):
         """
         ids = np.asarray(env_ids)
         ids = np.flatnonzero(ids).tolist() if ids.dtype == bool else [int(i) for i in ids.reshape(-1)]
-        truncated = [False] * len(ids) if truncated is None else [bool(t) for t in truncated]
-        if len(truncated) != len(ids):
-            raise ValueError(f"{len(ids)} env_ids but {len(truncated)} truncated flags")
-        groups = [None] * len(ids) if groups is None else list(groups)
-        if len(groups) != len(ids):
-            raise ValueError(f"{len(ids)} env_ids but {len(groups)} groups")
-        finals = [None] * len(ids) if final_observations is None else list(final_observations)
-        if len(finals) != len(ids):
-            raise ValueError(f"{len(ids)} env_ids but {len(finals)} final_observations")
+        truncated = [bool(t) for t in _per_env(truncated, ids, "truncated flags", False)]
+        groups = _per_env(groups, ids, "groups")
+        finals = _per_env(final_observations, ids, "final_observations")
         for env_id, trunc, group, final in zip(ids, truncated, groups, finals):
             record = self.recorder.get(env_id)
             if record is None or (self._recording and not record.steps):
@@ -495,13 +358,7 @@ class RLlamaAgent(MemoryHooks, ABC):
             self._remember(record, trunc)
             if self.trajectory_log is not None and record.steps and self._recording:
                 self.trajectory_log.write_episode(record, truncated=trunc, metadata={"env_id": env_id})
-        if not self._recording:
-            return {}
-        stats = self.trainer.maybe_update()
-        if stats:
-            stats["rollout/parse_failures"] = float(self._parse_failures)
-            self._parse_failures = 0
-        return stats
+        return self.trainer.maybe_update() if self._recording else {}
 
     def _bootstrap_step(self, record: EnvRecord, observation) -> Step:
         """The state a truncated episode was cut in, as a step with no action: its prompt (built as
@@ -517,15 +374,6 @@ class RLlamaAgent(MemoryHooks, ABC):
         all have finished (:meth:`rllama.trainer.Trainer.finish_data_parallel`); a hand-written
         data-parallel loop calls it once at the end."""
         return self.trainer.finish_data_parallel()
-
-    def _remember(self, record: EnvRecord, truncated: bool) -> None:
-        if self.episodic_memory is None or not self._write_memory or not record.steps:
-            return
-        observations, replies, rewards = list(record.observations), record.replies, record.rewards
-        outcome = self.hooks.call("episode_outcome", float(sum(rewards)), truncated)
-        lesson = self.hooks.call("episode_lesson", observations, replies, rewards)
-        self.episodic_memory.add_episode(observations, replies, rewards, outcome=outcome,
-                                         lesson=lesson, metadata={"episode": self.total_episodes})
 
     def reset(self, env_ids: Sequence[int] | None = None) -> None:
         """Forget the running episodes of ``env_ids`` (default: all); their unfinished steps are dropped."""
@@ -554,12 +402,12 @@ class RLlamaAgent(MemoryHooks, ABC):
         Running training episodes are set aside and restored afterwards. Episodic memory is still
         read; it is written only with ``write_memory=True``.
         """
-        saved = (self.recorder.swap({}), self._recording, self._greedy, self._write_memory)
-        self._recording, self._greedy, self._write_memory = False, greedy, write_memory
+        saved = (self.recorder.swap({}), self._recording, self.actor.greedy, self._write_memory)
+        self._recording, self.actor.greedy, self._write_memory = False, greedy, write_memory
         try:
             yield self
         finally:
-            records, self._recording, self._greedy, self._write_memory = saved
+            records, self._recording, self.actor.greedy, self._write_memory = saved
             self.recorder.swap(records)
 
     def evaluate(self, env, n_episodes: int, *, greedy: bool = True, seed: int | None = None,
@@ -575,15 +423,7 @@ class RLlamaAgent(MemoryHooks, ABC):
         with self.evaluating(greedy=greedy, write_memory=write_memory):
             returns = run_episodes(self, env, n_episodes, seed=seed, progress=progress, desc="eval",
                                    reseed_each_episode=True)
-        arr = np.asarray(returns, dtype=np.float64)
-        std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-        return {
-            "mean_return": float(arr.mean()),
-            "std_return": std,
-            "stderr": std / math.sqrt(len(arr)),
-            "n_episodes": len(arr),
-            "returns": arr.tolist(),
-        }
+        return return_stats(returns)
 
     def train(self, env, n_episodes: int, *, seed: int | None = None, progress: bool = True,
               callback: CallbackLike = None) -> list[dict[str, float]]:
@@ -613,14 +453,14 @@ class RLlamaAgent(MemoryHooks, ABC):
         """The agent's own training state besides the policy and the algorithm, for an exact resume: its
         random generator (tensors), its trainer's counters and GRPO's group bookkeeping, and the
         parse-failure count (JSON-serialisable)."""
-        meta = {**self.trainer.state_dict(), "parse_failures": self._parse_failures}
+        meta = {**self.trainer.state_dict(), "parse_failures": self.actor.parse_failures}
         return {"rng": self.generator.get_state()}, meta
 
     def load_loop_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Restore what :meth:`loop_state_dict` returned; unfinished episodes are dropped (:meth:`reset`)."""
         self.generator.set_state(tensors["rng"])
         self.trainer.load_state_dict(meta)
-        self._parse_failures = int(meta["parse_failures"])
+        self.actor.parse_failures = int(meta["parse_failures"])
         self.reset()
 
     def save(self, path) -> None:
@@ -641,13 +481,11 @@ class RLlamaAgent(MemoryHooks, ABC):
         return config
 
 
-def _split_memory(memory) -> tuple[EpisodicMemory | None, WorkingMemory | None]:
-    items = [] if memory is None else list(memory) if isinstance(memory, (list, tuple)) else [memory]
-    episodic = [m for m in items if isinstance(m, EpisodicMemory)]
-    working = [m for m in items if isinstance(m, WorkingMemory)]
-    other = [m for m in items if not isinstance(m, (EpisodicMemory, WorkingMemory))]
-    if other or len(episodic) > 1 or len(working) > 1:
-        raise TypeError(
-            f"memory={memory!r}: expected an EpisodicMemory, a WorkingMemory, or a list with at most one of each"
-        )
-    return (episodic[0] if episodic else None), (working[0] if working else None)
+def _per_env(values: Sequence | None, env_ids: list[int], what: str, default=None) -> list:
+    """``values`` (one per environment id), or ``default`` for each."""
+    if values is None:
+        return [default] * len(env_ids)
+    values = list(values)
+    if len(values) != len(env_ids):
+        raise ValueError(f"{len(env_ids)} env_ids but {len(values)} {what}")
+    return values

@@ -1,14 +1,74 @@
-"""Calling an agent's hooks, checked: an exception inside a hook, or a value of the wrong kind,
-becomes a :class:`~rllama.errors.HookError` that names the hook and what it was given."""
+"""An agent's hooks: :class:`AgentHooks` declares the ones a subclass writes, with the defaults of
+the optional ones, and :class:`Hooks` calls them checked: an exception inside a hook, or a value of
+the wrong kind, becomes a :class:`~rllama.errors.HookError` that names the hook and what it was
+given."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from rllama.errors import HookError, InvalidActionError, RLlamaError
 
 if TYPE_CHECKING:
     from rllama.agent import RLlamaAgent
+
+
+class AgentHooks(ABC):
+    """The hooks of :class:`rllama.RLlamaAgent`: three to write, the rest optional."""
+
+    action_space = None  # a Gymnasium space, set by the agent
+
+    @abstractmethod
+    def get_system_prompt(self) -> str:
+        """The system message that opens every episode's chat."""
+
+    @abstractmethod
+    def format_observation(self, observation) -> str:
+        """Text of an observation, sent to the model as the user's message."""
+
+    @abstractmethod
+    def extract_action(self, response: str):
+        """The environment action for the model's reply (a generated text or a chosen candidate)."""
+
+    action_names: Sequence[str] | None = None
+    """Optional names of a ``Discrete`` action space's actions; used as the candidates when set."""
+
+    keep_history: bool = True
+    """Whether a prompt shows the episode's earlier turns. Set ``False`` where an observation is the
+    whole state (Blackjack, a rendered grid): each prompt is then the system prompt and the current
+    observation alone, shorter, the same for a state whenever it is met, and served from the prefix
+    cache after the first time."""
+
+    def get_valid_actions(self, observation) -> list[str] | None:
+        """Candidate action texts to score, or ``None`` to generate free text.
+
+        The default returns ``action_names`` when the subclass sets it, else ``None``.
+        """
+        return list(self.action_names) if self.action_names else None
+
+    def scores_actions(self) -> bool:
+        """Whether this agent picks its actions among candidates rather than generating them. Asked
+        once, while the agent is built, to decide the algorithm config's ``"auto"`` values (an
+        on-policy policy head is for scoring agents). The default: ``action_names`` is set or
+        ``get_valid_actions`` is overridden; override this where it depends on the agent's settings
+        (``TextWorldAgent(generate=True)`` generates)."""
+        return bool(self.action_names) or type(self).get_valid_actions is not AgentHooks.get_valid_actions
+
+    def fallback_action(self, observation, response: str):
+        """Action used in generate mode when ``extract_action`` fails on the model's reply.
+
+        The default samples the action space (so it needs ``action_space``, which ``train`` and
+        ``evaluate`` set from the environment). Every use is counted in the training statistics
+        as ``rollout/parse_failures``.
+        """
+        if self.action_space is None:
+            raise HookError(
+                f"extract_action could not parse the reply {response!r} and no action_space is known for a "
+                "fallback; pass action_space= to the agent or override fallback_action()"
+            )
+        return self.action_space.sample()
 
 
 class Hooks:

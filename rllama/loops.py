@@ -6,6 +6,7 @@ directly or write their own loop with ``act``/``assign_reward``/``terminate_epis
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,19 @@ def run_episodes(
         agent.action_space = previous_space
         if bar is not None:
             bar.close()
+
+
+def return_stats(returns: list[float]) -> dict:
+    """``{"mean_return", "std_return", "stderr", "n_episodes", "returns"}`` of episode returns."""
+    arr = np.asarray(returns, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return {
+        "mean_return": float(arr.mean()),
+        "std_return": std,
+        "stderr": std / math.sqrt(len(arr)),
+        "n_episodes": len(arr),
+        "returns": arr.tolist(),
+    }
 
 
 def _run_single(agent, env, n_episodes, seed, bar, on_update, reseed_each_episode) -> list[float]:

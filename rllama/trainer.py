@@ -82,6 +82,8 @@ class Trainer:
         agent.backend.after_update(agent.policy)
         stats["rollout/total_episodes"] = float(self.total_episodes)
         stats["rollout/total_steps"] = float(self.total_steps)
+        stats["rollout/parse_failures"] = float(agent.actor.parse_failures)  # since the last update
+        agent.actor.parse_failures = 0
         return stats
 
     def _ready_everywhere(self, active: bool) -> bool:

@@ -1,13 +1,24 @@
-"""The agent hooks about memory: how retrieved experiences are shown in a prompt, and what is stored
-with a finished episode. :class:`rllama.RLlamaAgent` inherits them; a subclass overrides any of them."""
+"""An agent's memory: the hooks about it (how retrieved experiences are shown in a prompt, what is
+stored with a finished episode) and their use. :class:`rllama.RLlamaAgent` inherits them; a subclass
+overrides any of the hooks."""
 
 from __future__ import annotations
 
-from rllama.memory.episodic import Retrieved
+from typing import TYPE_CHECKING
+
+from rllama.memory.episodic import EpisodicMemory, Retrieved
+from rllama.memory.working import WorkingMemory
+
+if TYPE_CHECKING:
+    from rllama.recording import EnvRecord
 
 
 class MemoryHooks:
-    """Memory hooks of an agent, with their defaults."""
+    """Memory hooks of an agent, with their defaults, and the agent's use of its memories."""
+
+    episodic_memory: EpisodicMemory | None = None
+    working_memory: WorkingMemory | None = None
+    _write_memory = True  # False while evaluating, unless evaluating(write_memory=True)
 
     def format_memories(self, retrieved: list[Retrieved]) -> str:
         """The text block that presents retrieved experiences (override to change the template).
@@ -39,3 +50,32 @@ class MemoryHooks:
         """Optional free-text lesson stored with an episode's experiences (default: none)."""
         return None
 
+
+    def _retrieve(self, texts: list[str]) -> list[list[Retrieved]]:
+        """What episodic memory holds for each observation text (nothing without a memory)."""
+        if self.episodic_memory is None or len(self.episodic_memory) == 0:
+            return [[] for _ in texts]
+        return self.episodic_memory.search(texts)
+
+    def _remember(self, record: EnvRecord, truncated: bool) -> None:
+        """Write a finished episode to episodic memory, with its outcome and lesson."""
+        if self.episodic_memory is None or not self._write_memory or not record.steps:
+            return
+        observations, replies, rewards = list(record.observations), record.replies, record.rewards
+        outcome = self.hooks.call("episode_outcome", float(sum(rewards)), truncated)
+        lesson = self.hooks.call("episode_lesson", observations, replies, rewards)
+        self.episodic_memory.add_episode(observations, replies, rewards, outcome=outcome,
+                                         lesson=lesson, metadata={"episode": self.total_episodes})
+
+
+def split_memory(memory) -> tuple[EpisodicMemory | None, WorkingMemory | None]:
+    """The episodic and the working memory of an agent's ``memory=`` argument."""
+    items = [] if memory is None else list(memory) if isinstance(memory, (list, tuple)) else [memory]
+    episodic = [m for m in items if isinstance(m, EpisodicMemory)]
+    working = [m for m in items if isinstance(m, WorkingMemory)]
+    other = [m for m in items if not isinstance(m, (EpisodicMemory, WorkingMemory))]
+    if other or len(episodic) > 1 or len(working) > 1:
+        raise TypeError(
+            f"memory={memory!r}: expected an EpisodicMemory, a WorkingMemory, or a list with at most one of each"
+        )
+    return (episodic[0] if episodic else None), (working[0] if working else None)

@@ -1,0 +1,117 @@
+"""Choosing actions. An :class:`Actor` turns an agent's prompts into :class:`~rllama.algorithms.Step`\\ s:
+it scores the candidate actions, or generates a reply, through the agent's backend; samples the
+choice (or, greedy, takes the likeliest); and reads the environment action off the reply with the
+agent's ``extract_action`` hook, falling back to ``fallback_action`` when a generated reply cannot
+be parsed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from rllama.algorithms import Step
+from rllama.errors import RLlamaError
+from rllama.hooks import short
+
+if TYPE_CHECKING:
+    from rllama.agent import RLlamaAgent
+
+logger = logging.getLogger(__name__)
+
+
+class Actor:
+    """How ``agent`` chooses its actions."""
+
+    def __init__(self, agent: RLlamaAgent) -> None:
+        self.agent = agent
+        self.greedy = False  # take the likeliest action instead of sampling (evaluation)
+        self.parse_failures = 0  # generated replies extract_action failed on, since the last update
+        self._warned_fallback = False
+
+    def steps(self, observations: Sequence, prompts: list[list[int]], candidates: list[list[str] | None],
+              training: bool) -> list[Step]:
+        """One step per observation, its action chosen: scored among its candidates, or generated
+        where its candidates are ``None``."""
+        agent = self.agent
+        scored = [i for i, c in enumerate(candidates) if c is not None]
+        generated = [i for i, c in enumerate(candidates) if c is None]
+        if generated:
+            self._check_can_generate(agent.algorithm, observations[generated[0]], training)
+        steps: list[Step] = [None] * len(observations)  # type: ignore[list-item]
+        with torch.no_grad():
+            if scored:
+                self._score(scored, prompts, candidates, steps, training)
+            if generated:
+                self._generate(generated, prompts, steps)
+        for step, observation in zip(steps, observations):
+            if step.is_scored:
+                step.action = agent.hooks.call("extract_action", step.text)
+                agent.hooks.check_action(step.action, step.text)
+            else:
+                step.action = self._parse(observation, step.text)
+        return steps
+
+    @staticmethod
+    def _check_can_generate(algorithm, observation, training: bool) -> None:
+        if algorithm.requires_candidates:
+            raise RLlamaError(
+                f"{type(algorithm).__name__} is value-based and needs a discrete set of candidate actions, "
+                f"but get_valid_actions({short(observation)}) returned None (free text). "
+                "Implement get_valid_actions(observation) or set action_names on the agent."
+            )
+        if training and not algorithm.trains_adapter:
+            # Said now rather than at the first update, hundreds of steps later.
+            raise RLlamaError(
+                f"{type(algorithm).__name__} trains heads on a frozen adapter (train_adapter=False), which "
+                f"needs scored steps, but get_valid_actions({short(observation)}) returned None "
+                "(free text). Set train_adapter=True (or policy_head=0), or have the agent's scores_actions() "
+                "return False so that the defaults train the adapter."
+            )
+
+    def _score(self, rows, prompts, candidates, steps, training: bool) -> None:
+        agent = self.agent
+        cand_ids = [[agent.chat.reply_ids(c) for c in candidates[i]] for i in rows]
+        outputs = agent.backend.candidate_outputs([prompts[i] for i in rows], cand_ids,
+                                                  q_heads=agent.algorithm.acting_heads)
+        choices = agent.algorithm.choose_actions(outputs, greedy=self.greedy, generator=agent.generator,
+                                                 training=training)
+        for j, (i, (k, logprob)) in enumerate(zip(rows, choices)):
+            steps[i] = Step(
+                prompt_ids=prompts[i], candidate_ids=cand_ids[j], action_index=k, logprob=logprob,
+                value=float(outputs.values[j]), text=candidates[i][k],
+                learner_recompute=not agent.backend.provides_values, policy_version=agent.algorithm.num_updates,
+            )
+
+    def _generate(self, rows, prompts, steps) -> None:
+        agent = self.agent
+        replies = agent.backend.generate(
+            [prompts[i] for i in rows], max_new_tokens=agent.max_new_tokens, greedy=self.greedy,
+            stop_token_ids=agent.chat.end_of_turn_ids, generator=agent.generator,
+        )
+        for i, reply in zip(rows, replies):
+            steps[i] = Step(
+                prompt_ids=prompts[i], response_ids=reply.token_ids, logprob=float(sum(reply.token_logprobs)),
+                token_logprobs=reply.token_logprobs, value=reply.value, text=agent.chat.decode_reply(reply.token_ids),
+                learner_recompute=not agent.backend.provides_values, policy_version=agent.algorithm.num_updates,
+            )
+
+    def _parse(self, observation, text: str):
+        hooks = self.agent.hooks
+        try:
+            action = self.agent.extract_action(text)
+            if action is None:
+                raise ValueError("extract_action returned None")
+            hooks.check_action(action, text)
+            return action
+        except Exception as exc:  # generate mode: unparseable text falls back, counted in the stats
+            self.parse_failures += 1
+            if not self._warned_fallback:
+                logger.warning("extract_action failed on %r (%s: %s); using fallback_action (warned once)",
+                               text, type(exc).__name__, exc)
+                self._warned_fallback = True
+            action = hooks.call("fallback_action", observation, text)
+            hooks.check_action(action, text)
+            return action
