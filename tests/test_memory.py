@@ -187,20 +187,20 @@ def test_load_refuses_corrupted_or_inconsistent_stores(tmp_path):
 
 
 def test_interrupted_save_leaves_the_previous_store_loadable(tmp_path, monkeypatch):
-    import rllama.memory.episodic as episodic
+    import rllama.memory.store as store
 
     memory = hashing_memory()
     memory.add([exp(w) for w in WORDS[:3]])
     folder = memory.save(tmp_path / "store")
     memory.add([exp(w) for w in WORDS[3:]])
-    real = episodic.atomic_write
+    real = store.atomic_write
 
     def crash_on_manifest(path, data):
         if path.name == "memory.json":
             raise KeyboardInterrupt("killed mid-save")
         real(path, data)
 
-    monkeypatch.setattr(episodic, "atomic_write", crash_on_manifest)
+    monkeypatch.setattr(store, "atomic_write", crash_on_manifest)
     with pytest.raises(KeyboardInterrupt):
         memory.save(folder)
     monkeypatch.undo()

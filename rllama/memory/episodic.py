@@ -20,29 +20,22 @@ equals). Eviction removes at least what is needed, in chunks of ``max(1, capacit
 removal compacts the index (O(capacity)); so a full memory holds between ``capacity - capacity // 64``
 and ``capacity`` entries.
 
-Persistence: ``save(dir)`` writes ``index-<hash>.faiss`` and then ``memory.json`` (config, entries, the
-index file's name and SHA-256), each atomically (temporary file + rename); ``memory.json`` is the commit
-point, so an interrupted save leaves the previous store loadable. ``load`` checks the hash, the count and
-the ids and raises :class:`MemoryStoreError` on any mismatch rather than returning a corrupted memory.
+Persistence: ``save(dir)`` and ``load(dir)`` (:mod:`rllama.memory.store`) keep a store crash-safe and
+refuse a corrupted one with :class:`MemoryStoreError`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import RLlamaError, require
-from ..fileio import atomic_write
 from .embedding import HashingEmbedder, SentenceEmbedder, make_embedder
-
-FORMAT_VERSION = 1
 
 
 class MemoryStoreError(RLlamaError):
@@ -365,29 +358,14 @@ class EpisodicMemory:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the store to the folder ``path`` (created if needed); see the module docstring."""
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        blob = self._faiss.serialize_index(self.index).tobytes()
-        digest = hashlib.sha256(blob).hexdigest()
-        index_name = f"index-{digest[:16]}.faiss"
-        manifest_path = folder / "memory.json"
-        previous = _read_manifest(manifest_path) if manifest_path.exists() else None
-        atomic_write(folder / index_name, blob)
-        manifest = {
-            "format": "rllama.EpisodicMemory", "version": FORMAT_VERSION,
-            "embedder": getattr(self.embedder, "config", lambda: {"name": self.embedder.name, "dim": self.dim})(),
-            "config": self.config(), "next_id": self._next_id, "index_file": index_name, "index_sha256": digest,
-            "entries": [asdict(self.entries[i]) for i in sorted(self.entries)],
-        }
-        atomic_write(manifest_path, json.dumps(manifest, ensure_ascii=False).encode("utf-8"))
-        if previous and previous.get("index_file") not in (None, index_name):
-            (folder / previous["index_file"]).unlink(missing_ok=True)
-        return folder
+        """Write the store to the folder ``path`` (created if needed); see :mod:`rllama.memory.store`."""
+        from .store import save_store
+
+        return save_store(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, embedder=None, **overrides) -> EpisodicMemory:
-        """Read a store written by :meth:`save`.
+        """Read a store written by :meth:`save` (:mod:`rllama.memory.store`).
 
         Args:
             embedder: the embedder to use; by default the one recorded in the store (the embedded
@@ -395,57 +373,9 @@ class EpisodicMemory:
             overrides: config fields to change (``k=8``, ``return_weight=0.5``, ...); a
                 ``write_filter`` (a function, not saved) is passed here again.
         """
-        folder = Path(path)
-        manifest_path = folder / "memory.json"
-        if not manifest_path.exists():
-            raise MemoryStoreError(f"no episodic memory store at {folder} (missing memory.json)")
-        manifest = _read_manifest(manifest_path)
-        if manifest.get("format") != "rllama.EpisodicMemory" or manifest.get("version") != FORMAT_VERSION:
-            raise MemoryStoreError(
-                f"{manifest_path} is not an rllama EpisodicMemory store of format version {FORMAT_VERSION}"
-            )
-        recorded = manifest["embedder"]
-        if embedder is None:
-            if recorded.get("type") == "hashing":
-                embedder = HashingEmbedder(recorded["dim"])
-            elif recorded.get("name") == "all-MiniLM-L6-v2":
-                embedder = None
-            else:
-                embedder = recorded.get("name")
-        memory = cls(embedder, **dict(manifest["config"], **overrides))
-        if memory.dim != recorded["dim"]:
-            raise MemoryStoreError(
-                f"the store at {folder} holds {recorded['dim']}-dimensional vectors ({recorded.get('name')}); "
-                f"the embedder {memory.embedder.name} gives {memory.dim}"
-            )
-        index_path = folder / manifest["index_file"]
-        if not index_path.exists():
-            raise MemoryStoreError(f"{index_path} is missing; the store at {folder} is incomplete")
-        blob = index_path.read_bytes()
-        if hashlib.sha256(blob).hexdigest() != manifest["index_sha256"]:
-            raise MemoryStoreError(f"{index_path} does not match the hash in memory.json; the store is corrupted")
-        index = memory._faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
-        entries = {}
-        for raw in manifest["entries"]:
-            e = Experience(**raw)
-            entries[e.id] = e
-        stored_ids = sorted(int(index.id_map.at(j)) for j in range(index.ntotal)) if index.ntotal else []
-        if index.ntotal != len(entries) or stored_ids != sorted(entries):
-            raise MemoryStoreError(
-                f"the store at {folder} is inconsistent: the index holds {index.ntotal} vectors, memory.json "
-                f"{len(entries)} entries"
-            )
-        memory.index = index
-        memory.entries = entries
-        memory._next_id = int(manifest["next_id"])
-        return memory
+        from .store import load_store
 
-
-def _read_manifest(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise MemoryStoreError(f"cannot read {path}: {exc}") from exc
+        return load_store(cls, path, embedder, overrides)
 
 
 __all__ = ["EpisodicMemory", "Experience", "Retrieved", "MemoryStoreError", "SentenceEmbedder", "HashingEmbedder"]
