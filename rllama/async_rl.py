@@ -120,8 +120,87 @@ class AsyncStats:
     tasks: int = 0
 
 
+class RayCollector:
+    """``num_workers`` Ray rollout workers that play episodes with the weights last published.
+
+    Each task is ``episodes_per_task`` episodes of one worker, acted by the version of the weights
+    the task was given; :meth:`next_result` waits for whichever finishes first. Tasks still in flight
+    when a training call ends carry over to the next.
+    """
+
+    def __init__(self, make_agent: Callable[[int], Any], make_env: Callable[[], Any], *, num_workers: int,
+                 episodes_per_task: int, seed: int, worker_threads: int | None, worker_cpus: float,
+                 ray_address: str | None, ray_init_kwargs: dict[str, Any]) -> None:
+        self.make_agent, self.make_env = make_agent, make_env
+        self.num_workers, self.episodes_per_task, self.seed = num_workers, episodes_per_task, seed
+        self.worker_threads, self.worker_cpus = worker_threads, worker_cpus
+        self.ray_address, self.ray_init_kwargs = ray_address, ray_init_kwargs
+        self.workers: list = []
+        self.pending: dict = {}  # task ref -> worker
+        self.published: dict[int, float] = {}  # version -> checksum of the weights published as it
+        self._weights = None  # (version, object ref) of the last published weights
+
+    def init_ray(self):
+        ray = require("ray", "ray", "asynchronous training")
+        if not ray.is_initialized():
+            kwargs = {"include_dashboard": False, "log_to_driver": False, **self.ray_init_kwargs}
+            if self.ray_address is None:
+                # Local workers import what the driver can: its sys.path travels as PYTHONPATH.
+                paths = [os.getcwd(), *[p for p in sys.path if p and os.path.isdir(p)]]
+                env_vars = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+                runtime_env = kwargs.setdefault("runtime_env", {})
+                runtime_env.setdefault("env_vars", {}).update(env_vars)
+                # Ray starts workers at niceness 15; here they share the machine with the learner as equals.
+                os.environ.setdefault("RAY_worker_niceness", "0")
+            ray.init(address=self.ray_address, **kwargs)
+        return ray
+
+    def start(self) -> None:
+        """Start Ray (if needed) and the workers, and wait until each has built its agent and envs."""
+        ray = self.init_ray()
+        if not self.workers:
+            Worker = ray.remote(num_cpus=self.worker_cpus)(RolloutWorker)
+            self.workers = [Worker.remote(self.make_agent, self.make_env, self.seed + i + 1, self.worker_threads)
+                            for i in range(self.num_workers)]
+            ray.get([w.ready.remote() for w in self.workers])
+
+    def close(self) -> None:
+        """Stop the workers; tasks in flight are dropped."""
+        if self.workers:
+            import ray
+
+            for w in self.workers:
+                ray.kill(w)
+            self.workers = []
+            self.pending = {}
+
+    def publish(self, policy, version: int) -> None:
+        """Make ``policy``'s adapter and heads, as ``version``, the weights of the next tasks."""
+        import ray
+
+        state = trainable_state(policy)
+        self.published[version] = checksum(state)
+        self._weights = (version, ray.put(state))
+
+    def launch(self, workers=None) -> None:
+        """Give a task with the last published weights to each of ``workers`` (default: every idle one)."""
+        version, weights = self._weights
+        busy = set(self.pending.values())
+        for w in self.workers if workers is None else workers:
+            if workers is not None or w not in busy:
+                self.pending[w.collect.remote(self.episodes_per_task, version, weights)] = w
+
+    def next_result(self) -> tuple[Any, dict[str, Any]]:
+        """Wait for the first task to finish; returns its worker and what it played."""
+        import ray
+
+        (ref,), _ = ray.wait(list(self.pending), num_returns=1)
+        return self.pending.pop(ref), ray.get(ref)
+
+
 class AsyncTrainer:
-    """A learner and ``num_workers`` Ray rollout workers.
+    """The learner: the agent's :class:`~rllama.trainer.Trainer`, fed by a :class:`RayCollector` of
+    ``num_workers`` rollout workers instead of the agent's own loop.
 
     Args:
         make_agent: ``make_agent(seed)`` returns a fresh agent; called once here (the learner) and once
@@ -148,73 +227,48 @@ class AsyncTrainer:
             raise ValueError(f"episodes_per_task={episodes_per_task}; expected at least 1")
         if max_staleness < 0:
             raise ValueError(f"max_staleness={max_staleness}; expected 0 or more")
-        self.make_agent, self.make_env = make_agent, make_env
-        self.num_workers = int(num_workers)
-        self.episodes_per_task = int(episodes_per_task)
-        self.max_staleness = int(max_staleness)
-        self.seed = int(seed)
-        self.worker_threads = worker_threads
-        self.worker_cpus = float(worker_cpus)
-        self.ray_address = ray_address
-        self.ray_init_kwargs = dict(ray_init_kwargs or {})
-        self.agent = make_agent(self.seed)
+        self.agent = make_agent(int(seed))
         algorithm = self.agent.algorithm
         if not isinstance(algorithm, OnPolicyAlgorithm) or int(getattr(algorithm, "group_size", 1)) > 1:
             raise RLlamaError(f"asynchronous training needs an on-policy algorithm without groups (ppo, a2c, "
                               f"reinforce); the agent's is {algorithm.name!r}")
+        self.max_staleness = int(max_staleness)
+        self.collector = RayCollector(
+            make_agent, make_env, num_workers=int(num_workers), episodes_per_task=int(episodes_per_task),
+            seed=int(seed), worker_threads=worker_threads, worker_cpus=float(worker_cpus), ray_address=ray_address,
+            ray_init_kwargs=dict(ray_init_kwargs or {}),
+        )
         self.stats = AsyncStats()
-        self.workers: list = []
-        self._pending: dict = {}  # task ref -> worker, for tasks in flight between train() calls
-        self.published: dict[int, float] = {}  # version -> checksum of the weights published as it
         self.tasks: list[dict[str, Any]] = []  # per finished task: version, checksum, episodes, lag, dropped
 
+    @property
+    def workers(self) -> list:
+        """The Ray actors playing episodes (empty before :meth:`start` and after :meth:`close`)."""
+        return self.collector.workers
+
+    @property
+    def published(self) -> dict[int, float]:
+        """Version -> checksum of the weights published as it."""
+        return self.collector.published
+
     def _init_ray(self):
-        ray = require("ray", "ray", "asynchronous training")
-        if not ray.is_initialized():
-            kwargs = {"include_dashboard": False, "log_to_driver": False, **self.ray_init_kwargs}
-            if self.ray_address is None:
-                # Local workers import what the driver can: its sys.path travels as PYTHONPATH.
-                paths = [os.getcwd(), *[p for p in sys.path if p and os.path.isdir(p)]]
-                env_vars = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
-                runtime_env = kwargs.setdefault("runtime_env", {})
-                runtime_env.setdefault("env_vars", {}).update(env_vars)
-            if self.ray_address is None:
-                # Ray starts workers at niceness 15; here they share the machine with the learner as equals.
-                os.environ.setdefault("RAY_worker_niceness", "0")
-            ray.init(address=self.ray_address, **kwargs)
-        return ray
+        return self.collector.init_ray()
 
     def start(self) -> AsyncTrainer:
         """Start Ray (if needed) and the workers, and wait until each has built its agent and envs.
         ``train`` calls it; call it first to keep start-up out of a timed run."""
-        ray = self._init_ray()
-        if not self.workers:
-            Worker = ray.remote(num_cpus=self.worker_cpus)(RolloutWorker)
-            self.workers = [Worker.remote(self.make_agent, self.make_env, self.seed + i + 1, self.worker_threads)
-                            for i in range(self.num_workers)]
-            ray.get([w.ready.remote() for w in self.workers])
+        self.collector.start()
         return self
 
     def close(self) -> None:
         """Stop the workers (Ray itself keeps running; ``ray.shutdown()`` stops it)."""
-        if self.workers:
-            import ray
-
-            for w in self.workers:
-                ray.kill(w)
-            self.workers = []
-            self._pending = {}
+        self.collector.close()
 
     def __enter__(self) -> AsyncTrainer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _publish(self, ray):
-        state = trainable_state(self.agent.policy)
-        self.published[self.agent.algorithm.num_updates] = checksum(state)
-        return ray.put(state)
 
     def train(self, n_episodes: int, *, progress: bool = True,
               callback: CallbackLike = None, on_update: CallbackLike = None) -> list[dict[str, float]]:
@@ -227,10 +281,9 @@ class AsyncTrainer:
         hooks = update_hooks(callback) + update_hooks(on_update)
         if n_episodes < 1:
             raise ValueError(f"n_episodes={n_episodes}; expected at least 1")
-        ray = self._init_ray()
         self.start()
         target = self.stats.episodes + n_episodes  # counters run across calls
-        trainer, algorithm, workers = self.agent.trainer, self.agent.algorithm, self.workers
+        trainer, algorithm, collector = self.agent.trainer, self.agent.algorithm, self.collector
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -238,44 +291,24 @@ class AsyncTrainer:
             bar = tqdm(total=n_episodes, desc="train (async)", unit="ep", dynamic_ncols=True)
         history: list[dict[str, float]] = []
         start = time.perf_counter()
-        weights = self._publish(ray)
-        pending = dict(self._pending)
-        busy = set(pending.values())
-        pending.update({w.collect.remote(self.episodes_per_task, algorithm.num_updates, weights): w
-                        for w in workers if w not in busy})
+        collector.publish(self.agent.policy, algorithm.num_updates)
+        collector.launch()
         accepted_at_update = 0
         returns: list[float] = []
         try:
-            while self.stats.episodes < target and pending:
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
-                worker = pending.pop(ref)
-                result = ray.get(ref)
-                self.stats.tasks += 1
-                self.stats.env_steps += int(result["steps"])
-                self.agent.actor.parse_failures += int(result["parse_failures"])
-                lag = algorithm.num_updates - result["version"]
-                self.tasks.append({"version": result["version"], "checksum": result["checksum"], "lag": lag,
-                                   "episodes": len(result["episodes"]), "dropped": lag > self.max_staleness,
-                                   "wall_s": result["wall_s"]})
-                for data, ret in zip(result["episodes"], result["returns"]):
-                    if self.stats.episodes >= target:
-                        break
-                    if lag > self.max_staleness:
-                        self.stats.dropped += 1
-                        continue
-                    trainer.count_steps(len(data["steps"]))
-                    trainer.add_episode(episode_from_dict(data))
-                    self.stats.episodes += 1
-                    returns.append(float(ret))
-                    if bar is not None:
-                        bar.update(1)
+            while self.stats.episodes < target and collector.pending:
+                worker, result = collector.next_result()
+                accepted_before = self.stats.episodes
+                lag = self._take(result, target, returns)
+                if bar is not None:
+                    bar.update(self.stats.episodes - accepted_before)
                 # Relaunch at once (the worker acts while the learner updates), unless what is in flight covers
                 # the rest of the run.
-                if self.stats.episodes + len(pending) * self.episodes_per_task < target:
-                    pending[worker.collect.remote(self.episodes_per_task, algorithm.num_updates, weights)] = worker
+                if self.stats.episodes + len(collector.pending) * collector.episodes_per_task < target:
+                    collector.launch([worker])
                 if trainer.ready():
                     stats = trainer.update()
-                    weights = self._publish(ray)
+                    collector.publish(self.agent.policy, algorithm.num_updates)
                     elapsed = time.perf_counter() - start
                     stats.update({
                         "async/episodes": float(self.stats.episodes), "async/dropped": float(self.stats.dropped),
@@ -292,8 +325,29 @@ class AsyncTrainer:
                     if wants_stop(hooks, stats):
                         break
         finally:
-            # Tasks still in flight carry on: the next train() call takes their episodes (staleness-checked).
-            self._pending = pending
             if bar is not None:
                 bar.close()
         return history
+
+    def _take(self, result: dict[str, Any], target: int, returns: list[float]) -> int:
+        """Hand a finished task's episodes to the trainer, unless too stale or past ``target``; returns
+        the task's lag (learner updates since its weights)."""
+        trainer = self.agent.trainer
+        self.stats.tasks += 1
+        self.stats.env_steps += int(result["steps"])
+        self.agent.actor.parse_failures += int(result["parse_failures"])
+        lag = self.agent.algorithm.num_updates - result["version"]
+        self.tasks.append({"version": result["version"], "checksum": result["checksum"], "lag": lag,
+                           "episodes": len(result["episodes"]), "dropped": lag > self.max_staleness,
+                           "wall_s": result["wall_s"]})
+        for data, ret in zip(result["episodes"], result["returns"]):
+            if self.stats.episodes >= target:
+                break
+            if lag > self.max_staleness:
+                self.stats.dropped += 1
+                continue
+            trainer.count_steps(len(data["steps"]))
+            trainer.add_episode(episode_from_dict(data))
+            self.stats.episodes += 1
+            returns.append(float(ret))
+        return lag
