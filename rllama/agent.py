@@ -44,11 +44,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from rllama import distributed
 from rllama.acting import Actor
 from rllama.algorithms import Episode, Step, make_algorithm
 from rllama.backends import check_can_serve, make_backend
 from rllama.callbacks import CallbackLike
+from rllama.distributed import setup as setup_data_parallel
 from rllama.errors import AgentStateError
 from rllama.hooks import AgentHooks, Hooks
 from rllama.loops import return_stats, run_episodes
@@ -160,7 +160,7 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
                 self.policy.add_adapter(adapter)
             self.policy.set_adapter(adapter)  # before the optimizer collects the trainable parameters
         # Launched as several processes (torchrun / accelerate launch): train data-parallel.
-        self.data_parallel = distributed.setup()
+        self.data_parallel = setup_data_parallel()
         self.backend = make_backend(backend)
         # "auto" config values (an on-policy policy head) depend on whether this agent scores
         # candidates in this process (AlgorithmConfig.resolved).
