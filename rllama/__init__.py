@@ -25,6 +25,7 @@ from rllama.algorithms import (
 from rllama.callbacks import Callback
 from rllama.errors import (
     AgentStateError,
+    CorruptFileError,
     HookError,
     InvalidActionError,
     MissingExtraError,
@@ -45,6 +46,7 @@ __all__ = [
     "Algorithm",
     "AlgorithmConfig",
     "ChatFormat",
+    "CorruptFileError",
     "HookError",
     "InvalidActionError",
     "MissingExtraError",

@@ -49,7 +49,8 @@ from rllama.algorithms import Episode, Step, make_algorithm
 from rllama.backends import check_can_serve, make_backend
 from rllama.callbacks import CallbackLike
 from rllama.distributed import setup as setup_data_parallel
-from rllama.errors import AgentStateError
+from rllama.errors import AgentStateError, CorruptFileError
+from rllama.fileio import recover_dir, writing_dir
 from rllama.hooks import AgentHooks, Hooks
 from rllama.loops import return_stats, run_episodes
 from rllama.memory import EpisodicMemory, Retrieved
@@ -465,21 +466,33 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
 
     def save(self, path) -> None:
         """Save the adapter and heads (safetensors), a JSON config, and the episodic memory store
-        (subfolder ``memory/``) to folder ``path``."""
-        self.policy.save(path, extra={"agent_class": f"{type(self).__module__}.{type(self).__qualname__}",
-                                      "algorithm": self.algorithm.name})
-        if self.episodic_memory is not None:
-            self.episodic_memory.save(Path(path) / "memory")
+        (subfolder ``memory/``) to folder ``path``, as one atomic write with a checksum manifest: a
+        crash leaves the previous save or this one, whole."""
+        extra = {"agent_class": f"{type(self).__module__}.{type(self).__qualname__}",
+                 "algorithm": self.algorithm.name, "memory": self.episodic_memory is not None}
+        with writing_dir(path) as tmp:
+            self.policy.write_into(tmp, extra=extra)
+            if self.episodic_memory is not None:
+                self.episodic_memory.save(tmp / "memory")
 
     def load(self, path) -> dict:
-        """Load adapter and head weights (and the episodic memory store, if the agent has a memory
-        and the folder holds one) saved by :meth:`save`; returns the saved config."""
-        config = self.policy.load(path)
+        """Load what :meth:`save` wrote: adapter and head weights, and the episodic memory store when
+        the agent has a memory; returns the saved config. Everything is read and checked before
+        anything changes: a damaged or incomplete folder raises an error naming the file and leaves
+        the agent as it was."""
+        path = recover_dir(path)
+        adapter_state, heads_state, config = self.policy.read_checkpoint(path)
+        memory = self.episodic_memory
         store = Path(path) / "memory"
-        if self.episodic_memory is not None and (store / "memory.json").exists():
-            self.episodic_memory = EpisodicMemory.load(store, embedder=self.episodic_memory.embedder)
+        if config.get("memory") and not (store / "memory.json").is_file():
+            raise CorruptFileError(f"{path} was saved with an episodic memory, but {store} is missing")
+        if memory is not None and (store / "memory.json").is_file():
+            memory = EpisodicMemory.load(store, embedder=memory.embedder)
+        elif memory is not None:
+            logger.warning("%s holds no episodic memory; the agent keeps its own", path)
+        self.policy.apply_checkpoint(adapter_state, heads_state, config)
+        self.episodic_memory = memory
         return config
-
 
 def _per_env(values: Sequence | None, env_ids: list[int], what: str, default=None) -> list:
     """``values`` (one per environment id), or ``default`` for each."""

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rllama.errors import RLlamaError
-from rllama.fileio import recover_dir, writing_dir
+from rllama.errors import CorruptFileError, RLlamaError
+from rllama.fileio import read_json, recover_dir, verify_dir, writing_dir
 
 FORMAT = "rllama.TrainingState"
 VERSION = 1
@@ -37,7 +37,7 @@ STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 
 
-class CheckpointError(RLlamaError):
+class CheckpointError(CorruptFileError):
     """A checkpoint folder is missing, incomplete, or does not match the agent."""
 
 
@@ -85,31 +85,94 @@ def save_training_state(agent, path: str | os.PathLike, extra: dict[str, Any] | 
 
 
 def load_training_state(agent, path: str | os.PathLike) -> dict[str, Any]:
-    """Restore a state written by :func:`save_training_state`; returns its ``extra``."""
-    from safetensors.torch import load_file
+    """Restore a state written by :func:`save_training_state`; returns its ``extra``.
 
+    All or nothing: the folder's checksums, ``state.json`` and ``state.safetensors`` are checked
+    first, and if restoring fails part-way the agent is put back as it was; either way the error
+    names the file at fault."""
     path = recover_dir(path)
     if not (path / STATE_JSON).is_file() or not (path / STATE_TENSORS).is_file():
         raise CheckpointError(f"{str(path)!r} is not a complete rllama training checkpoint "
                               f"({STATE_JSON} or {STATE_TENSORS} is missing)")
-    meta = json.loads((path / STATE_JSON).read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{path / STATE_JSON} is not an rllama training state of version {VERSION}")
-    if meta["algorithm"].get("name") != agent.algorithm.name:
-        raise CheckpointError(
-            f"the checkpoint at {str(path)!r} was trained with {meta['algorithm'].get('name')!r}; this agent runs "
-            f"{agent.algorithm.name!r}"
-        )
-    agent.load(path / "policy")
-    tensors = load_file(str(path / STATE_TENSORS))
-    algorithm_tensors = {k[len("algorithm."):]: v for k, v in tensors.items() if k.startswith("algorithm.")}
-    agent.algorithm.load_state_dict(algorithm_tensors, meta["algorithm"])
-    torch.set_rng_state(tensors["rng.torch"])
-    agent.load_loop_state_dict({"rng": tensors["rng.agent"]}, meta["agent"])
-    version, internal, gauss = meta["rng"]["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = meta["rng"]["numpy"]
-    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    try:
+        verify_dir(path)
+        meta = _read_state(path / STATE_JSON, agent)
+        tensors = _read_tensors(path / STATE_TENSORS)
+    except CorruptFileError as exc:
+        raise CheckpointError(str(exc)) from None
+    before = _snapshot(agent)
+    try:
+        agent.load(path / "policy")
+        algorithm_tensors = {k[len("algorithm."):]: v for k, v in tensors.items() if k.startswith("algorithm.")}
+        agent.algorithm.load_state_dict(algorithm_tensors, meta["algorithm"])
+        agent.load_loop_state_dict({"rng": tensors["rng.agent"]}, meta["agent"])
+        torch.set_rng_state(tensors["rng.torch"])
+        version, internal, gauss = meta["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss))
+        n = meta["rng"]["numpy"]
+        np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    except Exception as exc:
+        _restore(agent, before)
+        if isinstance(exc, RLlamaError):
+            raise
+        raise CheckpointError(f"the checkpoint at {str(path)!r} does not fit this agent ({type(exc).__name__}: "
+                              f"{exc}); the agent is unchanged") from exc
     return meta["extra"]
 
 
+def _read_state(file: Path, agent) -> dict[str, Any]:
+    meta = read_json(file)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{file} is not an rllama training state of version {VERSION}")
+    for key, kind in (("algorithm", dict), ("agent", dict), ("rng", dict), ("extra", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{file}: {key!r} is missing or not a {kind.__name__}")
+    if not isinstance(meta["rng"].get("python"), list) or not isinstance(meta["rng"].get("numpy"), dict):
+        raise CheckpointError(f"{file}: the random generators' states are missing")
+    if meta["algorithm"].get("name") != agent.algorithm.name:
+        raise CheckpointError(
+            f"the checkpoint at {str(file.parent)!r} was trained with {meta['algorithm'].get('name')!r}; this agent "
+            f"runs {agent.algorithm.name!r}"
+        )
+    return meta
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(file))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"cannot read {file}: {type(exc).__name__}: {exc}") from None
+    missing = [k for k in ("rng.torch", "rng.agent") if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{file} lacks {missing}")
+    return tensors
+
+
+def _snapshot(agent) -> dict[str, Any]:
+    """What :func:`load_training_state` changes in ``agent`` (copies), to put back if it fails part-way."""
+    from peft import get_peft_model_state_dict
+
+    policy = agent.policy
+    algorithm_tensors, algorithm_meta = agent.algorithm.state_dict()
+    loop_tensors, loop_meta = agent.loop_state_dict()
+    return {
+        "adapter": _clone(get_peft_model_state_dict(policy.lm, adapter_name=policy.active_adapter)),
+        "heads": _clone(policy.heads.state_dict()),
+        "settings": (policy.score_normalization, policy.temperature, agent.episodic_memory),
+        "algorithm": (_clone(algorithm_tensors), json.loads(json.dumps(algorithm_meta))),
+        "loop": (_clone(loop_tensors), json.loads(json.dumps(loop_meta))),
+    }
+
+
+def _clone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def _restore(agent, snapshot: dict[str, Any]) -> None:
+    policy = agent.policy
+    policy.apply_checkpoint(snapshot["adapter"], snapshot["heads"], {})
+    policy.score_normalization, policy.temperature, agent.episodic_memory = snapshot["settings"]
+    agent.algorithm.load_state_dict(*snapshot["algorithm"])
+    agent.load_loop_state_dict(*snapshot["loop"])

@@ -27,6 +27,10 @@ class AgentStateError(RLlamaError, RuntimeError):
     """A loop method was called out of order (for example ``assign_reward`` before ``act``)."""
 
 
+class CorruptFileError(RLlamaError):
+    """A saved file is missing, damaged or malformed; the message names the file."""
+
+
 class MissingExtraError(RLlamaError, ImportError):
     """An optional feature's package is not installed; the message names the extra that installs it."""
 

@@ -1,20 +1,38 @@
-"""Writing files and folders so that a crash leaves either the old or the new version, never half of one."""
+"""Writing files and folders so that a crash leaves either the old or the new version, never half of one,
+and reading them back so that damage is found and named rather than loaded.
+
+- :func:`atomic_write` writes a file through a synced temporary file and a rename.
+- :func:`writing_dir` writes a folder under a temporary name, adds a checksum manifest
+  (``manifest.json``: each file's size and SHA-256), syncs it and renames it into place;
+  :func:`verify_dir` checks a folder against its manifest.
+- Temporary files and folders carry the writing process's id; one left behind by a killed process
+  is removed by the next write beside it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from rllama.errors import CorruptFileError
+
+MANIFEST = "manifest.json"
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``data`` to ``path`` through a synced temporary file in the same folder and a rename."""
     path = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale(path.parent, f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -27,16 +45,20 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
 
 
 @contextlib.contextmanager
-def writing_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
-    """Context that yields a fresh temporary folder beside ``path`` to write into; on success its files are
-    synced and it becomes ``path`` (:func:`replace_dir`; with ``replace=False`` it is dropped instead if
-    ``path`` exists by then, as when another process finished the same work first); on an error it is
-    removed. A crash leaves the old folder or the new one at ``path``, never a mixture."""
+def writing_dir(path: str | os.PathLike, replace: bool = True, manifest: bool = True) -> Iterator[Path]:
+    """Context that yields a fresh temporary folder beside ``path`` to write into; on success its
+    checksum manifest is written (unless ``manifest=False``), its files are synced and it becomes
+    ``path`` (:func:`replace_dir`; with ``replace=False`` it is dropped instead if ``path`` exists by
+    then, as when another process finished the same work first); on an error it is removed. A crash
+    leaves the old folder or the new one at ``path``, never a mixture."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    _remove_stale(path.parent, f".{path.name}-")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
+        if manifest:
+            write_manifest(tmp)
         fsync_tree(tmp)
         if not replace and path.exists():
             shutil.rmtree(tmp)
@@ -47,12 +69,99 @@ def writing_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]
         raise
 
 
+def _remove_stale(folder: Path, prefix: str) -> None:
+    """Remove temporary files and folders named ``<prefix><pid>-...`` whose writing process is gone."""
+    if not folder.is_dir():
+        return
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-")
+    for entry in folder.iterdir():
+        found = pattern.match(entry.name)
+        if found is None or _alive(int(found.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process, or not ours to judge: leave its files alone
+    return True
+
+
 def fsync_tree(folder: str | os.PathLike) -> None:
     """Flush every file under ``folder`` to disk."""
     for p in Path(folder).rglob("*"):
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike) -> None:
+    """Write ``folder/manifest.json``: the size and SHA-256 of every file under ``folder``."""
+    folder = Path(folder)
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p != folder / MANIFEST:
+            files[p.relative_to(folder).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    (folder / MANIFEST).write_text(json.dumps({"format": "rllama.manifest", "version": 1, "files": files}, indent=1))
+
+
+def verify_dir(folder: str | os.PathLike) -> None:
+    """Check every file listed in ``folder/manifest.json`` (present, same size, same SHA-256); raise
+    :class:`~rllama.errors.CorruptFileError` naming the first that is not. A folder without a manifest
+    (written before rllama kept them) passes."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return
+    manifest = read_json(manifest_path)
+    files = manifest.get("files")
+    if manifest.get("format") != "rllama.manifest" or not isinstance(files, dict):
+        raise CorruptFileError(f"{manifest_path} is not an rllama checksum manifest")
+    root = folder.resolve()
+    for name, entry in files.items():
+        path = (folder / name).resolve()
+        if root not in path.parents:
+            raise CorruptFileError(f"{manifest_path} lists {name!r}, outside {folder}")
+        if not isinstance(entry, dict) or not {"bytes", "sha256"} <= set(entry):
+            raise CorruptFileError(f"{manifest_path}: the entry of {name!r} is malformed")
+        if not path.is_file():
+            raise CorruptFileError(f"{folder / name} is missing (listed in {manifest_path})")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CorruptFileError(f"{folder / name} holds {size} bytes, {entry['bytes']} were written: it is "
+                                   "truncated or damaged")
+        if _sha256(path) != entry["sha256"]:
+            raise CorruptFileError(f"{folder / name} does not match its checksum in {manifest_path}: it is damaged")
+
+
+def read_json(path: str | os.PathLike, expect: type = dict) -> Any:
+    """The JSON value in file ``path`` (of type ``expect``); a clear :class:`~rllama.errors.CorruptFileError`
+    naming the file when it cannot be read, is not JSON (or not UTF-8), or holds another type."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CorruptFileError(f"cannot read {path}: {exc}") from None
+    if not isinstance(value, expect):
+        raise CorruptFileError(f"{path} holds a JSON {type(value).__name__}; expected a {expect.__name__}")
+    return value
 
 
 def _old_dir(path: Path) -> Path:
@@ -81,3 +190,4 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+        shutil.rmtree(_old_dir(dst), ignore_errors=True)  # left by a crash between the renames, now superseded

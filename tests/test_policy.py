@@ -9,6 +9,7 @@ import torch
 
 from rllama import ModelNotFoundError, PolicyModel, RLlamaError
 from rllama.algorithms import Step
+from rllama.errors import CorruptFileError
 from rllama.policy.model import candidate_score
 from tests.conftest import make_tiny_lm
 
@@ -223,6 +224,9 @@ def test_load_errors_name_the_problem(tokenizer, tmp_path):
         policy.load(tmp_path)
     policy.save(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "heads.safetensors").unlink()
+    with pytest.raises(CorruptFileError, match="heads.safetensors is missing"):  # the manifest lists it
+        policy.load(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "manifest.json").unlink()  # as a folder saved before manifests existed
     with pytest.raises(ModelNotFoundError, match="heads.safetensors is missing"):
         policy.load(tmp_path / "ckpt")
     meta = json.loads((tmp_path / "ckpt" / "policy.json").read_text())

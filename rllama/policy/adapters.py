@@ -91,13 +91,18 @@ class AdapterMixin:
         self._require_adapter(name)
         path = Path(path)
         with writing_dir(path) as tmp:
-            self.lm.save_pretrained(str(tmp), selected_adapters=[name], safe_serialization=True)
-            found = _adapter_folder(tmp)
-            if found != tmp:  # PEFT nests non-default adapters in a subfolder; keep one flat layout
-                for f in found.iterdir():
-                    shutil.move(str(f), str(tmp / f.name))
-                shutil.rmtree(found)
+            self._write_adapter(name, tmp)
         return path
+
+    def _write_adapter(self, name: str, folder: Path) -> None:
+        """Write adapter ``name`` alone (PEFT format) into ``folder``, flat whatever its name."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(str(folder), selected_adapters=[name], safe_serialization=True)
+        found = _adapter_folder(folder)
+        if found != folder:  # PEFT nests non-default adapters in a subfolder; keep one flat layout
+            for f in found.iterdir():
+                shutil.move(str(f), str(folder / f.name))
+            shutil.rmtree(found)
 
     def load_adapter(self, name: str, path: str | os.PathLike) -> None:
         """Load an adapter saved by :meth:`save_adapter` (or any PEFT LoRA folder) as adapter ``name``."""

@@ -79,7 +79,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with writing_dir(target, replace=False) as tmp:  # another process may finish first: its copy stays
+    with writing_dir(target, replace=False, manifest=False) as tmp:  # another process may finish first: its copy stays
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
