@@ -40,6 +40,25 @@ def _config_from_args(args):
     return config.with_overrides(overrides)
 
 
+def _allow_code(args) -> bool | set[str]:
+    """``True`` with --allow-code; else the agent/env specs typed on this command line (these the user
+    asked for; a spec read from a file is not)."""
+    if getattr(args, "allow_code", False):
+        return True
+    from rllama.experiment import parse_overrides
+
+    typed = {getattr(args, "agent", None), getattr(args, "env", None)}
+    typed |= {v for k, v in parse_overrides(getattr(args, "set", None) or []).items() if k in ("agent", "env")}
+    return {v for v in typed if isinstance(v, str)}
+
+
+def _add_allow_code(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-code", action="store_true", dest="allow_code",
+                   help="let a config file or run folder name an agent or env class to import from a module or "
+                        "file (code it runs); without it only built-in agents, registered env ids and classes "
+                        "named on this command line are used")
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of RunConfig fields (see docs/experiments.md)")
     p.add_argument("--env", help="Gymnasium env id, or module:Class (default Blackjack-v1)")
@@ -74,12 +93,14 @@ def cmd_train(args) -> dict:
             overrides["episodes"] = args.episodes
         if args.quiet:
             overrides["progress"] = False
-        return resume(args.resume, overrides=overrides)
-    return train(_config_from_args(args))
+        return resume(args.resume, overrides=overrides, allow_code=args.allow_code)
+    return train(_config_from_args(args), allow_code=_allow_code(args))
 
 
 def cmd_eval(args) -> dict:
     from rllama.experiment import RunConfig, make_agent, make_env
+    from rllama.experiment.config import check_code
+    from rllama.fileio import recover_dir
 
     path = Path(args.run)
     run_dir = path if (path / "config.yaml").is_file() else path.parent.parent
@@ -88,13 +109,14 @@ def cmd_eval(args) -> dict:
     config = RunConfig.from_yaml(run_dir / "config.yaml")
     overrides = {"num_envs": args.num_envs} if args.num_envs else {}
     config = config.with_overrides(overrides)
-    checkpoint = path if (path / "policy").is_dir() else run_dir / "final"
+    checkpoint = path if (path / "policy").is_dir() else recover_dir(run_dir / "final")
     if not (checkpoint / "policy").is_dir():
         raise RLlamaError(f"no trained policy at {checkpoint}/policy (has the run finished? evaluate a "
                           f"checkpoint: rllama eval {run_dir}/checkpoints/segment-...)")
-    agent = make_agent(config)
+    check_code(config, args.allow_code, str(run_dir / "config.yaml"))
+    agent = make_agent(config, args.allow_code)
     agent.load(checkpoint / "policy")
-    envs = make_env(config)
+    envs = make_env(config, args.allow_code)
     try:
         result = agent.evaluate(envs, args.episodes, seed=args.seed, greedy=not args.sample,
                                 progress=not args.quiet)
@@ -111,7 +133,7 @@ def cmd_sweep(args) -> dict:
 
     base = _config_from_args(args)
     mode = "offline" if args.offline else "online" if args.online else "auto"
-    return run_sweep(load_sweep(args.sweep), base, trials=args.trials, mode=mode)
+    return run_sweep(load_sweep(args.sweep), base, trials=args.trials, mode=mode, allow_code=_allow_code(args))
 
 
 def cmd_plot(args) -> dict:
@@ -135,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its latest checkpoint, exactly (other flags ignored "
                         "except --episodes, --quiet and --set for loggers/progress)")
+    _add_allow_code(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a trained run or checkpoint",
@@ -145,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-envs", type=int, dest="num_envs")
     p.add_argument("--sample", action="store_true", help="sample actions instead of greedy")
     p.add_argument("--quiet", action="store_true")
+    _add_allow_code(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sweep", help="hyperparameter sweep from a wandb sweep YAML",
@@ -157,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--offline", action="store_true", help="run on Optuna even if W&B is reachable")
     mode.add_argument("--online", action="store_true", help="require wandb.sweep / wandb.agent")
+    _add_allow_code(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("plot", help="plot learning curves of run folders",

@@ -79,7 +79,7 @@ def test_crashed_run_resumes_exactly(tmp_path, tiny_model_dir, algorithm, config
     cfg = tiny_config(tmp_path, tiny_model_dir, name="crashed", algorithm=algorithm, algorithm_config=config)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, callbacks=[CrashAfter(segment=2)])  # dies mid-run: segments 0-1 checkpointed
-    resumed = resume(tmp_path / "runs" / "crashed")
+    resumed = resume(tmp_path / "runs" / "crashed", allow_code=True)
     a, b = final_params(Path(straight["run_dir"])), final_params(Path(resumed["run_dir"]))
     assert a.keys() == b.keys() and a
     for key in a:
@@ -100,7 +100,7 @@ def test_crashed_run_with_the_prefix_cache_resumes_exactly(tmp_path, tokenizer):
     cfg = tiny_config(tmp_path, model_dir, name="crashed", algorithm_config=config)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, callbacks=[CrashAfter(segment=2)])
-    resumed = resume(tmp_path / "runs" / "crashed")
+    resumed = resume(tmp_path / "runs" / "crashed", allow_code=True)
     a, b = final_params(Path(straight["run_dir"])), final_params(Path(resumed["run_dir"]))
     assert a.keys() == b.keys() and a
     for key in a:
@@ -110,10 +110,10 @@ def test_crashed_run_with_the_prefix_cache_resumes_exactly(tmp_path, tokenizer):
 
 def test_resume_can_extend_a_finished_run(tmp_path, tiny_model_dir):
     train(tiny_config(tmp_path, tiny_model_dir, episodes=8))
-    summary = resume(tmp_path / "runs" / "run", overrides={"episodes": 12})
+    summary = resume(tmp_path / "runs" / "run", overrides={"episodes": 12}, allow_code=True)
     assert summary["episodes"] == 12
     with pytest.raises(ConfigError, match="cannot change"):
-        resume(tmp_path / "runs" / "run", overrides={"algorithm": "a2c"})
+        resume(tmp_path / "runs" / "run", overrides={"algorithm": "a2c"}, allow_code=True)
 
 
 def test_config_validation_names_the_problem(tmp_path):
@@ -157,7 +157,7 @@ def cli_flags(tmp_path, tiny_model_dir, name):
     config = tiny_config(tmp_path, tiny_model_dir, name=name, episodes=40, eval_every=0, eval_episodes=4)
     path = tmp_path / f"{name}.yaml"
     config.to_yaml(path)
-    return ["train", "--config", str(path), "--quiet"]
+    return ["train", "--config", str(path), "--quiet", "--allow-code"]
 
 
 def test_cli_run_killed_mid_way_resumes_to_the_same_parameters(tmp_path, tiny_model_dir):
@@ -176,7 +176,7 @@ def test_cli_run_killed_mid_way_resumes_to_the_same_parameters(tmp_path, tiny_mo
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not json.loads(latest.read_text())["final"]
-    resumed = run_cli("train", "--resume", str(tmp_path / "runs" / "killed"), "--quiet")
+    resumed = run_cli("train", "--resume", str(tmp_path / "runs" / "killed"), "--quiet", "--allow-code")
     assert resumed.returncode == 0, resumed.stderr
     a, b = final_params(tmp_path / "runs" / "straight"), final_params(tmp_path / "runs" / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
@@ -185,7 +185,7 @@ def test_cli_run_killed_mid_way_resumes_to_the_same_parameters(tmp_path, tiny_mo
 def test_cli_eval_plot_and_errors(tmp_path, tiny_model_dir):
     train(tiny_config(tmp_path, tiny_model_dir, episodes=8))
     run = tmp_path / "runs" / "run"
-    out = run_cli("eval", str(run), "--episodes", "4", "--quiet")
+    out = run_cli("eval", str(run), "--episodes", "4", "--quiet", "--allow-code")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["n_episodes"] == 4 and 0 <= result["success_rate"] <= 1
@@ -244,7 +244,7 @@ def test_mlflow_run_continues_after_a_resume(tmp_path, tiny_model_dir):
         train(cfg, callbacks=[CrashAfter(segment=2)])
     client, runs = _mlflow_runs("file:" + uri)
     assert len(runs) == 1 and runs[0].info.status == "RUNNING"
-    resume(tmp_path / "runs" / "run")
+    resume(tmp_path / "runs" / "run", allow_code=True)
     client, runs = _mlflow_runs("file:" + uri)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     # what was logged after the last checkpoint is logged again by the resumed run, with the same values

@@ -20,6 +20,7 @@ import dataclasses
 import importlib
 import importlib.util
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,8 +220,38 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def resolve_agent_class(spec: str):
-    """The agent class for a built-in name, ``"module:Class"`` or ``"path/to/file.py:Class"``."""
+CODE_HELP = ("rllama runs code named in a configuration file or a run folder only when asked: pass --allow-code "
+             "on the command line (or name it there with --agent/--env), allow_code=True in Python")
+
+
+def code_specs(config: RunConfig) -> list[tuple[str, str]]:
+    """The ``(field, spec)`` pairs of ``config`` that name code to import or run: an agent that is not
+    built in, an env given as ``"module:Class"`` or ``"module:EnvId"``."""
+    from rllama.agents import BUILTIN_AGENTS
+
+    found = []
+    if config.agent not in BUILTIN_AGENTS:
+        found.append(("agent", config.agent))
+    if ":" in config.env:
+        found.append(("env", config.env))
+    return found
+
+
+def check_code(config: RunConfig, allow_code: bool | Collection[str], source: str) -> None:
+    """Refuse a config from ``source`` that names code, unless ``allow_code`` is ``True`` or lists the
+    spec (an allow-list of the specs the user typed)."""
+    if allow_code is True:
+        return
+    allowed = set() if allow_code is False else set(allow_code)
+    refused = [(f, spec) for f, spec in code_specs(config) if spec not in allowed]
+    if refused:
+        named = ", ".join(f"{f}={spec!r}" for f, spec in refused)
+        raise ConfigError(f"{source} names code to run ({named}); {CODE_HELP}")
+
+
+def resolve_agent_class(spec: str, allow_code: bool = True):
+    """The agent class for a built-in name, ``"module:Class"`` or ``"path/to/file.py:Class"`` (these two
+    only with ``allow_code``; a file must define the class at its top level, checked before it runs)."""
     from rllama.agent import RLlamaAgent
     from rllama.agents import BUILTIN_AGENTS
 
@@ -230,11 +261,14 @@ def resolve_agent_class(spec: str):
         raise ConfigError(
             f"agent={spec!r}: expected one of {sorted(BUILTIN_AGENTS)}, 'module:Class' or 'file.py:Class'"
         )
+    if not allow_code:
+        raise ConfigError(f"agent={spec!r} names code to run; {CODE_HELP}")
     where, name = spec.rsplit(":", 1)
     if where.endswith(".py"):
         path = Path(where)
         if not path.is_file():
             raise ConfigError(f"agent={spec!r}: {where} does not exist")
+        _check_defines_class(path, name, spec)
         module_name = f"rllama_user_agent_{path.stem}"
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
@@ -249,3 +283,15 @@ def resolve_agent_class(spec: str):
     if not (isinstance(cls, type) and issubclass(cls, RLlamaAgent)):
         raise ConfigError(f"agent={spec!r}: {name!r} is not an RLlamaAgent subclass in {where}")
     return cls
+
+
+def _check_defines_class(path: Path, name: str, spec: str) -> None:
+    """Refuse, without running it, a file that does not define class ``name`` at its top level."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError) as exc:
+        raise ConfigError(f"agent={spec!r}: {path} is not valid Python ({exc})") from None
+    if not any(isinstance(node, ast.ClassDef) and node.name == name for node in tree.body):
+        raise ConfigError(f"agent={spec!r}: {path} defines no class {name!r} at its top level")

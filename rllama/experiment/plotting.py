@@ -10,16 +10,18 @@ from rllama.errors import require
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of ``<run_dir>/metrics.jsonl`` (lines that are not JSON, e.g. cut by a crash, skipped)."""
+    """The records of ``<run_dir>/metrics.jsonl`` (lines that are not JSON objects, e.g. cut by a crash, skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; is {run_dir} an rllama run folder with the jsonl logger?")
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             continue
+        if isinstance(record, dict):  # anything else is not a record rllama wrote
+            records.append(record)
     return records
 
 
@@ -43,12 +45,12 @@ def plot_runs(run_dirs: list[str | os.PathLike], output: str | os.PathLike) -> P
         records = read_metrics(run_dir)
         name = Path(run_dir).name
         colour = colours[i % len(colours)]
-        evals = [r for r in records if r.get("kind") == "eval"]
-        segments = [r for r in records if r.get("kind") == "segment"]
+        evals = [r for r in records if r.get("kind") == "eval" and _numbers(r, "episodes", "eval/mean_return")]
+        segments = [r for r in records if r.get("kind") == "segment" and _numbers(r, "episodes", "train/mean_return")]
         if evals:
             ax_eval.errorbar([r["episodes"] for r in evals], [r["eval/mean_return"] for r in evals],
-                             yerr=[r.get("eval/stderr", 0.0) for r in evals], marker="o", capsize=3, color=colour,
-                             label=name)
+                             yerr=[r["eval/stderr"] if _numbers(r, "eval/stderr") else 0.0 for r in evals],
+                             marker="o", capsize=3, color=colour, label=name)
         if segments:
             ax_train.plot([r["episodes"] for r in segments], [r["train/mean_return"] for r in segments],
                           marker=".", color=colour, label=name)
@@ -66,3 +68,7 @@ def plot_runs(run_dirs: list[str | os.PathLike], output: str | os.PathLike) -> P
     fig.savefig(output, dpi=110)
     plt.close(fig)
     return output
+
+
+def _numbers(record: dict, *keys: str) -> bool:
+    return all(isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool) for k in keys)

@@ -23,16 +23,17 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rllama.checkpoint import load_training_state, save_training_state
-from rllama.errors import RLlamaError
-from rllama.experiment.config import ConfigError, RunConfig, resolve_agent_class
+from rllama.errors import CorruptFileError, RLlamaError
+from rllama.experiment.config import ConfigError, RunConfig, check_code, resolve_agent_class
 from rllama.experiment.loggers import Callback, make_loggers
-from rllama.fileio import atomic_write
+from rllama.fileio import atomic_write, read_json, recover_dir, writing_dir
 
 CONFIG_FILE = "config.yaml"
 LATEST = "latest.json"
@@ -42,13 +43,16 @@ def segment_seed(config: RunConfig, k: int) -> int:
     return config.seed * 100_003 + k
 
 
-def make_env(config: RunConfig):
-    """The run's vector env: ``gym.make_vec`` of the env id, or a ``"module:Class"`` env built directly."""
+def make_env(config: RunConfig, allow_code: bool | Collection[str] = True):
+    """The run's vector env: ``gym.make_vec`` of the env id, or a ``"module:Class"`` env built directly
+    (a module is imported only with ``allow_code``: :func:`~rllama.experiment.config.check_code`)."""
     import importlib
 
     import gymnasium as gym
 
     import rllama.envs  # noqa: F401  (registers rllama/TextWorld-v0)
+
+    check_code(config, allow_code, "the run configuration")
 
     kwargs = dict(config.env_kwargs)
     if ":" in config.env:
@@ -69,12 +73,16 @@ def make_env(config: RunConfig):
         raise ConfigError(f"env={config.env!r} with env_kwargs={config.env_kwargs}: {exc}") from exc
 
 
-def make_agent(config: RunConfig):
-    """The run's agent, built from its configuration."""
+def make_agent(config: RunConfig, allow_code: bool | Collection[str] = True):
+    """The run's agent, built from its configuration (a class named by a module or file is imported only
+    with ``allow_code``). A ``trajectory_log`` in ``agent_kwargs`` is a path inside the run folder."""
     from rllama.memory import EpisodicMemory, WorkingMemory
 
+    check_code(config, allow_code, "the run configuration")
     cls = resolve_agent_class(config.agent)
     kwargs: dict[str, Any] = dict(config.agent_kwargs)
+    if kwargs.get("trajectory_log") is not None:
+        kwargs["trajectory_log"] = str(inside(config.run_dir, kwargs["trajectory_log"], "agent_kwargs.trajectory_log"))
     if config.memory is not None:
         memory = []
         if config.memory.get("episodic") is not None:
@@ -86,16 +94,29 @@ def make_agent(config: RunConfig):
                precision=config.precision, **kwargs)
 
 
+def inside(folder: Path, name: str | os.PathLike, what: str) -> Path:
+    """``folder / name``, refused when ``name`` is absolute or leads out of ``folder``."""
+    relative = Path(name)
+    target = (folder / relative).resolve()
+    if relative.is_absolute() or folder.resolve() not in target.parents:
+        raise ConfigError(f"{what}={str(name)!r}: expected a path inside the run folder {folder}")
+    return folder / relative
+
+
 class Experiment:
     """One training run (see the module docstring).
 
     Args:
         config: the run's configuration.
         callbacks: extra :class:`Callback` objects besides the configured loggers.
+        allow_code: whether the agent or env the config names may be imported from a module or file
+            (``True``, ``False``, or the specs allowed: :func:`~rllama.experiment.config.check_code`).
     """
 
-    def __init__(self, config: RunConfig, callbacks: list[Callback] | None = None) -> None:
+    def __init__(self, config: RunConfig, callbacks: list[Callback] | None = None,
+                 allow_code: bool | Collection[str] = True) -> None:
         self.config = config
+        self.allow_code = allow_code
         self.run_dir = config.run_dir
         self.callbacks = make_loggers(config.loggers, config.wandb, config.mlflow) + list(callbacks or [])
         self.agent = None
@@ -113,12 +134,13 @@ class Experiment:
         if resume_from is None and (self.run_dir / "checkpoints" / LATEST).exists():
             raise RLlamaError(f"{self.run_dir} already holds a run; resume it (rllama train --resume {self.run_dir}) "
                               "or choose another --name / --output-dir")
+        check_code(cfg, self.allow_code, f"the configuration of {self.run_dir}")
         cfg.to_yaml(self.run_dir / CONFIG_FILE)
-        self.agent = make_agent(cfg)
-        self.envs = make_env(cfg)
+        self.agent = make_agent(cfg, self.allow_code)
+        self.envs = make_env(cfg, self.allow_code)
         state = {"segment": 0, "episodes": 0, "evals": [], "wall_s": 0.0}
         if resume_from is not None:
-            state = load_training_state(self.agent, resume_from)
+            state = _check_progress(load_training_state(self.agent, resume_from), Path(resume_from))
             _truncate_metrics(self.run_dir / "metrics.jsonl", state["segment"])
         for cb in self.callbacks:
             cb.on_run_start(cfg.to_dict(), self.run_dir, Path(resume_from) if resume_from else None)
@@ -192,11 +214,9 @@ class Experiment:
         kept = sorted(p for p in folder.glob("segment-*") if p.is_dir())
         for old in kept[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-        if final:
-            final_dir = self.run_dir / "final"
-            if final_dir.exists():
-                shutil.rmtree(final_dir)
-            shutil.copytree(path, final_dir)
+        if final:  # a copy written beside final/ and renamed into place: final/ is never half there
+            with writing_dir(self.run_dir / "final") as tmp:
+                shutil.copytree(path, tmp, dirs_exist_ok=True)
         for cb in self.callbacks:
             cb.on_checkpoint(path, record)
         return path
@@ -220,14 +240,18 @@ class Experiment:
         return summary
 
 
-def train(config: RunConfig, callbacks: list[Callback] | None = None) -> dict[str, Any]:
-    """Run ``config`` from scratch; returns the summary."""
-    return Experiment(config, callbacks).run()
+def train(config: RunConfig, callbacks: list[Callback] | None = None,
+          allow_code: bool | Collection[str] = True) -> dict[str, Any]:
+    """Run ``config`` from scratch; returns the summary (``allow_code``: see :class:`Experiment`)."""
+    return Experiment(config, callbacks, allow_code).run()
 
 
 def resume(run_dir: str | os.PathLike, callbacks: list[Callback] | None = None,
-           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Continue the run in ``run_dir`` from its latest checkpoint (``overrides``: e.g. more ``episodes``)."""
+           overrides: dict[str, Any] | None = None, allow_code: bool | Collection[str] = False) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its latest checkpoint (``overrides``: e.g. more ``episodes``).
+
+    The run folder's configuration may name an agent or env class in a module or file; it is imported
+    only with ``allow_code=True`` (opening someone else's run folder runs none of their code)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise RLlamaError(f"{run_dir} is not a run folder ({CONFIG_FILE} is missing)")
@@ -239,11 +263,32 @@ def resume(run_dir: str | os.PathLike, callbacks: list[Callback] | None = None,
     config = config.with_overrides(overrides or {})
     # the run folder is where it is now, whatever output_dir said when it was made
     config = config.with_overrides({"output_dir": str(run_dir.parent), "name": run_dir.name})
-    latest = run_dir / "checkpoints" / LATEST
+    check_code(config, allow_code, str(run_dir / CONFIG_FILE))
+    return Experiment(config, callbacks, allow_code).run(resume_from=latest_checkpoint(run_dir))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """The checkpoint folder ``checkpoints/latest.json`` names, checked to be one inside the run folder."""
+    folder = Path(run_dir) / "checkpoints"
+    latest = folder / LATEST
     if not latest.is_file():
         raise RLlamaError(f"{run_dir} has no checkpoint to resume from ({latest} is missing)")
-    pointer = json.loads(latest.read_text())
-    return Experiment(config, callbacks).run(resume_from=run_dir / "checkpoints" / pointer["checkpoint"])
+    name = read_json(latest).get("checkpoint")
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise CorruptFileError(f"{latest}: 'checkpoint' is {name!r}; expected the name of a folder in {folder}")
+    checkpoint = recover_dir(folder / name)
+    if not checkpoint.is_dir():
+        raise CorruptFileError(f"{latest} names {name!r}, but {checkpoint} does not exist")
+    return checkpoint
+
+
+def _check_progress(state: Any, checkpoint: Path) -> dict[str, Any]:
+    """The runner's progress saved with a checkpoint, checked."""
+    kinds = {"segment": int, "episodes": int, "evals": list, "wall_s": (int, float)}
+    bad = [k for k, kind in kinds.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if bad:
+        raise CorruptFileError(f"{checkpoint / 'state.json'}: the run's progress (extra) lacks or mangles {bad}")
+    return state
 
 
 def _truncate_metrics(path: Path, segment: int) -> None:
@@ -256,6 +301,7 @@ def _truncate_metrics(path: Path, segment: int) -> None:
             record = json.loads(line)
         except ValueError:
             continue  # a line cut by the crash
-        if record.get("segment", -1) < segment:
+        at = record.get("segment", -1) if isinstance(record, dict) else None
+        if isinstance(at, int) and at < segment:
             keep.append(line)
     atomic_write(path, "".join(line + "\n" for line in keep))

@@ -31,14 +31,14 @@ import copy
 import itertools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from rllama.errors import RLlamaError, require
-from rllama.experiment.config import ConfigError, RunConfig
+from rllama.experiment.config import ConfigError, RunConfig, check_code
 from rllama.experiment.loggers import Callback, WandbLogger, wandb_mode
 
 METHODS = ("grid", "random", "bayes")
@@ -272,7 +272,8 @@ def trial_count(spec: dict[str, Any], trials: int | None = None) -> int:
 
 # ---------------------------------------------------------------------- running
 def run_sweep(sweep: str | Path | dict[str, Any], base_config: RunConfig, trials: int | None = None,
-              mode: str = "auto", callbacks: list[Callback] | None = None) -> dict[str, Any]:
+              mode: str = "auto", callbacks: list[Callback] | None = None,
+              allow_code: bool | Collection[str] = True) -> dict[str, Any]:
     """Run a sweep: each trial trains ``base_config`` with the trial's parameters set.
 
     Args:
@@ -282,6 +283,8 @@ def run_sweep(sweep: str | Path | dict[str, Any], base_config: RunConfig, trials
         mode: ``"online"`` (``wandb.sweep`` / ``wandb.agent``; needs a W&B API key), ``"offline"``
             (Optuna) or ``"auto"`` (online when :func:`~rllama.experiment.loggers.wandb_mode` is).
         callbacks: extra callbacks of every trial's run.
+        allow_code: whether trials may import an agent or env named by a module or file (``True``,
+            ``False`` or the specs allowed: :func:`~rllama.experiment.config.check_code`).
 
     Returns:
         ``{"name", "method", "metric", "direction", "sweep_dir", "best", "trials"}``; ``trials`` are the
@@ -303,6 +306,12 @@ def run_sweep(sweep: str | Path | dict[str, Any], base_config: RunConfig, trials
             raise ConfigError(f"offline sweeps (Optuna) support the distributions "
                               f"{', '.join(OFFLINE_DISTRIBUTIONS)}; not {unsupported}")
     _check_algorithm_keys(spec, base_config)
+    check_code(base_config, allow_code, "the sweep's base configuration")
+    for key in ("agent", "env"):
+        parameter = flat_parameters(spec).get(key)
+        for value in [] if parameter is None else parameter.get("values", [parameter.get("value")]):
+            if isinstance(value, str):  # each trial is checked again when it starts
+                check_code(base_config.with_overrides({key: value}), allow_code, f"the sweep's {key} values")
     metric = spec["metric"]["name"]
     if metric.startswith("eval/") and not base_config.eval_episodes and "eval_episodes" not in flat_parameters(spec):
         raise ConfigError(f"the sweep metric {metric!r} needs evaluations, but eval_episodes=0")
@@ -316,9 +325,9 @@ def run_sweep(sweep: str | Path | dict[str, Any], base_config: RunConfig, trials
     record = _recorder(sweep_dir / "trials.jsonl")
     try:
         if mode == "online":
-            _run_online(spec, base_config, name, sweep_dir, n, record, callbacks)
+            _run_online(spec, base_config, name, sweep_dir, n, record, callbacks, allow_code)
         else:
-            _run_offline(spec, base_config, name, sweep_dir, n, record, callbacks)
+            _run_offline(spec, base_config, name, sweep_dir, n, record, callbacks, allow_code)
     finally:  # a failed or interrupted sweep keeps the summary of its finished trials
         summary = _summarize(spec, name, sweep_dir)
     return summary
@@ -376,7 +385,7 @@ def _recorder(path: Path) -> Callable[[dict[str, Any]], None]:
     return record
 
 
-def _run_offline(spec, base_config, name, sweep_dir, n, record, callbacks) -> None:
+def _run_offline(spec, base_config, name, sweep_dir, n, record, callbacks, allow_code) -> None:
     optuna = require("optuna", "sweep", "a sweep")
 
     from rllama.experiment.runner import train
@@ -385,7 +394,7 @@ def _run_offline(spec, base_config, name, sweep_dir, n, record, callbacks) -> No
 
     def objective(trial) -> float:
         params = suggest_params(spec, trial)
-        summary = train(trial_config(base_config, params, name, sweep_dir, trial.number), callbacks)
+        summary = train(trial_config(base_config, params, name, sweep_dir, trial.number), callbacks, allow_code)
         value = metric_value(summary, metric)
         record({"number": trial.number, "params": params, "value": value if math.isfinite(value) else None,
                 "run_dir": summary["run_dir"]})
@@ -401,7 +410,7 @@ def _run_offline(spec, base_config, name, sweep_dir, n, record, callbacks) -> No
         optuna.logging.set_verbosity(verbosity)
 
 
-def _run_online(spec, base_config, name, sweep_dir, n, record, callbacks) -> None:
+def _run_online(spec, base_config, name, sweep_dir, n, record, callbacks, allow_code) -> None:
     wandb = require("wandb", "wandb", "an online (wandb) sweep")
 
     from rllama.experiment.runner import train
@@ -419,7 +428,7 @@ def _run_online(spec, base_config, name, sweep_dir, n, record, callbacks) -> Non
         params = {k: _lookup(dict(run.config), k) for k in names}
         config = trial_config(base_config, params, name, sweep_dir, number)
         config = config.with_overrides({"loggers": [x for x in config.loggers if x != "wandb"]})
-        summary = train(config, [_AgentRunLogger()] + list(callbacks or []))
+        summary = train(config, [_AgentRunLogger()] + list(callbacks or []), allow_code)
         value = metric_value(summary, metric)
         record({"number": number, "params": params, "value": value if math.isfinite(value) else None,
                 "run_dir": summary["run_dir"]})
