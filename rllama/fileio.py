@@ -5,8 +5,8 @@ and reading them back so that damage is found and named rather than loaded.
 - :func:`writing_dir` writes a folder under a temporary name, adds a checksum manifest
   (``manifest.json``: each file's size and SHA-256), syncs it and renames it into place;
   :func:`verify_dir` checks a folder against its manifest.
-- Temporary files and folders carry the writing process's id; one left behind by a killed process
-  is removed by the next write beside it.
+- Temporary files and folders are named ``.<name>.rllama-tmp-<pid>-<random>``; those a killed
+  process left behind are removed by the next write into the same folder.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ from typing import Any
 from rllama.errors import CorruptFileError
 
 MANIFEST = "manifest.json"
+_TEMPORARY = re.compile(r"^\..+\.rllama-tmp-(\d+)-")
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``data`` to ``path`` through a synced temporary file in the same folder and a rename."""
     path = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    _remove_stale(path.parent, f".{path.name}.")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
+    _remove_stale(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -53,8 +54,8 @@ def writing_dir(path: str | os.PathLike, replace: bool = True, manifest: bool = 
     leaves the old folder or the new one at ``path``, never a mixture."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(path.parent, f".{path.name}-")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-{os.getpid()}-", dir=path.parent))
+    _remove_stale(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), dir=path.parent))
     try:
         yield tmp
         if manifest:
@@ -69,13 +70,16 @@ def writing_dir(path: str | os.PathLike, replace: bool = True, manifest: bool = 
         raise
 
 
-def _remove_stale(folder: Path, prefix: str) -> None:
-    """Remove temporary files and folders named ``<prefix><pid>-...`` whose writing process is gone."""
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.rllama-tmp-{os.getpid()}-"
+
+
+def _remove_stale(folder: Path) -> None:
+    """Remove the temporary files and folders in ``folder`` whose writing process is gone."""
     if not folder.is_dir():
         return
-    pattern = re.compile(re.escape(prefix) + r"(\d+)-")
     for entry in folder.iterdir():
-        found = pattern.match(entry.name)
+        found = _TEMPORARY.match(entry.name)
         if found is None or _alive(int(found.group(1))):
             continue
         if entry.is_dir() and not entry.is_symlink():

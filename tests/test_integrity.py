@@ -200,13 +200,15 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(make_agent
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # a process that has exited
-    (tmp_path / f".ckpt-{pid}-abc").mkdir()
-    (tmp_path / f".ckpt-{pid}-abc" / "heads.safetensors").write_bytes(b"half")
-    (tmp_path / f".latest.json.{pid}-x.tmp").write_text("{")
-    (tmp_path / f".ckpt-{os.getpid()}-live").mkdir()  # a live writer's: kept
+    (tmp_path / f".ckpt.rllama-tmp-{pid}-abc").mkdir()
+    (tmp_path / f".ckpt.rllama-tmp-{pid}-abc" / "heads.safetensors").write_bytes(b"half")
+    (tmp_path / f".other.rllama-tmp-{pid}-x.tmp").write_text("{")  # any name's
+    (tmp_path / f".ckpt.rllama-tmp-{os.getpid()}-live").mkdir()  # a live writer's: kept
+    (tmp_path / ".ckpt-12-user-file").mkdir()  # not rllama's: kept
     agent = make_agent(algorithm="ppo")
     save_training_state(agent, tmp_path / "ckpt")
     from rllama.fileio import atomic_write
 
     atomic_write(tmp_path / "latest.json", "{}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", "latest.json", f".ckpt-{os.getpid()}-live"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", "latest.json", ".ckpt-12-user-file",
+                                                                 f".ckpt.rllama-tmp-{os.getpid()}-live"])
