@@ -32,18 +32,19 @@ class Actor:
         self._warned_fallback = False
 
     def steps(self, observations: Sequence, prompts: list[list[int]], candidates: list[list[str] | None],
-              training: bool) -> list[Step]:
-        """One step per observation, its action chosen: scored among its candidates, or generated
-        where its candidates are ``None``."""
+              candidate_ids: list[list[list[int]] | None], training: bool) -> list[Step]:
+        """One step per observation, its action chosen: scored among its candidates (texts, and their
+        reply token ids), or generated where its candidates are ``None``."""
         agent = self.agent
         scored = [i for i, c in enumerate(candidates) if c is not None]
         generated = [i for i, c in enumerate(candidates) if c is None]
         if generated:
             self._check_can_generate(agent.algorithm, observations[generated[0]], training)
         steps: list[Step] = [None] * len(observations)  # type: ignore[list-item]
-        with torch.no_grad():
+        policy = agent.policy
+        with torch.no_grad(), policy.lock, policy.using_adapter(agent.adapter_name):
             if scored:
-                self._score(scored, prompts, candidates, steps, training)
+                self._score(scored, prompts, candidates, candidate_ids, steps, training)
             if generated:
                 self._generate(generated, prompts, steps)
         for step, observation in zip(steps, observations):
@@ -71,9 +72,9 @@ class Actor:
                 "return False so that the defaults train the adapter."
             )
 
-    def _score(self, rows, prompts, candidates, steps, training: bool) -> None:
+    def _score(self, rows, prompts, candidates, candidate_ids, steps, training: bool) -> None:
         agent = self.agent
-        cand_ids = [[agent.chat.reply_ids(c) for c in candidates[i]] for i in rows]
+        cand_ids = [candidate_ids[i] for i in rows]
         outputs = agent.backend.candidate_outputs([prompts[i] for i in rows], cand_ids,
                                                   q_heads=agent.algorithm.acting_heads)
         choices = agent.algorithm.choose_actions(outputs, greedy=self.greedy, generator=agent.generator,

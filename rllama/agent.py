@@ -160,6 +160,7 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
             if adapter not in self.policy.list_adapters():
                 self.policy.add_adapter(adapter)
             self.policy.set_adapter(adapter)  # before the optimizer collects the trainable parameters
+        self.adapter_name = self.policy.active_adapter  # active whenever the agent acts or updates
         # Launched as several processes (torchrun / accelerate launch): train data-parallel.
         self.data_parallel = setup_data_parallel()
         self.backend = make_backend(backend)
@@ -172,8 +173,13 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; expected at least 1")
         self.max_new_tokens = int(max_new_tokens)
-        context = getattr(self.policy.lm.get_base_model().config, "max_position_embeddings", None) or 2048
-        self.prompts = PromptBuilder(self.chat, int(max_prompt_tokens or max(16, context - self.max_new_tokens)))
+        config = self.policy.lm.get_base_model().config
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if max_prompt_tokens is not None and context and max_prompt_tokens + self.max_new_tokens > context:
+            raise ValueError(f"max_prompt_tokens={max_prompt_tokens} + max_new_tokens={self.max_new_tokens} exceeds "
+                             f"the model's context of {context} tokens")
+        default_prompt = max(16, (context or 2048) - self.max_new_tokens)
+        self.prompts = PromptBuilder(self.chat, int(max_prompt_tokens or default_prompt), context)
         self.action_space = action_space
         rank = self.data_parallel.rank if self.data_parallel is not None else 0
         # samples actions (and, without a loop seed, GRPO's group seeds)
@@ -217,12 +223,15 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         """The longest prompt (:class:`~rllama.prompting.PromptBuilder`)."""
         return self.prompts.max_prompt_tokens
 
-    def _prompt(self, record: EnvRecord, text: str, found: list[Retrieved]) -> tuple[list[int], list[dict]]:
+    def _prompt(self, record: EnvRecord, text: str, found: list[Retrieved],
+                candidates: list[list[int]] | None) -> tuple[list[int], list[dict]]:
         """The prompt ids of an observation's text after ``record``'s chat, with retrieved memories
-        injected, and the messages they were rendered from."""
+        injected, and the messages they were rendered from; room is left in the model's context for
+        the longest of the ``candidates`` (token ids), or for a generated reply."""
         content = self.hooks.user_message(text, found)
+        reply = max(map(len, candidates)) if candidates else self.max_new_tokens
         return self.prompts.build(record.messages, content, keep_history=self.keep_history,
-                                  working_memory=self.working_memory)
+                                  working_memory=self.working_memory, reply_tokens=reply)
 
     # ------------------------------------------------------------------ acting
     def act(self, observation):
@@ -257,12 +266,13 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
             texts.append(self.hooks.observation_text(obs))
             candidates.append(self.hooks.valid_actions(obs))
         retrieved = self._retrieve(texts)
-        for record, text, found in zip(records, texts, retrieved):
-            ids, fitted = self._prompt(record, text, found)
+        candidate_ids = [None if c is None else [self.chat.reply_ids(x) for x in c] for c in candidates]
+        for record, text, found, ids in zip(records, texts, retrieved, candidate_ids):
+            ids, fitted = self._prompt(record, text, found, ids)
             prompts.append(ids)
             chats.append(fitted)
 
-        steps = self.actor.steps(observations, prompts, candidates, training=self._recording)
+        steps = self.actor.steps(observations, prompts, candidates, candidate_ids, training=self._recording)
         # The history keeps the plain observation text; retrieved memories appear only in the
         # prompt of the step they were retrieved for.
         for env_id, record, text, found, ids, step, chat in zip(env_ids, records, texts, retrieved, prompts, steps,
@@ -297,6 +307,9 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
                 if not self._recording:
                     continue
                 raise AgentStateError(f"assign_reward for env {env_id} before any act() in its episode")
+            if not math.isfinite(record.total_reward + float(r)):  # each reward finite, their sum too large
+                raise ValueError(f"reward {r} for env {env_id} makes its episode's return overflow "
+                                 f"({record.total_reward} so far); scale the rewards down")
             record.steps[-1].reward += float(r)
 
     def terminate_episode(self, truncated: bool = False, group: int | None = None,
@@ -365,10 +378,10 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         """The state a truncated episode was cut in, as a step with no action: its prompt (built as
         ``act`` would) and, in scoring mode, its candidates."""
         text = self.hooks.observation_text(observation)
-        ids, _ = self._prompt(record, text, self._retrieve([text])[0])
         candidates = self.hooks.valid_actions(observation)
-        return Step(prompt_ids=ids, candidate_ids=None if candidates is None else
-                    [self.chat.reply_ids(c) for c in candidates])
+        candidate_ids = None if candidates is None else [self.chat.reply_ids(c) for c in candidates]
+        ids, _ = self._prompt(record, text, self._retrieve([text])[0], candidate_ids)
+        return Step(prompt_ids=ids, candidate_ids=candidate_ids)
 
     def finish_data_parallel(self) -> list[dict[str, float]]:
         """After this process's last training episode, take part in the other processes' updates until

@@ -6,6 +6,7 @@ directly or write their own loop with ``act``/``assign_reward``/``terminate_epis
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -14,6 +15,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from rllama.agent import RLlamaAgent
+
+logger = logging.getLogger(__name__)
 
 
 def run_episodes(
@@ -101,6 +104,7 @@ def _run_vector(agent, env, n_episodes, seed, bar, on_update) -> list[float]:
     from rllama.envs.vector import unbatch
 
     n = env.num_envs
+    declared = "autoreset_mode" in env.metadata
     mode = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
     if mode == AutoresetMode.DISABLED:
         raise ValueError("vector envs with autoreset_mode=DISABLED are not supported; use NEXT_STEP or SAME_STEP")
@@ -124,6 +128,8 @@ def _run_vector(agent, env, n_episodes, seed, bar, on_update) -> list[float]:
         obs, rewards, terminated, truncated, info = env.step(_batch_actions(env, actions))
         agent.assign_rewards([rewards[i] for i in ids], env_ids=ids)
         ended = [i for i in ids if terminated[i] or truncated[i]]
+        if ended and not declared:
+            mode, declared = _undeclared_autoreset(env, info), True
         for i in ids:
             running[i] += float(rewards[i])
         cut = [bool(truncated[i] and not terminated[i]) for i in ended]
@@ -159,6 +165,8 @@ def _run_grouped(agent, env, n_episodes, group_size, seed, bar, on_update) -> li
     space = env.single_action_space if is_vector else env.action_space
     if seed is not None:
         space.seed(seed)
+    mode = env.metadata.get("autoreset_mode") if is_vector else None
+    declared = not is_vector or "autoreset_mode" in env.metadata
     stop = False
     while len(returns) < n_episodes and not stop:
         active = min(n, n_episodes - len(returns))
@@ -184,7 +192,9 @@ def _run_grouped(agent, env, n_episodes, group_size, seed, bar, on_update) -> li
                 running[i] += float(rewards[i])
             ended = [i for i in playing if terminated[i] or truncated[i]]
             cut = [bool(truncated[i] and not terminated[i]) for i in ended]
-            finals = (_final_observations(env, obs, info, ended, cut, env.metadata.get("autoreset_mode"))
+            if ended and not declared:
+                mode, declared = _undeclared_autoreset(env, info), True
+            finals = (_final_observations(env, obs, info, ended, cut, mode)
                       if is_vector else ([obs] if any(cut) else None))
             stats = agent.terminate_episodes(ended, truncated=cut, groups=[slots[i][0] for i in ended],
                                              final_observations=finals)
@@ -196,6 +206,19 @@ def _run_grouped(agent, env, n_episodes, group_size, seed, bar, on_update) -> li
                 stop = True
         agent.reset(range(n))
     return returns
+
+
+def _undeclared_autoreset(env, info):
+    """The autoreset mode of a vector env that does not declare ``metadata["autoreset_mode"]``, read
+    off its info at the first episode end: a same-step env hands the final observation over there."""
+    from gymnasium.vector import AutoresetMode
+
+    same_step = any(key in info for key in ("final_obs", "final_info", "final_observation"))
+    mode = AutoresetMode.SAME_STEP if same_step else AutoresetMode.NEXT_STEP
+    logger.warning("%s does not declare metadata['autoreset_mode']; at its first episode end its info %s "
+                   "final_obs, so it is read as %s. Declare it to be sure.", type(env).__name__,
+                   "holds" if same_step else "holds no", mode.name)
+    return mode
 
 
 def _final_observations(env, obs, info, ended: list[int], cut: list[bool], mode) -> list | None:

@@ -83,19 +83,22 @@ class ChatFormat:
 class PromptBuilder:
     """Builds the prompt of each step from an episode's chat: the system prompt, the earlier turns
     (all of them, those working memory selects, or none), and the current user message; the oldest
-    turns are dropped until the prompt fits ``max_prompt_tokens``.
+    turns are dropped until the prompt fits ``max_prompt_tokens`` and, with the reply, the model's
+    context.
 
     Args:
         chat: renders messages to token ids.
         max_prompt_tokens: the longest prompt.
+        context: the model's context length (position limit), if it has one.
     """
 
-    def __init__(self, chat: ChatFormat, max_prompt_tokens: int) -> None:
+    def __init__(self, chat: ChatFormat, max_prompt_tokens: int, context: int | None = None) -> None:
         self.chat = chat
         self.max_prompt_tokens = int(max_prompt_tokens)
+        self.context = None if context is None else int(context)
 
     def build(self, messages: Sequence[Message], content: str, *, keep_history: bool = True,
-              working_memory=None) -> tuple[list[int], list[Message]]:
+              working_memory=None, reply_tokens: int = 0) -> tuple[list[int], list[Message]]:
         """The prompt ids for the user message ``content`` after the chat ``messages`` (system prompt
         first), and the messages they were rendered from.
 
@@ -103,8 +106,11 @@ class PromptBuilder:
             keep_history: show the earlier turns (else the system prompt and ``content`` alone).
             working_memory: a :class:`~rllama.memory.WorkingMemory` choosing which earlier turns to
                 show within its token budget.
+            reply_tokens: the longest reply that must fit after the prompt (a candidate's tokens, or
+                the generation budget).
         """
-        return self.fit(self.compose(messages, content, keep_history=keep_history, working_memory=working_memory))
+        messages = self.compose(messages, content, keep_history=keep_history, working_memory=working_memory)
+        return self.fit(messages, reply_tokens)
 
     def compose(self, messages: Sequence[Message], content: str, *, keep_history: bool = True,
                 working_memory=None) -> list[Message]:
@@ -119,16 +125,24 @@ class PromptBuilder:
             )
         return system + history + current
 
-    def fit(self, messages: list[Message]) -> tuple[list[int], list[Message]]:
-        """Prompt ids of ``messages``, dropping the oldest (observation, reply) pairs until it fits;
-        returns the ids and the messages they were rendered from (the system prompt always stays)."""
+    def fit(self, messages: list[Message], reply_tokens: int = 0) -> tuple[list[int], list[Message]]:
+        """Prompt ids of ``messages``, dropping the oldest (observation, reply) pairs until it fits
+        ``max_prompt_tokens`` and leaves ``reply_tokens`` of the context; returns the ids and the
+        messages they were rendered from (the system prompt always stays)."""
+        limit = self.max_prompt_tokens
+        if self.context is not None:
+            limit = min(limit, self.context - int(reply_tokens))
         ids = self.chat.prompt_ids(messages)
-        while len(ids) > self.max_prompt_tokens and len(messages) > 3:
+        while len(ids) > limit and len(messages) > 3:
             messages = messages[:1] + messages[3:]
             ids = self.chat.prompt_ids(messages)
-        if len(ids) > self.max_prompt_tokens:
+        if len(ids) > limit:
+            within = f"max_prompt_tokens={self.max_prompt_tokens}"
+            if limit < self.max_prompt_tokens:
+                within = (f"the {limit} tokens the model's context of {self.context} leaves beside a reply of "
+                          f"{reply_tokens} tokens (the longest candidate, or max_new_tokens)")
             raise RLlamaError(
-                f"the prompt of the current observation alone is {len(ids)} tokens, over max_prompt_tokens="
-                f"{self.max_prompt_tokens}; shorten the system prompt or format_observation's text"
+                f"the prompt of the current observation alone is {len(ids)} tokens, over {within}; shorten the "
+                "system prompt, format_observation's text or the candidates"
             )
         return ids, messages

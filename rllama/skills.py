@@ -24,7 +24,6 @@ so a skill learned from corrections can be refined by RL and the reverse (``Skil
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -92,7 +91,7 @@ class SkillModel:
         self.policy = policy
         self.chat = ChatFormat(policy.tokenizer, use_chat_template)
         self.system_prompt = system_prompt
-        self.lock = threading.RLock()
+        self.lock = policy.lock  # shared with every agent acting on this policy
         self.versions: dict[str, int] = {}  # adapter -> optimisation steps taken by learn()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rllama-learn")
         self._generator = torch.Generator().manual_seed(int(seed))

@@ -78,7 +78,8 @@ class Trainer:
     def update(self) -> dict[str, float]:
         """Run one update now, then let the acting backend know the weights changed."""
         agent = self.agent
-        stats = self.algorithm.update()
+        with agent.policy.lock, agent.policy.using_adapter(agent.adapter_name):  # the adapter it trains
+            stats = self.algorithm.update()
         agent.backend.after_update(agent.policy)
         stats["rollout/total_episodes"] = float(self.total_episodes)
         stats["rollout/total_steps"] = float(self.total_steps)

@@ -11,6 +11,7 @@ loss terms they share in :mod:`rllama.algorithms.losses`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -289,6 +290,14 @@ class Algorithm(ABC):
             self.data_parallel.average_gradients(self.policy.trainable_parameters() if self.trains_adapter else heads)
         norm = torch.nn.utils.clip_grad_norm_(adapter, self.config.max_grad_norm)
         self.last_head_grad_norm = float(torch.nn.utils.clip_grad_norm_(heads, self.config.max_grad_norm))
+        if self._agree(not all(math.isfinite(x) for x in (loss.item(), float(norm), self.last_head_grad_norm))):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise RLlamaError(
+                f"{type(self).__name__}: this update's loss or gradient is not finite (loss {float(loss):.4g}, "
+                f"adapter grad norm {float(norm):.4g}, heads {self.last_head_grad_norm:.4g}); the step was not "
+                "taken, so the weights stay finite. Rewards of a huge scale or a too high learning rate do this: "
+                "scale the rewards down or lower learning_rate."
+            )
         self.optimizer.step()
         return float(norm)
 

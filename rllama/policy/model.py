@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -189,6 +190,9 @@ class PolicyModel(AdapterMixin, ForwardMixin, PackingMixin, ScoringMixin, Genera
         self._score_memos: OrderedDict[tuple, OrderedDict[bytes, torch.Tensor]] = OrderedDict()
         self._score_memo: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._in_reference = False  # the policy head is part of the trained policy, not of the reference
+        # Held by whoever switches the active adapter or changes weights: an agent acting or updating, a
+        # SkillModel's learning steps and generations. Threads sharing this policy take turns through it.
+        self.lock = threading.RLock()
 
     # ------------------------------------------------------------------ structure
     @staticmethod

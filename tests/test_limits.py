@@ -1,0 +1,133 @@
+"""Inputs at the edges (issue 23): rewards whose sum overflows, prompts and candidates past a model's
+position limit, vector envs that do not declare how they reset, and a SkillModel learning on the
+policy an agent acts with."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from rllama import RLlamaError
+from rllama.loops import run_episodes
+from tests.conftest import ChoiceAgent, ChoiceEnv
+
+
+# ------------------------------------------------------------------------------------------ rewards
+def test_rewards_whose_sum_overflows_are_refused(make_agent):
+    agent = make_agent()
+    agent.act(3)
+    agent.assign_reward(1e308)
+    with pytest.raises(ValueError, match="overflow"):
+        agent.assign_reward(1e308)
+    assert agent.recorder[0].total_reward == 1e308  # the refused reward was not added
+
+
+def test_an_update_with_a_non_finite_loss_is_refused_and_the_weights_stay_finite(make_agent):
+    agent = make_agent(algorithm="ppo", algorithm_config={"batch_episodes": 2, "minibatch_size": 2,
+                                                           "policy_head": 0})
+    before = {n: p.detach().clone() for n, p in agent.policy.named_parameters() if p.requires_grad}
+    env = gym.wrappers.TransformReward(ChoiceEnv(steps=3), lambda r: r * 1e200)  # finite sums, squares overflow
+    with pytest.raises(RLlamaError, match="not finite.*the step was not taken"):
+        run_episodes(agent, env, 2, seed=0)
+    for name, p in agent.policy.named_parameters():
+        if p.requires_grad:
+            assert torch.isfinite(p).all() and torch.equal(p, before[name]), name
+
+
+# ------------------------------------------------------------------------------------------ position limit
+class LongAgent(ChoiceAgent):
+    """Candidates of hundreds of tokens (the test tokenizer: one token a byte)."""
+
+    candidates = ("left " * 90, "right " * 90)
+    text = "x" * 150  # with the history the prompt fits max_prompt_tokens, not beside a candidate
+
+    def format_observation(self, observation):
+        return f"n={int(observation)} {self.text}"
+
+
+def test_history_is_cut_so_that_prompt_and_candidate_fit_the_position_limit(make_agent):
+    agent = make_agent(cls=LongAgent, kind="gpt2")  # 1024 positions
+    seen = []
+    real = agent.backend.candidate_outputs
+
+    def record(prompts, candidates, **kw):
+        seen.extend(len(p) + max(map(len, c)) for p, c in zip(prompts, candidates))
+        return real(prompts, candidates, **kw)
+
+    agent.backend.candidate_outputs = record
+    run_episodes(agent, ChoiceEnv(steps=4), 2, seed=0)  # the history alone would pass 1024 by step 3
+    assert len(seen) == 8 and max(seen) <= 1024
+
+
+def test_what_cannot_fit_the_position_limit_is_named(make_agent):
+    agent = make_agent(cls=LongAgent, kind="gpt2")
+    agent.text = "x" * 600
+    with pytest.raises(RLlamaError, match="model's context of 1024.*candidate"):
+        agent.act(1)
+    with pytest.raises(ValueError, match="exceeds the model's context of 1024"):
+        make_agent(kind="gpt2", max_prompt_tokens=1000, max_new_tokens=32)
+
+
+# ------------------------------------------------------------------------------------------ autoreset
+class Undeclared(gym.vector.VectorWrapper):
+    """A vector env that resets the same-step way but does not say so."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.metadata = {k: v for k, v in env.metadata.items() if k != "autoreset_mode"}
+
+
+def lengths(agent, envs) -> list[int]:
+    found = []
+    real = agent.terminate_episodes
+
+    def record(env_ids, *args, **kwargs):
+        ids = [int(i) for i in env_ids]
+        found.extend(len(agent.recorder[i].steps) for i in ids)
+        return real(env_ids, *args, **kwargs)
+
+    agent.terminate_episodes = record
+    run_episodes(agent, envs, 8, seed=0)
+    return found
+
+
+def test_a_vector_env_that_resets_same_step_without_saying_so_keeps_every_step(make_agent, caplog):
+    def make():
+        return gym.vector.SyncVectorEnv([lambda: ChoiceEnv(steps=3) for _ in range(2)],
+                                        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+    declared = lengths(make_agent(), make())
+    hidden = lengths(make_agent(), Undeclared(make()))
+    assert declared == hidden == [3] * 8
+    assert "does not declare" in caplog.text and "SAME_STEP" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ shared policy
+def test_an_agent_acts_with_its_adapter_while_a_skill_model_learns_on_the_same_policy(make_agent):
+    from rllama.skills import SkillModel
+
+    agent = make_agent()
+    skills = SkillModel(policy=agent.policy)
+    used = []
+    real = agent.backend.candidate_outputs
+
+    def record(*args, **kwargs):
+        used.append(agent.policy.active_adapter)
+        return real(*args, **kwargs)
+
+    agent.backend.candidate_outputs = record
+    examples = [{"prompt": "Say hi.", "response": "hi " * 20}] * 8
+    future = skills.learn_async(examples, adapter="skill", epochs=30)
+    acted = 0
+    while not future.done() or acted < 20:
+        agent.act(acted % 10)
+        agent.assign_reward(0.0)
+        agent.terminate_episode()
+        acted += 1
+    future.result()
+    skills.close()
+    assert skills.versions["skill"] > 0 and acted >= 20
+    assert set(used) == {"default"}, f"{used.count('skill')} of {len(used)} scores used the skill's adapter"
+    assert np.isfinite(acted)
