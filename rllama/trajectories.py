@@ -15,15 +15,27 @@ One JSON object a line, one line a step, the steps of an episode consecutive and
 - ``reward`` (number), ``done`` (bool: true on an episode's last step only).
 - ``metadata`` (object, optional): anything else (``env_id``, ``truncated`` on the last step).
 
-``RLlamaAgent(..., trajectory_log="episodes.jsonl")`` appends every finished training episode.
-:func:`read_trajectories` checks every line and raises :class:`TrajectoryError` with
-``path:line:`` on the first problem. :func:`behaviour_cloning` fine-tunes an agent's adapter on the
+``RLlamaAgent(..., trajectory_log="episodes.jsonl")`` appends every finished training episode through a
+:class:`TrajectoryWriter`. Several writers (threads, or processes such as parallel runs sharing one log)
+may append to one file: each append holds an exclusive ``flock`` on the file, takes the next episode id
+from the file itself (the largest id in it, plus one), and writes the whole episode as one ``write`` of
+complete lines, then fsync. So ids stay unique and episodes never interleave.
+
+:func:`read_trajectories` reads the file under a shared ``flock`` (never half an append), checks every line
+and raises :class:`TrajectoryError` (a :class:`~rllama.errors.CorruptFileError`) with ``path:line:`` on the
+first problem: a line that is not UTF-8, not JSON, not an object, or breaks the schema. One exception: a
+writer killed mid-write leaves a last line with no newline that does not parse (a cut line). That line,
+and the unfinished episode it belongs to, are skipped with a logged warning, and the next append cuts
+them off the file. A bad line anywhere else, or a file that ends inside an episode at a line end, is an error:
+that is damage, not an interrupted append. :func:`behaviour_cloning` fine-tunes an agent's adapter on the
 responses of selected episodes (successful ones by default) before RL continues.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import math
 import os
 import threading
@@ -34,33 +46,43 @@ from typing import Any
 import torch
 
 from rllama.algorithms.buffers import _jsonable
-from rllama.errors import RLlamaError
+from rllama.errors import CorruptFileError, RLlamaError
+
+logger = logging.getLogger(__name__)
 
 FIELDS = {"episode": int, "step": int, "observation": str, "prompt": list, "response": str, "reward": (int, float),
           "done": bool}
 
 
-class TrajectoryError(RLlamaError):
+class TrajectoryError(CorruptFileError):
     """A trajectory file breaks the schema; the message starts with ``path:line:``."""
 
 
 class TrajectoryWriter:
-    """Appends episodes to a JSONL file (each episode's lines in one write, flushed)."""
+    """Appends episodes to a JSONL file; safe with other writers (threads or processes) on the same file.
+
+    Each :meth:`write_episode` locks the file (``flock``, exclusive), reads what other writers appended
+    since its last append to find the next free episode id, and writes the episode's lines with one
+    ``write`` (unbuffered), then fsync. If the file ends with an episode cut off by a killed writer, that
+    episode is removed first (with a warning) so the file stays readable.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._next_episode = _next_episode_id(self.path)
+        self._lock = threading.Lock()  # threads of this writer; flock orders them with every other writer
+        self._scan = _Scan()
 
     def write_episode(self, record, truncated: bool = False, metadata: dict | None = None) -> int:
         """Write one finished episode from the agent's record of it (a :class:`rllama.recording.EnvRecord`
         kept with its prompts); returns its id."""
-        with self._lock:
-            episode = self._next_episode
-            self._next_episode += 1
-            lines = []
+        with self._lock, open(self.path, "a+b", buffering=0) as f:
+            fd = f.fileno()
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file is closed
+            prefix = self._repair_tail(fd)
+            episode = self._scan.last_episode + 1
             n = len(record.steps)
+            lines = []
             for t, step in enumerate(record.steps):
                 meta = dict(metadata or {})
                 if t == n - 1 and truncated:
@@ -70,61 +92,111 @@ class TrajectoryWriter:
                     "response": step.text, "action": _jsonable(step.action),
                     "reward": float(step.reward), "done": t == n - 1, "metadata": meta,
                 }, ensure_ascii=False))
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in lines))
-                f.flush()
+            payload = prefix + "".join(line + "\n" for line in lines).encode("utf-8")
+            written = f.write(payload)  # one write(2) of the whole episode; the loop covers a short write
+            while written < len(payload):
+                written += f.write(payload[written:])
+            os.fsync(fd)
             return episode
 
+    def _repair_tail(self, fd: int) -> bytes:
+        """Read what was appended since this writer's last look (the file locked); if the file ends with a cut
+        line, remove it with its unfinished episode when they are only that, else return ``b"\\n"`` to end it
+        so that the next episode's lines stay whole."""
+        fragment = self._scan.read(fd)
+        if not fragment:
+            return b""
+        torn = _parses(fragment) is _INVALID and fragment.startswith(b'{"episode": ')  # how our lines begin
+        if not (torn and self._scan.tail_is_steps):
+            return b"\n"  # a whole line, or damage that read_trajectories will report: leave it visible
+        size = os.fstat(fd).st_size
+        logger.warning("%s: removing the last %d bytes, an episode whose writer stopped in the middle of writing it",
+                       self.path, size - self._scan.clean_end)
+        os.ftruncate(fd, self._scan.clean_end)
+        self._scan.reset()
+        self._scan.read(fd)  # the ids again, without the removed episode's
+        return b""
 
-def _next_episode_id(path: Path) -> int:
-    if not path.exists():
-        return 0
-    last = -1
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            last = max(last, int(json.loads(line).get("episode", -1)))
-        except (ValueError, AttributeError, TypeError):
-            continue
-    return last + 1
+
+class _Scan:
+    """What a writer has read of its file: the complete lines up to ``offset``, the largest episode id in them,
+    where the last finished episode ends (``clean_end``), and whether every line after it is an unfinished
+    episode's step (``tail_is_steps``). Reading resumes at ``offset``, so each append reads only what other
+    writers added since."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self, file_id: tuple[int, int] | None = None) -> None:
+        """Forget what was read (the file was replaced or truncated)."""
+        self.file_id = file_id
+        self.offset = 0
+        self.last_episode = -1
+        self.clean_end = 0
+        self.tail_is_steps = True
+
+    def read(self, fd: int) -> bytes:
+        """Take in the complete lines appended since the last read; return the cut line after them, if any."""
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != self.file_id or st.st_size < self.offset:  # another file, or truncated
+            self.reset((st.st_dev, st.st_ino))
+        data = os.pread(fd, st.st_size - self.offset, self.offset) if st.st_size > self.offset else b""
+        complete = data.rfind(b"\n") + 1
+        position = self.offset
+        for line in data[:complete].split(b"\n")[:-1]:
+            position += len(line) + 1
+            if not line.strip():
+                continue  # read_trajectories skips blank lines too
+            record = _parses(line)
+            if not isinstance(record, dict):
+                self.tail_is_steps = False
+                continue
+            episode = record.get("episode")
+            if isinstance(episode, int) and not isinstance(episode, bool):
+                self.last_episode = max(self.last_episode, episode)
+            if record.get("done") is True:
+                self.clean_end, self.tail_is_steps = position, True
+            elif record.get("done") is not False:
+                self.tail_is_steps = False
+        self.offset += complete
+        return data[complete:]
+
+
+_INVALID = object()
+
+
+def _parses(line: bytes) -> Any:
+    """The JSON value of ``line``, or ``_INVALID`` if it is not UTF-8 JSON."""
+    try:
+        return json.loads(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError is one
+        return _INVALID
 
 
 def read_trajectories(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The episodes of a trajectory file: ``[{"episode", "steps": [...], "return", "truncated"}]``.
 
-    Raises :class:`TrajectoryError` (``path:line: what is wrong``) on the first line that breaks the schema.
+    Raises :class:`TrajectoryError` (``path:line: what is wrong``) on the first line that breaks the schema;
+    a cut last line (see the module docstring) and its unfinished episode are skipped with a warning.
     """
     path = Path(path)
     if not path.is_file():
         raise TrajectoryError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # no writer is half-way through an append while we read
+        lines = f.read().split(b"\n")
+    cut = lines.pop()  # after the last newline: b"" in a file whose last append finished
+    if cut.strip() and _parses(cut) is not _INVALID:
+        lines.append(cut)  # a whole line that lacks only its newline
+        cut = b""
     episodes: list[dict[str, Any]] = []
     seen: set[int] = set()
     current: dict[str, Any] | None = None
-    last_line = 0
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        last_line = number
-        where = f"{path}:{number}"
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise TrajectoryError(f"{where}: not valid JSON ({exc})") from exc
-        if not isinstance(record, dict):
-            raise TrajectoryError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        for name, kind in FIELDS.items():
-            if name not in record:
-                raise TrajectoryError(f"{where}: missing field {name!r}")
-            value = record[name]
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise TrajectoryError(f"{where}: field {name!r} is {type(value).__name__} {value!r:.60}, "
-                                      f"expected {getattr(kind, '__name__', 'number')}")
-        if not math.isfinite(record["reward"]):
-            raise TrajectoryError(f"{where}: reward {record['reward']} is not finite")
-        for i, m in enumerate(record["prompt"]):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise TrajectoryError(f"{where}: prompt message {i} is not a {{'role': str, 'content': str}} object")
-        if "metadata" in record and not isinstance(record["metadata"], dict):
-            raise TrajectoryError(f"{where}: metadata must be an object")
+        where = f"{path}:{number}"
+        record = _check_line(line, where)
         if current is None:
             if record["episode"] in seen:
                 raise TrajectoryError(f"{where}: episode {record['episode']} appears again after it ended")
@@ -145,10 +217,45 @@ def read_trajectories(path: str | os.PathLike) -> list[dict[str, Any]]:
                              "truncated": bool(steps[-1].get("metadata", {}).get("truncated", False))})
             seen.add(current["episode"])
             current = None
+    if cut.strip():
+        what = "the last line" if current is None else \
+            f"the last line and the episode {current['episode']} it ends (from line {current['line']})"
+        logger.warning("%s:%d: skipping %s: cut off by a writer that stopped while appending (no newline, not "
+                       "JSON)", path, len(lines) + 1, what)
+        current = None
     if current is not None:
-        raise TrajectoryError(f"{path}:{last_line}: the file ends inside episode {current['episode']} "
+        raise TrajectoryError(f"{path}:{len(lines)}: the file ends inside episode {current['episode']} "
                               f"(from line {current['line']}; no step with done=true)")
     return episodes
+
+
+def _check_line(line: bytes, where: str) -> dict[str, Any]:
+    """The step record on one line, checked against the schema; :class:`TrajectoryError` at ``where`` if not."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TrajectoryError(f"{where}: not valid UTF-8 ({exc})") from None
+    try:
+        record = json.loads(text)
+    except ValueError as exc:
+        raise TrajectoryError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise TrajectoryError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for name, kind in FIELDS.items():
+        if name not in record:
+            raise TrajectoryError(f"{where}: missing field {name!r}")
+        value = record[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TrajectoryError(f"{where}: field {name!r} is {type(value).__name__} {value!r:.60}, "
+                                  f"expected {getattr(kind, '__name__', 'number')}")
+    if not math.isfinite(record["reward"]):
+        raise TrajectoryError(f"{where}: reward {record['reward']} is not finite")
+    for i, m in enumerate(record["prompt"]):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise TrajectoryError(f"{where}: prompt message {i} is not a {{'role': str, 'content': str}} object")
+    if "metadata" in record and not isinstance(record["metadata"], dict):
+        raise TrajectoryError(f"{where}: metadata must be an object")
+    return record
 
 
 def select_episodes(episodes: list[dict], keep: str | float | Callable[[dict], bool] = "success") -> list[dict]:

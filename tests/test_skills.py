@@ -4,15 +4,26 @@ trajectory logs (schema, validation) and behaviour cloning."""
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from rllama.errors import RLlamaError
+from rllama.errors import CorruptFileError, RLlamaError
 from rllama.skills import SkillModel, sft_loss, validate_examples
-from rllama.trajectories import TrajectoryError, behaviour_cloning, read_trajectories, select_episodes
+from rllama.trajectories import (
+    TrajectoryError,
+    TrajectoryWriter,
+    behaviour_cloning,
+    read_trajectories,
+    select_episodes,
+)
 from tests.conftest import ChoiceEnv, make_tiny_lm, make_tokenizer, right_probability
 
 
@@ -173,6 +184,122 @@ def test_trajectory_schema_errors_name_the_line(tmp_path, records, message):
     write_lines(path, records)
     with pytest.raises(TrajectoryError, match=message.replace("(", "\\(").replace(")", "\\)")):
         read_trajectories(path)
+
+
+def fake_episode(tag: str, steps: int = 3, reward: float = 1.0):
+    """What TrajectoryWriter reads of an agent's record of an episode."""
+    return SimpleNamespace(
+        steps=[SimpleNamespace(text=f"{tag} reply {t}", action=t, reward=reward) for t in range(steps)],
+        observations=[f"{tag} observation {t} café" for t in range(steps)],
+        prompts=[[{"role": "user", "content": f"{tag} prompt {t}"}] for t in range(steps)],
+    )
+
+
+@pytest.mark.parametrize("lines,message", [
+    ([json.dumps(step()).encode(), b'{"episode": "\xff\xfe"}', json.dumps(step(1)).encode()], ":2: not valid UTF-8"),
+    ([json.dumps(step()).encode(), b"\xc3("], ":2: not valid UTF-8"),  # the last line, but whole (it has its newline)
+    ([json.dumps(step()).encode(), b'{"episode": 1, "st', json.dumps(step(2)).encode()], ":2: not valid JSON"),
+    ([b"[1, 2]"], ":1: expected a JSON object, got list"),
+    ([b'"a step"'], ":1: expected a JSON object, got str"),
+    ([json.dumps(step()).encode(), b"{}"], ":2: missing field 'episode'"),
+])
+def test_trajectory_bad_bytes_name_the_line(tmp_path, lines, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    with pytest.raises(TrajectoryError, match=f"bad.jsonl{message}") as info:
+        read_trajectories(path)
+    assert isinstance(info.value, CorruptFileError)
+
+
+def test_trajectory_cut_last_line_is_skipped_then_removed_by_the_next_append(tmp_path, caplog):
+    path = tmp_path / "episodes.jsonl"
+    first = TrajectoryWriter(path)
+    assert [first.write_episode(fake_episode("a")) for _ in range(2)] == [0, 1]
+    whole = path.read_bytes()
+    for cut in (b'{"episode": 2, "step": 0, "obs', "{\"episode\": 2, \"observation\": \"caf\u00e9".encode()[:-1]):
+        # a writer killed in the middle of episode 2: its first line whole, the second cut (even inside a character)
+        path.write_bytes(whole + json.dumps(step(2, done=False)).encode() + b"\n" + cut)
+        with caplog.at_level(logging.WARNING, logger="rllama.trajectories"):
+            assert [e["episode"] for e in read_trajectories(path)] == [0, 1]
+        assert f"{path}:8: skipping the last line and the episode 2 it ends (from line 7)" in caplog.text
+    path.write_bytes(whole + b'{"episode": 2, "st')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rllama.trajectories"):
+        assert [e["episode"] for e in read_trajectories(path)] == [0, 1]
+        assert TrajectoryWriter(path).write_episode(fake_episode("b", steps=2)) == 2
+        assert first.write_episode(fake_episode("a")) == 3
+    assert "removing the last 18 bytes" in caplog.text
+    episodes = read_trajectories(path)
+    assert [(e["episode"], len(e["steps"])) for e in episodes] == [(0, 3), (1, 3), (2, 2), (3, 3)]
+    assert path.read_bytes().startswith(whole)
+
+
+def test_trajectory_writer_keeps_damage_visible(tmp_path):
+    path = tmp_path / "episodes.jsonl"
+    path.write_bytes(json.dumps(step()).encode() + b"\nnot a step")  # not a cut-off episode: never removed
+    TrajectoryWriter(path).write_episode(fake_episode("a"))
+    assert path.read_bytes().startswith(json.dumps(step()).encode() + b"\nnot a step\n")
+    with pytest.raises(TrajectoryError, match=":2: not valid JSON"):
+        read_trajectories(path)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a user's file with no newline")
+    TrajectoryWriter(notes).write_episode(fake_episode("a"))
+    assert notes.read_text().startswith("a user's file with no newline\n")
+
+
+def test_trajectory_writers_on_one_file_never_reuse_an_episode_id(tmp_path):
+    path = tmp_path / "episodes.jsonl"
+    writers = [TrajectoryWriter(path), TrajectoryWriter(path)]
+    ids = [writers[i % 2].write_episode(fake_episode(f"w{i % 2}", steps=1 + i % 3)) for i in range(10)]
+    assert ids == list(range(10))
+    assert [e["episode"] for e in read_trajectories(path)] == list(range(10))
+    later = TrajectoryWriter(path)  # a writer opened on an existing file continues after its last id
+    assert later.write_episode(fake_episode("w2")) == 10
+
+
+WRITER_PROCESS = """
+import sys, time
+from pathlib import Path
+from types import SimpleNamespace
+from rllama.trajectories import TrajectoryWriter
+
+path, tag, go, n = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+writer = TrajectoryWriter(path)
+Path(f"{go}.{tag}").touch()
+while not go.exists():
+    time.sleep(0.01)
+for i in range(n):
+    steps = 1 + i % 4
+    record = SimpleNamespace(
+        steps=[SimpleNamespace(text=tag, action=t, reward=1.0) for t in range(steps)],
+        observations=[f"{tag} " + "x" * 3000 for t in range(steps)],  # episodes larger than a page
+        prompts=[[{"role": "user", "content": tag}] for t in range(steps)])
+    print(writer.write_episode(record), flush=True)
+"""
+
+
+def test_trajectory_writers_in_two_processes_never_collide(tmp_path):
+    path, go, n = tmp_path / "episodes.jsonl", tmp_path / "go", 40
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER_PROCESS, str(path), tag, str(go), str(n)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for tag in ("p", "q")]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(Path(f"{go}.{tag}").exists() for tag in ("p", "q")):  # both writers open: start together
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a writer did not start"
+            time.sleep(0.05)
+        go.touch()
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    ids = [[int(x) for x in out.split()] for out, _ in outputs]
+    assert sorted(ids[0] + ids[1]) == list(range(2 * n))
+    episodes = read_trajectories(path)  # every line valid, every episode whole
+    assert sorted(e["episode"] for e in episodes) == list(range(2 * n))
+    for e in episodes:
+        tag = e["steps"][0]["response"]
+        assert e["episode"] in ids[0 if tag == "p" else 1] and all(s["response"] == tag for s in e["steps"])
 
 
 def test_zoggian_example_runs_end_to_end(tiny_model_dir, monkeypatch, capsys):

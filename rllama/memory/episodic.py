@@ -369,7 +369,9 @@ class EpisodicMemory:
 
         Args:
             embedder: the embedder to use; by default the one recorded in the store (the embedded
-                MiniLM, a hashing embedder, or the recorded sentence-transformers path).
+                MiniLM, a hashing embedder, or the recorded sentence-transformers path). One passed
+                here must be the one that wrote the store (same type, name and width), else
+                :class:`MemoryStoreError`; a custom embedder must be passed.
             overrides: config fields to change (``k=8``, ``return_weight=0.5``, ...); a
                 ``write_filter`` (a function, not saved) is passed here again.
         """

@@ -1,0 +1,191 @@
+"""The episodic memory store on disk refuses what it cannot trust: an edited ``next_id``, another embedder's
+vectors, malformed manifest fields, an index of another width, and paths that leave the folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rllama.memory import EpisodicMemory, Experience, HashingEmbedder, MemoryStoreError
+from tests.conftest import ChoiceEnv
+
+WORDS = ["apple", "river", "castle", "engine", "violin", "desert"]
+
+
+class LengthEmbedder:
+    """Another embedder of a chosen width (word lengths hashed to buckets): its vectors mean something else."""
+
+    def __init__(self, dim: int = 64) -> None:
+        self.dim = dim
+        self.name = f"lengths-{dim}"
+
+    def __call__(self, texts):
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.split():
+                out[row, len(word) % self.dim] += 1.0
+            out[row, -1] += 1.0
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    def config(self) -> dict:
+        return {"type": "lengths", "name": self.name, "dim": self.dim}
+
+
+def saved_store(tmp_path, embedder=None):
+    memory = EpisodicMemory(embedder or HashingEmbedder(64), k=2)
+    memory.add([Experience(observation=w, action=w, metadata={"n": i}) for i, w in enumerate(WORDS)])
+    memory.delete([5])  # next_id (6) is now above the largest stored id (4)
+    return memory, memory.save(tmp_path / "store")
+
+
+def edit_manifest(folder, change):
+    path = folder / "memory.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+# ---------------------------------------------------------------------------------------------- next_id
+@pytest.mark.parametrize("next_id", [4, 0, -1, "7", True, None])
+def test_load_refuses_a_next_id_that_would_reuse_ids(tmp_path, next_id):
+    _, folder = saved_store(tmp_path)
+    edit_manifest(folder, lambda m: m.update(next_id=next_id))
+    with pytest.raises(MemoryStoreError, match=r"memory.json: field 'next_id'") as info:
+        EpisodicMemory.load(folder)
+    assert str(folder) in str(info.value)
+
+
+def test_a_loaded_store_continues_its_ids(tmp_path):
+    memory, folder = saved_store(tmp_path)
+    loaded = EpisodicMemory.load(folder)
+    assert loaded.add(Experience(observation="new", action="x")) == [6]
+    edit_manifest(folder, lambda m: m.update(next_id=5))  # above every stored id (4): allowed
+    assert EpisodicMemory.load(folder).add(Experience(observation="new", action="x")) == [5]
+
+
+# ---------------------------------------------------------------------------------------------- embedder identity
+def test_load_refuses_another_embedder_of_the_same_width(tmp_path):
+    _, folder = saved_store(tmp_path)  # written by hashing-64
+    with pytest.raises(MemoryStoreError, match=r"written by the embedder 'hashing-64'.*given is 'lengths-64'"):
+        EpisodicMemory.load(folder, embedder=LengthEmbedder(64))
+    _, other = saved_store(tmp_path / "other", embedder=LengthEmbedder(64))
+    with pytest.raises(MemoryStoreError, match=r"written by the embedder 'lengths-64'.*given is 'hashing-64'"):
+        EpisodicMemory.load(other, embedder=HashingEmbedder(64))
+    with pytest.raises(MemoryStoreError, match=r"cannot rebuild.*embedder=\.\.\."):
+        EpisodicMemory.load(other)  # rllama cannot make a LengthEmbedder from its record
+    with pytest.raises(MemoryStoreError, match="dimensional"):
+        EpisodicMemory.load(folder, embedder="hashing")  # 1024 wide
+
+
+def test_load_accepts_the_embedder_that_wrote_the_store(tmp_path):
+    memory, folder = saved_store(tmp_path)
+    for embedder in (None, memory.embedder, HashingEmbedder(64), "hashing-64"):
+        loaded = EpisodicMemory.load(folder, embedder=embedder)
+        assert [vars(e) for e in loaded] == [vars(e) for e in memory]
+    custom, other = saved_store(tmp_path / "other", embedder=LengthEmbedder(64))
+    loaded = EpisodicMemory.load(other, embedder=custom.embedder)  # as RLlamaAgent.load does
+    assert loaded.search("violin")[0].experience.observation == custom.search("violin")[0].experience.observation
+    assert len(EpisodicMemory.load(other, embedder=LengthEmbedder(64))) == len(custom)
+
+
+def test_agent_load_keeps_its_embedder_and_refuses_another(make_agent, tmp_path):
+    agent = make_agent(memory=EpisodicMemory(HashingEmbedder(64)))
+    agent.train(ChoiceEnv(), 3, seed=0, progress=False)
+    agent.save(tmp_path / "ckpt")
+    same = make_agent(memory=EpisodicMemory(HashingEmbedder(64)))
+    same.load(tmp_path / "ckpt")
+    assert [vars(e) for e in same.episodic_memory] == [vars(e) for e in agent.episodic_memory]
+    other = make_agent(memory=EpisodicMemory(LengthEmbedder(64)))
+    before = other.episodic_memory
+    with pytest.raises(MemoryStoreError, match="written by the embedder 'hashing-64'"):
+        other.load(tmp_path / "ckpt")
+    assert other.episodic_memory is before  # refused before anything changed
+
+
+# ---------------------------------------------------------------------------------------------- manifest fields
+def set_entry(field, value):
+    return lambda m: m["entries"][0].update({field: value})
+
+
+def drop_entry_field(field):
+    return lambda m: m["entries"][0].pop(field)
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda m: m["embedder"].update(dim=-3), "'embedder.dim' is -3"),
+    (lambda m: m["embedder"].update(dim="64"), "'embedder.dim' is '64'"),
+    (lambda m: m["embedder"].update(dim=64.0), "'embedder.dim' is 64.0"),
+    (lambda m: m["embedder"].pop("dim"), "'embedder.dim' is None"),
+    (lambda m: m["embedder"].update(name=["x"]), "'embedder.name'"),
+    (lambda m: m.update(embedder="hashing-64"), "'embedder'"),
+    (lambda m: m.update(config=[1]), "'config'"),
+    (lambda m: m["config"].update(capacity=0), "'config' is not a valid EpisodicMemory config: capacity=0"),
+    (lambda m: m["config"].update(colour="red"), "'config' is not a valid EpisodicMemory config"),
+    (lambda m: m.update(entries={"0": {}}), "'entries'"),
+    (lambda m: m["entries"].__setitem__(0, "apple"), "'entries\\[0\\]' is a JSON str"),
+    (set_entry("colour", "red"), "'entries\\[0\\]' has unknown fields \\['colour'\\]"),
+    (drop_entry_field("action"), "'entries\\[0\\]' lacks \\['action'\\]"),
+    (set_entry("reward", "high"), "'entries\\[0\\].reward' is 'high'"),
+    (set_entry("reward", float("nan")), "'entries\\[0\\].reward' is nan"),
+    (set_entry("observation", 3), "'entries\\[0\\].observation' is 3"),
+    (set_entry("metadata", []), "'entries\\[0\\].metadata'"),
+    (set_entry("outcome", 1), "'entries\\[0\\].outcome'"),
+    (set_entry("id", "0"), "'entries\\[0\\].id'"),
+    (set_entry("id", 1), "'entries\\[1\\].id' is 1; expected a non-negative id not used before"),
+    (set_entry("id", -2), "'entries\\[0\\].id' is -2"),
+    (lambda m: m.update(index_file="../store2/index.faiss"), "'index_file'"),
+    (lambda m: m.update(index_file="sub/index.faiss"), "'index_file'"),
+    (lambda m: m.update(index_file=".."), "'index_file'"),
+    (lambda m: m.update(index_file=7), "'index_file'"),
+    (lambda m: m.update(index_sha256="not a digest"), "'index_sha256'"),
+    (lambda m: m.pop("index_sha256"), "'index_sha256'"),
+    (lambda m: m.update(version=2), "format version 1"),
+    (lambda m: m.pop("format"), "format version 1"),
+])
+def test_load_names_the_file_and_the_bad_field(tmp_path, change, field):
+    _, folder = saved_store(tmp_path)
+    edit_manifest(folder, change)
+    with pytest.raises(MemoryStoreError, match=field) as info:
+        EpisodicMemory.load(folder)
+    assert str(folder / "memory.json") in str(info.value)
+
+
+def test_load_refuses_an_unreadable_manifest(tmp_path):
+    _, folder = saved_store(tmp_path)
+    (folder / "memory.json").write_bytes(b'{"format": "\xff"}')
+    with pytest.raises(MemoryStoreError, match="cannot read .*memory.json"):
+        EpisodicMemory.load(folder)
+    (folder / "memory.json").write_text("[1, 2]")
+    with pytest.raises(MemoryStoreError, match="memory.json holds a JSON list"):
+        EpisodicMemory.load(folder)
+
+
+def test_load_refuses_an_index_of_another_width_or_kind(tmp_path):
+    import hashlib
+
+    _, folder = saved_store(tmp_path)
+    # a consistent-looking manifest (dim 32, hashing-32) over the 64-wide index
+    edit_manifest(folder, lambda m: m["embedder"].update(dim=32, name="hashing-32"))
+    with pytest.raises(MemoryStoreError, match="holds 64-dimensional vectors, but field 'embedder.dim' of .* 32"):
+        EpisodicMemory.load(folder)
+    edit_manifest(folder, lambda m: m["embedder"].update(dim=64, name="hashing-64"))
+    flat = EpisodicMemory(HashingEmbedder(64))
+    plain_index = flat._faiss.serialize_index(flat._faiss.IndexFlatIP(64)).tobytes()  # no ids
+    for blob, message in [(b"not an index at all", "is not a FAISS index"), (plain_index, "expected an inner-product")]:
+        digest = hashlib.sha256(blob).hexdigest()
+        (folder / "index-replaced.faiss").write_bytes(blob)
+        edit_manifest(folder, lambda m, digest=digest: m.update(index_file="index-replaced.faiss", index_sha256=digest))
+        with pytest.raises(MemoryStoreError, match=message):
+            EpisodicMemory.load(folder)
+
+
+def test_save_never_deletes_a_file_outside_the_store(tmp_path):
+    memory, folder = saved_store(tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    edit_manifest(folder, lambda m: m.update(index_file="../victim.txt"))
+    memory.save(folder)
+    assert victim.read_text() == "keep me"
+    assert len(EpisodicMemory.load(folder)) == len(memory)
