@@ -31,6 +31,7 @@ import json
 import math
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -95,20 +96,39 @@ class OpenAIBackend(Backend):
     Args:
         base_url: the server's API root, e.g. ``http://localhost:8000/v1``.
         model: the model name the server serves (the base model, same tokenizer as the learner's).
-        api_key: sent as a bearer token (default: ``$OPENAI_API_KEY`` if set).
+        api_key: sent as a bearer token (``Authorization: Bearer <api_key>``), only to ``base_url``'s
+            scheme, host and port. ``None`` (default): no key is sent.
         timeout: seconds per request.
         batch_size: prompts (or prompt-candidate pairs) per request.
         adapter_sync: ``None`` (the server's weights are not updated: acting stays with the base
             model or whatever the server serves) or ``"vllm"`` (after each update, save the adapter to
             ``sync_dir`` and load it into the server under a new name; act with it).
         sync_dir: a folder both this process and the server can read (needed with ``adapter_sync``).
+        api_key_env: the name of an environment variable holding the key, e.g. ``"OPENAI_API_KEY"``
+            (read here, an error if it is unset or empty). The environment is read only when asked:
+            a key meant for one provider is never sent to whatever ``base_url`` names.
+
+    Redirects are not followed: a 3xx answer is an error naming the URL, so the key never leaves
+    ``base_url``'s server.
     """
 
     provides_values = False
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
                  batch_size: int = 64, adapter_sync: str | None = None,
-                 sync_dir: str | os.PathLike | None = None) -> None:
+                 sync_dir: str | os.PathLike | None = None, api_key_env: str | None = None) -> None:
+        if not _is_plain_http_url(base_url):
+            raise ValueError(f"base_url={base_url!r}; expected http(s)://host[:port]/path without credentials "
+                             "(pass the key as api_key)")
+        if api_key is not None and api_key_env is not None:
+            raise ValueError(f"api_key and api_key_env={api_key_env!r} are both set; pass one")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key):
+            got = "an empty string" if api_key == "" else f"a {type(api_key).__name__}"  # the value may be secret
+            raise ValueError(f"api_key must be a non-empty string or None; got {got}")
+        if api_key_env is not None:
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
+                raise ValueError(f"api_key_env={api_key_env!r} but ${api_key_env} is unset or empty")
         if adapter_sync not in (None, "vllm"):
             raise ValueError(f"adapter_sync={adapter_sync!r}; expected None or 'vllm'")
         if adapter_sync and sync_dir is None:
@@ -118,7 +138,8 @@ class OpenAIBackend(Backend):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.served_model = model
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.api_key = api_key
+        self.origin = _origin(self.base_url)
         self.timeout = float(timeout)
         self.batch_size = int(batch_size)
         self.adapter_sync = adapter_sync
@@ -135,13 +156,17 @@ class OpenAIBackend(Backend):
     def _post(self, route: str, payload: dict[str, Any]) -> dict[str, Any]:
         url = f"{self.base_url}/{route.lstrip('/')}"
         headers = {"Content-Type": "application/json"}
-        if self.api_key:
+        if self.api_key and _origin(url) == self.origin:  # the key goes to base_url's server, nowhere else
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.build_opener(_RefuseRedirects).open(request, timeout=self.timeout) as response:
                 body = response.read().decode()
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                raise RLlamaError(f"{url} answered HTTP {exc.code}, a redirect to {exc.headers.get('Location')!r}; "
+                                  "OpenAIBackend does not follow redirects (they could carry the API key to "
+                                  "another server): set base_url to the address that serves the API") from None
             detail = exc.read().decode(errors="replace")[:500]
             raise RLlamaError(f"{url} answered HTTP {exc.code}: {detail}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
@@ -217,6 +242,33 @@ class OpenAIBackend(Backend):
         previous, self.served_model = self.served_model, name
         if previous != self.model:
             self._post("unload_lora_adapter", {"lora_name": previous})
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows no redirect: urllib would carry the ``Authorization`` header to wherever one points.
+
+    Returning ``None`` hands the 3xx on to urllib's default handler, which raises it as an ``HTTPError``.
+    """
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def _is_plain_http_url(url: str) -> bool:
+    """Whether ``url`` is ``http(s)://host[:port]/...`` with a valid port and no user name or password."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (parsing it raises on a bad port)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and parts.username is None
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    """A URL's scheme, host and port (the default port made explicit): where a request goes."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}[scheme]
 
 
 def _token_id(token: str) -> int:

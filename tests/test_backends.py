@@ -16,10 +16,11 @@ from tests.conftest import ChoiceAgent, ChoiceEnv, FreeTextAgent, make_tiny_lm
 
 
 @pytest.fixture
-def server(tokenizer):
-    """A server of its own copy of the tiny base model (the learner's weights reach it only by adapter sync)."""
+def server(tokenizer, tmp_path):
+    """A server of its own copy of the tiny base model (the learner's weights reach it only by adapter sync,
+    from folders under ``tmp_path``)."""
     policy = PolicyModel(make_tiny_lm(seed=0), tokenizer, precision="fp32")
-    with CompletionServer(policy) as srv:
+    with CompletionServer(policy, adapter_root=tmp_path) as srv:
         yield srv
 
 
@@ -116,5 +117,5 @@ def test_backend_errors_are_clear(make_agent, server):
     with pytest.raises(ValueError, match="needs sync_dir"):
         OpenAIBackend(server.url, model="m", adapter_sync="vllm")
     agent = make_agent(backend=OpenAIBackend(server.url, model="not-served"))
-    with pytest.raises(RLlamaError, match="HTTP 400.*'not-served' is not served"):
+    with pytest.raises(RLlamaError, match="HTTP 404.*'not-served' is not served"):
         agent.act(1)

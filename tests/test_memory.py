@@ -179,6 +179,12 @@ def test_load_refuses_corrupted_or_inconsistent_stores(tmp_path):
     index_file.write_bytes(blob)
     manifest["entries"] = manifest["entries"][:-1]
     (folder / "memory.json").write_text(json.dumps(manifest))
+    with pytest.raises(MemoryStoreError, match="checksum"):  # an edit is damage...
+        EpisodicMemory.load(folder)
+    from rllama.memory.store import content_digest
+
+    manifest["content_sha256"] = content_digest(manifest)  # ...and a consistent one is still checked
+    (folder / "memory.json").write_text(json.dumps(manifest))
     with pytest.raises(MemoryStoreError, match="inconsistent"):
         EpisodicMemory.load(folder)
     with pytest.raises(MemoryStoreError, match="dimensional"):

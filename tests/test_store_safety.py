@@ -41,9 +41,14 @@ def saved_store(tmp_path, embedder=None):
 
 
 def edit_manifest(folder, change):
+    """Change memory.json and its checksum, as a consistent forgery (or an older writer's bug) would."""
+    from rllama.memory.store import content_digest
+
     path = folder / "memory.json"
     manifest = json.loads(path.read_text())
     change(manifest)
+    if "content_sha256" in manifest:
+        manifest["content_sha256"] = content_digest(manifest)
     path.write_text(json.dumps(manifest))
 
 
@@ -189,3 +194,27 @@ def test_save_never_deletes_a_file_outside_the_store(tmp_path):
     memory.save(folder)
     assert victim.read_text() == "keep me"
     assert len(EpisodicMemory.load(folder)) == len(memory)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_every_damaged_byte_of_a_store_is_caught(tmp_path, damage):
+    import random
+
+    from rllama.errors import CorruptFileError
+
+    memory = EpisodicMemory("hashing", k=2)
+    memory.add([Experience(observation=f"room {i} has a key", action="take key", reward=0.5 * i) for i in range(6)])
+    folder = memory.save(tmp_path / "store")
+    rng = random.Random(damage)
+    for path in sorted(folder.iterdir()):
+        original = path.read_bytes()
+        for _ in range(25):
+            if damage == "flip":
+                at = rng.randrange(len(original))
+                path.write_bytes(original[:at] + bytes([original[at] ^ (1 << rng.randrange(8))]) + original[at + 1:])
+            else:
+                path.write_bytes(original[: rng.randrange(len(original))])
+            with pytest.raises((MemoryStoreError, CorruptFileError), match=path.name):
+                EpisodicMemory.load(folder)
+        path.write_bytes(original)
+    assert len(EpisodicMemory.load(folder)) == 6

@@ -9,7 +9,8 @@ the previous index file is removed only after it.
 the format and version; the embedder's record with a positive integer ``dim``; ``config`` a dict that
 the memory accepts; ``entries`` a list of objects with exactly the :class:`~rllama.memory.Experience`
 fields and distinct ids; ``next_id`` an integer above every id, so later ids are never reused;
-``index_file`` a plain file name in the folder; ``index_sha256`` a hex digest), that the embedder used
+``index_file`` a plain file name in the folder; ``index_sha256`` a hex digest; ``content_sha256``, the
+digest of all the rest, so that a flipped byte that still parses is caught too), that the embedder used
 to load is the one that wrote the store (same type, name and width: another model's vectors of the
 same width would load and retrieve nonsense), the index file's hash, its dimension, and that it holds
 exactly the entries' ids. Any mismatch raises :class:`~rllama.memory.MemoryStoreError` naming the file
@@ -67,11 +68,19 @@ def save_store(memory: EpisodicMemory, path: str | os.PathLike) -> Path:
         "config": memory.config(), "next_id": memory._next_id, "index_file": index_name, "index_sha256": digest,
         "entries": [dataclasses.asdict(memory.entries[i]) for i in sorted(memory.entries)],
     }
+    manifest["content_sha256"] = content_digest(manifest)
     atomic_write(manifest_path, json.dumps(manifest, ensure_ascii=False).encode("utf-8"))
     old_index = previous.get("index_file")
     if is_plain_name(old_index) and old_index != index_name:  # never a path a damaged manifest points elsewhere
         (folder / old_index).unlink(missing_ok=True)
     return folder
+
+
+def content_digest(manifest: dict) -> str:
+    """SHA-256 of a manifest's content (everything but this digest, as canonical JSON): a flipped byte
+    that still parses, in an observation, a reward or an id, does not pass as another memory."""
+    content = {k: v for k, v in manifest.items() if k != "content_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def load_store(cls: type[EpisodicMemory], path: str | os.PathLike, embedder=None,
@@ -83,6 +92,8 @@ def load_store(cls: type[EpisodicMemory], path: str | os.PathLike, embedder=None
     if not manifest_path.exists():
         raise MemoryStoreError(f"no episodic memory store at {folder} (missing {MANIFEST})")
     manifest = read_manifest(manifest_path)
+    if "content_sha256" in manifest and manifest["content_sha256"] != content_digest(manifest):
+        raise MemoryStoreError(f"{manifest_path} does not match its own checksum (content_sha256): it is damaged")
     check_manifest(manifest, manifest_path)
     entries = read_entries(manifest, manifest_path)
     recorded = manifest["embedder"]
