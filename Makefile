@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test docs bench clean
+.PHONY: install demo test faults docs bench clean
 
 install: $(BIN)/rllama-installed
 
@@ -24,6 +24,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Fault injection and hostile input (also part of `make test`): kill -9 during saves, damaged and forged
+# files, run folders that name code, the server and client, inputs at the edges.
+faults: install
+	$(BIN)/python -m pytest -q tests/test_faults.py tests/test_integrity.py tests/test_run_safety.py \
+		tests/test_store_safety.py tests/test_server_safety.py tests/test_limits.py
 
 # The documentation site, built strictly (any warning, such as a broken link or reference, fails) into site/.
 docs: install

@@ -171,18 +171,24 @@ class RunConfig:
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, not {type(values).__name__}")
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the config to ``path`` as YAML (atomically: a crash leaves the old file or this one)."""
+        from rllama.fileio import atomic_write
+
+        atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
         """A copy with dotted keys set (``{"algorithm_config.learning_rate": 1e-4}``)."""
