@@ -12,6 +12,7 @@ Quick start::
     agent = BlackjackAgent()              # embedded SmolLM2-135M-Instruct, PPO on a LoRA adapter
 """
 
+import rllama.envs  # noqa: F401  (registers the envs rllama ships with Gymnasium: rllama/TextWorld-v0, ...)
 from rllama.agent import RLlamaAgent, set_seed
 from rllama.algorithms import (
     PPO,

@@ -2,11 +2,13 @@
 
 - ``blackjack``: :class:`BlackjackAgent` for Gymnasium's ``Blackjack-v1``.
 - ``textworld``: :class:`TextWorldAgent` for ``rllama/TextWorld-v0``.
+- ``frozenlake``: :class:`FrozenLakeAgent` for ``rllama/FrozenLake-v0``.
 """
 
 from rllama.agents.blackjack import BlackjackAgent
+from rllama.agents.frozenlake import FrozenLakeAgent
 from rllama.agents.textworld import TextWorldAgent
 
-BUILTIN_AGENTS = {"blackjack": BlackjackAgent, "textworld": TextWorldAgent}
+BUILTIN_AGENTS = {"blackjack": BlackjackAgent, "textworld": TextWorldAgent, "frozenlake": FrozenLakeAgent}
 
-__all__ = ["BUILTIN_AGENTS", "BlackjackAgent", "TextWorldAgent"]
+__all__ = ["BUILTIN_AGENTS", "BlackjackAgent", "FrozenLakeAgent", "TextWorldAgent"]
