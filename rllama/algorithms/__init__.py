@@ -17,6 +17,7 @@ from rllama.algorithms.buffers import (
     discounted_returns,
 )
 from rllama.algorithms.dqn import DQN, DQNConfig
+from rllama.algorithms.gigpo import GiGPO, GiGPOConfig
 from rllama.algorithms.grpo import GRPO, GRPOConfig
 from rllama.algorithms.losses import Minibatch, kl_to_reference
 from rllama.algorithms.off_policy import OffPolicyAlgorithm, OffPolicyConfig
@@ -31,6 +32,8 @@ __all__ = [
     "A2CConfig",
     "DQN",
     "DQNConfig",
+    "GiGPO",
+    "GiGPOConfig",
     "GRPO",
     "GRPOConfig",
     "PPO",
