@@ -1,0 +1,209 @@
+"""The peers' own tasks on held-out maps and levels: FrozenLake (slippery, random 4×4 maps) and Sokoban
+(6×6, one box, at most 10 actions), as RAGEN sets them, with RAGEN's published figures beside ours.
+
+    python benchmarks/peer_tasks.py --task frozenlake --algorithms dqn ppo grpo gigpo --seeds 0 1 2
+    python benchmarks/peer_tasks.py --task frozenlake --report          # table and PNG from the finished runs
+
+Each (task, algorithm, seed) run trains on training maps/levels (seeds 0-999) and is evaluated
+greedily on the same held-out ones (seeds 10000+, never trained on) before training and every
+``--eval-every`` episodes. A finished run is kept in ``results/parts/peer_tasks/`` and skipped when the
+command is run again, so the benchmark resumes across sessions; ``--report`` (or the end of a run)
+writes ``results/peer_tasks_<task>.json`` and ``.png`` from every finished run. Baselines: random
+valid actions, the untrained agent, and the upper bound (FrozenLake: the optimal success of each
+held-out map within the step limit, by value iteration; Sokoban: every generated level is solvable
+within the step limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import EVAL_SEED, RESULTS, add_common_args, save_figure, set_threads, versions  # noqa: E402
+
+PARTS = RESULTS / "parts" / "peer_tasks"
+TRAIN_MAPS = range(0, 1000)
+HELD_OUT = range(10_000, 10_100)
+
+RAGEN = {  # RAGEN paper, Table 3: Qwen2.5-0.5B-Instruct, 200 training iterations on GPUs (veRL + vLLM)
+    "frozenlake": {"low": 0.12, "high": 0.21, "model": "Qwen2.5-0.5B-Instruct", "budget": "200 iterations, GPUs"},
+    "sokoban": {"low": 0.12, "high": 0.34, "model": "Qwen2.5-0.5B-Instruct", "budget": "200 iterations, GPUs"},
+}
+
+
+def make_env(task: str, maps):
+    import gymnasium as gym
+
+    import rllama  # noqa: F401  (registers the envs)
+
+    if task == "frozenlake":
+        return gym.make("rllama/FrozenLake-v0", maps=maps, is_slippery=True)
+    return gym.make("rllama/Sokoban-v0", levels=maps)
+
+
+def make_vec(task: str, maps, n: int):
+    import gymnasium as gym
+
+    return gym.vector.SyncVectorEnv([lambda: make_env(task, maps) for _ in range(n)])
+
+
+def agent_class(task: str):
+    from rllama.agents import FrozenLakeAgent
+
+    if task == "frozenlake":
+        return FrozenLakeAgent
+    from rllama.agents.sokoban import SokobanAgent
+
+    return SokobanAgent
+
+
+def success(task: str, returns) -> float:
+    """Share of solved episodes: FrozenLake pays 1 only at the goal; Sokoban's solved bonus (+10) outweighs
+    every step penalty of an episode."""
+    threshold = 0.5 if task == "frozenlake" else 5.0
+    return float(np.mean(np.asarray(returns) > threshold))
+
+
+def evaluate(agent, task: str, episodes: int) -> dict:
+    result = agent.evaluate(make_env(task, HELD_OUT), episodes, seed=EVAL_SEED)
+    return {"success": success(task, result["returns"]), "mean_return": result["mean_return"],
+            "episodes": agent.total_episodes, "steps": agent.total_steps}
+
+
+def random_and_upper_bound(task: str, episodes: int) -> dict:
+    """Random valid actions and the upper bound on the evaluation episodes (the same deals as the agents')."""
+    env = make_env(task, HELD_OUT)
+    rng = np.random.default_rng(0)
+    returns, bounds = [], []
+    for k in range(episodes):
+        env.reset(seed=EVAL_SEED + k)
+        core = env.unwrapped
+        bounds.append(core.optimal_success() if task == "frozenlake" else 1.0)
+        total, done = 0.0, False
+        while not done:
+            _, r, terminated, truncated, _ = env.step(int(rng.integers(4)))
+            total, done = total + float(r), terminated or truncated
+        returns.append(total)
+    return {"random": success(task, returns), "upper_bound": float(np.mean(bounds))}
+
+
+def run(task: str, algorithm: str, seed: int, args) -> dict:
+    path = PARTS / f"{task}-{algorithm}-seed{seed}.json"
+    if path.exists():
+        print(f"{path.name}: done before, kept")
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    config = json.loads(args.config) if args.config else None
+    agent = agent_class(task)(args.model, seed=seed, algorithm=algorithm, algorithm_config=config,
+                              precision=args.precision)
+    envs = make_vec(task, TRAIN_MAPS, args.envs)
+    curve = [evaluate(agent, task, args.eval_episodes)]
+    print(f"{task} {algorithm} seed {seed}: untrained success {curve[0]['success']:.3f}", flush=True)
+    chunk = 0
+    while agent.total_episodes < args.episodes:
+        agent.train(envs, min(args.eval_every, args.episodes - agent.total_episodes),
+                    seed=seed * 1_000_003 + chunk * args.envs, progress=False)
+        chunk += 1
+        curve.append(evaluate(agent, task, args.eval_episodes))
+        print(f"{task} {algorithm} seed {seed}: {agent.total_episodes} episodes, held-out success "
+              f"{curve[-1]['success']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    record = {"task": task, "algorithm": algorithm, "seed": seed, "curve": curve,
+              "untrained": curve[0]["success"], "trained": curve[-1]["success"],
+              "best": max(c["success"] for c in curve), "wall_s": time.perf_counter() - t0,
+              "config": config, "versions": versions(), "command": "python " + " ".join(sys.argv)}
+    PARTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def report(task: str, args) -> dict:
+    runs = [json.loads(p.read_text()) for p in sorted(PARTS.glob(f"{task}-*.json"))]
+    if not runs:
+        raise SystemExit(f"no finished {task} runs in {PARTS}")
+    baselines = random_and_upper_bound(task, args.eval_episodes)
+    table = {}
+    for algorithm in sorted({r["algorithm"] for r in runs}):
+        mine = [r for r in runs if r["algorithm"] == algorithm]
+        trained = np.array([r["trained"] for r in mine])
+        table[algorithm] = {"seeds": [r["seed"] for r in mine], "episodes": mine[0]["curve"][-1]["episodes"],
+                            "untrained": float(np.mean([r["untrained"] for r in mine])),
+                            "trained_mean": float(trained.mean()),
+                            "trained_std": float(trained.std(ddof=1)) if len(trained) > 1 else 0.0,
+                            "wall_s_mean": float(np.mean([r["wall_s"] for r in mine]))}
+    result = {"benchmark": "peer_tasks", "task": task, "held_out": [HELD_OUT.start, HELD_OUT.stop],
+              "eval_episodes": args.eval_episodes, "baselines": baselines, "table": table,
+              "ragen": {**RAGEN[task], "theirs": True}, "versions": versions(),
+              "command": "python " + " ".join(sys.argv), "runs": runs}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"peer_tasks_{task}.json").write_text(json.dumps(result, indent=1))
+    plot(result, RESULTS / f"peer_tasks_{task}.png")
+    for name, row in table.items():
+        print(f"{task} {name}: untrained {row['untrained']:.3f} -> trained {row['trained_mean']:.3f} "
+              f"± {row['trained_std']:.3f} over seeds {row['seeds']}")
+    print(f"{task} random {baselines['random']:.3f}, upper bound {baselines['upper_bound']:.3f}, RAGEN 0.5B "
+          f"{RAGEN[task]['low']:.2f}-{RAGEN[task]['high']:.2f} (theirs)")
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = list(result["table"])
+    trained = [result["table"][n]["trained_mean"] for n in names]
+    errors = [result["table"][n]["trained_std"] for n in names]
+    untrained = [result["table"][n]["untrained"] for n in names]
+    x = np.arange(len(names))
+    bars.bar(x - 0.2, untrained, 0.4, color="#bbbbbb", label="untrained (ours, 135M)")
+    bars.bar(x + 0.2, trained, 0.4, yerr=errors, capsize=3, color="tab:blue", label="trained (ours, 135M, CPU)")
+    bars.axhline(result["baselines"]["random"], color="tab:red", ls=":", label="random valid actions")
+    bars.axhline(result["baselines"]["upper_bound"], color="tab:green", ls="--", label="upper bound")
+    ragen = result["ragen"]
+    bars.axhspan(ragen["low"], ragen["high"], color="tab:orange", alpha=0.25,
+                 label=f"RAGEN {ragen['model']}, {ragen['budget']} (theirs)")
+    bars.set_xticks(x, names)
+    bars.set_ylabel("held-out success rate")
+    bars.set_title(f"{result['task']}: held-out success ({result['eval_episodes']} fixed episodes)")
+    bars.legend(fontsize=7)
+    for r in result["runs"]:
+        curves.plot([c["episodes"] for c in r["curve"]], [c["success"] for c in r["curve"]], marker=".",
+                    label=f"{r['algorithm']} seed {r['seed']}")
+    curves.set_xlabel("training episodes")
+    curves.set_ylabel("held-out success rate")
+    curves.set_title("learning curves")
+    curves.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, "peer_tasks")
+    parser.add_argument("--task", choices=["frozenlake", "sokoban"], required=True)
+    parser.add_argument("--algorithms", nargs="+", default=["dqn", "ppo", "grpo", "gigpo"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--episodes", type=int, default=2000, help="training episodes a run")
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-episodes", type=int, default=200)
+    parser.add_argument("--envs", type=int, default=8)
+    parser.add_argument("--config", help="algorithm config as JSON")
+    parser.add_argument("--report", action="store_true", help="only write the table and PNG from finished runs")
+    args = parser.parse_args()
+    set_threads(args)
+    if not args.report:
+        for algorithm in args.algorithms:
+            for seed in args.seeds:
+                run(args.task, algorithm, seed, args)
+    report(args.task, args)
+
+
+if __name__ == "__main__":
+    main()
