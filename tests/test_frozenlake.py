@@ -95,4 +95,13 @@ def test_the_agent_reads_the_grid_and_plays_an_episode(make_agent):
         agent.extract_action("jump")
     returns = run_episodes(agent, gym.make("rllama/FrozenLake-v0", maps=[2], max_steps=5), 2, seed=0)
     assert len(returns) == 2 and all(r in (0.0, 1.0) for r in returns)
-    assert "P" in agent.last_prompt and "Your move?" in agent.last_prompt
+    assert "P" in agent.last_prompt and "Your move?" in agent.last_prompt and "Moves lead to" in agent.last_prompt
+
+
+def test_the_description_says_where_each_move_leads():
+    from rllama.agents.frozenlake import describe
+
+    assert describe("P___\nO___\n____\n___G") == ("Moves lead to left: the edge, down: a hole, right: ice, up: the "
+                                                   "edge. The goal is 3 down and 3 right of you.")
+    assert describe("____\n__PG\n____\n_O__").startswith("Moves lead to left: ice, down: ice, right: the goal")
+    assert describe("____\n____\n____\n___√").endswith("The goal is 0 down and 0 right of you.")
