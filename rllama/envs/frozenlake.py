@@ -29,7 +29,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv, generate_random_map
 
-from rllama.errors import InvalidActionError
+from rllama.envs.moves import check_move
 
 ACTIONS = ("left", "down", "right", "up")
 """Move names in Gymnasium's action order."""
@@ -115,9 +115,7 @@ class FrozenLakeText(gym.Env):
     def step(self, action):
         if self._lake is None:
             raise RuntimeError("step() before reset()")
-        if not self.action_space.contains(action):
-            raise InvalidActionError(f"action {action!r} is not one of the four moves: "
-                                     + ", ".join(f"{i} ({name})" for i, name in enumerate(ACTIONS)))
+        check_move(self.action_space, action, ACTIONS)
         self._position, reward, terminated, _truncated, _ = self._lake.step(int(action))
         self._steps += 1
         truncated = not terminated and self._steps >= self.max_steps

@@ -33,7 +33,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from rllama.errors import InvalidActionError
+from rllama.envs.moves import check_move
 
 Cell = tuple[int, int]  # (row, column)
 
@@ -324,9 +324,7 @@ class SokobanEnv(gym.Env):
     def step(self, action):
         if self.level is None:
             raise RuntimeError("step() before reset()")
-        if not self.action_space.contains(action):
-            raise InvalidActionError(f"action {action!r} is not one of the four moves: "
-                                     + ", ".join(f"{i} ({name})" for i, name in enumerate(ACTIONS)))
+        check_move(self.action_space, action, ACTIONS)
         if self._done:
             raise RuntimeError("step() after the episode ended; call reset()")
         player = self._player
