@@ -3,6 +3,8 @@
 
     python benchmarks/peer_tasks.py --task frozenlake --algorithms dqn ppo grpo gigpo --seeds 0 1 2
     python benchmarks/peer_tasks.py --task frozenlake --report          # table and PNG from the finished runs
+    python benchmarks/peer_tasks.py --task sokoban --algorithms ppo --seeds 0 --checkpoint .cache/peer_tasks \
+        --train-minutes 40                                               # one sitting; run again to resume
 
 Each (task, algorithm, seed) run trains on training maps/levels (seeds 0-999) and is evaluated
 greedily on the same held-out ones (seeds 10000+, never trained on) before training and every
@@ -93,30 +95,57 @@ def random_and_upper_bound(task: str, episodes: int) -> dict:
     return {"random": success(task, returns), "upper_bound": float(np.mean(bounds))}
 
 
-def run(task: str, algorithm: str, seed: int, args) -> dict:
+def run(task: str, algorithm: str, seed: int, args) -> dict | None:
+    """Train and evaluate one (task, algorithm, seed); ``None`` when ``--train-minutes`` ended the sitting first
+    (with ``--checkpoint`` the next sitting resumes where this one stopped)."""
+    from rllama.checkpoint import load_training_state, save_training_state
+
     path = PARTS / f"{task}-{algorithm}-seed{seed}.json"
     if path.exists():
         print(f"{path.name}: done before, kept")
         return json.loads(path.read_text())
     t0 = time.perf_counter()
     config = json.loads(args.config) if args.config else None
+    settings = {"episodes": args.episodes, "eval_every": args.eval_every, "eval_episodes": args.eval_episodes,
+                "envs": args.envs, "config": config, "describe": args.describe, "model": args.model,
+                "precision": args.precision}
+    kwargs = {"describe": args.describe} if task == "frozenlake" else {}
     agent = agent_class(task)(args.model, seed=seed, algorithm=algorithm, algorithm_config=config,
-                              precision=args.precision)
+                              precision=args.precision, **kwargs)
     envs = make_vec(task, TRAIN_MAPS, args.envs)
-    curve = [evaluate(agent, task, args.eval_episodes)]
-    print(f"{task} {algorithm} seed {seed}: untrained success {curve[0]['success']:.3f}", flush=True)
-    chunk = 0
+    state = Path(args.checkpoint) / f"{task}-{algorithm}-seed{seed}" if args.checkpoint else None
+    if state is not None and state.exists():
+        saved = load_training_state(agent, state)
+        if saved["settings"] != settings:
+            raise SystemExit(f"--checkpoint {state} was trained with {saved['settings']}, not {settings}: resume "
+                             "with its settings or use another --checkpoint folder")
+        curve, chunk, spent = saved["curve"], saved["chunk"], saved["wall_s"]
+        print(f"{task} {algorithm} seed {seed}: resumed after {agent.total_episodes} episodes", flush=True)
+    else:
+        curve, chunk, spent = [evaluate(agent, task, args.eval_episodes)], 0, 0.0
+        print(f"{task} {algorithm} seed {seed}: untrained success {curve[0]['success']:.3f}", flush=True)
+
+    def save_state() -> None:
+        if state is not None:
+            save_training_state(agent, state, extra={"settings": settings, "curve": curve, "chunk": chunk,
+                                                     "wall_s": spent + time.perf_counter() - t0})
+
+    save_state()
     while agent.total_episodes < args.episodes:
+        if args.train_minutes and time.perf_counter() - t0 > 60 * args.train_minutes:
+            print(f"{task} {algorithm} seed {seed}: sitting over after {agent.total_episodes} episodes", flush=True)
+            return None
         agent.train(envs, min(args.eval_every, args.episodes - agent.total_episodes),
                     seed=seed * 1_000_003 + chunk * args.envs, progress=False)
         chunk += 1
         curve.append(evaluate(agent, task, args.eval_episodes))
         print(f"{task} {algorithm} seed {seed}: {agent.total_episodes} episodes, held-out success "
-              f"{curve[-1]['success']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    record = {"task": task, "algorithm": algorithm, "seed": seed, "curve": curve,
+              f"{curve[-1]['success']:.3f} ({spent + time.perf_counter() - t0:.0f} s)", flush=True)
+        save_state()
+    record = {"task": task, "algorithm": algorithm, "seed": seed, "curve": curve, "settings": settings,
               "untrained": curve[0]["success"], "trained": curve[-1]["success"],
-              "best": max(c["success"] for c in curve), "wall_s": time.perf_counter() - t0,
-              "config": config, "versions": versions(), "command": "python " + " ".join(sys.argv)}
+              "best": max(c["success"] for c in curve), "wall_s": spent + time.perf_counter() - t0,
+              "versions": versions(), "command": "python " + " ".join(sys.argv)}
     PARTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
     return record
@@ -171,12 +200,14 @@ def plot(result: dict, path: Path) -> None:
     bars.axhspan(ragen["low"], ragen["high"], color="tab:orange", alpha=0.25,
                  label=f"RAGEN {ragen['model']}, {ragen['budget']} (theirs)")
     bars.set_xticks(x, names)
+    bars.set_ylim(0, 1.05)
     bars.set_ylabel("held-out success rate")
     bars.set_title(f"{result['task']}: held-out success ({result['eval_episodes']} fixed episodes)")
     bars.legend(fontsize=7)
     for r in result["runs"]:
         curves.plot([c["episodes"] for c in r["curve"]], [c["success"] for c in r["curve"]], marker=".",
                     label=f"{r['algorithm']} seed {r['seed']}")
+    curves.set_ylim(0, 1.05)
     curves.set_xlabel("training episodes")
     curves.set_ylabel("held-out success rate")
     curves.set_title("learning curves")
@@ -195,14 +226,25 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=200)
     parser.add_argument("--envs", type=int, default=8)
     parser.add_argument("--config", help="algorithm config as JSON")
+    parser.add_argument("--describe", type=int, default=1, help="FrozenLakeAgent(describe=...): 1 or 0")
+    parser.add_argument("--checkpoint", metavar="DIR", help="save each run's training state to DIR after every "
+                        "evaluation and resume from it (a budget spread over several sittings)")
+    parser.add_argument("--train-minutes", type=float, default=0, help="end this sitting after so many minutes")
     parser.add_argument("--report", action="store_true", help="only write the table and PNG from finished runs")
     args = parser.parse_args()
     set_threads(args)
+    args.describe = bool(args.describe)
+    finished = True
     if not args.report:
         for algorithm in args.algorithms:
             for seed in args.seeds:
-                run(args.task, algorithm, seed, args)
-    report(args.task, args)
+                finished = run(args.task, algorithm, seed, args) is not None and finished
+                if not finished:
+                    break
+            if not finished:
+                break
+    if finished or args.report:
+        report(args.task, args)
 
 
 if __name__ == "__main__":
