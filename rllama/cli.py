@@ -5,14 +5,16 @@
     rllama train --resume runs/blackjack-ppo-seed0      # continue a stopped run exactly
     rllama eval runs/blackjack-ppo-seed0 --episodes 500
     rllama sweep examples/sweep.yaml --trials 8
-    rllama plot runs/blackjack-ppo-seed0 runs/blackjackagent-dqn-seed0 --output compare.png
+    rllama plot runs/blackjack-ppo-seed0 runs/blackjack-dqn-seed0 --output compare.png
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -26,7 +28,8 @@ def _config_from_args(args):
     config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
     overrides = {}
     for flag, key in [("env", "env"), ("agent", "agent"), ("algorithm", "algorithm"), ("model", "model"),
-                      ("episodes", "episodes"), ("seed", "seed"), ("num_envs", "num_envs"),
+                      ("episodes", "episodes"), ("eval_episodes", "eval_episodes"), ("eval_every", "eval_every"),
+                      ("segment_episodes", "segment_episodes"), ("seed", "seed"), ("num_envs", "num_envs"),
                       ("output_dir", "output_dir"), ("name", "name"), ("loggers", "loggers"),
                       ("precision", "precision"), ("threads", "threads")]:
         value = getattr(args, flag, None)
@@ -59,20 +62,54 @@ def _add_allow_code(p: argparse.ArgumentParser) -> None:
                         "named on this command line are used")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse without abbreviations (``--episode`` is not ``--episodes``), and with a suggestion when an
+    option or a command is misspelled."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        unknown = re.search(r"unrecognized arguments: (.+)", message)
+        choice = re.search(r"invalid choice: '([^']+)' \(choose from (.+)\)", message)
+        hints = []
+        if unknown:
+            parsers = [self] + [sp for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                                for sp in a.choices.values()]
+            known = sorted({o for parser in parsers for action in parser._actions for o in action.option_strings})
+            for word in unknown.group(1).split():
+                close = difflib.get_close_matches(word.split("=")[0], known, n=1)
+                if word.startswith("-") and close:
+                    hints.append(f"{word}: did you mean {close[0]}?")
+        elif choice:
+            options = re.findall(r"'([^']+)'", choice.group(2))
+            hints += [f"did you mean {m!r}?" for m in difflib.get_close_matches(choice.group(1), options, n=1)]
+        super().error(message + "".join(f"\n  {h}" for h in hints))
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of RunConfig fields (see docs/experiments.md)")
     p.add_argument("--env", help="Gymnasium env id, or module:Class (default Blackjack-v1)")
-    p.add_argument("--agent", help="blackjack | textworld | module:Class | path/to/file.py:Class")
-    p.add_argument("--algorithm", help="a registered algorithm: " + _algorithms())
+    p.add_argument("--agent", help="blackjack | textworld | frozenlake | sokoban | module:Class | "
+                                   "path/to/file.py:Class (default blackjack)")
+    p.add_argument("--algorithm", help="a registered algorithm (default ppo): " + _algorithms())
     p.add_argument("--model", help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--episodes", type=int, help="training episodes")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-envs", type=int, dest="num_envs", help="environments in the vector env")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--episodes", type=int, help="training episodes (default 640)")
+    p.add_argument("--eval-episodes", type=int, dest="eval_episodes",
+                   help="greedy evaluation episodes at the start, every --eval-every episodes and at the end "
+                        "(default 200; 0: none)")
+    p.add_argument("--eval-every", type=int, dest="eval_every",
+                   help="training episodes between evaluations (default 320; 0: only at the start and the end)")
+    p.add_argument("--segment-episodes", type=int, dest="segment_episodes",
+                   help="training episodes between checkpoints and evaluations (default 64)")
+    p.add_argument("--seed", type=int, help="seeds the agent, the algorithm and the env resets (default 0)")
+    p.add_argument("--num-envs", type=int, dest="num_envs", help="environments in the vector env (default 16)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="default auto")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     p.add_argument("--output-dir", dest="output_dir", help="folder of run folders (default runs/)")
     p.add_argument("--name", help="run folder name (default <agent>-<algorithm>-seed<seed>)")
-    p.add_argument("--loggers", nargs="+", choices=list(LOGGERS))
+    p.add_argument("--loggers", nargs="+", choices=list(LOGGERS), help="default: console jsonl")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any config field, dotted keys allowed: --set algorithm_config.learning_rate=1e-4")
     p.add_argument("--quiet", action="store_true", help="no progress bars or console lines")
@@ -94,7 +131,10 @@ def cmd_train(args) -> dict:
         if args.quiet:
             overrides["progress"] = False
         return resume(args.resume, overrides=overrides, allow_code=args.allow_code)
-    return train(_config_from_args(args), allow_code=_allow_code(args))
+    config = _config_from_args(args)
+    if not args.quiet:
+        print(f"rllama train: {config.plan()}", file=sys.stderr, flush=True)
+    return train(config, allow_code=_allow_code(args))
 
 
 def cmd_eval(args) -> dict:
@@ -144,10 +184,10 @@ def cmd_plot(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="rllama", description="Train LLM agents with reinforcement learning in Gymnasium environments.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("train", help="train an agent (or --resume a stopped run)",
                        description="Train an agent. Flags override the --config file; --set overrides any field. "
@@ -163,11 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained run or checkpoint",
                        description="Evaluate a run's final policy (or a checkpoint folder) on N episodes.")
     p.add_argument("run", help="run folder (uses final/) or a checkpoint folder inside it")
-    p.add_argument("--episodes", type=int, default=200)
-    p.add_argument("--seed", type=int, default=10_000, help="env seed of the evaluation episodes")
-    p.add_argument("--num-envs", type=int, dest="num_envs")
+    p.add_argument("--episodes", type=int, default=200, help="evaluation episodes (default 200)")
+    p.add_argument("--seed", type=int, default=10_000,
+                   help="env seed of the evaluation episodes: the same seed, the same deals (default 10000)")
+    p.add_argument("--num-envs", type=int, dest="num_envs", help="environments side by side (default: the run's)")
     p.add_argument("--sample", action="store_true", help="sample actions instead of greedy")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_allow_code(p)
     p.set_defaults(func=cmd_eval)
 

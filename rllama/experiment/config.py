@@ -156,6 +156,23 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
 
+    def plan(self) -> str:
+        """One line saying what the run will do: its training episodes, and how many evaluation episodes
+        come with them (they can outnumber a short run's training episodes)."""
+        import math
+
+        segments = math.ceil(self.episodes / self.segment_episodes)
+        evals = 0
+        if self.eval_episodes:
+            evals = 1 + sum(1 for k in range(segments) if k == segments - 1
+                            or (self.eval_every and (k + 1) * self.segment_episodes % self.eval_every == 0))
+        when = "at the start, " + (f"every {self.eval_every} episodes and " if self.eval_every else "") + "at the end"
+        evaluation = (f"{evals} greedy evaluations of {self.eval_episodes} episodes ({when}: "
+                      f"{evals * self.eval_episodes} episodes)" if evals else "no evaluation")
+        plural = "s" if segments > 1 else ""
+        return (f"{self.episodes} training episodes ({self.agent}, {self.algorithm}, {self.num_envs} envs) in "
+                f"{segments} segment{plural} of {self.segment_episodes}; {evaluation}; run folder {self.run_dir}")
+
     # ------------------------------------------------------------------ reading and writing
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:

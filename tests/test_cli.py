@@ -1,0 +1,48 @@
+"""The command line as a newcomer meets it: suggestions for misspellings, no silent abbreviations,
+help for every flag, the cost of a run said up front."""
+
+from __future__ import annotations
+
+import pytest
+
+from rllama.cli import build_parser, main
+from rllama.experiment import RunConfig
+
+
+def error_of(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main(list(argv))
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_misspelled_flag_or_command_gets_a_suggestion(capsys):
+    assert "--epsiodes: did you mean --episodes?" in error_of(capsys, "train", "--epsiodes", "3")
+    assert "did you mean 'train'?" in error_of(capsys, "trian")
+    assert "--sede: did you mean --seed?" in error_of(capsys, "eval", "runs/x", "--sede", "1")
+
+
+def test_abbreviations_are_not_taken_for_flags(capsys):
+    assert "unrecognized arguments: --episode" in error_of(capsys, "train", "--episode", "3")
+
+
+def test_every_flag_has_help():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            assert action.help, f"rllama {name} {action.option_strings or action.dest} has no help"
+
+
+def test_evaluation_sizes_are_flags_and_their_cost_is_said_up_front():
+    from rllama.cli import _config_from_args
+
+    args = build_parser().parse_args(["train", "--episodes", "32", "--eval-episodes", "50", "--eval-every", "0",
+                                      "--segment-episodes", "16"])
+    config = _config_from_args(args)
+    assert (config.episodes, config.eval_episodes, config.eval_every, config.segment_episodes) == (32, 50, 0, 16)
+    assert "2 greedy evaluations of 50 episodes (at the start, at the end: 100 episodes)" in config.plan()
+    assert "in 2 segments of 16" in config.plan()
+    default = RunConfig().plan()
+    assert "640 training episodes" in default and "3 greedy evaluations of 200 episodes" in default
+    assert "no evaluation" in RunConfig(eval_episodes=0).plan()
