@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -16,6 +18,24 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
 )
+
+
+LEFTOVERS = ("/tmp/ray/session_*", "/tmp/torchelastic_*")  # what Ray and torchrun leave behind them
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_leftovers():
+    """Remove the Ray session folders and torchrun temporaries this test run created (not older ones)."""
+    import glob
+    import shutil
+
+    before = {path for pattern in LEFTOVERS for path in glob.glob(pattern)}
+    yield
+    for path in {path for pattern in LEFTOVERS for path in glob.glob(pattern)} - before:
+        shutil.rmtree(path, ignore_errors=True)
+    latest = Path("/tmp/ray/session_latest")
+    if latest.is_symlink() and not latest.exists():
+        latest.unlink()
 
 
 def make_tokenizer(chat_template: str | None = None):
