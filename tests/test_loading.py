@@ -63,3 +63,12 @@ def test_embedded_default_model_loads_and_answers():
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
     # The converted copy is cached: the second load does not need the GGUF.
     assert (loading.cache_dir() / "models" / loading.DEFAULT_MODEL / "model.safetensors").is_file()
+
+
+def test_a_saved_policy_names_the_embedded_model_not_this_machines_cache(monkeypatch, tmp_path):
+    from rllama.policy.loading import DEFAULT_MODEL, model_identity
+
+    monkeypatch.setenv("RLLAMA_CACHE", str(tmp_path / "cache"))
+    assert model_identity(str(tmp_path / "cache" / "models" / DEFAULT_MODEL)) == DEFAULT_MODEL
+    assert model_identity("HuggingFaceTB/SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    assert model_identity(str(tmp_path / "my-model")) == str(tmp_path / "my-model")  # a path the user gave

@@ -84,6 +84,20 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+def model_identity(name_or_path: str) -> str:
+    """What a saved policy records as its base model: :data:`DEFAULT_MODEL` for the embedded model (not
+    the cache folder it was converted into, which is this machine's and this user's), else the hub id
+    or path the model was loaded from."""
+    if not name_or_path:
+        return ""
+    try:
+        if Path(name_or_path).expanduser().resolve() == (cache_dir() / "models" / DEFAULT_MODEL).resolve():
+            return DEFAULT_MODEL
+    except (OSError, ValueError):
+        pass
+    return name_or_path
+
+
 def resolve_model_path(model: str | os.PathLike | None) -> str:
     """Turn a model argument into something ``from_pretrained`` accepts.
 

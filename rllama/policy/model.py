@@ -38,7 +38,7 @@ from rllama.policy.adapters import AdapterMixin
 from rllama.policy.forward import SCORE_MEMO_ENTRIES, ForwardMixin
 from rllama.policy.generation import GenerationMixin
 from rllama.policy.heads import POLICY_HEAD, ValueHead, pca_whitening
-from rllama.policy.loading import load_model
+from rllama.policy.loading import load_model, model_identity
 from rllama.policy.outputs import CandidateOutputs, Continuations, GeneratedReply, StepEvaluation, candidate_score
 from rllama.policy.packing import PackingMixin
 from rllama.policy.persistence import ADAPTER_DIR, FORMAT_VERSION, HEADS_FILE, POLICY_FILE, PersistenceMixin
@@ -171,7 +171,7 @@ class PolicyModel(AdapterMixin, ForwardMixin, PackingMixin, ScoringMixin, Genera
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 self.lm = get_peft_model(model, lora_config or self._default_lora_config(model))
         config = self.lm.get_base_model().config
-        self.base_model_name = getattr(config, "_name_or_path", "") or ""
+        self.base_model_name = model_identity(getattr(config, "_name_or_path", "") or "")
         hidden = getattr(config, "hidden_size", None) or config.n_embd
         self.heads = nn.ModuleDict({"value": ValueHead(hidden)})
         self.device = torch.device(device) if device is not None else next(self.lm.parameters()).device
