@@ -9,8 +9,10 @@ frozen, so every forward is served from the prefix cache (``docs/algorithms/dqn.
 
 Prints the mean greedy return on fixed evaluation deals before and after training, and the
 trained agent's policy map: its action in each of the 280 decision states (player total x dealer
-card, with and without a usable ace) beside the optimal one. For reference (exact, sab rules):
-optimal -0.043, stick at 17+ -0.076, always stick -0.183, uniform random -0.394.
+card, with and without a usable ace) beside the optimal one. Saves the trained agent as a run
+folder (``runs/blackjack-demo``; ``rllama eval runs/blackjack-demo`` evaluates it again). For
+reference (exact, sab rules): optimal -0.043, stick at 17+ -0.076, always stick -0.183, uniform
+random -0.394.
 
 It runs on one torch thread (``--threads``): on 2 cores two threads were no faster alone and three
 times slower beside another busy process (``benchmarks/threads.py``).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import gymnasium as gym
 import torch
@@ -39,7 +42,9 @@ def main() -> None:
     parser.add_argument("--envs", type=int, default=16, help="parallel environments (vector env)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="model folder or hub id (default: embedded SmolLM2-135M)")
-    parser.add_argument("--save", default=None, help="folder to save the trained adapter and heads")
+    parser.add_argument("--save", default="runs/blackjack-demo",
+                        help="run folder to save the trained agent in, for `rllama eval` (default: runs/blackjack-demo;"
+                             " '' saves nothing)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default: 1, measured fastest on 2 cores; 0: torch's default)")
     args = parser.parse_args()
@@ -65,8 +70,22 @@ def main() -> None:
           f"episodes in {minutes:.1f} min")
     print("reference: optimal -0.043, stick at 17+ -0.076, always stick -0.183, random -0.394")
     if args.save:
-        agent.save(args.save)
-        print(f"saved to {args.save}")
+        save_run(agent, args)
+
+
+def save_run(agent, args) -> None:
+    """Save the trained agent as a run folder (its config and ``final/policy``) that ``rllama eval`` reads."""
+    from rllama.experiment import RunConfig
+
+    folder = Path(args.save)
+    config = RunConfig(env="Blackjack-v1", agent="blackjack", algorithm=args.algorithm, model=args.model,
+                       seed=args.seed, num_envs=args.envs, episodes=args.episodes, output_dir=str(folder.parent),
+                       name=folder.name, progress=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.to_yaml(folder / "config.yaml")
+    agent.save(folder / "final" / "policy")
+    print(f"saved to {folder}/final/policy; evaluate it again with: rllama eval {folder} --episodes "
+          f"{args.eval_episodes}")
 
 
 if __name__ == "__main__":

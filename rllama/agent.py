@@ -432,7 +432,8 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         ``i`` is reset with ``seed + i`` once), so policies can be compared on the same deals.
 
         Returns:
-            ``{"mean_return", "std_return", "stderr", "n_episodes", "returns"}``.
+            ``{"mean_return", "std_return", "stderr", "n_episodes", "returns"}`` (a
+            :class:`~rllama.loops.ReturnStats`, which prints as a one-line summary).
         """
         with self.evaluating(greedy=greedy, write_memory=write_memory):
             returns = run_episodes(self, env, n_episodes, seed=seed, progress=progress, desc="eval",

@@ -61,17 +61,23 @@ def run_episodes(
             bar.close()
 
 
-def return_stats(returns: list[float]) -> dict:
-    """``{"mean_return", "std_return", "stderr", "n_episodes", "returns"}`` of episode returns."""
+class ReturnStats(dict):
+    """``{"mean_return", "std_return", "stderr", "n_episodes", "returns"}``: a dict whose printout is a
+    one-line summary (``result["returns"]`` still holds every episode's return)."""
+
+    def __repr__(self) -> str:
+        return (f"mean return {self['mean_return']:+.4f} ± {self['stderr']:.4f} (s.e.) over {self['n_episodes']} "
+                f"episodes, std {self['std_return']:.4f}; ['returns'] holds each episode's")
+
+    __str__ = __repr__
+
+
+def return_stats(returns: list[float]) -> ReturnStats:
+    """:class:`ReturnStats` of episode returns."""
     arr = np.asarray(returns, dtype=np.float64)
     std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-    return {
-        "mean_return": float(arr.mean()),
-        "std_return": std,
-        "stderr": std / math.sqrt(len(arr)),
-        "n_episodes": len(arr),
-        "returns": arr.tolist(),
-    }
+    return ReturnStats(mean_return=float(arr.mean()), std_return=std, stderr=std / math.sqrt(len(arr)),
+                       n_episodes=len(arr), returns=arr.tolist())
 
 
 def _run_single(agent, env, n_episodes, seed, bar, on_update, reseed_each_episode) -> list[float]:
@@ -253,24 +259,30 @@ def _progress(total: int, desc: str, enabled: bool, agent=None):
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True)
+    # tqdm's own rate flips between ep/s and s/ep; the postfix carries a rate in fixed units instead
+    bar = tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} ep [{elapsed}<{remaining}{postfix}]")
     bar.rllama_start = (time.perf_counter(), agent.total_steps if agent is not None else 0, agent)
     return bar
 
 
 def _tick(bar, returns: list[float]) -> None:
-    """Advance the bar by one episode; show the mean return of the last 100 and env steps/s."""
+    """Advance the bar by one episode and show (docs/experiments.md, "Logging"): ``ret100``, the mean return
+    of the last 100 episodes while training (``ret``, of every episode so far, while evaluating: the figure
+    ``evaluate`` returns), ``ep/s``, and while training ``steps/s`` (env steps) and ``upd`` (updates)."""
     if bar is None:
         return
     import time
 
     bar.update(1)
-    recent = returns[-100:]
-    postfix = {"ret": f"{sum(recent) / len(recent):+.3f}"}
     start, steps0, agent = getattr(bar, "rllama_start", (None, 0, None))
-    if agent is not None and agent.recording:
-        elapsed = time.perf_counter() - start
-        postfix["steps/s"] = f"{(agent.total_steps - steps0) / max(elapsed, 1e-9):.1f}"
+    elapsed = max(time.perf_counter() - start, 1e-9) if start is not None else None
+    training = agent is not None and agent.recording
+    recent = returns[-100:] if training else returns
+    postfix = {("ret100" if training else "ret"): f"{sum(recent) / len(recent):+.3f}"}
+    if elapsed is not None:
+        postfix["ep/s"] = f"{bar.n / elapsed:.2f}"
+    if training:
+        postfix["steps/s"] = f"{(agent.total_steps - steps0) / elapsed:.1f}"
+        postfix["upd"] = str(agent.algorithm.num_updates)
     bar.set_postfix(postfix, refresh=False)
-
-

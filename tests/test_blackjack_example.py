@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,13 +67,19 @@ def test_async_example_runs_end_to_end(tiny_model_dir):
 
 
 @pytest.mark.timeout(300)
-def test_demo_runs_end_to_end_and_prints_the_policy_map(tiny_model_dir):
+def test_demo_runs_end_to_end_prints_the_policy_map_and_saves_a_run_rllama_eval_reads(tiny_model_dir, tmp_path):
     """``examples/blackjack.py`` (``make demo``) as a user runs it, on a tiny model and a short budget."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    run = tmp_path / "blackjack-demo"
     proc = subprocess.run([sys.executable, "examples/blackjack.py", "--model", str(tiny_model_dir), "--episodes", "16",
-                           "--eval-episodes", "8", "--envs", "4"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=280)
+                           "--eval-episodes", "8", "--envs", "4", "--save", str(run)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "untrained: mean return" in proc.stdout and "trained:   mean return" in proc.stdout
     assert "agreement with the optimal policy" in proc.stdout and "dealer: A 2 3 4 5 6 7 8 9 10" in proc.stdout
+    assert f"rllama eval {run}" in proc.stdout
+    evaluated = subprocess.run([sys.executable, "-m", "rllama.cli", "eval", str(run), "--episodes", "8", "--quiet"],
+                               cwd=root, env=env, capture_output=True, text=True, timeout=280)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout)["n_episodes"] == 8

@@ -46,3 +46,25 @@ def test_evaluation_sizes_are_flags_and_their_cost_is_said_up_front():
     default = RunConfig().plan()
     assert "640 training episodes" in default and "3 greedy evaluations of 200 episodes" in default
     assert "no evaluation" in RunConfig(eval_episodes=0).plan()
+
+
+def test_an_evaluation_prints_as_one_line_and_keeps_its_returns():
+    from rllama.loops import return_stats
+
+    result = return_stats([1.0, -1.0, 0.0, 1.0])
+    assert str(result) == repr(result)
+    assert repr(result).startswith("mean return +0.2500 ± 0.4787 (s.e.) over 4 episodes")
+    assert "\n" not in repr(result) and result["returns"] == [1.0, -1.0, 0.0, 1.0]
+
+
+def test_progress_bars_label_their_fields(make_agent, capsys):
+    from rllama.loops import run_episodes
+    from tests.conftest import ChoiceEnv
+
+    agent = make_agent(algorithm_config={"batch_episodes": 2, "minibatch_size": 2})
+    run_episodes(agent, ChoiceEnv(), 4, seed=0, progress=True, desc="train")
+    err = capsys.readouterr().err
+    assert "ret100=" in err and "ep/s=" in err and "steps/s=" in err and "upd=2" in err and "4/4 ep" in err
+    agent.evaluate(ChoiceEnv(), 3, seed=0, progress=True)
+    err = capsys.readouterr().err
+    assert "ret=" in err and "ret100" not in err and "upd" not in err and "s/ep" not in err
