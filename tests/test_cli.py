@@ -61,9 +61,10 @@ def test_progress_bars_label_their_fields(make_agent, capsys):
     from rllama.loops import run_episodes
     from tests.conftest import ChoiceEnv
 
-    agent = make_agent(algorithm_config={"batch_episodes": 2, "minibatch_size": 2})
+    agent = make_agent(algorithm_config={"batch_episodes": 2, "minibatch_size": 2, "policy_head": 0})
     run_episodes(agent, ChoiceEnv(), 4, seed=0, progress=True, desc="train")
     err = capsys.readouterr().err
+    assert agent.algorithm.num_updates == 2
     assert "ret100=" in err and "ep/s=" in err and "steps/s=" in err and "upd=2" in err and "4/4 ep" in err
     agent.evaluate(ChoiceEnv(), 3, seed=0, progress=True)
     err = capsys.readouterr().err
