@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from rllama.errors import CorruptFileError, RLlamaError
-from rllama.fileio import read_json, recover_dir, verify_dir, writing_dir
+from rllama.fileio import read_json, read_tensors, recover_dir, verify_dir, writing_dir
 
 FORMAT = "rllama.TrainingState"
 VERSION = 1
@@ -138,12 +138,7 @@ def _read_state(file: Path, agent) -> dict[str, Any]:
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(file))
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"cannot read {file}: {type(exc).__name__}: {exc}") from None
+    tensors = read_tensors(file)
     missing = [k for k in ("rng.torch", "rng.agent") if k not in tensors]
     if missing:
         raise CheckpointError(f"{file} lacks {missing}")

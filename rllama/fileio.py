@@ -168,6 +168,17 @@ def read_json(path: str | os.PathLike, expect: type = dict) -> Any:
     return value
 
 
+def read_tensors(path: str | os.PathLike) -> dict:
+    """The tensors of safetensors file ``path``; a clear :class:`~rllama.errors.CorruptFileError` naming the
+    file when it cannot be read (safetensors raises its own error types for damaged files)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise CorruptFileError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+
+
 def _old_dir(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rllama.errors import CorruptFileError, ModelNotFoundError, RLlamaError
-from rllama.fileio import read_json, recover_dir, verify_dir, writing_dir
+from rllama.fileio import read_json, read_tensors, recover_dir, verify_dir, writing_dir
 
 POLICY_FILE = "policy.json"
 
@@ -143,12 +143,7 @@ class _Mismatch(CorruptFileError):
 
 def _read_tensors(file: Path, shapes: dict[str, Any], what: str) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors ``file``, checked: readable, the names and shapes of ``shapes``, finite."""
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(file))
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise CorruptFileError(f"cannot read {file}: {type(exc).__name__}: {exc}") from None
+    tensors = read_tensors(file)
     missing, unexpected = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
     wrong = sorted(k for k in set(shapes) & set(tensors) if tuple(tensors[k].shape) != tuple(shapes[k]))
     if missing or unexpected or wrong:
