@@ -109,9 +109,8 @@ def run(task: str, algorithm: str, seed: int, args) -> dict | None:
     settings = {"episodes": args.episodes, "eval_every": args.eval_every, "eval_episodes": args.eval_episodes,
                 "envs": args.envs, "config": config, "describe": args.describe, "model": args.model,
                 "precision": args.precision}
-    kwargs = {"describe": args.describe} if task == "frozenlake" else {}
     agent = agent_class(task)(args.model, seed=seed, algorithm=algorithm, algorithm_config=config,
-                              precision=args.precision, **kwargs)
+                              precision=args.precision, describe=args.describe)
     envs = make_vec(task, TRAIN_MAPS, args.envs)
     state = Path(args.checkpoint) / f"{task}-{algorithm}-seed{seed}" if args.checkpoint else None
     if state is not None and state.exists():
@@ -226,7 +225,9 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=200)
     parser.add_argument("--envs", type=int, default=8)
     parser.add_argument("--config", help="algorithm config as JSON")
-    parser.add_argument("--describe", type=int, default=1, help="FrozenLakeAgent(describe=...): 1 or 0")
+    parser.add_argument("--describe", type=int, default=1,
+                        help="the agent's describe=...: 1 (each candidate move says what it leads to) or 0 (bare "
+                             "move names)")
     parser.add_argument("--checkpoint", metavar="DIR", help="save each run's training state to DIR after every "
                         "evaluation and resume from it (a budget spread over several sittings)")
     parser.add_argument("--train-minutes", type=float, default=0, help="end this sitting after so many minutes")

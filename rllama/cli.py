@@ -106,13 +106,26 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seeds the agent, the algorithm and the env resets (default 0)")
     p.add_argument("--num-envs", type=int, dest="num_envs", help="environments in the vector env (default 16)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="default auto")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    p.add_argument("--threads", type=_threads, help="torch threads: 'auto' (default: half the usable cores, at "
+                   "least 1; one was fastest on 2 cores), a number, or 0 (torch's default, one per core)")
     p.add_argument("--output-dir", dest="output_dir", help="folder of run folders (default runs/)")
     p.add_argument("--name", help="run folder name (default <agent>-<algorithm>-seed<seed>)")
     p.add_argument("--loggers", nargs="+", choices=list(LOGGERS), help="default: console jsonl")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any config field, dotted keys allowed: --set algorithm_config.learning_rate=1e-4")
     p.add_argument("--quiet", action="store_true", help="no progress bars or console lines")
+
+
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'auto', a number of threads, or 0 (torch's default)")
+    return value
 
 
 def _algorithms() -> str:
@@ -139,7 +152,7 @@ def cmd_train(args) -> dict:
 
 def cmd_eval(args) -> dict:
     from rllama.experiment import RunConfig, make_agent, make_env
-    from rllama.experiment.config import check_code
+    from rllama.experiment.config import check_code, resolve_threads
     from rllama.fileio import recover_dir
 
     path = Path(args.run)
@@ -154,6 +167,11 @@ def cmd_eval(args) -> dict:
         raise RLlamaError(f"no trained policy at {checkpoint}/policy (has the run finished? evaluate a "
                           f"checkpoint: rllama eval {run_dir}/checkpoints/segment-...)")
     check_code(config, args.allow_code, str(run_dir / "config.yaml"))
+    threads = resolve_threads(args.threads if args.threads is not None else config.threads)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     agent = make_agent(config, args.allow_code)
     agent.load(checkpoint / "policy")
     envs = make_env(config, args.allow_code)
@@ -208,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="env seed of the evaluation episodes: the same seed, the same deals (default 10000)")
     p.add_argument("--num-envs", type=int, dest="num_envs", help="environments side by side (default: the run's)")
     p.add_argument("--sample", action="store_true", help="sample actions instead of greedy")
+    p.add_argument("--threads", type=_threads, help="torch threads (default: the run's setting, normally 'auto')")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_allow_code(p)
     p.set_defaults(func=cmd_eval)

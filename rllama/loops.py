@@ -51,14 +51,20 @@ def run_episodes(
     group_size = int(getattr(agent.algorithm, "group_size", 1)) if agent.recording else 1
     try:
         if group_size > 1:
-            return _run_grouped(agent, env, n_episodes, group_size, seed, bar, on_update)
-        if is_vector:
-            return _run_vector(agent, env, n_episodes, seed, bar, on_update)
-        return _run_single(agent, env, n_episodes, seed, bar, on_update, reseed_each_episode)
+            returns = _run_grouped(agent, env, n_episodes, group_size, seed, bar, on_update)
+        elif is_vector:
+            returns = _run_vector(agent, env, n_episodes, seed, bar, on_update)
+        else:
+            returns = _run_single(agent, env, n_episodes, seed, bar, on_update, reseed_each_episode)
     finally:
         agent.action_space = previous_space
         if bar is not None:
             bar.close()
+    if bar is not None:
+        import sys
+
+        bar.write(summary_line(bar, returns), file=sys.stderr)  # beside the bars, off stdout
+    return returns
 
 
 class ReturnStats(dict):
@@ -98,7 +104,7 @@ def _run_single(agent, env, n_episodes, seed, bar, on_update, reseed_each_episod
         cut = bool(truncated and not terminated)
         stats = agent.terminate_episode(truncated=cut, final_observation=obs if cut else None)
         returns.append(total)
-        _tick(bar, returns)
+        _tick(bar, returns, stats)
         if stats and on_update is not None and on_update(stats) is False:
             break
     return returns
@@ -145,7 +151,7 @@ def _run_vector(agent, env, n_episodes, seed, bar, on_update) -> list[float]:
             finished[i] += 1
             returns.append(running[i])
             running[i] = 0.0
-            _tick(bar, returns)
+            _tick(bar, returns, stats)
         if stats and on_update is not None and on_update(stats) is False:
             stop = True
         done = np.logical_or(terminated, truncated)
@@ -206,7 +212,7 @@ def _run_grouped(agent, env, n_episodes, group_size, seed, bar, on_update) -> li
                                              final_observations=finals)
             for i in ended:
                 returns.append(running[i])
-                _tick(bar, returns)
+                _tick(bar, returns, stats)
             playing = [i for i in playing if i not in ended]
             if stats and on_update is not None and on_update(stats) is False:
                 stop = True
@@ -266,10 +272,11 @@ def _progress(total: int, desc: str, enabled: bool, agent=None):
     return bar
 
 
-def _tick(bar, returns: list[float]) -> None:
+def _tick(bar, returns: list[float], stats: dict | None = None) -> None:
     """Advance the bar by one episode and show (docs/experiments.md, "Logging"): ``ret100``, the mean return
     of the last 100 episodes while training (``ret``, of every episode so far, while evaluating: the figure
-    ``evaluate`` returns), ``ep/s``, and while training ``steps/s`` (env steps) and ``upd`` (updates)."""
+    ``evaluate`` returns), ``ep/s``, and while training ``steps/s`` (env steps), ``upd`` (updates) and the
+    exploration in force: ``eps`` (DQN's epsilon) or ``ent`` (the policy's entropy at the last update)."""
     if bar is None:
         return
     import time
@@ -285,4 +292,35 @@ def _tick(bar, returns: list[float]) -> None:
     if training:
         postfix["steps/s"] = f"{(agent.total_steps - steps0) / elapsed:.1f}"
         postfix["upd"] = str(agent.algorithm.num_updates)
+        if stats and "policy/entropy" in stats:
+            bar.rllama_entropy = float(stats["policy/entropy"])
+        epsilon = getattr(agent.algorithm, "epsilon", None)
+        if isinstance(epsilon, float):
+            postfix["eps"] = f"{epsilon:.3f}"
+        elif getattr(bar, "rllama_entropy", None) is not None:
+            postfix["ent"] = f"{bar.rllama_entropy:.3f}"
     bar.set_postfix(postfix, refresh=False)
+
+
+def summary_line(bar, returns: list[float]) -> str:
+    """One line closing a phase: what ran, how long it took and what it returned (training: the mean of
+    the last 100 episodes; evaluating: of all of them)."""
+    import time
+
+    start, steps0, agent = getattr(bar, "rllama_start", (time.perf_counter(), 0, None))
+    elapsed = time.perf_counter() - start
+    training = agent is not None and agent.recording
+    phase = bar.desc or ("train" if training else "episodes")
+    if not returns:
+        return f"{phase}: no episode finished ({_duration(elapsed)})"
+    recent = returns[-100:] if training else returns
+    which = f"last {len(recent)}" if len(recent) < len(returns) else f"{len(recent)}"
+    line = (f"{phase}: {len(returns)} episodes in {_duration(elapsed)} ({len(returns) / max(elapsed, 1e-9):.2f} "
+            f"ep/s); mean return {sum(recent) / len(recent):+.3f} over the {which}")
+    if training:
+        line += f"; {agent.total_steps - steps0} env steps, {agent.algorithm.num_updates} updates in all"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 90 else f"{seconds / 60:.1f} min"

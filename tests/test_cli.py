@@ -48,6 +48,26 @@ def test_evaluation_sizes_are_flags_and_their_cost_is_said_up_front():
     assert "no evaluation" in RunConfig(eval_episodes=0).plan()
 
 
+def test_threads_default_to_half_the_cores_and_are_checked(monkeypatch, capsys):
+    import os
+
+    from rllama.cli import _config_from_args
+    from rllama.experiment.config import ConfigError, auto_threads, resolve_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert auto_threads() == 1 and resolve_threads("auto") == 1 and "1 torch thread;" in RunConfig().plan()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert resolve_threads("auto") == 8 and resolve_threads(3) == 3
+    assert resolve_threads(0) is None and resolve_threads(None) is None
+    assert "torch's default threads" in RunConfig(threads=0).plan()
+    assert _config_from_args(build_parser().parse_args(["train", "--threads", "2"])).threads == 2
+    assert _config_from_args(build_parser().parse_args(["train", "--threads", "0"])).threads == 0
+    assert "expected 'auto', a number of threads, or 0" in error_of(capsys, "train", "--threads", "many")
+    for bad in (-1, "all", True, 1.5):
+        with pytest.raises(ConfigError, match="threads="):
+            RunConfig(threads=bad)
+
+
 def test_an_evaluation_prints_as_one_line_and_keeps_its_returns():
     from rllama.loops import return_stats
 
@@ -66,6 +86,13 @@ def test_progress_bars_label_their_fields(make_agent, capsys):
     err = capsys.readouterr().err
     assert agent.algorithm.num_updates == 2
     assert "ret100=" in err and "ep/s=" in err and "steps/s=" in err and "upd=2" in err and "4/4 ep" in err
-    agent.evaluate(ChoiceEnv(), 3, seed=0, progress=True)
+    assert "ent=" in err  # the policy's entropy at the last update
+    summary = [line for line in err.splitlines() if line.startswith("train: 4 episodes in ")]
+    assert len(summary) == 1 and "mean return" in summary[0] and "4 env steps, 2 updates in all" in summary[0], err
+    dqn = make_agent(algorithm="dqn", algorithm_config={"batch_episodes": 2, "learning_starts": 2})
+    run_episodes(dqn, ChoiceEnv(), 2, seed=0, progress=True, desc="train")
+    assert f"eps={dqn.algorithm.epsilon:.3f}" in capsys.readouterr().err
+    result = agent.evaluate(ChoiceEnv(), 3, seed=0, progress=True)
     err = capsys.readouterr().err
     assert "ret=" in err and "ret100" not in err and "upd" not in err and "s/ep" not in err
+    assert "eval: 3 episodes in" in err and f"mean return {result['mean_return']:+.3f} over the 3" in err

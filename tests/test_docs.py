@@ -254,3 +254,18 @@ def test_included_markdown_rebases_links(tmp_path):
     assert out == ("\n![curve](benchmarks/results/a.png)\n"
                    "See the script (`benchmarks/memory.py`), [memory](memory.md#x)"
                    " and [Gymnasium](https://gymnasium.farama.org).\n\n```bash\n[not](a link)\n```\n")
+
+
+def test_the_quick_start_file_is_the_readme_quick_start():
+    """examples/quickstart.py, whose time and memory the README states, runs the README's agent and loop."""
+    readme = (ROOT / "README.md").read_text()
+    example = (ROOT / "examples" / "quickstart.py").read_text()
+    assert readme[readme.index("class BlackjackAgent(RLlamaAgent):"):readme.index("\n\n\nagent = ")] in example
+
+    def code_lines(text: str) -> str:  # indentation and comments aside
+        lines = (line.strip() for line in text.splitlines())
+        return "\n".join(line for line in lines if line and not line.startswith("#"))
+
+    start, end = readme.index("    done, total = False, 0.0"), readme.index('f"{agent.algorithm.num_updates} updates")')
+    loop = readme[start:end]
+    assert code_lines(loop) in code_lines(example)

@@ -89,19 +89,26 @@ def test_bad_input_gets_clear_errors():
 
 def test_the_agent_reads_the_grid_and_plays_an_episode(make_agent):
     agent = make_agent(cls=FrozenLakeAgent)
-    assert agent.get_valid_actions("P___") == list(ACTIONS) and not agent.keep_history
+    assert [m.split(":")[0] for m in agent.get_valid_actions("P___\n___G")] == list(ACTIONS) and not agent.keep_history
+    assert make_agent(cls=FrozenLakeAgent, describe=False).get_valid_actions("P___\n___G") == list(ACTIONS)
     assert [agent.extract_action(a) for a in ACTIONS] == [0, 1, 2, 3] and agent.extract_action(" Up.") == 3
+    assert [agent.extract_action(m) for m in agent.get_valid_actions("P___\n___G")] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="no move"):
         agent.extract_action("jump")
     returns = run_episodes(agent, gym.make("rllama/FrozenLake-v0", maps=[2], max_steps=5), 2, seed=0)
     assert len(returns) == 2 and all(r in (0.0, 1.0) for r in returns)
-    assert "P" in agent.last_prompt and "Your move?" in agent.last_prompt and "Moves lead to" in agent.last_prompt
+    assert "P" in agent.last_prompt and "Your move?" in agent.last_prompt
 
 
-def test_the_description_says_where_each_move_leads():
-    from rllama.agents.frozenlake import describe
+def test_each_described_move_says_where_it_aims_and_may_slide():
+    from rllama.agents.frozenlake import describe_moves
 
-    assert describe("P___\nO___\n____\n___G") == ("Moves lead to left: the edge, down: a hole, right: ice, up: the "
-                                                   "edge. The goal is 3 down and 3 right of you.")
-    assert describe("____\n__PG\n____\n_O__").startswith("Moves lead to left: ice, down: ice, right: the goal")
-    assert describe("____\n____\n____\n___√").endswith("The goal is 0 down and 0 right of you.")
+    assert describe_moves("P___\nO___\n____\n___G") == [
+        "left: the edge; may slide onto the edge or a hole",
+        "down: a hole; may slide onto the edge or ice",
+        "right: ice, closer to the goal; may slide onto a hole or the edge",
+        "up: the edge; may slide onto ice or the edge",
+    ]
+    assert describe_moves("____\n__PG\n____\n_O__")[2] == "right: the goal; may slide onto ice or ice"
+    assert describe_moves("____\n_P__\n____\n___G")[0] == "left: ice, farther from the goal; may slide onto ice or ice"
+    assert describe_moves("____\n____\n____\n____") == list(ACTIONS)  # no player or goal drawn: bare names

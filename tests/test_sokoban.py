@@ -159,13 +159,35 @@ def test_agent_hooks_on_a_rendered_observation(make_agent):
     obs = generate_level(0).render()
     assert agent.keep_history is False and agent.scores_actions()
     assert agent.hooks.observation_text(obs) == obs + "\nYour move?"
-    assert agent.hooks.valid_actions(obs) == ["up", "down", "left", "right"]
+    assert [m.split(":")[0] for m in agent.hooks.valid_actions(obs)] == ["up", "down", "left", "right"]
+    assert make_agent(cls=SokobanAgent, describe=False).hooks.valid_actions(obs) == ["up", "down", "left", "right"]
+    assert [agent.extract_action(m) for m in agent.hooks.valid_actions(obs)] == [0, 1, 2, 3]
     prompt = agent.hooks.system_prompt()
     assert all(symbol in prompt for symbol in "PXO#_S√")
     for reply, action in [("up", 0), (" Down\n", 1), ("LEFT.", 2), ("I go right", 3), ("<answer>Up</answer>", 0)]:
         assert agent.extract_action(reply) == action
     with pytest.raises(ValueError, match="no move"):
         agent.extract_action("jump")
+
+
+def test_each_described_move_says_what_it_does():
+    from rllama.agents.sokoban import describe_moves
+
+    level = Level.parse("""
+        # # # # # #
+        # _ _ _ _ #
+        # _ X P _ #
+        # _ _ # _ #
+        # O _ _ _ #
+        # # # # # #""")
+    assert describe_moves(level.render()) == ["up: walk farther from the box", "down: blocked by a wall",
+                                              "left: push the box closer to the target",
+                                              "right: walk farther from the box"]
+    assert describe_moves(level.render(box=(2, 1), player=(2, 2)))[2] == "left: the box cannot move"
+    assert describe_moves(level.render(box=(3, 1), player=(2, 1)))[1] == "down: push the box onto the target"
+    assert describe_moves(level.render(box=(1, 2), player=(1, 3)))[2] == "left: push the box into a corner"
+    assert describe_moves(level.render(box=(2, 2), player=(2, 4)))[2] == "left: walk closer to the box"
+    assert describe_moves("# # #\n# P #\n# # #") == ["up", "down", "left", "right"]  # not a board: bare names
 
 
 def test_tiny_agent_plays_an_episode(make_agent):

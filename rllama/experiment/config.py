@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -69,7 +70,10 @@ class RunConfig:
         wandb: ``wandb.init`` keyword arguments (``project``, ``group``, ``mode``, ``tags``, ...).
         mlflow: :class:`~rllama.experiment.loggers.MLflowLogger` arguments (``tracking_uri``,
             ``experiment``, ``run_name``, ``tags``); by default a local ``mlruns/`` folder.
-        threads: torch threads (``None``: torch's default).
+        threads: torch threads: ``"auto"`` (default) half the cores this process may use, at least one
+            (:func:`auto_threads`; on 2 cores one thread was as fast as two alone and 3× faster beside
+            another busy process, ``benchmarks/README.md``), a number, or ``0`` (or ``None``) for torch's
+            default (one per core).
         progress: show progress bars.
     """
 
@@ -96,7 +100,7 @@ class RunConfig:
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])
     wandb: dict[str, Any] = field(default_factory=lambda: {"project": "rllama"})
     mlflow: dict[str, Any] = field(default_factory=dict)
-    threads: int | None = None
+    threads: int | str | None = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -121,6 +125,10 @@ class RunConfig:
                                   f"{self.segment_episodes}")
         if self.eval_episodes < 0:
             raise ConfigError(f"eval_episodes={self.eval_episodes}: expected >= 0")
+        if not (self.threads is None or self.threads == "auto"
+                or (isinstance(self.threads, int) and not isinstance(self.threads, bool) and self.threads >= 0)):
+            raise ConfigError(f"threads={self.threads!r}: expected 'auto', a number of threads, or 0 (torch's "
+                              "default)")
         unknown = set(self.loggers) - set(LOGGERS)
         if unknown:
             raise ConfigError(f"loggers {sorted(unknown)} unknown; choose from {', '.join(LOGGERS)}")
@@ -170,8 +178,11 @@ class RunConfig:
         evaluation = (f"{evals} greedy evaluations of {self.eval_episodes} episodes ({when}: "
                       f"{evals * self.eval_episodes} episodes)" if evals else "no evaluation")
         plural = "s" if segments > 1 else ""
+        threads = resolve_threads(self.threads)
+        threads = f"{threads} torch thread{'s' if threads != 1 else ''}" if threads else "torch's default threads"
         return (f"{self.episodes} training episodes ({self.agent}, {self.algorithm}, {self.num_envs} envs) in "
-                f"{segments} segment{plural} of {self.segment_episodes}; {evaluation}; run folder {self.run_dir}")
+                f"{segments} segment{plural} of {self.segment_episodes}; {evaluation}; {threads}; run folder "
+                f"{self.run_dir}")
 
     # ------------------------------------------------------------------ reading and writing
     @classmethod
@@ -318,3 +329,19 @@ def _check_defines_class(path: Path, name: str, spec: str) -> None:
         raise ConfigError(f"agent={spec!r}: {path} is not valid Python ({exc})") from None
     if not any(isinstance(node, ast.ClassDef) and node.name == name for node in tree.body):
         raise ConfigError(f"agent={spec!r}: {path} defines no class {name!r} at its top level")
+
+
+def auto_threads() -> int:
+    """Torch threads for ``threads="auto"``: half the cores this process may use, at least one. On
+    small CPUs one thread per model process is as fast as more and does not stall beside another busy
+    process (``benchmarks/README.md``, "Torch threads on 2 cores")."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
+def resolve_threads(value: int | str | None) -> int | None:
+    """The thread count a ``threads`` setting asks for (``None``: leave torch's default alone)."""
+    return auto_threads() if value == "auto" else value or None
