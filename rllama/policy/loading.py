@@ -8,6 +8,7 @@ about a second.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -72,8 +73,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.warning("Converting %s to %s (once; later loads are fast)", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF loader marks the model as quantised although its weights are dense float32 after
     # dequantisation; clear the mark so save_pretrained accepts it.
     model.hf_quantizer = None
@@ -122,6 +124,21 @@ def resolve_model_path(model: str | os.PathLike | None) -> str:
     return text
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Without transformers' "Loading weights" bar, which every start of a small model would show; the
+    setting is put back as it was."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
     """Load a causal LM and its tokenizer.
 
@@ -139,8 +156,9 @@ def load_model(model: str | os.PathLike | None = None, dtype: torch.dtype = torc
 
     source = resolve_model_path(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as exc:
         raise ModelNotFoundError(
             f"Could not load model {str(model)!r}: {exc}. Pass an existing local folder, or a hub id on a "
