@@ -48,6 +48,7 @@ def main() -> None:
 
     from examples.blackjack import BlackjackAgent
 
+    torch.set_num_threads(1)  # one thread was fastest on 2 cores (README, "Set-up")
     agent = BlackjackAgent(algorithm="top_half_pg", algorithm_config={"policy_head": 0}, seed=0)  # the adapter trains
     envs = gym.make_vec("Blackjack-v1", num_envs=8, vectorization_mode="sync", sab=True)
     history = agent.train(envs, 64)

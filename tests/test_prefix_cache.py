@@ -115,6 +115,36 @@ def test_remembered_scores_follow_the_adapter_and_the_temperature(tokenizer):
     assert cached.prefix_cache_stats()["memo_continuations"] == 0
 
 
+def test_a_batch_seen_before_is_served_from_the_memo_without_a_forward(tokenizer):
+    """A frozen adapter's outputs for (prompt, candidate) pairs seen before, features included (what heads
+    read), come from the memo: equal to a fresh forward, and the prefix cache is not even consulted."""
+    cached, plain = make_pair(tokenizer)
+    with torch.no_grad():  # heads that read the features (they start at zero)
+        for (_, a), (_, b) in zip(cached.heads.named_parameters(), plain.heads.named_parameters()):
+            a.normal_(0, 0.1)
+            b.copy_(a)
+    prompts = episode_prompts()[:4]
+    cands = [candidates(i) for i in range(4)]
+    with torch.no_grad():
+        cached.candidate_outputs(prompts, cands, q_heads=("value",))
+        looked_up = cached.prefix_cache_stats()["top"]  # the frozen adapter's states, per token
+        order = [3, 1, 0, 2]  # another batch of the same pairs
+        a = cached.candidate_outputs([prompts[i] for i in order], [cands[i] for i in order], q_heads=("value",))
+        b = plain.candidate_outputs([prompts[i] for i in order], [cands[i] for i in order], q_heads=("value",))
+    assert cached.prefix_cache_stats()["top"] == looked_up  # not even looked up: no forward ran
+    for x, y in zip(a.logprobs, b.logprobs):
+        torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+    torch.testing.assert_close(a.values, b.values, atol=ATOL, rtol=0)  # from the prompts' features
+    assert a.values.abs().sum() > 0
+    for x, y in zip(a.q["value"], b.q["value"]):  # from the candidates' features
+        torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+    with torch.no_grad():  # one pair never seen: the batch is computed, and still equal
+        c = cached.candidate_outputs([prompts[0]], [cands[0] + [[5, 6]]], q_heads=("value",))
+        d = plain.candidate_outputs([prompts[0]], [cands[0] + [[5, 6]]], q_heads=("value",))
+    torch.testing.assert_close(c.q["value"][0], d.q["value"][0], atol=ATOL, rtol=0)
+    assert cached.prefix_cache_stats()["top"]["hit_tokens"] > looked_up["hit_tokens"]
+
+
 def steps_of(prompts, cands, scored=True):
     rng = random.Random(0)
     out = []

@@ -20,8 +20,11 @@ from rllama.policy.prefix_cache import (
 )
 
 SCORE_MEMO_ENTRIES = 100_000
-"""Continuations whose token log-probabilities are remembered per adapter state (about 30 MB each; the
-policy's and the reference's, two at most)."""
+"""Continuations whose outputs (token log-probabilities and features) are remembered per adapter state
+(the policy's and the reference's, two at most; an untrained frozen adapter and the reference share one)."""
+SCORE_MEMO_BYTES = 256 * 2**20
+"""And at most about so many bytes of them per adapter state (the features are most of it: 76,000
+continuations of SmolLM2-135M, hidden size 576)."""
 
 
 def _cache_of(output):
@@ -251,12 +254,42 @@ class ForwardMixin:
             order_r += rows
         return _merge_continuations(parts, order_b, order_r, self.device)
 
+    def _memo_outputs(self, keys, continuations, owner, n_prompts: int, Lc: int, logprobs: bool):
+        """The :class:`Continuations` of a batch whose every row is in the memo (a frozen adapter's outputs
+        for a (prompt, continuation) seen before: its token log-probs, its features and its prompt's), with
+        no forward at all; ``None`` when some row or prompt is missing."""
+        found = [self._score_memo.get(key) for key in keys]
+        if any(f is None for f in found) or len(set(owner)) < n_prompts:
+            return None
+        for key in keys:
+            self._score_memo.move_to_end(key)
+        R = len(keys)
+        first = {}
+        for r, b in enumerate(owner):
+            first.setdefault(b, r)
+        prompt_hidden = torch.stack([found[first[b]][2] for b in range(n_prompts)])
+        action_hidden = torch.stack([f[1] for f in found])
+        cmask = torch.zeros((R, Lc), dtype=torch.long, device=self.device)
+        token_logprobs = torch.zeros((R, Lc), dtype=torch.float32, device=self.device)
+        for r, (c, f) in enumerate(zip(continuations, found)):
+            cmask[r, : len(c)] = 1
+            if logprobs:
+                token_logprobs[r, : len(c)] = f[0]
+        return Continuations(prompt_hidden, token_logprobs, cmask, None, action_hidden)
+
     def _continuation_logprobs(self, prompts, continuations, owner, entropy_rows, top_cached=False,
                                logprobs=True) -> Continuations:
         """:meth:`continuation_logprobs` of one batch of prompts (left-padded to the longest), or, with
         ``top_cached``, of hidden states from the prefix cache's top tree."""
         R, Lc = len(continuations), max(len(c) for c in continuations)
         owner_t = torch.as_tensor(list(owner), dtype=torch.long, device=self.device)
+        want_entropy = entropy_rows is not None and any(entropy_rows)
+        # From the top tree (a frozen adapter), rows seen before take their outputs from the memo.
+        keys = self._score_keys(prompts, continuations, owner) if top_cached and not want_entropy else None
+        if keys is not None:
+            known = self._memo_outputs(keys, continuations, owner, len(prompts), Lc, logprobs)
+            if known is not None:
+                return known
         if top_cached:
             prompt_hidden, hidden = self._hidden_from_top_tree(prompts, continuations, owner, Lc)
         else:
@@ -279,16 +312,13 @@ class ForwardMixin:
         token_logprobs = torch.zeros((R, Lc), dtype=torch.float32, device=self.device)
         if not logprobs:
             return Continuations(prompt_hidden, token_logprobs, cmask, None, action_hidden)
-        want_entropy = entropy_rows is not None and any(entropy_rows)
-        # From the top tree (a frozen adapter), rows seen before take their log-probs from the memo.
-        keys = self._score_keys(prompts, continuations, owner) if top_cached and not want_entropy else None
         todo = torch.ones(R, dtype=torch.bool)
         if keys is not None:
             for r, key in enumerate(keys):
                 known = self._score_memo.get(key)
                 if known is not None:
                     self._score_memo.move_to_end(key)
-                    token_logprobs[r, : len(known)] = known
+                    token_logprobs[r, : len(known[0])] = known[0]
                     todo[r] = False
         # Project only the real positions to the vocabulary: the lm head is a fifth of the model.
         rows, cols = (cmask * todo.to(cmask.device)[:, None]).nonzero(as_tuple=True)
@@ -297,9 +327,12 @@ class ForwardMixin:
         logp = F.log_softmax(logits.float() / self.temperature, dim=-1)
         token_logprobs = token_logprobs.index_put((rows, cols), logp.gather(-1, cont[rows, cols, None]).squeeze(-1))
         if keys is not None:
+            prompt_rows = {b: prompt_hidden[b].clone() for b in set(owner)}  # shared by the prompt's rows
             for r in todo.nonzero().flatten().tolist():
-                self._score_memo[keys[r]] = token_logprobs[r, : len(continuations[r])].clone()
-            while len(self._score_memo) > SCORE_MEMO_ENTRIES:
+                self._score_memo[keys[r]] = (token_logprobs[r, : len(continuations[r])].clone(),
+                                             action_hidden[r].clone(), prompt_rows[owner[r]])
+            entry_bytes = 2 * action_hidden.shape[-1] * action_hidden.element_size() + 4 * Lc + 200
+            while len(self._score_memo) > min(SCORE_MEMO_ENTRIES, SCORE_MEMO_BYTES // entry_bytes):
                 self._score_memo.popitem(last=False)
         entropy = None
         if want_entropy:
