@@ -72,22 +72,35 @@ def success(task: str, returns) -> float:
     return float(np.mean(np.asarray(returns) > threshold))
 
 
-def evaluate(agent, task: str, episodes: int) -> dict:
-    result = agent.evaluate(make_env(task, HELD_OUT), episodes, seed=EVAL_SEED)
+def evaluate(agent, task: str, episodes: int, envs: int) -> dict:
+    """Greedy success on the held-out maps/levels: ``envs`` sub-envs seeded ``EVAL_SEED + i`` once, each
+    playing its share of the episodes; a sub-env's resets draw the same maps/levels whatever the policy
+    does, so every policy meets the same ones (:func:`eval_slots`)."""
+    vec = make_vec(task, HELD_OUT, envs)
+    result = agent.evaluate(vec, episodes, seed=EVAL_SEED)
+    vec.close()
     return {"success": success(task, result["returns"]), "mean_return": result["mean_return"],
             "episodes": agent.total_episodes, "steps": agent.total_steps}
 
 
-def baselines(task: str, episodes: int) -> dict:
+def eval_slots(episodes: int, envs: int) -> list[tuple[int, bool]]:
+    """The evaluation's episodes as :func:`evaluate` plays them: per sub-env ``i`` (seeded ``EVAL_SEED + i``
+    at its first reset, then reset unseeded), its share of the episodes; ``(i, first)`` each."""
+    quota = [episodes // envs + (1 if i < episodes % envs else 0) for i in range(envs)]
+    return [(i, k == 0) for i in range(envs) for k in range(quota[i])]
+
+
+def baselines(task: str, episodes: int, envs: int) -> dict:
     """Random valid actions, a fixed rule on what the described candidates say, and the upper bound, on the
-    evaluation episodes (the same deals as the agents')."""
-    env = make_env(task, HELD_OUT)
+    evaluation episodes (the same maps/levels as the agents')."""
     rng = np.random.default_rng(0)
     results = {}
     for name in ("random", "rule"):
         returns, bounds = [], []
-        for k in range(episodes):
-            env.reset(seed=EVAL_SEED + k)
+        subs = [make_env(task, HELD_OUT) for _ in range(envs)]
+        for i, first in eval_slots(episodes, envs):
+            env = subs[i]
+            env.reset(seed=EVAL_SEED + i if first else None)
             core = env.unwrapped
             bounds.append(core.optimal_success() if task == "frozenlake" else 1.0)
             total, done = 0.0, False
@@ -168,7 +181,7 @@ def run(task: str, algorithm: str, seed: int, args) -> dict | None:
         curve, chunk, spent = saved["curve"], saved["chunk"], saved["wall_s"]
         print(f"{task} {algorithm} seed {seed}: resumed after {agent.total_episodes} episodes", flush=True)
     else:
-        curve, chunk, spent = [evaluate(agent, task, args.eval_episodes)], 0, 0.0
+        curve, chunk, spent = [evaluate(agent, task, args.eval_episodes, args.envs)], 0, 0.0
         print(f"{task} {algorithm} seed {seed}: untrained success {curve[0]['success']:.3f}", flush=True)
 
     def save_state() -> None:
@@ -184,7 +197,7 @@ def run(task: str, algorithm: str, seed: int, args) -> dict | None:
         agent.train(envs, min(args.eval_every, args.episodes - agent.total_episodes),
                     seed=seed * 1_000_003 + chunk * args.envs, progress=False)
         chunk += 1
-        curve.append(evaluate(agent, task, args.eval_episodes))
+        curve.append(evaluate(agent, task, args.eval_episodes, args.envs))
         print(f"{task} {algorithm} seed {seed}: {agent.total_episodes} episodes, held-out success "
               f"{curve[-1]['success']:.3f} ({spent + time.perf_counter() - t0:.0f} s)", flush=True)
         save_state()
@@ -204,7 +217,7 @@ def report(task: str, args) -> dict:
         raise SystemExit(f"no finished {task} runs in {args.parts}")
     for r in runs:
         r.setdefault("label", r["algorithm"])
-    floor = baselines(task, args.eval_episodes)
+    floor = baselines(task, args.eval_episodes, args.envs)
     table = {}
     for algorithm in sorted({r["label"] for r in runs}):
         mine = [r for r in runs if r["label"] == algorithm]
