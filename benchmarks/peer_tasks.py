@@ -286,7 +286,7 @@ def main() -> None:
     parser.add_argument("--task", choices=["frozenlake", "sokoban"], required=True)
     parser.add_argument("--algorithms", nargs="+", default=["dqn", "ppo", "grpo", "gigpo"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--episodes", type=int, default=2000, help="training episodes a run")
+    parser.add_argument("--episodes", type=int, default=1000, help="training episodes a run")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-episodes", type=int, default=200)
     parser.add_argument("--envs", type=int, default=8)

@@ -46,7 +46,7 @@ class TopHalfPolicyGradient(OnPolicyAlgorithm):
 def main() -> None:
     import gymnasium as gym
 
-    from examples.blackjack import BlackjackAgent
+    from rllama.agents import BlackjackAgent
 
     torch.set_num_threads(1)  # one thread was fastest on 2 cores (README, "Set-up")
     agent = BlackjackAgent(algorithm="top_half_pg", algorithm_config={"policy_head": 0}, seed=0)  # the adapter trains

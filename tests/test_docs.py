@@ -269,3 +269,21 @@ def test_the_quick_start_file_is_the_readme_quick_start():
     start, end = readme.index("    done, total = False, 0.0"), readme.index('f"{agent.algorithm.num_updates} updates")')
     loop = readme[start:end]
     assert code_lines(loop) in code_lines(example)
+
+
+def test_examples_run_as_scripts_from_the_repository_root():
+    """`python examples/x.py` puts examples/ on sys.path, not the root: an `examples.` import fails there
+    unless the script puts the root on sys.path first (as zoggian.py does)."""
+    import ast
+
+    for path in sorted((ROOT / "examples").glob("*.py")):
+        text = path.read_text()
+        tree = ast.parse(text)
+        imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+        from_examples = [node.lineno for node in imports
+                         if (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "examples")
+                         or (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "examples"
+                                                                  for a in node.names))]
+        if from_examples:
+            assert "sys.path.insert(0, str(Path(__file__).resolve().parents[1]))" in text, (
+                f"{path.name} imports from examples (line {from_examples[0]}) but fails as a script")
