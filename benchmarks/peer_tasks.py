@@ -9,7 +9,9 @@
 Each (task, algorithm, seed) run trains on training maps/levels (seeds 0-999) and is evaluated
 greedily on the same held-out ones (seeds 10000+, never trained on) before training and every
 ``--eval-every`` episodes. A finished run is kept in ``results/parts/peer_tasks/`` and skipped when the
-command is run again, so the benchmark resumes across sessions; ``--report`` (or the end of a run)
+command is run again, so the benchmark resumes across sessions (with ``--checkpoint``, a larger
+``--episodes`` extends a finished run; the table compares every run at the budget all of them
+reached); ``--report`` (or the end of a run)
 writes ``results/peer_tasks_<task>.json`` and ``.png`` from every finished run. Baselines: random
 valid actions, the untrained agent, and the upper bound (FrozenLake: the optimal success of each
 held-out map within the step limit, by value iteration; Sokoban: every generated level is solvable
@@ -162,8 +164,12 @@ def run(task: str, algorithm: str, seed: int, args) -> dict | None:
     label = algorithm + (f"-{args.variant}" if args.variant else "")
     path = args.parts / f"{task}-{label}-seed{seed}.json"
     if path.exists():
-        print(f"{path.name}: done before, kept")
-        return json.loads(path.read_text())
+        done = json.loads(path.read_text())
+        extend = args.checkpoint and done["curve"][-1]["episodes"] < args.episodes
+        if not extend:
+            print(f"{path.name}: done before, kept")
+            return done
+        print(f"{path.name}: done at {done['curve'][-1]['episodes']} episodes; extending to {args.episodes}")
     t0 = time.perf_counter()
     config = json.loads(args.config) if args.config else None
     settings = {"episodes": args.episodes, "eval_every": args.eval_every, "eval_episodes": args.eval_episodes,
@@ -175,7 +181,7 @@ def run(task: str, algorithm: str, seed: int, args) -> dict | None:
     state = Path(args.checkpoint) / f"{task}-{label}-seed{seed}" if args.checkpoint else None
     if state is not None and state.exists():
         saved = load_training_state(agent, state)
-        if saved["settings"] != settings:
+        if {**saved["settings"], "episodes": None} != {**settings, "episodes": None}:  # a budget may grow
             raise SystemExit(f"--checkpoint {state} was trained with {saved['settings']}, not {settings}: resume "
                              "with its settings or use another --checkpoint folder")
         curve, chunk, spent = saved["curve"], saved["chunk"], saved["wall_s"]
@@ -219,13 +225,21 @@ def report(task: str, args) -> dict:
         r.setdefault("label", r["algorithm"])
     floor = baselines(task, args.eval_episodes, args.envs)
     table = {}
+    budget = min(r["curve"][-1]["episodes"] for r in runs)  # every run has an evaluation there: equal episodes
+
+    def at(run: dict, episodes: int) -> float:
+        return next(c["success"] for c in run["curve"] if c["episodes"] == episodes)
+
     for algorithm in sorted({r["label"] for r in runs}):
         mine = [r for r in runs if r["label"] == algorithm]
-        trained = np.array([r["trained"] for r in mine])
-        table[algorithm] = {"seeds": [r["seed"] for r in mine], "episodes": mine[0]["curve"][-1]["episodes"],
+        trained = np.array([at(r, budget) for r in mine])
+        final = np.array([r["curve"][-1]["success"] for r in mine])
+        table[algorithm] = {"seeds": [r["seed"] for r in mine], "episodes": budget,
                             "untrained": float(np.mean([r["untrained"] for r in mine])),
                             "trained_mean": float(trained.mean()),
                             "trained_std": float(trained.std(ddof=1)) if len(trained) > 1 else 0.0,
+                            "final_episodes": [r["curve"][-1]["episodes"] for r in mine],
+                            "final_mean": float(final.mean()),
                             "wall_s_mean": float(np.mean([r["wall_s"] for r in mine]))}
     result = {"benchmark": "peer_tasks", "task": task, "held_out": [HELD_OUT.start, HELD_OUT.stop],
               "eval_episodes": args.eval_episodes, "baselines": floor, "table": table,
@@ -236,8 +250,9 @@ def report(task: str, args) -> dict:
     (out / f"peer_tasks_{task}.json").write_text(json.dumps(result, indent=1))
     plot(result, out / f"peer_tasks_{task}.png")
     for name, row in table.items():
-        print(f"{task} {name}: untrained {row['untrained']:.3f} -> trained {row['trained_mean']:.3f} "
-              f"± {row['trained_std']:.3f} over seeds {row['seeds']}")
+        print(f"{task} {name}: untrained {row['untrained']:.3f} -> {row['trained_mean']:.3f} "
+              f"± {row['trained_std']:.3f} after {budget} episodes over seeds {row['seeds']} (at the end, {row['final_episodes']} episodes: "
+              f"{row['final_mean']:.3f})")
     print(f"{task} random {floor['random']:.3f}, fixed rule on the described moves {floor['rule']:.3f}, upper bound "
           f"{floor['upper_bound']:.3f}, RAGEN 0.5B "
           f"{RAGEN[task]['low']:.2f}-{RAGEN[task]['high']:.2f} (theirs)")
@@ -257,7 +272,7 @@ def plot(result: dict, path: Path) -> None:
     untrained = [result["table"][n]["untrained"] for n in names]
     x = np.arange(len(names))
     bars.bar(x - 0.2, untrained, 0.4, color="#bbbbbb", label="untrained (ours, 135M)")
-    bars.bar(x + 0.2, trained, 0.4, yerr=errors, capsize=3, color="tab:blue", label="trained (ours, 135M, CPU)")
+    bars.bar(x + 0.2, trained, 0.4, yerr=errors, capsize=3, color="tab:blue", label=f"after {result['table'][names[0]]['episodes']} episodes (ours, 135M, CPU)")
     bars.axhline(result["baselines"]["random"], color="tab:red", ls=":", label="random valid actions")
     bars.axhline(result["baselines"]["rule"], color="tab:purple", ls="-.", label="fixed rule on the described moves")
     bars.axhline(result["baselines"]["upper_bound"], color="tab:green", ls="--", label="upper bound")

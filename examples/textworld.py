@@ -25,8 +25,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: this folder, first on sys.path, holds this file, which would
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadow the textworld package; the root replaces it
 
 from rllama.agents import TextWorldAgent
 from rllama.envs.textworld_games import GameFamily, make_games

@@ -272,9 +272,11 @@ def test_the_quick_start_file_is_the_readme_quick_start():
 
 
 def test_examples_run_as_scripts_from_the_repository_root():
-    """`python examples/x.py` puts examples/ on sys.path, not the root: an `examples.` import fails there
-    unless the script puts the root on sys.path first (as zoggian.py does)."""
+    """`python examples/x.py` puts examples/ first on sys.path, not the root: an `examples.` import fails there
+    unless the script puts the root on sys.path (as zoggian.py does), and a script named like a module it
+    uses (textworld.py) shadows it unless the root replaces its folder."""
     import ast
+    import importlib.util
 
     for path in sorted((ROOT / "examples").glob("*.py")):
         text = path.read_text()
@@ -284,6 +286,11 @@ def test_examples_run_as_scripts_from_the_repository_root():
                          if (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "examples")
                          or (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "examples"
                                                                   for a in node.names))]
+        root_on_path = ("sys.path.insert(0, str(Path(__file__).resolve().parents[1]))" in text
+                        or "sys.path[0] = str(Path(__file__).resolve().parents[1])" in text)
         if from_examples:
-            assert "sys.path.insert(0, str(Path(__file__).resolve().parents[1]))" in text, (
-                f"{path.name} imports from examples (line {from_examples[0]}) but fails as a script")
+            assert root_on_path, f"{path.name} imports from examples (line {from_examples[0]}) but fails as a script"
+        shadowed = importlib.util.find_spec(path.stem) if path.stem not in ("__init__",) else None
+        if shadowed is not None and shadowed.origin != str(path):  # e.g. textworld.py and the textworld package
+            assert "sys.path[0] = str(Path(__file__).resolve().parents[1])" in text, (
+                f"{path.name} shadows the {path.stem} module when run as a script (its folder is first on sys.path)")
