@@ -288,7 +288,9 @@ class AsyncTrainer:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=n_episodes, desc="train (async)", unit="ep", dynamic_ncols=True)
+            from rllama.loops import BAR_FORMAT
+
+            bar = tqdm(total=n_episodes, desc="train (async)", unit="ep", dynamic_ncols=True, bar_format=BAR_FORMAT)
         history: list[dict[str, float]] = []
         start = time.perf_counter()
         collector.publish(self.agent.policy, algorithm.num_updates)
@@ -319,14 +321,30 @@ class AsyncTrainer:
                     })
                     accepted_at_update = len(returns)
                     history.append(stats)
-                    if bar is not None:
-                        bar.set_postfix(ret=f"{stats['async/train_return']:+.3f}", dropped=self.stats.dropped,
+                    if bar is not None:  # the fields of the synchronous bars (docs/experiments.md, "Logging")
+                        recent = returns[-100:]
+                        bar.set_postfix({"ret100": f"{sum(recent) / max(1, len(recent)):+.3f}",
+                                         "ep/s": f"{len(returns) / max(elapsed, 1e-9):.2f}",
+                                         "steps/s": f"{stats['async/env_steps_per_s']:.1f}",
+                                         "upd": str(algorithm.num_updates), "dropped": str(self.stats.dropped)},
                                         refresh=False)
                     if wants_stop(hooks, stats):
                         break
         finally:
             if bar is not None:
                 bar.close()
+        if bar is not None and returns:
+            import sys
+
+            from rllama.loops import duration
+
+            elapsed = time.perf_counter() - start
+            recent = returns[-100:]
+            bar.write(f"train (async): {len(returns)} episodes in {duration(elapsed)} "
+                      f"({len(returns) / max(elapsed, 1e-9):.2f} ep/s); mean return {sum(recent) / len(recent):+.3f} "
+                      f"over the {'last ' if len(recent) < len(returns) else ''}{len(recent)}; "
+                      f"{self.stats.env_steps} env steps, {algorithm.num_updates} updates in all, "
+                      f"{self.stats.dropped} stale episodes dropped", file=sys.stderr)
         return history
 
     def _take(self, result: dict[str, Any], target: int, returns: list[float]) -> int:

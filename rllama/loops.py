@@ -258,6 +258,11 @@ def _batch_actions(env, actions: list):
     return concatenate(space, actions, create_empty_array(space, n=env.num_envs))
 
 
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} ep [{elapsed}<{remaining}{postfix}]"
+"""Progress bars' layout: tqdm's own rate flips between ep/s and s/ep, so the postfix carries rates in
+fixed units instead."""
+
+
 def _progress(total: int, desc: str, enabled: bool, agent=None):
     if not enabled:
         return None
@@ -265,9 +270,7 @@ def _progress(total: int, desc: str, enabled: bool, agent=None):
 
     from tqdm.auto import tqdm
 
-    # tqdm's own rate flips between ep/s and s/ep; the postfix carries a rate in fixed units instead
-    bar = tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} ep [{elapsed}<{remaining}{postfix}]")
+    bar = tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True, bar_format=BAR_FORMAT)
     bar.rllama_start = (time.perf_counter(), agent.total_steps if agent is not None else 0, agent)
     return bar
 
@@ -312,15 +315,16 @@ def summary_line(bar, returns: list[float]) -> str:
     training = agent is not None and agent.recording
     phase = bar.desc or ("train" if training else "episodes")
     if not returns:
-        return f"{phase}: no episode finished ({_duration(elapsed)})"
+        return f"{phase}: no episode finished ({duration(elapsed)})"
     recent = returns[-100:] if training else returns
     which = f"last {len(recent)}" if len(recent) < len(returns) else f"{len(recent)}"
-    line = (f"{phase}: {len(returns)} episodes in {_duration(elapsed)} ({len(returns) / max(elapsed, 1e-9):.2f} "
+    line = (f"{phase}: {len(returns)} episodes in {duration(elapsed)} ({len(returns) / max(elapsed, 1e-9):.2f} "
             f"ep/s); mean return {sum(recent) / len(recent):+.3f} over the {which}")
     if training:
         line += f"; {agent.total_steps - steps0} env steps, {agent.algorithm.num_updates} updates in all"
     return line
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """Seconds under 90 s, else minutes."""
     return f"{seconds:.1f} s" if seconds < 90 else f"{seconds / 60:.1f} min"

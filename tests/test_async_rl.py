@@ -71,14 +71,18 @@ def ray_cluster():
 
 
 @pytest.mark.timeout(300)
-def test_two_ray_workers_and_a_learner(ray_cluster):
+def test_two_ray_workers_and_a_learner(ray_cluster, capsys):
     from rllama.async_rl import AsyncTrainer
 
     trainer = AsyncTrainer(make_choice_agent, make_choice_env, num_workers=2, episodes_per_task=4, max_staleness=1)
     before = right_probability(trainer.agent, 3)
     with trainer:
         history = trainer.train(24, progress=False)
-        history += trainer.train(24, progress=False)  # continues with the tasks still in flight
+        capsys.readouterr()
+        history += trainer.train(24, progress=True)  # continues with the tasks still in flight
+    err = capsys.readouterr().err  # the synchronous bars' fields, and a closing line
+    assert "ret100=" in err and "steps/s=" in err and "upd=" in err and "dropped=" in err and "s/ep" not in err
+    assert "train (async): 24 episodes in " in err and "stale episodes dropped" in err
     assert trainer.stats.episodes == 48 and len(history) == 6 and not trainer.workers
     # every task was acted by weights the learner published, and later tasks by newer ones
     assert 0 in trainer.published and all(t["checksum"] == pytest.approx(trainer.published[t["version"]], rel=1e-9)
