@@ -2,6 +2,10 @@
 
     python examples/textworld.py                      # scoring mode: ranks the admissible commands
     python examples/textworld.py --generate           # free-text commands instead
+    python examples/textworld.py --episodes 16        # a quick look
+
+The 96 training episodes train the adapter on long prompts: expect the better part of an hour on 2
+CPU cores (an unfinished measurement, README "What the examples cost").
 
 Games come from a small family (3 rooms, 4 objects, quests of 2 commands) generated offline on the
 first run and cached (``rllama.envs.textworld_games``). The agent trains on one set of games and is
