@@ -251,8 +251,8 @@ def report(task: str, args) -> dict:
     plot(result, out / f"peer_tasks_{task}.png")
     for name, row in table.items():
         print(f"{task} {name}: untrained {row['untrained']:.3f} -> {row['trained_mean']:.3f} "
-              f"± {row['trained_std']:.3f} after {budget} episodes over seeds {row['seeds']} (at the end, {row['final_episodes']} episodes: "
-              f"{row['final_mean']:.3f})")
+              f"± {row['trained_std']:.3f} after {budget} episodes over seeds {row['seeds']} (at the end, "
+              f"{row['final_episodes']} episodes: {row['final_mean']:.3f})")
     print(f"{task} random {floor['random']:.3f}, fixed rule on the described moves {floor['rule']:.3f}, upper bound "
           f"{floor['upper_bound']:.3f}, RAGEN 0.5B "
           f"{RAGEN[task]['low']:.2f}-{RAGEN[task]['high']:.2f} (theirs)")
@@ -272,7 +272,9 @@ def plot(result: dict, path: Path) -> None:
     untrained = [result["table"][n]["untrained"] for n in names]
     x = np.arange(len(names))
     bars.bar(x - 0.2, untrained, 0.4, color="#bbbbbb", label="untrained (ours, 135M)")
-    bars.bar(x + 0.2, trained, 0.4, yerr=errors, capsize=3, color="tab:blue", label=f"after {result['table'][names[0]]['episodes']} episodes (ours, 135M, CPU)")
+    budget = result["table"][names[0]]["episodes"]
+    bars.bar(x + 0.2, trained, 0.4, yerr=errors, capsize=3, color="tab:blue",
+             label=f"after {budget} episodes (ours, 135M, CPU)")
     bars.axhline(result["baselines"]["random"], color="tab:red", ls=":", label="random valid actions")
     bars.axhline(result["baselines"]["rule"], color="tab:purple", ls="-.", label="fixed rule on the described moves")
     bars.axhline(result["baselines"]["upper_bound"], color="tab:green", ls="--", label="upper bound")
