@@ -336,15 +336,11 @@ class AsyncTrainer:
         if bar is not None and returns:
             import sys
 
-            from rllama.loops import duration
+            from rllama.loops import phase_summary
 
-            elapsed = time.perf_counter() - start
-            recent = returns[-100:]
-            bar.write(f"train (async): {len(returns)} episodes in {duration(elapsed)} "
-                      f"({len(returns) / max(elapsed, 1e-9):.2f} ep/s); mean return {sum(recent) / len(recent):+.3f} "
-                      f"over the {'last ' if len(recent) < len(returns) else ''}{len(recent)}; "
-                      f"{self.stats.env_steps} env steps, {algorithm.num_updates} updates in all, "
-                      f"{self.stats.dropped} stale episodes dropped", file=sys.stderr)
+            bar.write(phase_summary("train (async)", returns, time.perf_counter() - start, window=100,
+                                    extra=f"{self.stats.env_steps} env steps, {algorithm.num_updates} updates in "
+                                          f"all, {self.stats.dropped} stale episodes dropped"), file=sys.stderr)
         return history
 
     def _take(self, result: dict[str, Any], target: int, returns: list[float]) -> int:

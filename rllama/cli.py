@@ -152,7 +152,7 @@ def cmd_train(args) -> dict:
 
 def cmd_eval(args) -> dict:
     from rllama.experiment import RunConfig, make_agent, make_env
-    from rllama.experiment.config import check_code, resolve_threads
+    from rllama.experiment.config import apply_threads, check_code
     from rllama.fileio import recover_dir
 
     path = Path(args.run)
@@ -167,11 +167,7 @@ def cmd_eval(args) -> dict:
         raise RLlamaError(f"no trained policy at {checkpoint}/policy (has the run finished? evaluate a "
                           f"checkpoint: rllama eval {run_dir}/checkpoints/segment-...)")
     check_code(config, args.allow_code, str(run_dir / "config.yaml"))
-    threads = resolve_threads(args.threads if args.threads is not None else config.threads)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    apply_threads(args.threads if args.threads is not None else config.threads)
     agent = make_agent(config, args.allow_code)
     agent.load(checkpoint / "policy")
     envs = make_env(config, args.allow_code)

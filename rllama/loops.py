@@ -311,18 +311,23 @@ def summary_line(bar, returns: list[float]) -> str:
     import time
 
     start, steps0, agent = getattr(bar, "rllama_start", (time.perf_counter(), 0, None))
-    elapsed = time.perf_counter() - start
     training = agent is not None and agent.recording
-    phase = bar.desc or ("train" if training else "episodes")
+    extra = f"{agent.total_steps - steps0} env steps, {agent.algorithm.num_updates} updates in all" if training else ""
+    return phase_summary(bar.desc or ("train" if training else "episodes"), returns,
+                         time.perf_counter() - start, window=100 if training else None, extra=extra)
+
+
+def phase_summary(phase: str, returns: list[float], elapsed: float, window: int | None = None,
+                  extra: str = "") -> str:
+    """``"<phase>: N episodes in <time> (<rate> ep/s); mean return <m> over the [last] <k>[; <extra>]"``: the
+    mean over the last ``window`` returns (``None``: all of them)."""
     if not returns:
         return f"{phase}: no episode finished ({duration(elapsed)})"
-    recent = returns[-100:] if training else returns
+    recent = returns[-window:] if window else returns
     which = f"last {len(recent)}" if len(recent) < len(returns) else f"{len(recent)}"
     line = (f"{phase}: {len(returns)} episodes in {duration(elapsed)} ({len(returns) / max(elapsed, 1e-9):.2f} "
             f"ep/s); mean return {sum(recent) / len(recent):+.3f} over the {which}")
-    if training:
-        line += f"; {agent.total_steps - steps0} env steps, {agent.algorithm.num_updates} updates in all"
-    return line
+    return f"{line}; {extra}" if extra else line
 
 
 def duration(seconds: float) -> str:

@@ -345,3 +345,12 @@ def auto_threads() -> int:
 def resolve_threads(value: int | str | None) -> int | None:
     """The thread count a ``threads`` setting asks for (``None``: leave torch's default alone)."""
     return auto_threads() if value == "auto" else value or None
+
+
+def apply_threads(value: int | str | None) -> None:
+    """Set torch's threads as a ``threads`` setting asks (nothing for torch's default)."""
+    threads = resolve_threads(value)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)

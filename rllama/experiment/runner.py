@@ -31,7 +31,7 @@ import numpy as np
 
 from rllama.checkpoint import load_training_state, save_training_state
 from rllama.errors import CorruptFileError, RLlamaError
-from rllama.experiment.config import ConfigError, RunConfig, check_code, resolve_agent_class, resolve_threads
+from rllama.experiment.config import ConfigError, RunConfig, apply_threads, check_code, resolve_agent_class
 from rllama.experiment.loggers import Callback, make_loggers
 from rllama.fileio import atomic_write, read_json, recover_dir, writing_dir
 
@@ -125,12 +125,8 @@ class Experiment:
     # ------------------------------------------------------------------ entry points
     def run(self, resume_from: str | os.PathLike | None = None) -> dict[str, Any]:
         """Train (from scratch, or from the checkpoint ``resume_from``); returns a summary."""
-        import torch
-
         cfg = self.config
-        threads = resolve_threads(cfg.threads)
-        if threads:
-            torch.set_num_threads(threads)
+        apply_threads(cfg.threads)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None and (self.run_dir / "checkpoints" / LATEST).exists():
             raise RLlamaError(f"{self.run_dir} already holds a run; resume it (rllama train --resume {self.run_dir}) "
