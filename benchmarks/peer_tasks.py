@@ -172,11 +172,13 @@ def run(task: str, algorithm: str, seed: int, args) -> dict | None:
         print(f"{path.name}: done at {done['curve'][-1]['episodes']} episodes; extending to {args.episodes}")
     t0 = time.perf_counter()
     config = json.loads(args.config) if args.config else None
+    extra = json.loads(args.agent_args) if args.agent_args else {}
     settings = {"episodes": args.episodes, "eval_every": args.eval_every, "eval_episodes": args.eval_episodes,
                 "envs": args.envs, "config": config, "describe": args.describe, "model": args.model,
-                "precision": args.precision}
+                "precision": args.precision, **({"agent_args": extra} if extra else {})}
     agent = agent_class(task)(args.model, seed=seed, algorithm=algorithm, algorithm_config=config,
-                              precision=args.precision, describe=args.describe)
+                              precision=args.precision, describe=args.describe, **extra)
+    settings["score_normalization"] = agent.policy.score_normalization  # the agent's default may change
     envs = make_vec(task, TRAIN_MAPS, args.envs)
     state = Path(args.checkpoint) / f"{task}-{label}-seed{seed}" if args.checkpoint else None
     if state is not None and state.exists():
@@ -308,6 +310,7 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=200)
     parser.add_argument("--envs", type=int, default=8)
     parser.add_argument("--config", help="algorithm config as JSON")
+    parser.add_argument("--agent-args", help="more arguments of the agent, as JSON (e.g. '{\"temperature\": 2}')")
     parser.add_argument("--variant", default="", help="a name for runs with other settings (--config, --describe): "
                         "their parts and table rows read <algorithm>-<variant>")
     parser.add_argument("--parts", type=Path, default=PARTS, help="folder of finished runs (default: "

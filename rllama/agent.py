@@ -98,7 +98,9 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         precision: ``"auto"`` (bf16 autocast on GPUs that run it natively and on CPUs where it is
             measured faster, else fp32), ``"fp32"`` or ``"bf16"``.
         score_normalization: ``"mean"`` (the mean log-prob of a candidate's text tokens plus that of
-            its end-of-turn token) or ``"sum"`` (its log-likelihood).
+            its end-of-turn token), ``"sum"`` (its log-likelihood), or ``"none"`` (the model's
+            preference left out: the policy is the algorithm's head alone, uniform at first; for
+            candidates that describe each move in words, see :class:`~rllama.agents.SokobanAgent`).
         temperature: policy temperature (scoring and generation, acting and training).
         max_new_tokens: longest generated reply.
         max_prompt_tokens: longest prompt; older turns of the episode are dropped (oldest first,
@@ -169,6 +171,11 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         scoring = self.backend.provides_values and self.scores_actions()
         self.algorithm = make_algorithm(algorithm, self.policy, algorithm_config, seed=seed, scoring=scoring)
         check_can_serve(self.backend, self.algorithm, self.policy)
+        if scoring and not self.policy.uses_scores and not self.algorithm.learns_scored_choices():
+            raise ValueError(
+                f"score_normalization='none' leaves the choice among candidates to a head the algorithm trains, "
+                f"and {type(self.algorithm).__name__} with this config has none (the policy would stay uniform): "
+                f"give it a policy head (policy_head > 0, or train_adapter=False for SAC) or score with 'mean'")
         self.backend.bind(self.policy)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; expected at least 1")

@@ -21,6 +21,11 @@ class FrozenLakeAgent(RLlamaAgent):
     small model need not work out positions from the grid's characters. ``describe=False`` shows the
     grid alone and the bare move names, as RAGEN's prompt does.
 
+    With described moves the model's own scores are left out of the policy
+    (``score_normalization="none"`` unless given), as :class:`~rllama.agents.sokoban.SokobanAgent`
+    explains: the policy is the algorithm's head on the candidates' features, uniform before
+    training.
+
     Args:
         describe: name what each move leads to in its candidate text.
         **kwargs: :class:`~rllama.agent.RLlamaAgent`'s arguments.
@@ -30,6 +35,7 @@ class FrozenLakeAgent(RLlamaAgent):
 
     def __init__(self, *args, describe: bool = True, **kwargs) -> None:
         self.describe = bool(describe)
+        kwargs.setdefault("score_normalization", "none" if self.describe else "mean")
         super().__init__(*args, **kwargs)
 
     def get_system_prompt(self) -> str:

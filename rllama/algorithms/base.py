@@ -29,7 +29,7 @@ from rllama.algorithms.buffers import (
 )
 from rllama.distributed import current as current_data_parallel
 from rllama.errors import RLlamaError
-from rllama.policy.model import CandidateOutputs, PolicyModel
+from rllama.policy.model import POLICY_HEAD, CandidateOutputs, PolicyModel
 
 AUTO = "auto"
 """A config value decided when the algorithm is built for an agent (:meth:`AlgorithmConfig.resolved`)."""
@@ -164,6 +164,11 @@ class Algorithm(ABC):
     def add_episode(self, episode: Episode) -> None:
         """Receive a finished episode from the agent."""
         self.buffer.add(episode)
+
+    def learns_scored_choices(self) -> bool:
+        """Whether something this algorithm trains decides among scored candidates without the model's
+        own scores (a policy head, or Q heads that choose): what ``score_normalization="none"`` needs."""
+        return POLICY_HEAD in self.policy.heads
 
     def choose_actions(
         self, outputs: CandidateOutputs, greedy: bool, generator: torch.Generator, training: bool

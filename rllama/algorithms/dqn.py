@@ -78,6 +78,9 @@ class DQN(OffPolicyAlgorithm):
         frac = min(1.0, self.env_steps / cfg.exploration_steps)
         return cfg.exploration_initial_eps + frac * (cfg.exploration_final_eps - cfg.exploration_initial_eps)
 
+    def learns_scored_choices(self) -> bool:
+        return True  # the Q head chooses; the model's scores only break its ties
+
     def choose_actions(self, outputs: CandidateOutputs, greedy: bool, generator: torch.Generator,
                        training: bool) -> list[tuple[int, float]]:
         eps = 0.0 if greedy else self.epsilon

@@ -268,7 +268,7 @@ class ForwardMixin:
         """The :class:`Continuations` of a batch whose every row was ``found`` in the memo (a frozen adapter's
         outputs for a (prompt, continuation) seen before: its token log-probs, its features and its
         prompt's), with no forward at all; ``None`` when some row or prompt is missing."""
-        if any(f is None for f in found) or len(set(owner)) < n_prompts:
+        if any(f is None or (logprobs and f[0] is None) for f in found) or len(set(owner)) < n_prompts:
             return None
         R = len(found)
         first = {}
@@ -283,6 +283,19 @@ class ForwardMixin:
             if logprobs:
                 token_logprobs[r, : len(c)] = f[0]
         return Continuations(prompt_hidden, token_logprobs, cmask, None, action_hidden)
+
+    def _memo_store(self, keys, rows, token_logprobs, continuations, owner, prompt_hidden, action_hidden) -> None:
+        """Remember ``rows`` of a batch computed through the top tree: each one's token log-probs (``None``
+        when they were not computed), its features and its prompt's; the least recently used are forgotten
+        beyond the memo's bound."""
+        prompt_rows = {b: prompt_hidden[b].clone() for b in {owner[r] for r in rows}}  # shared by its rows
+        for r in rows:
+            logp = None if token_logprobs is None else token_logprobs[r, : len(continuations[r])].clone()
+            self._score_memo[keys[r]] = (logp, action_hidden[r].clone(), prompt_rows[owner[r]])
+        Lc = max(len(c) for c in continuations)
+        entry_bytes = 2 * action_hidden.shape[-1] * action_hidden.element_size() + 4 * Lc + 200
+        while len(self._score_memo) > min(SCORE_MEMO_ENTRIES, SCORE_MEMO_BYTES // entry_bytes):
+            self._score_memo.popitem(last=False)
 
     def _continuation_logprobs(self, prompts, continuations, owner, entropy_rows, top_cached=False,
                                logprobs=True) -> Continuations:
@@ -319,11 +332,14 @@ class ForwardMixin:
         action_hidden = hidden[torch.arange(R, device=self.device), last]
         token_logprobs = torch.zeros((R, Lc), dtype=torch.float32, device=self.device)
         if not logprobs:
+            if keys is not None:  # features only (score_normalization="none"): remembered without log-probs
+                self._memo_store(keys, [r for r in range(R) if found[r] is None], None, continuations, owner,
+                                 prompt_hidden, action_hidden)
             return Continuations(prompt_hidden, token_logprobs, cmask, None, action_hidden)
         todo = torch.ones(R, dtype=torch.bool)
         if found is not None:
             for r, known in enumerate(found):
-                if known is not None:
+                if known is not None and known[0] is not None:
                     token_logprobs[r, : len(known[0])] = known[0]
                     todo[r] = False
         # Project only the real positions to the vocabulary: the lm head is a fifth of the model.
@@ -333,14 +349,8 @@ class ForwardMixin:
         logp = F.log_softmax(logits.float() / self.temperature, dim=-1)
         token_logprobs = token_logprobs.index_put((rows, cols), logp.gather(-1, cont[rows, cols, None]).squeeze(-1))
         if keys is not None:
-            new = todo.nonzero().flatten().tolist()
-            prompt_rows = {b: prompt_hidden[b].clone() for b in {owner[r] for r in new}}  # shared by its rows
-            for r in new:
-                self._score_memo[keys[r]] = (token_logprobs[r, : len(continuations[r])].clone(),
-                                             action_hidden[r].clone(), prompt_rows[owner[r]])
-            entry_bytes = 2 * action_hidden.shape[-1] * action_hidden.element_size() + 4 * Lc + 200
-            while len(self._score_memo) > min(SCORE_MEMO_ENTRIES, SCORE_MEMO_BYTES // entry_bytes):
-                self._score_memo.popitem(last=False)
+            self._memo_store(keys, todo.nonzero().flatten().tolist(), token_logprobs, continuations, owner,
+                             prompt_hidden, action_hidden)
         entropy = None
         if want_entropy:
             want = torch.as_tensor(list(entropy_rows), dtype=torch.bool, device=self.device)[rows]

@@ -39,7 +39,14 @@ from rllama.policy.forward import SCORE_MEMO_ENTRIES, ForwardMixin
 from rllama.policy.generation import GenerationMixin
 from rllama.policy.heads import POLICY_HEAD, ValueHead, pca_whitening
 from rllama.policy.loading import load_model, model_identity
-from rllama.policy.outputs import CandidateOutputs, Continuations, GeneratedReply, StepEvaluation, candidate_score
+from rllama.policy.outputs import (
+    SCORE_NORMALIZATIONS,
+    CandidateOutputs,
+    Continuations,
+    GeneratedReply,
+    StepEvaluation,
+    candidate_score,
+)
 from rllama.policy.packing import PackingMixin
 from rllama.policy.persistence import ADAPTER_DIR, FORMAT_VERSION, HEADS_FILE, POLICY_FILE, PersistenceMixin
 from rllama.policy.prefix_cache import (
@@ -124,7 +131,12 @@ class PolicyModel(AdapterMixin, ForwardMixin, PackingMixin, ScoringMixin, Genera
         score_normalization: how a candidate's token log-probs become its score: ``"mean"``
             (default: the mean over its text tokens plus the log-prob of its last, end-of-turn
             token, so long candidates are not penalised for their length and a one-word action
-            keeps the model's full preference) or ``"sum"`` (the text's log-likelihood).
+            keeps the model's full preference), ``"sum"`` (the text's log-likelihood), or ``"none"``:
+            every candidate scores 0, so the policy is its policy head alone (uniform until the head
+            learns) and its reference policy is uniform. For candidate texts whose likelihood says
+            nothing about the action's worth (a sentence describing each move: the model prefers
+            some phrasings whatever the state), and it saves the projection onto the vocabulary.
+            Needs an algorithm with a head that chooses (a policy or Q head).
         temperature: the policy is ``softmax(logits / temperature)`` in generate mode and
             ``softmax(scores / temperature)`` in scoring mode, when acting and when training.
 
@@ -150,8 +162,9 @@ class PolicyModel(AdapterMixin, ForwardMixin, PackingMixin, ScoringMixin, Genera
 
         if precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision={precision!r}; expected 'auto', 'fp32' or 'bf16'")
-        if score_normalization not in ("mean", "sum"):
-            raise ValueError(f"score_normalization={score_normalization!r}; expected 'mean' or 'sum'")
+        if score_normalization not in SCORE_NORMALIZATIONS:
+            raise ValueError(f"score_normalization={score_normalization!r}; expected one of "
+                             f"{list(SCORE_NORMALIZATIONS)}")
         if not temperature > 0:
             raise ValueError(f"temperature={temperature!r}; expected a positive number")
         if prefix_cache not in ("auto", True, False):

@@ -9,11 +9,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+SCORE_NORMALIZATIONS = ("mean", "sum", "none")
+"""How a candidate's token log-probs become its score (``PolicyModel(score_normalization=...)``)."""
+
 
 def candidate_score(token_logprobs: Sequence[float], normalization: str) -> float:
     """A candidate's score from its tokens' log-probs (the last token being its end-of-turn token):
-    their sum, or (``"mean"``) the mean over the text tokens plus the last token's log-prob.
+    their sum, (``"mean"``) the mean over the text tokens plus the last token's log-prob, or
+    (``"none"``) 0, the model's preference left out.
     :meth:`PolicyModel._candidate_scores` computes the same on tensors."""
+    if normalization == "none":
+        return 0.0
     lps = [float(x) for x in token_logprobs]
     if normalization == "sum" or len(lps) < 2:
         return sum(lps)

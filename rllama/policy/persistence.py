@@ -18,6 +18,7 @@ import torch
 
 from rllama.errors import CorruptFileError, ModelNotFoundError, RLlamaError
 from rllama.fileio import read_json, read_tensors, recover_dir, verify_dir, writing_dir
+from rllama.policy.outputs import SCORE_NORMALIZATIONS
 
 POLICY_FILE = "policy.json"
 
@@ -31,7 +32,6 @@ ADAPTER_DIR = "adapter"
 FORMAT_VERSION = 1
 
 
-SCORE_NORMALIZATIONS = ("mean", "sum")
 
 
 class PersistenceMixin:

@@ -29,12 +29,20 @@ class ScoringMixin:
     and values, features, the evaluation of recorded steps under the current weights, and the reference
     policy's distributions."""
 
+    @property
+    def uses_scores(self) -> bool:
+        """Whether candidates' logits include the model's own scores (``score_normalization`` is not
+        ``"none"``); without them a candidate's log-probs are not computed at all."""
+        return self.score_normalization != "none"
+
     def values(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Value estimates ``[B]`` of the prompts."""
         hidden, _, _, _ = self._forward_prompts(prompts, use_cache=False)
         return self.heads["value"](hidden).squeeze(-1)
 
     def _candidate_scores(self, enc: Continuations) -> torch.Tensor:
+        if self.score_normalization == "none":
+            return enc.mask.new_zeros(enc.mask.shape[0], dtype=torch.float32)
         summed = enc.token_logprobs.sum(-1)  # [R]
         if self.score_normalization == "sum":
             return summed
@@ -87,7 +95,7 @@ class ScoringMixin:
         flat = [c for cands in candidates for c in cands]
         owner = [b for b, cands in enumerate(candidates) for _ in cands]
         with torch.no_grad() if frozen_body else contextlib.nullcontext():
-            enc = self.continuation_logprobs(prompts, flat, owner, logprobs=scores)
+            enc = self.continuation_logprobs(prompts, flat, owner, logprobs=scores and self.uses_scores)
         sizes = [len(c) for c in candidates]
         scores = self._policy_scores(enc)  # [R]
         values = self.heads["value"](enc.prompt_hidden).squeeze(-1)
@@ -128,7 +136,8 @@ class ScoringMixin:
             owner.extend([i] * len(rows))
             ent_rows.extend([with_entropy and not s.is_scored] * len(rows))
         with torch.no_grad() if frozen_body else contextlib.nullcontext():
-            enc = self.continuation_logprobs(prompts, conts, owner, entropy_rows=ent_rows)
+            enc = self.continuation_logprobs(prompts, conts, owner, entropy_rows=ent_rows,
+                                             logprobs=self.uses_scores or not all(s.is_scored for s in steps))
         scores = self._policy_scores(enc)  # [R], meaningful for scored rows
         dists, entropies, indices = [], [], []
         for s, (start, n) in zip(steps, spans):
