@@ -171,11 +171,12 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         scoring = self.backend.provides_values and self.scores_actions()
         self.algorithm = make_algorithm(algorithm, self.policy, algorithm_config, seed=seed, scoring=scoring)
         check_can_serve(self.backend, self.algorithm, self.policy)
-        if scoring and not self.policy.uses_scores and not self.algorithm.learns_scored_choices():
+        if self.scores_actions() and not self.policy.uses_scores and not self.algorithm.learns_scored_choices():
             raise ValueError(
                 f"score_normalization='none' leaves the choice among candidates to a head the algorithm trains, "
                 f"and {type(self.algorithm).__name__} with this config has none (the policy would stay uniform): "
-                f"give it a policy head (policy_head > 0, or train_adapter=False for SAC) or score with 'mean'")
+                f"give it a policy head (policy_head > 0, or train_adapter=False for SAC; a backend without the "
+                f"learner's heads serves none) or score with 'mean'")
         self.backend.bind(self.policy)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; expected at least 1")

@@ -74,7 +74,7 @@ def test_ppo_without_model_scores_learns_the_rewarded_action_with_no_reference_p
     original = agent.algorithm.reference_distributions
     agent.algorithm.reference_distributions = lambda steps: calls.append(len(steps)) or original(steps)
     stats = agent.train(ChoiceEnv(), 48, seed=0, progress=False)
-    assert stats and "policy/kl_ref" not in stats and not calls  # kl_coef has nothing to pull toward
+    assert stats and not calls and all("policy/kl_ref" not in s for s in stats)  # nothing to pull toward
     assert right_probability(agent, 3) > 0.7
 
 
@@ -95,3 +95,16 @@ def test_described_moves_leave_the_model_scores_out_unless_asked(make_agent):
         assert make_agent(cls=cls).policy.score_normalization == "none"
         assert make_agent(cls=cls, describe=False).policy.score_normalization == "mean"
         assert make_agent(cls=cls, score_normalization="sum").policy.score_normalization == "sum"
+
+
+def test_an_agent_acting_through_a_server_keeps_the_model_scores(make_agent):
+    """A server backend serves no heads, so a described-move agent on one scores with the model; asking
+    for "none" there is refused rather than leaving a uniform policy that never learns."""
+    from rllama.agents.sokoban import SokobanAgent
+    from rllama.backends import OpenAIBackend
+
+    agent = make_agent(cls=SokobanAgent, backend=OpenAIBackend("http://127.0.0.1:9", model="m"))
+    assert agent.policy.score_normalization == "mean"
+    with pytest.raises(ValueError, match="score_normalization='none'"):
+        make_agent(cls=SokobanAgent, backend=OpenAIBackend("http://127.0.0.1:9", model="m"),
+                   score_normalization="none")

@@ -35,7 +35,9 @@ class FrozenLakeAgent(RLlamaAgent):
 
     def __init__(self, *args, describe: bool = True, **kwargs) -> None:
         self.describe = bool(describe)
-        kwargs.setdefault("score_normalization", "none" if self.describe else "mean")
+        # Without the model's scores the policy is a head: only an agent acting in this process has one.
+        local = kwargs.get("backend") is None
+        kwargs.setdefault("score_normalization", "none" if self.describe and local else "mean")
         super().__init__(*args, **kwargs)
 
     def get_system_prompt(self) -> str:

@@ -34,8 +34,9 @@ class OnPolicyConfig(AlgorithmConfig):
         gamma: discount factor.
         gae_lambda: GAE lambda.
         kl_coef: weight of the KL divergence to the reference policy (the base model with the
-            adapter disabled) in the loss; 0 turns the reference pass off, as does a policy without
-            the model's own scores (``score_normalization="none"``, whose reference would be uniform).
+            adapter disabled) in the loss; 0 turns the reference pass off, as does a batch of scored
+            steps without the model's own scores (``score_normalization="none"``: their reference
+            would be uniform).
         kl_direction: ``"forward"``, ``KL(pi_ref || pi)``: a pull toward the base model whose gradient
             (``pi - pi_ref`` per candidate) does not vanish as the policy becomes certain, so an
             action the policy has nearly given up keeps being tried; or ``"reverse"``,
@@ -233,8 +234,9 @@ class OnPolicyAlgorithm(Algorithm):
         advantages, returns = self.compute_targets(batch, episodes)
         if cfg.normalize_advantages and len(advantages) > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        # Without the model's scores the reference would be uniform: nothing of the model's to stay near.
-        reference = self.reference_distributions(batch.steps) if cfg.kl_coef > 0 and self.policy.uses_scores else None
+        # Without the model's scores a scored step's reference is uniform: nothing of the model's to stay near.
+        anchored = self.policy.uses_scores or not all(s.is_scored for s in batch.steps)
+        reference = self.reference_distributions(batch.steps) if cfg.kl_coef > 0 and anchored else None
         target_kl = getattr(cfg, "target_kl", None)
 
         sums: dict[str, float] = {}
