@@ -168,10 +168,11 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         self.backend = make_backend(backend)
         # "auto" config values (an on-policy policy head) depend on whether this agent scores
         # candidates in this process (AlgorithmConfig.resolved).
-        scoring = self.backend.provides_values and self.scores_actions()
+        scores_actions = self.scores_actions()
+        scoring = self.backend.provides_values and scores_actions
         self.algorithm = make_algorithm(algorithm, self.policy, algorithm_config, seed=seed, scoring=scoring)
         check_can_serve(self.backend, self.algorithm, self.policy)
-        if self.scores_actions() and not self.policy.uses_scores and not self.algorithm.learns_scored_choices():
+        if scores_actions and not self.policy.uses_scores and not self.algorithm.learns_scored_choices():
             raise ValueError(
                 f"score_normalization='none' leaves the choice among candidates to a head the algorithm trains, "
                 f"and {type(self.algorithm).__name__} with this config has none (the policy would stay uniform): "

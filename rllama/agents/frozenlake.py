@@ -3,14 +3,14 @@ the four moves as candidates."""
 
 from __future__ import annotations
 
-from rllama.agent import RLlamaAgent
+from rllama.agents.grid import GridAgent
 from rllama.envs.frozenlake import ACTIONS
 
 _OFFSETS = {"left": (0, -1), "down": (1, 0), "right": (0, 1), "up": (-1, 0)}  # in ACTIONS' order
 _CELLS = {"_": "ice", "O": "a hole", "G": "the goal", "P": "ice"}
 
 
-class FrozenLakeAgent(RLlamaAgent):
+class FrozenLakeAgent(GridAgent):
     """Crosses a frozen lake shown as a grid; scores the moves ``left``, ``down``, ``right``, ``up``.
 
     The grid is the whole state (the map and the player), so prompts show no earlier turns
@@ -31,24 +31,12 @@ class FrozenLakeAgent(RLlamaAgent):
         **kwargs: :class:`~rllama.agent.RLlamaAgent`'s arguments.
     """
 
-    keep_history = False
-
-    def __init__(self, *args, describe: bool = True, **kwargs) -> None:
-        self.describe = bool(describe)
-        # Without the model's scores the policy is a head: only an agent acting in this process has one.
-        local = kwargs.get("backend") is None
-        kwargs.setdefault("score_normalization", "none" if self.describe and local else "mean")
-        super().__init__(*args, **kwargs)
-
     def get_system_prompt(self) -> str:
         return (
             "You are walking on a frozen lake, shown as a grid. P is you, _ is ice, O is a hole, G is the goal. "
             "Reach G without falling into a hole. The ice is slippery: you may slide sideways. "
             "Each turn, reply with one move: left, down, right or up."
         )
-
-    def format_observation(self, observation) -> str:
-        return f"{observation}\nYour move?"
 
     def get_valid_actions(self, observation) -> list[str]:
         return describe_moves(str(observation)) if self.describe else list(ACTIONS)

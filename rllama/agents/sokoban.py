@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import re
 
-from rllama.agent import RLlamaAgent
+from rllama.agents.grid import GridAgent
 from rllama.envs.sokoban import ACTIONS, MOVES, Level, move
 
 
-class SokobanAgent(RLlamaAgent):
+class SokobanAgent(GridAgent):
     """Solves one-box Sokoban shown as a grid; scores the moves ``up``, ``down``, ``left``, ``right``.
 
     The grid is the whole state (the room, the box and the player), so prompts show no earlier turns
@@ -34,15 +34,6 @@ class SokobanAgent(RLlamaAgent):
         **kwargs: :class:`~rllama.agent.RLlamaAgent`'s arguments.
     """
 
-    keep_history = False
-
-    def __init__(self, *args, describe: bool = True, **kwargs) -> None:
-        self.describe = bool(describe)
-        # Without the model's scores the policy is a head: only an agent acting in this process has one.
-        local = kwargs.get("backend") is None
-        kwargs.setdefault("score_normalization", "none" if self.describe and local else "mean")
-        super().__init__(*args, **kwargs)
-
     def get_system_prompt(self) -> str:
         return (
             "You are playing Sokoban, shown as a grid. P is you, X is the box, O is the target, # is a wall, "
@@ -50,9 +41,6 @@ class SokobanAgent(RLlamaAgent):
             "walk into the box to push it one cell. You cannot pull it, and a box pushed into a corner is stuck. "
             "Each turn, reply with one move: up, down, left or right."
         )
-
-    def format_observation(self, observation) -> str:
-        return f"{observation}\nYour move?"
 
     def get_valid_actions(self, observation) -> list[str]:
         return describe_moves(str(observation)) if self.describe else list(ACTIONS)

@@ -32,8 +32,6 @@ ADAPTER_DIR = "adapter"
 FORMAT_VERSION = 1
 
 
-
-
 class PersistenceMixin:
     """Saving a :class:`~rllama.policy.PolicyModel`'s adapter, heads and settings to a folder, and loading them back."""
 

@@ -41,7 +41,7 @@ class ScoringMixin:
         return self.heads["value"](hidden).squeeze(-1)
 
     def _candidate_scores(self, enc: Continuations) -> torch.Tensor:
-        if self.score_normalization == "none":
+        if not self.uses_scores:
             return enc.mask.new_zeros(enc.mask.shape[0], dtype=torch.float32)
         summed = enc.token_logprobs.sum(-1)  # [R]
         if self.score_normalization == "sum":
