@@ -156,6 +156,30 @@ def steps_of(prompts, cands, scored=True):
     return out
 
 
+def test_the_memo_bound_counts_a_prompts_features_once(tokenizer, monkeypatch):
+    """The memo's byte bound counts a prompt's features once for all its continuations: under the same bound
+    it keeps more continuations that share one prompt than continuations each with a prompt of its own,
+    and forgets the least recently used beyond it."""
+    from rllama.policy import forward
+
+    monkeypatch.setattr(forward, "SCORE_MEMO_BYTES", 10 * (2 * 64 * 4 + 4 * 2 + 200))  # ~10 unshared entries
+    cached, _ = make_pair(tokenizer)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 380) for _ in range(10)] for _ in range(16)]
+    pairs = [[rng.randrange(3, 380), rng.randrange(3, 380)] for _ in range(16)]
+    kept = {}
+    for name, batch, cands in (("own", prompts, [[p] for p in pairs]), ("shared", prompts[:1], [pairs])):
+        cached.clear_prefix_cache()
+        with torch.no_grad():
+            cached.candidate_outputs(batch, cands)
+        kept[name] = cached.prefix_cache_stats()["memo_continuations"]
+    assert 0 < kept["own"] < kept["shared"] < 16
+    looked_up = cached.prefix_cache_stats()["top"]
+    with torch.no_grad():  # the most recent continuations are still served without a forward
+        cached.candidate_outputs(prompts[:1], [pairs[-kept["shared"]:]])
+    assert cached.prefix_cache_stats()["top"] == looked_up
+
+
 @pytest.mark.parametrize("scored", [True, False])
 def test_evaluate_and_gradients_equal_the_uncached_path(tokenizer, scored):
     cached, plain = make_pair(tokenizer)

@@ -23,8 +23,8 @@ SCORE_MEMO_ENTRIES = 100_000
 """Continuations whose outputs (token log-probabilities and features) are remembered per adapter state
 (the policy's and the reference's, two at most; an untrained frozen adapter and the reference share one)."""
 SCORE_MEMO_BYTES = 256 * 2**20
-"""And at most about so many bytes of them per adapter state (the features are most of it: about 55,000
-continuations of SmolLM2-135M, hidden size 576)."""
+"""And at most about so many bytes of them per adapter state (the features are most of it, a prompt's shared by
+its continuations: about 86,000 continuations of SmolLM2-135M, hidden size 576, four to a prompt)."""
 
 
 def _cache_of(output):
@@ -288,13 +288,17 @@ class ForwardMixin:
         """Remember ``rows`` of a batch computed through the top tree: each one's token log-probs (``None``
         when they were not computed), its features and its prompt's; the least recently used are forgotten
         beyond the memo's bound."""
+        if not rows:
+            return
         prompt_rows = {b: prompt_hidden[b].clone() for b in {owner[r] for r in rows}}  # shared by its rows
         for r in rows:
             logp = None if token_logprobs is None else token_logprobs[r, : len(continuations[r])].clone()
             self._score_memo[keys[r]] = (logp, action_hidden[r].clone(), prompt_rows[owner[r]])
+        # An entry holds its features, its token log-probs and its share of its prompt's features.
+        features = action_hidden.shape[-1] * action_hidden.element_size()
         Lc = max(len(c) for c in continuations)
-        entry_bytes = 2 * action_hidden.shape[-1] * action_hidden.element_size() + 4 * Lc + 200
-        while len(self._score_memo) > min(SCORE_MEMO_ENTRIES, SCORE_MEMO_BYTES // entry_bytes):
+        entry_bytes = features * (1 + len(prompt_rows) / len(rows)) + 4 * Lc + 200
+        while len(self._score_memo) > min(SCORE_MEMO_ENTRIES, int(SCORE_MEMO_BYTES // entry_bytes)):
             self._score_memo.popitem(last=False)
 
     def _continuation_logprobs(self, prompts, continuations, owner, entropy_rows, top_cached=False,
