@@ -288,9 +288,12 @@ def plot(result: dict, path: Path) -> None:
     bars.set_ylabel("held-out success rate")
     bars.set_title(f"{result['task']}: held-out success ({result['eval_episodes']} fixed episodes)")
     bars.legend(fontsize=7)
-    for r in result["runs"]:
+    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}  # one colour an algorithm, a line a seed
+    for r in sorted(result["runs"], key=lambda r: (r["label"], r["seed"])):
+        seeds = result["table"][r["label"]]["seeds"]
         curves.plot([c["episodes"] for c in r["curve"]], [c["success"] for c in r["curve"]], marker=".",
-                    label=f"{r['label']} seed {r['seed']}")
+                    color=colours[r["label"]], alpha=0.8,
+                    label=f"{r['label']} (seeds {', '.join(map(str, seeds))})" if r["seed"] == min(seeds) else None)
     curves.set_ylim(0, 1.05)
     curves.set_xlabel("training episodes")
     curves.set_ylabel("held-out success rate")
