@@ -156,6 +156,34 @@ def steps_of(prompts, cands, scored=True):
     return out
 
 
+def test_a_batch_partly_seen_before_runs_only_its_new_prompts(tokenizer):
+    """Prompts whose every candidate is remembered come from the memo and only the others run through the
+    adapted blocks (a replayed minibatch with one new state costs that state's forward); the outputs equal a
+    fresh forward's, in the batch's order."""
+    cached, plain = make_pair(tokenizer)
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(cached.heads.named_parameters(), plain.heads.named_parameters()):
+            a.normal_(0, 0.1)
+            b.copy_(a)
+    prompts = episode_prompts()
+    cands = [candidates(i) for i in range(len(prompts))]
+    seen = [0, 2, 3, 6]
+    run = []
+    top = cached._hidden_from_top_tree
+    cached._hidden_from_top_tree = lambda p, c, *rest: run.append(len(c)) or top(p, c, *rest)
+    with torch.no_grad():
+        cached.candidate_outputs([prompts[i] for i in seen], [cands[i] for i in seen], q_heads=("value",))
+        run.clear()
+        a = cached.candidate_outputs(prompts, cands, q_heads=("value",))
+        b = plain.candidate_outputs(prompts, cands, q_heads=("value",))
+    assert run == [sum(len(cands[i]) for i in range(len(prompts)) if i not in seen)]  # the new prompts only
+    for x, y in zip(a.logprobs, b.logprobs):
+        torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+    torch.testing.assert_close(a.values, b.values, atol=ATOL, rtol=0)
+    for x, y in zip(a.q["value"], b.q["value"]):
+        torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+
+
 def test_the_memo_bound_counts_a_prompts_features_once(tokenizer, monkeypatch):
     """The memo's byte bound counts a prompt's features once for all its continuations: under the same bound
     it keeps more continuations that share one prompt than continuations each with a prompt of its own,

@@ -284,6 +284,28 @@ class ForwardMixin:
                 token_logprobs[r, : len(c)] = f[0]
         return Continuations(prompt_hidden, token_logprobs, cmask, None, action_hidden)
 
+    def _remembered_apart(self, prompts, continuations, owner, found, logprobs: bool):
+        """A batch in which some prompts have every row remembered and others not: the first from the memo,
+        only the others through the adapted blocks, merged in the batch's order (one new state among a
+        replayed minibatch costs its own forward, not the minibatch's); ``None`` unless both kinds occur."""
+        whole = [True] * len(prompts)
+        for r, b in enumerate(owner):
+            if found[r] is None or (logprobs and found[r][0] is None):
+                whole[b] = False
+        if all(whole) or not any(whole):
+            return None
+        parts, order_b, order_r = [], [], []
+        for remembered in (True, False):
+            group = [b for b in range(len(prompts)) if whole[b] == remembered]
+            local = {b: i for i, b in enumerate(group)}
+            rows = [r for r, b in enumerate(owner) if b in local]
+            parts.append(self._continuation_logprobs(
+                [prompts[b] for b in group], [continuations[r] for r in rows], [local[owner[r]] for r in rows],
+                None, top_cached=True, logprobs=logprobs))
+            order_b += group
+            order_r += rows
+        return _merge_continuations(parts, order_b, order_r, self.device)
+
     def _memo_store(self, keys, rows, token_logprobs, continuations, owner, prompt_hidden, action_hidden) -> None:
         """Remember ``rows`` of a batch computed through the top tree: each one's token log-probs (``None``
         when they were not computed), its features and its prompt's; the least recently used are forgotten
@@ -313,6 +335,8 @@ class ForwardMixin:
         found = self._memo_lookup(keys) if keys is not None else None
         if found is not None:
             known = self._memo_outputs(found, continuations, owner, len(prompts), Lc, logprobs)
+            if known is None:
+                known = self._remembered_apart(prompts, continuations, owner, found, logprobs)
             if known is not None:
                 return known
         if top_cached:
