@@ -293,7 +293,8 @@ def plot(result: dict, path: Path) -> None:
         seeds = result["table"][r["label"]]["seeds"]
         curves.plot([c["episodes"] for c in r["curve"]], [c["success"] for c in r["curve"]], marker=".",
                     color=colours[r["label"]], alpha=0.8,
-                    label=f"{r['label']} (seeds {', '.join(map(str, seeds))})" if r["seed"] == min(seeds) else None)
+                    label=f"{r['label']} (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))})"
+                    if r["seed"] == min(seeds) else None)
     curves.set_ylim(0, 1.05)
     curves.set_xlabel("training episodes")
     curves.set_ylabel("held-out success rate")
