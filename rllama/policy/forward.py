@@ -27,6 +27,12 @@ SCORE_MEMO_BYTES = 256 * 2**20
 its continuations: about 86,000 continuations of SmolLM2-135M, hidden size 576, four to a prompt)."""
 
 
+def _serves(entry, logprobs: bool) -> bool:
+    """Whether a memo entry (``None``: not remembered) holds what a pass wants: its features, and its
+    token log-probs when ``logprobs``."""
+    return entry is not None and not (logprobs and entry[0] is None)
+
+
 def _cache_of(output):
     """The key/value cache of a model output (``cache`` in transformers 5.x, ``past_key_values`` before)."""
     cache = getattr(output, "cache", None)
@@ -268,7 +274,7 @@ class ForwardMixin:
         """The :class:`Continuations` of a batch whose every row was ``found`` in the memo (a frozen adapter's
         outputs for a (prompt, continuation) seen before: its token log-probs, its features and its
         prompt's), with no forward at all; ``None`` when some row or prompt is missing."""
-        if any(f is None or (logprobs and f[0] is None) for f in found) or len(set(owner)) < n_prompts:
+        if not all(_serves(f, logprobs) for f in found) or len(set(owner)) < n_prompts:
             return None
         R = len(found)
         first = {}
@@ -290,8 +296,7 @@ class ForwardMixin:
         replayed minibatch costs its own forward, not the minibatch's); ``None`` unless both kinds occur."""
         whole = [True] * len(prompts)
         for r, b in enumerate(owner):
-            if found[r] is None or (logprobs and found[r][0] is None):
-                whole[b] = False
+            whole[b] = whole[b] and _serves(found[r], logprobs)
         if all(whole) or not any(whole):
             return None
         parts, order_b, order_r = [], [], []
@@ -299,9 +304,13 @@ class ForwardMixin:
             group = [b for b in range(len(prompts)) if whole[b] == remembered]
             local = {b: i for i, b in enumerate(group)}
             rows = [r for r, b in enumerate(owner) if b in local]
-            parts.append(self._continuation_logprobs(
-                [prompts[b] for b in group], [continuations[r] for r in rows], [local[owner[r]] for r in rows],
-                None, top_cached=True, logprobs=logprobs))
+            args = [continuations[r] for r in rows], [local[owner[r]] for r in rows]
+            if remembered:  # already looked up: assembled from the memo as found
+                Lc = max(len(c) for c in args[0])
+                parts.append(self._memo_outputs([found[r] for r in rows], *args, len(group), Lc, logprobs))
+            else:
+                parts.append(self._continuation_logprobs([prompts[b] for b in group], *args, None, top_cached=True,
+                                                         logprobs=logprobs))
             order_b += group
             order_r += rows
         return _merge_continuations(parts, order_b, order_r, self.device)
