@@ -238,7 +238,7 @@ def report(task: str, args) -> dict:
         final = np.array([r["curve"][-1]["success"] for r in mine])
         table[algorithm] = {"seeds": [r["seed"] for r in mine], "episodes": budget,
                             "untrained": float(np.mean([r["untrained"] for r in mine])),
-                            "trained_mean": float(trained.mean()),
+                            "trained": [float(v) for v in trained], "trained_mean": float(trained.mean()),
                             "trained_std": float(trained.std(ddof=1)) if len(trained) > 1 else 0.0,
                             "final_episodes": [r["curve"][-1]["episodes"] for r in mine],
                             "final_mean": float(final.mean()),
@@ -270,13 +270,16 @@ def plot(result: dict, path: Path) -> None:
     fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = list(result["table"])
     trained = [result["table"][n]["trained_mean"] for n in names]
-    errors = [result["table"][n]["trained_std"] for n in names]
+    errors = [result["table"][n]["trained_std"] if len(result["table"][n]["seeds"]) > 1 else np.nan for n in names]
     untrained = [result["table"][n]["untrained"] for n in names]
     x = np.arange(len(names))
     bars.bar(x - 0.2, untrained, 0.4, color="#bbbbbb", label="untrained (ours, 135M)")
     budget = result["table"][names[0]]["episodes"]
     bars.bar(x + 0.2, trained, 0.4, yerr=errors, capsize=3, color="tab:blue",
              label=f"after {budget} episodes (ours, 135M, CPU)")
+    for i, name in enumerate(names):  # each seed's figure on its bar
+        per_seed = result["table"][name]["trained"]
+        bars.plot([x[i] + 0.2] * len(per_seed), per_seed, "k.", ms=4)
     bars.axhline(result["baselines"]["random"], color="tab:red", ls=":", label="random valid actions")
     bars.axhline(result["baselines"]["rule"], color="tab:purple", ls="-.", label="fixed rule on the described moves")
     bars.axhline(result["baselines"]["upper_bound"], color="tab:green", ls="--", label="upper bound")
