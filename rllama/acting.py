@@ -8,24 +8,40 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
-from rllama.algorithms import Step
+from rllama.algorithms import Algorithm, Step
+from rllama.backends import Backend
 from rllama.errors import RLlamaError
-from rllama.hooks import short
-
-if TYPE_CHECKING:
-    from rllama.agent import RLlamaAgent
+from rllama.hooks import Hooks, short
+from rllama.policy import PolicyModel
+from rllama.prompting import ChatFormat
 
 logger = logging.getLogger(__name__)
+
+
+class ActingAgent(Protocol):
+    """What an :class:`Actor` reads off the agent it chooses actions for (:class:`rllama.RLlamaAgent` is
+    one). Stated here rather than imported, so that this module needs nothing from :mod:`rllama.agent`."""
+
+    policy: PolicyModel
+    adapter_name: str  # the LoRA adapter it acts with
+    algorithm: Algorithm
+    backend: Backend
+    chat: ChatFormat
+    hooks: Hooks
+    generator: torch.Generator
+    max_new_tokens: int
+
+    def extract_action(self, response: str) -> Any: ...
 
 
 class Actor:
     """How ``agent`` chooses its actions."""
 
-    def __init__(self, agent: RLlamaAgent) -> None:
+    def __init__(self, agent: ActingAgent) -> None:
         self.agent = agent
         self.greedy = False  # take the likeliest action instead of sampling (evaluation)
         self.parse_failures = 0  # generated replies extract_action failed on, since the last update

@@ -56,7 +56,7 @@ from rllama.loops import return_stats, run_episodes
 from rllama.memory import EpisodicMemory, Retrieved
 from rllama.memory.hooks import MemoryHooks, split_memory
 from rllama.policy import build_policy
-from rllama.policy.prefix_cache import DEFAULT_CACHE_MB
+from rllama.policy.engine import DEFAULT_CACHE_MB
 from rllama.prompting import ChatFormat, PromptBuilder
 from rllama.recording import EnvRecord, Recorder
 from rllama.trainer import Trainer
@@ -90,7 +90,7 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
             ``default_lora_config(layers="all")`` adapts every block).
         prefix_cache: ``"auto"`` (default), ``True`` or ``False``: keep the frozen blocks' states of
             every token prefix seen, so that acting and updates run only the adapted blocks for
-            tokens seen before (:mod:`rllama.policy.prefix_cache`). ``"auto"`` turns it on where
+            tokens seen before (:mod:`rllama.policy.engine.cached`). ``"auto"`` turns it on where
             the model has frozen blocks below its adapters; ``True`` makes a model where it cannot
             work an error.
         prefix_cache_mb: the prefix cache's bound in MiB (least recently used prefixes are evicted;

@@ -54,16 +54,16 @@ def _numpy_rng() -> dict:
 def save_training_state(agent, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write the agent's full training state to folder ``path`` (replacing it atomically).
 
-    Also empties the policy's prefix cache: a run loaded from this state starts with an empty one,
-    and what is cached decides how a forward pass is split (and so its last bits), so the run that
-    saved continues exactly as a run resumed from the save does.
+    Also invalidates the policy's engine: a run loaded from this state starts with nothing kept, and what
+    is kept decides how a forward pass is split (and so its last bits), so the run that saved continues
+    exactly as a run resumed from the save does.
     """
     from safetensors.torch import save_file
 
     if agent.mid_episode:
         raise CheckpointError("save_training_state between episodes only: some environments are mid-episode")
     path = Path(path)
-    agent.policy.clear_prefix_cache()
+    agent.policy.invalidate()
     with writing_dir(path) as tmp:
         agent.save(tmp / "policy")  # adapter, heads and (under policy/memory) the memory store
         tensors, algorithm_meta = agent.algorithm.state_dict()

@@ -7,12 +7,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from rllama.errors import HookError, InvalidActionError, RLlamaError
-
-if TYPE_CHECKING:
-    from rllama.agent import RLlamaAgent
 
 
 class AgentHooks(ABC):
@@ -72,9 +68,10 @@ class AgentHooks(ABC):
 
 
 class Hooks:
-    """The hooks of ``agent`` (its subclass's methods), called and checked."""
+    """The hooks of ``agent`` (its subclass's methods), called and checked. Any :class:`AgentHooks` will
+    do (the memory hooks are called by name), so this module needs nothing from :mod:`rllama.agent`."""
 
-    def __init__(self, agent: RLlamaAgent) -> None:
+    def __init__(self, agent: AgentHooks) -> None:
         self.agent = agent
 
     def call(self, name: str, *args):

@@ -8,19 +8,57 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from rllama.agent import RLlamaAgent
+from rllama.algorithms import Algorithm
 
 logger = logging.getLogger(__name__)
 
 
+class GroupScheduler(Protocol):
+    """Where grouped episodes take their start states from (:meth:`rllama.trainer.Trainer.group_slots`)."""
+
+    def group_slots(self, count: int, group_size: int,
+                    seeds: np.random.Generator | None) -> list[tuple[int, int]]: ...
+
+
+class LoopAgent(Protocol):
+    """What :func:`run_episodes` asks of the agent it runs (:class:`rllama.RLlamaAgent` is one). Stated
+    here rather than imported, so that this module needs nothing from :mod:`rllama.agent`."""
+
+    action_space: Any  # a Gymnasium space; set from the env for the length of the loop
+    algorithm: Algorithm
+    trainer: GroupScheduler
+
+    @property
+    def recording(self) -> bool: ...
+
+    @property
+    def total_steps(self) -> int: ...
+
+    def act(self, observation) -> Any: ...
+
+    def act_batch(self, observations: Sequence, env_ids: Sequence[int] | None = None) -> list: ...
+
+    def assign_reward(self, reward: float) -> None: ...
+
+    def assign_rewards(self, rewards: Sequence[float], env_ids: Sequence[int] | None = None) -> None: ...
+
+    def terminate_episode(self, truncated: bool = False, group: int | None = None,
+                          final_observation=None) -> dict[str, float]: ...
+
+    def terminate_episodes(self, env_ids: Sequence[int] | np.ndarray, truncated: Sequence[bool] | None = None,
+                           groups: Sequence[int] | None = None,
+                           final_observations: Sequence | None = None) -> dict[str, float]: ...
+
+    def reset(self, env_ids: Sequence[int] | None = None) -> None: ...
+
+
 def run_episodes(
-    agent: RLlamaAgent,
+    agent: LoopAgent,
     env,
     n_episodes: int,
     *,

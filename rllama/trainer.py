@@ -15,16 +15,31 @@ asynchronous learner of :mod:`rllama.async_rl`, which feeds it episodes played e
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from rllama.acting import Actor
 from rllama.algorithms import Episode
+from rllama.backends import Backend
 from rllama.callbacks import CallbackLike, update_hooks, wants_stop
+from rllama.distributed import DataParallel
+from rllama.loops import LoopAgent, run_episodes
+from rllama.policy import PolicyModel
 
-if TYPE_CHECKING:
-    from rllama.agent import RLlamaAgent
+
+class TrainedAgent(LoopAgent, Protocol):
+    """What a :class:`Trainer` asks of the agent it trains (:class:`rllama.RLlamaAgent` is one): besides
+    the loops' needs (it plays the agent's episodes), what an update reads and resets. Stated here rather
+    than imported, so that this module needs nothing from :mod:`rllama.agent`."""
+
+    policy: PolicyModel
+    adapter_name: str  # the LoRA adapter it trains
+    backend: Backend  # told when the weights change
+    actor: Actor  # its parse failures are reported, and reset, at each update
+    data_parallel: DataParallel | None
+    generator: torch.Generator  # GRPO's group seeds, without a loop seed
 
 
 class Trainer:
@@ -37,7 +52,7 @@ class Trainer:
         total_steps: training steps taken (episodes still running included).
     """
 
-    def __init__(self, agent: RLlamaAgent) -> None:
+    def __init__(self, agent: TrainedAgent) -> None:
         self.agent = agent
         self.auto_update = True
         self.total_episodes = 0
@@ -126,8 +141,6 @@ class Trainer:
         ``callback`` gets each update's statistics (see :meth:`train`); ``False`` from any stops.
         Returns the episodes' returns and the updates' statistics.
         """
-        from rllama.loops import run_episodes
-
         history: list[dict[str, float]] = []
         hooks = update_hooks(callback)
 

@@ -63,7 +63,7 @@ def test_frozen_body_equals_the_full_forward_and_gives_gradients_to_the_heads_on
             assert p.grad is not None and p.grad.abs().sum() > 0
         else:
             assert p.grad is None
-    assert pol.prefix_cache_stats()["top"]["bytes"] > 0
+    assert pol.engine.stats()["top"]["bytes"] > 0
 
 
 def test_dqn_with_a_frozen_adapter_trains_its_whitened_q_head_only(make_agent):

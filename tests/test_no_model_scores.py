@@ -50,10 +50,10 @@ def test_features_without_log_probs_are_remembered_and_a_later_scoring_pass_stil
     prompts, cands = episode_prompts()[:3], [candidates(i) for i in range(3)]
     with torch.no_grad():
         pol.candidate_outputs(prompts, cands)
-        seen = dict(pol.prefix_cache_stats()["top"])
+        seen = dict(pol.engine.stats()["top"])
         again = pol.candidate_outputs(prompts[::-1], cands[::-1])
-        assert pol.prefix_cache_stats()["top"] == seen  # no forward at all
-        assert pol.prefix_cache_stats()["memo_continuations"] == sum(len(c) for c in cands)
+        assert pol.engine.stats()["top"] == seen  # no forward at all
+        assert pol.engine.stats()["memo_continuations"] == sum(len(c) for c in cands)
         pol.score_normalization = "mean"  # now the log-probs are needed: computed, equal to a fresh policy's
         scored = pol.candidate_outputs(prompts, cands).logprobs
         fresh = make_policy(tokenizer, "mean").candidate_outputs(prompts, cands).logprobs

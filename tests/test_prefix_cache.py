@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rllama.algorithms.buffers import Step
 from rllama.errors import RLlamaError
 from rllama.policy import PolicyModel, default_lora_config
-from rllama.policy.prefix_cache import RadixCache
+from rllama.policy.engine import RadixCache
 from tests.conftest import make_tiny_lm
 
 ATOL = 1e-5
@@ -76,7 +76,7 @@ def test_scoring_equals_the_uncached_path_across_calls(tokenizer):
         for x, y in zip(a.logprobs, b.logprobs):
             torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
         torch.testing.assert_close(a.values, b.values, atol=ATOL, rtol=0)
-    stats = cached.prefix_cache_stats()
+    stats = cached.engine.stats()
     assert stats["hit_tokens"] > stats["miss_tokens"] > 0 and stats["frozen_blocks"] == 2
 
 
@@ -99,10 +99,10 @@ def test_remembered_scores_follow_the_adapter_and_the_temperature(tokenizer):
 
     check()
     n = sum(len(c) for c in cands)
-    assert cached.prefix_cache_stats()["memo_continuations"] == n
+    assert cached.engine.stats()["memo_continuations"] == n
     with torch.no_grad(), cached.reference():  # the reference's scores are remembered apart ...
         cached.candidate_outputs(prompts, cands)
-    assert cached.prefix_cache_stats()["memo_continuations"] == 2 * n  # ... and the policy's survive them
+    assert cached.engine.stats()["memo_continuations"] == 2 * n  # ... and the policy's survive them
     check()  # from the memo
     with torch.no_grad():
         for pol in (cached, plain):
@@ -111,8 +111,8 @@ def test_remembered_scores_follow_the_adapter_and_the_temperature(tokenizer):
     for pol in (cached, plain):
         pol.temperature = 2.0
     check()
-    cached.clear_prefix_cache()
-    assert cached.prefix_cache_stats()["memo_continuations"] == 0
+    cached.invalidate()
+    assert cached.engine.stats()["memo_continuations"] == 0
 
 
 def test_a_batch_seen_before_is_served_from_the_memo_without_a_forward(tokenizer):
@@ -127,11 +127,11 @@ def test_a_batch_seen_before_is_served_from_the_memo_without_a_forward(tokenizer
     cands = [candidates(i) for i in range(4)]
     with torch.no_grad():
         cached.candidate_outputs(prompts, cands, q_heads=("value",))
-        looked_up = cached.prefix_cache_stats()["top"]  # the frozen adapter's states, per token
+        looked_up = cached.engine.stats()["top"]  # the frozen adapter's states, per token
         order = [3, 1, 0, 2]  # another batch of the same pairs
         a = cached.candidate_outputs([prompts[i] for i in order], [cands[i] for i in order], q_heads=("value",))
         b = plain.candidate_outputs([prompts[i] for i in order], [cands[i] for i in order], q_heads=("value",))
-    assert cached.prefix_cache_stats()["top"] == looked_up  # not even looked up: no forward ran
+    assert cached.engine.stats()["top"] == looked_up  # not even looked up: no forward ran
     for x, y in zip(a.logprobs, b.logprobs):
         torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
     torch.testing.assert_close(a.values, b.values, atol=ATOL, rtol=0)  # from the prompts' features
@@ -142,7 +142,7 @@ def test_a_batch_seen_before_is_served_from_the_memo_without_a_forward(tokenizer
         c = cached.candidate_outputs([prompts[0]], [cands[0] + [[5, 6]]], q_heads=("value",))
         d = plain.candidate_outputs([prompts[0]], [cands[0] + [[5, 6]]], q_heads=("value",))
     torch.testing.assert_close(c.q["value"][0], d.q["value"][0], atol=ATOL, rtol=0)
-    assert cached.prefix_cache_stats()["top"]["hit_tokens"] > looked_up["hit_tokens"]
+    assert cached.engine.stats()["top"]["hit_tokens"] > looked_up["hit_tokens"]
 
 
 def steps_of(prompts, cands, scored=True):
@@ -169,8 +169,8 @@ def test_a_batch_partly_seen_before_runs_only_its_new_prompts(tokenizer):
     cands = [candidates(i) for i in range(len(prompts))]
     seen = [0, 2, 3, 6]
     run = []
-    top = cached._hidden_from_top_tree
-    cached._hidden_from_top_tree = lambda p, c, *rest: run.append(len(c)) or top(p, c, *rest)
+    top = cached.engine._hidden_from_top_tree
+    cached.engine._hidden_from_top_tree = lambda p, c, *rest: run.append(len(c)) or top(p, c, *rest)
     with torch.no_grad():
         cached.candidate_outputs([prompts[i] for i in seen], [cands[i] for i in seen], q_heads=("value",))
         run.clear()
@@ -188,24 +188,22 @@ def test_the_memo_bound_counts_a_prompts_features_once(tokenizer, monkeypatch):
     """The memo's byte bound counts a prompt's features once for all its continuations: under the same bound
     it keeps more continuations that share one prompt than continuations each with a prompt of its own,
     and forgets the least recently used beyond it."""
-    from rllama.policy import forward
-
-    monkeypatch.setattr(forward, "SCORE_MEMO_BYTES", 10 * (2 * 64 * 4 + 4 * 2 + 200))  # ~10 unshared entries
     cached, _ = make_pair(tokenizer)
+    cached.engine.memo.max_bytes = 10 * (2 * 64 * 4 + 4 * 2 + 200)  # ~10 unshared entries
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 380) for _ in range(10)] for _ in range(16)]
     pairs = [[rng.randrange(3, 380), rng.randrange(3, 380)] for _ in range(16)]
     kept = {}
     for name, batch, cands in (("own", prompts, [[p] for p in pairs]), ("shared", prompts[:1], [pairs])):
-        cached.clear_prefix_cache()
+        cached.invalidate()
         with torch.no_grad():
             cached.candidate_outputs(batch, cands)
-        kept[name] = cached.prefix_cache_stats()["memo_continuations"]
+        kept[name] = cached.engine.stats()["memo_continuations"]
     assert 0 < kept["own"] < kept["shared"] < 16
-    looked_up = cached.prefix_cache_stats()["top"]
+    looked_up = cached.engine.stats()["top"]
     with torch.no_grad():  # the most recent continuations are still served without a forward
         cached.candidate_outputs(prompts[:1], [pairs[-kept["shared"]:]])
-    assert cached.prefix_cache_stats()["top"] == looked_up
+    assert cached.engine.stats()["top"] == looked_up
 
 
 @pytest.mark.parametrize("scored", [True, False])
@@ -279,7 +277,7 @@ def test_a_cache_too_small_to_hold_anything_is_still_correct(tokenizer):
             a = cached.candidate_outputs(prompts, cands)
             b = plain.candidate_outputs(prompts, cands)
         torch.testing.assert_close(torch.cat(a.logprobs), torch.cat(b.logprobs), atol=ATOL, rtol=0)
-    assert cached.prefix_cache_stats()["bytes"] <= 105
+    assert cached.engine.stats()["bytes"] <= 105
 
 
 def test_radix_tree_matches_splits_and_evicts_least_recently_used():
@@ -335,14 +333,14 @@ def test_states_without_keys_and_values_still_give_the_uncached_results(tokenize
                 gen = pol.generate(prompts[:2], max_new_tokens=3, greedy=True)
             if pol is cached:
                 a = (torch.cat(out.logprobs), torch.cat(ev.distributions), ev.values, [g.token_ids for g in gen])
-                seen_hidden_only |= cached.prefix_cache_stats()["hidden_only_bytes"] > 0
+                seen_hidden_only |= cached.engine.stats()["hidden_only_bytes"] > 0
             else:
                 b = (torch.cat(out.logprobs), torch.cat(ev.distributions), ev.values, [g.token_ids for g in gen])
         for x, y in zip(a[:3], b[:3]):
             torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
         assert a[3] == b[3]
     assert seen_hidden_only
-    stats = cached.prefix_cache_stats()
+    stats = cached.engine.stats()
     assert stats["bytes"] <= 0.05 * 2**20 and stats["hit_tokens"] > 0
 
 
@@ -351,10 +349,10 @@ def test_changing_the_adapted_blocks_never_serves_a_stale_entry(tokenizer):
     prompts = episode_prompts(seed=8)
     with torch.no_grad():
         cached.candidate_outputs(prompts, [candidates(i) for i in range(len(prompts))])
-    assert cached.prefix_cache_stats()["bytes"] > 0
+    assert cached.engine.stats()["bytes"] > 0
     # A skill adapter on block 1 moves the frozen/trainable split down: every cached state is now stale.
     cached.add_adapter("skill", default_lora_config(layers=[1, 2, 3]))
-    assert cached.prefix_cache_stats()["frozen_blocks"] == 1 and cached.prefix_cache_stats()["bytes"] == 0
+    assert cached.engine.stats()["frozen_blocks"] == 1 and cached.engine.stats()["bytes"] == 0
     with torch.no_grad():
         for p in cached.adapter_parameters("skill"):
             p.normal_(0, 0.1)
@@ -371,12 +369,12 @@ def test_changing_the_adapted_blocks_never_serves_a_stale_entry(tokenizer):
     torch.testing.assert_close(torch.cat(a.logprobs), torch.cat(b.logprobs), atol=ATOL, rtol=0)
     cached.set_adapter("default")
     cached.delete_adapter("skill")
-    assert cached.prefix_cache_stats()["frozen_blocks"] == 2
+    assert cached.engine.stats()["frozen_blocks"] == 2
 
 
 def test_every_block_adapted_means_no_cache_and_true_is_an_error(tokenizer):
     pol = PolicyModel(make_deep_lm(), tokenizer, lora_config=default_lora_config(layers="all"), precision="fp32")
-    assert not pol.prefix_cache_active and pol.prefix_cache_stats() == {}
+    assert not pol.prefix_cache_active and pol.engine.stats() == {}
     with pytest.raises(RLlamaError, match="no block is frozen"):
         PolicyModel(make_deep_lm(), tokenizer, lora_config=default_lora_config(layers="all"), prefix_cache=True)
 
@@ -400,7 +398,7 @@ def test_zero_budget_means_off(tokenizer):
 
 def test_the_default_lora_config_adapts_the_top_blocks_and_caches_the_rest(tokenizer):
     pol = PolicyModel(make_deep_lm(layers=12), tokenizer)
-    assert pol.prefix_cache_active and pol.prefix_cache_stats()["frozen_blocks"] == 4
+    assert pol.prefix_cache_active and pol.engine.stats()["frozen_blocks"] == 4
     small = PolicyModel(make_tiny_lm(), tokenizer)  # 2 blocks: all adapted, nothing frozen
     assert not small.prefix_cache_active
 
@@ -420,7 +418,7 @@ def test_loading_a_checkpoint_of_another_block_layout_says_how_to_match_it(token
 
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_prompts_of_very_different_lengths_run_in_groups_with_the_same_results(tokenizer, use_cache):
-    from rllama.policy.prefix_cache import length_groups
+    from rllama.policy.engine.batching import length_groups
 
     pol = make_pair(tokenizer)[0 if use_cache else 1]
     rng = random.Random(9)
@@ -438,7 +436,7 @@ def test_prompts_of_very_different_lengths_run_in_groups_with_the_same_results(t
 
 
 def test_length_groups_split_only_when_padding_costs_more_than_a_group():
-    from rllama.policy.prefix_cache import length_groups
+    from rllama.policy.engine.batching import length_groups
 
     assert length_groups([100, 101, 102, 103], 90) == [[0, 1, 2, 3]]
     groups = length_groups([100, 200, 101, 201, 102, 202], 90)
@@ -447,24 +445,26 @@ def test_length_groups_split_only_when_padding_costs_more_than_a_group():
 
 
 def test_reference_distributions_are_remembered_and_equal_a_fresh_computation(tokenizer):
+    """The reference's outputs are kept in the engine's memo: steps met before cost no forward, and a
+    remembered distribution is bit for bit the one first computed."""
     cached, plain = make_pair(tokenizer)
     prompts = episode_prompts(seed=10)
     steps = steps_of(prompts, [candidates(i) for i in range(len(prompts))])
     first = cached.reference_distributions(steps[:4], batch_size=3)
-    calls = []
-    original = cached.evaluate_actions
-    cached.evaluate_actions = lambda part, **kw: calls.append(len(part)) or original(part, **kw)
+    computed = []  # the continuations run through the adapted blocks
+    top = cached.engine._hidden_from_top_tree
+    cached.engine._hidden_from_top_tree = lambda p, c, *rest: computed.append(len(c)) or top(p, c, *rest)
     again = cached.reference_distributions(steps, batch_size=3)
-    assert sum(calls) == len(steps) - 4  # the first four were remembered
+    assert sum(computed) == sum(len(s.candidate_ids) for s in steps[4:])  # the first four were remembered
     fresh = plain.reference_distributions(steps, batch_size=3)
     for a, b in zip(again, fresh):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
     for a, b in zip(first, again):
         assert torch.equal(a, b)
     cached.temperature = 2.0  # another policy setting: another reference distribution
-    calls.clear()
+    computed.clear()
     cached.reference_distributions(steps[:2])
-    assert sum(calls) == 2
+    assert sum(computed) == sum(len(s.candidate_ids) for s in steps[:2])
 
 
 def _same_scores(cached, plain, prompts, cands):
@@ -481,7 +481,7 @@ def test_acting_never_reads_adapted_block_states_of_older_weights(tokenizer, cha
     prompts = episode_prompts(seed=12)
     cands = [candidates(i) for i in range(len(prompts))]
     _same_scores(cached, plain, prompts, cands)  # fills the top tree
-    assert cached.prefix_cache_stats()["top"]["bytes"] > 0
+    assert cached.engine.stats()["top"]["bytes"] > 0
     for pol in (cached, plain):
         params = pol.adapter_parameters()
         if change.endswith("adamw"):
@@ -525,7 +525,7 @@ def test_acting_top_tree_and_the_reference_snapshots_and_other_adapters(tokenize
 
 
 def test_many_candidates_of_one_prompt_run_packed_once_each_with_the_uncached_results(tokenizer, monkeypatch):
-    from rllama.policy.prefix_cache import FrozenBottom
+    from rllama.policy.engine.split import SplitModel
 
     cached, plain = make_pair(tokenizer)
     prompts = episode_prompts()[:2]
@@ -533,14 +533,14 @@ def test_many_candidates_of_one_prompt_run_packed_once_each_with_the_uncached_re
     many = [[rng.randrange(3, 380) for _ in range(rng.randrange(1, 5))] for _ in range(40)]
     cands = [many + many[:5], candidates(1, 4)]  # five candidates twice
     calls = []
-    extend = FrozenBottom._extend
+    extend = SplitModel._extend
 
-    def spy(self, tree, lo, hi, seqs, cached_parts, units):
+    def spy(self, tree, lo, hi, seqs, cached_parts, units, inputs=None):
         calls.append([[(tuple(seqs[i]), len(seqs[i]) - cached_parts[i].n, cached_parts[i].n) for i in unit]
                       for unit in units])
-        return extend(self, tree, lo, hi, seqs, cached_parts, units)
+        return extend(self, tree, lo, hi, seqs, cached_parts, units, inputs)
 
-    monkeypatch.setattr(FrozenBottom, "_extend", spy)
+    monkeypatch.setattr(SplitModel, "_extend", spy)
     for grad in (False, True):  # acting (both trees) and an update (boundary states only)
         with torch.set_grad_enabled(grad):
             a = cached.candidate_outputs(prompts, cands, q_heads=("value",))
@@ -566,10 +566,10 @@ def test_an_untrained_adapter_and_the_reference_share_their_cached_states(tokeni
     cands = [candidates(i) for i in range(len(prompts))]
     with torch.no_grad():
         acted = pol.candidate_outputs(prompts, cands)  # a fresh adapter: every B weight is zero
-    top = pol.prefix_cache_stats()["top"]
+    top = pol.engine.stats()["top"]
     with torch.no_grad(), pol.reference():
         reference = pol.candidate_outputs(prompts, cands)
-    after = pol.prefix_cache_stats()["top"]
+    after = pol.engine.stats()["top"]
     assert after["miss_tokens"] == top["miss_tokens"]  # the reference computed nothing again
     for a, b in zip(acted.logprobs, reference.logprobs):
         assert torch.equal(a, b)
@@ -597,8 +597,8 @@ def test_a_dora_adapter_is_never_taken_for_the_base_model(tokenizer):
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[2, 3],
                         use_dora=True)
     pol = PolicyModel(make_deep_lm(0), tokenizer, lora_config=config, precision="fp32")
-    assert pol._adapter_signature() != ("base model",)  # a zero B still rescales DoRA's weights
+    assert pol.engine.signature() != ("base model",)  # a zero B still rescales DoRA's weights
     with pol.reference():
-        assert pol._adapter_signature() == ("base model",)
+        assert pol.engine.signature() == ("base model",)
     fresh = PolicyModel(make_deep_lm(0), tokenizer, lora_config=default_lora_config(layers=[2, 3]), precision="fp32")
-    assert fresh._adapter_signature() == ("base model",)
+    assert fresh.engine.signature() == ("base model",)

@@ -159,9 +159,9 @@ class Experiment:
         stop = False
         for k in range(state["segment"], n_segments):
             n = min(cfg.segment_episodes, cfg.episodes - k * cfg.segment_episodes)
-            # Every segment starts with an empty prefix cache, as a run resumed here does: what is
-            # cached decides how a forward pass is split, and so its last bits.
-            agent.policy.clear_prefix_cache()
+            # Every segment starts with nothing kept by the engine, as a run resumed here does: what is
+            # kept decides how a forward pass is split, and so its last bits.
+            agent.policy.invalidate()
             t0, steps0 = time.perf_counter(), agent.total_steps
 
             def on_update(stats: dict, k=k) -> bool:

@@ -29,56 +29,15 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import RLlamaError, require
+from ..errors import require
 from .embedding import HashingEmbedder, SentenceEmbedder, make_embedder
-
-
-class MemoryStoreError(RLlamaError):
-    """A memory store on disk is missing, inconsistent or written by an incompatible version."""
-
-
-@dataclass
-class Experience:
-    """One remembered step.
-
-    Attributes:
-        observation: the observation text the agent saw (what retrieval matches against).
-        action: the action text it chose.
-        reward: the reward of that step.
-        return_to_go: the discounted return from this step to the episode's end.
-        episode_return: the episode's undiscounted total return.
-        outcome: a short word for how the episode ended (``"won"``, ``"lost"``, ``"truncated"``, ...).
-        lesson: optional free text (written by the agent's ``episode_lesson`` hook or by hand).
-        metadata: anything JSON-serialisable.
-        id: assigned by the memory on insertion (increasing; also the insertion order).
-    """
-
-    observation: str
-    action: str
-    reward: float = 0.0
-    return_to_go: float = 0.0
-    episode_return: float = 0.0
-    outcome: str | None = None
-    lesson: str | None = None
-    metadata: dict = field(default_factory=dict)
-    id: int = -1
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.observation, str) or not isinstance(self.action, str):
-            raise TypeError(
-                f"Experience needs observation and action as str, got {type(self.observation).__name__} and "
-                f"{type(self.action).__name__}"
-            )
-        for name in ("reward", "return_to_go", "episode_return"):
-            value = float(getattr(self, name))
-            if not math.isfinite(value):
-                raise ValueError(f"Experience.{name}={value} is not finite")
-            setattr(self, name, value)
+from .records import Experience
+from .store import MemoryStoreError, load_store, save_store
 
 
 @dataclass
@@ -359,8 +318,6 @@ class EpisodicMemory:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the store to the folder ``path`` (created if needed); see :mod:`rllama.memory.store`."""
-        from .store import save_store
-
         return save_store(self, path)
 
     @classmethod
@@ -375,8 +332,6 @@ class EpisodicMemory:
             overrides: config fields to change (``k=8``, ``return_weight=0.5``, ...); a
                 ``write_filter`` (a function, not saved) is passed here again.
         """
-        from .store import load_store
-
         return load_store(cls, path, embedder, overrides)
 
 

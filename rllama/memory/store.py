@@ -26,17 +26,35 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from ..errors import CorruptFileError
+from ..errors import CorruptFileError, RLlamaError
 from ..fileio import atomic_write, read_json
 from .embedding import HashingEmbedder, make_embedder
-from .episodic import Experience, MemoryStoreError
+from .records import Experience
 
-if TYPE_CHECKING:
-    from .episodic import EpisodicMemory
+
+class MemoryStoreError(RLlamaError):
+    """A memory store on disk is missing, inconsistent or written by an incompatible version."""
+
+
+class StoredMemory(Protocol):
+    """What the store reads off a memory and sets on one it loads (:class:`~rllama.memory.EpisodicMemory`
+    is one). Stated here rather than imported, so that this module needs nothing from
+    :mod:`rllama.memory.episodic`, which saves and loads through it."""
+
+    embedder: Any
+    index: Any  # a FAISS IndexIDMap2 holding the entries' vectors by id
+    entries: dict[int, Experience]
+    _next_id: int
+    _faiss: Any  # the faiss module
+
+    def config(self) -> dict: ...
+
+
+MemoryT = TypeVar("MemoryT", bound=StoredMemory)
 
 FORMAT = "rllama.EpisodicMemory"
 FORMAT_VERSION = 1
@@ -51,7 +69,7 @@ ENTRY_TYPES: dict[str, tuple[type, ...]] = {  # the JSON types of each Experienc
 assert set(ENTRY_TYPES) == {f.name for f in dataclasses.fields(Experience)}, "ENTRY_TYPES lags Experience"
 
 
-def save_store(memory: EpisodicMemory, path: str | os.PathLike) -> Path:
+def save_store(memory: StoredMemory, path: str | os.PathLike) -> Path:
     """Write ``memory`` to the folder ``path`` (created if needed)."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -83,8 +101,8 @@ def content_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def load_store(cls: type[EpisodicMemory], path: str | os.PathLike, embedder=None,
-               overrides: dict[str, Any] | None = None) -> EpisodicMemory:
+def load_store(cls: type[MemoryT], path: str | os.PathLike, embedder=None,
+               overrides: dict[str, Any] | None = None) -> MemoryT:
     """Read a store written by :func:`save_store` as a ``cls``; ``embedder`` and config ``overrides``
     as in :meth:`EpisodicMemory.load <rllama.memory.EpisodicMemory.load>`."""
     folder = Path(path)

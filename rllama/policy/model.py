@@ -1,21 +1,16 @@
-"""The policy: a causal LM with a LoRA adapter and a value head, trained together.
+"""The policy: a causal LM with LoRA adapters and heads, its forward passes run by one engine.
 
-The class is assembled from one mixin per concern, each in its own module: named adapters and the
-reference policy (:mod:`~rllama.policy.adapters`), forward passes (:mod:`~rllama.policy.forward`,
-:mod:`~rllama.policy.packing`), scores, features and step evaluation (:mod:`~rllama.policy.scoring`),
-generation (:mod:`~rllama.policy.generation`) and the saved folder (:mod:`~rllama.policy.persistence`);
-heads are in :mod:`~rllama.policy.heads` and the returned records in :mod:`~rllama.policy.outputs`.
-This module holds construction and the heads and weight snapshots.
+:class:`PolicyModel` is a plain ``nn.Module``: the language model with its adapters (PEFT), the
+heads (:mod:`~rllama.policy.heads`), and the forward engine chosen once when it is built
+(:mod:`~rllama.policy.engine`). What it computes is in plain functions over the engine: scores,
+features and step evaluation (:mod:`~rllama.policy.scoring`) and generation
+(:mod:`~rllama.policy.generation`); its folder is written and read by :mod:`~rllama.policy.persistence`;
+the returned records are in :mod:`~rllama.policy.outputs`.
 
-The reference policy (for KL penalties) is the same network with the adapter disabled, so there is
-never a second copy of the base model in memory. Only the adapter and the heads are trainable and
-only they are saved (safetensors + JSON, never pickle).
-
-Two ways to act, sharing one batched forward machinery (:meth:`PolicyModel.continuation_logprobs`):
+Two ways to act, sharing one engine:
 
 * **scoring**: every candidate action text is scored as the log-likelihood of that text (and the
-  end-of-turn token) after the prompt; the policy is the softmax over the scores. The prompts of all
-  environments go through the model once and their key/value cache is shared by every candidate.
+  end-of-turn token) after the prompt; the policy is the softmax over the scores.
 * **generation**: a reply is sampled token by token from ``softmax(logits / temperature)``; the
   sampling loop is ours so that each token's log-probability and the prompt's value come for free.
 """
@@ -23,20 +18,21 @@ Two ways to act, sharing one batched forward machinery (:meth:`PolicyModel.conti
 from __future__ import annotations
 
 import contextlib
-import inspect
+import os
 import threading
 import warnings
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rllama.errors import RLlamaError
-from rllama.policy.adapters import AdapterMixin
-from rllama.policy.forward import SCORE_MEMO_ENTRIES, ForwardMixin
-from rllama.policy.generation import GenerationMixin
+from rllama.errors import ModelNotFoundError, RLlamaError
+from rllama.fileio import recover_dir, writing_dir
+from rllama.policy import generation, persistence, scoring
+from rllama.policy.engine import DEFAULT_CACHE_MB, Engine, ModelParts, make_engine
+from rllama.policy.engine.split import supports_split
 from rllama.policy.heads import POLICY_HEAD, ValueHead, pca_whitening
 from rllama.policy.loading import load_model, model_identity
 from rllama.policy.outputs import (
@@ -47,20 +43,13 @@ from rllama.policy.outputs import (
     StepEvaluation,
     candidate_score,
 )
-from rllama.policy.packing import PackingMixin
-from rllama.policy.persistence import ADAPTER_DIR, FORMAT_VERSION, HEADS_FILE, POLICY_FILE, PersistenceMixin
-from rllama.policy.prefix_cache import (
-    DEFAULT_CACHE_MB,
-    FrozenBottom,
-    supports_split,
-)
-from rllama.policy.scoring import REFERENCE_MEMO_ENTRIES, ScoringMixin
+from rllama.policy.persistence import ADAPTER_DIR, FORMAT_VERSION, HEADS_FILE, POLICY_FILE
+from rllama.policy.scoring import ScoreRule
 
 __all__ = [  # re-exported: this module is where they were first defined
-    "ADAPTER_DIR", "FORMAT_VERSION", "HEADS_FILE", "POLICY_FILE", "POLICY_HEAD", "REFERENCE_MEMO_ENTRIES",
-    "SCORE_MEMO_ENTRIES", "CandidateOutputs", "Continuations", "GeneratedReply", "PolicyModel", "StepEvaluation",
-    "ValueHead", "build_policy", "candidate_score", "cpu_bf16_pays", "default_lora_config", "pca_whitening",
-    "resolve_precision",
+    "ADAPTER_DIR", "FORMAT_VERSION", "HEADS_FILE", "POLICY_FILE", "POLICY_HEAD", "CandidateOutputs", "Continuations",
+    "GeneratedReply", "PolicyModel", "StepEvaluation", "ValueHead", "build_policy", "candidate_score", "cpu_bf16_pays",
+    "default_lora_config", "pca_whitening", "resolve_precision",
 ]
 
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -108,9 +97,8 @@ def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0, targ
                       task_type="CAUSAL_LM", **extra)
 
 
-class PolicyModel(AdapterMixin, ForwardMixin, PackingMixin, ScoringMixin, GenerationMixin, PersistenceMixin,
-                  nn.Module):
-    """A causal LM with a LoRA adapter and a value head.
+class PolicyModel(nn.Module):
+    """A causal LM with LoRA adapters and heads, running its forward passes on one engine.
 
     Args:
         model: a transformers causal LM (``PreTrainedModel``). Its weights are frozen.
@@ -123,10 +111,11 @@ class PolicyModel(AdapterMixin, ForwardMixin, PackingMixin, ScoringMixin, Genera
             default: bf16 on GPUs that run it natively and on CPUs where it is measured faster, see
             :func:`resolve_precision`; else fp32). Parameters, optimizer state, log-softmax and
             losses stay in float32 either way.
-        prefix_cache: ``"auto"`` (default), ``True`` or ``False``: the frozen-prefix cache
-            (:mod:`rllama.policy.prefix_cache`); ``"auto"`` uses it where blocks below the adapters
-            are frozen, ``True`` makes a model where it cannot work an error.
-        prefix_cache_mb: its bound in MiB (``0``: off); a quarter of it again bounds the adapted
+        prefix_cache: ``"auto"`` (default), ``True`` or ``False``: whether the forward passes run on the cached
+            engine (:class:`~rllama.policy.engine.CachedEngine`: the frozen blocks' states kept per token
+            prefix) or the plain one; ``"auto"`` uses it where blocks below the adapters are frozen, ``True``
+            makes a model where it cannot work an error.
+        prefix_cache_mb: its bound in MiB (``0``: the plain engine); a quarter of it again bounds the adapted
             blocks' trees used while no gradient is taken (one per recent adapter state).
         score_normalization: how a candidate's token log-probs become its score: ``"mean"``
             (default: the mean over its text tokens plus the log-prob of its last, end-of-turn
@@ -139,24 +128,25 @@ class PolicyModel(AdapterMixin, ForwardMixin, PackingMixin, ScoringMixin, Genera
             Needs an algorithm with a head that chooses (a policy or Q head).
         temperature: the policy is ``softmax(logits / temperature)`` in generate mode and
             ``softmax(scores / temperature)`` in scoring mode, when acting and when training.
+        engine: the forward engine to run on, as a function of the model's parts and the PEFT model
+            (``PlainEngine``, or an engine of your own: ``docs/contributing.md``); by default
+            :func:`~rllama.policy.engine.make_engine` chooses from ``prefix_cache``.
+
+    The reference policy (for KL penalties) is the same network with the adapter disabled
+    (:meth:`reference`), so there is never a second copy of the base model in memory. Only the adapter and
+    the heads are trainable and only they are saved (safetensors + JSON, never pickle). Scoring
+    (:mod:`~rllama.policy.scoring`) and generation (:mod:`~rllama.policy.generation`) are functions over
+    :attr:`engine`; the methods here hand them this policy's heads and settings.
 
     Example:
         >>> policy = PolicyModel(model, tokenizer)  # doctest: +SKIP
         >>> scores, values = policy.score_candidates([prompt_ids], [[stick_ids, hit_ids]])  # doctest: +SKIP
     """
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        lora_config=None,
-        device: str | torch.device | None = None,
-        precision: str = "auto",
-        score_normalization: str = "mean",
-        temperature: float = 1.0,
-        prefix_cache: bool | str = "auto",
-        prefix_cache_mb: float = DEFAULT_CACHE_MB,
-    ) -> None:
+    def __init__(self, model, tokenizer, lora_config=None, device: str | torch.device | None = None,
+                 precision: str = "auto", score_normalization: str = "mean", temperature: float = 1.0,
+                 prefix_cache: bool | str = "auto", prefix_cache_mb: float = DEFAULT_CACHE_MB,
+                 engine: Callable[[ModelParts, nn.Module], Engine] | None = None) -> None:
         super().__init__()
         from peft import PeftModel, get_peft_model
 
@@ -169,6 +159,9 @@ class PolicyModel(AdapterMixin, ForwardMixin, PackingMixin, ScoringMixin, Genera
             raise ValueError(f"temperature={temperature!r}; expected a positive number")
         if prefix_cache not in ("auto", True, False):
             raise ValueError(f"prefix_cache={prefix_cache!r}; expected 'auto', True or False")
+        if engine is not None and (prefix_cache != "auto" or prefix_cache_mb != DEFAULT_CACHE_MB):
+            raise ValueError("engine= chooses the engine; prefix_cache= and prefix_cache_mb= choose one "
+                             "of rllama's own: give one or the other")
         if not prefix_cache_mb >= 0:
             raise ValueError(f"prefix_cache_mb={prefix_cache_mb!r}; expected 0 (no cache) or a positive size in MiB")
         self.tokenizer = tokenizer
@@ -182,166 +175,225 @@ class PolicyModel(AdapterMixin, ForwardMixin, PackingMixin, ScoringMixin, Genera
             with warnings.catch_warnings():
                 # PEFT reads transformers' deprecated `is_gradient_checkpointing`; not the user's concern.
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                self.lm = get_peft_model(model, lora_config or self._default_lora_config(model))
-        config = self.lm.get_base_model().config
-        self.base_model_name = model_identity(getattr(config, "_name_or_path", "") or "")
-        hidden = getattr(config, "hidden_size", None) or config.n_embd
+                self.lm = get_peft_model(model, lora_config or _default_lora_config(model))
+        causal = self.lm.get_base_model()
+        self.base_model_name = model_identity(getattr(causal.config, "_name_or_path", "") or "")
+        hidden = getattr(causal.config, "hidden_size", None) or causal.config.n_embd
         self.heads = nn.ModuleDict({"value": ValueHead(hidden)})
         self.device = torch.device(device) if device is not None else next(self.lm.parameters()).device
         self.precision = resolve_precision(precision, self.device)
         self.to(self.device)
-        self.pad_id = self._pick_pad_id(tokenizer)
-        # Shared prompt prefixes at least this long run once per batch (see _forward_prompts).
-        self.min_shared_prefix = 8
         self.lm.eval()  # dropout off: acting and training must see the same function
-        self._probe = None  # see _lora_probe
-        self._bottom = self._make_frozen_bottom(prefix_cache, prefix_cache_mb)
-        self._reference_memo: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        # Token log-probs of (prompt, continuation) pairs, one memo per adapter state (the top tree's
-        # signature, see _top_cache_usable; the policy's and the reference's survive each other's
-        # passes): a frozen adapter's scores are computed once per pair.
-        self._score_memos: OrderedDict[tuple, OrderedDict[bytes, torch.Tensor]] = OrderedDict()
-        self._score_memo: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        parts = ModelParts(getattr(causal, causal.base_model_prefix), causal.get_output_embeddings(),
+                           _pad_id(tokenizer), self.device, self.precision)
+        self.engine: Engine = (engine(parts, self.lm) if engine is not None
+                               else make_engine(parts, self.lm, prefix_cache, prefix_cache_mb))
         self._in_reference = False  # the policy head is part of the trained policy, not of the reference
         # Held by whoever switches the active adapter or changes weights: an agent acting or updating, a
         # SkillModel's learning steps and generations. Threads sharing this policy take turns through it.
         self.lock = threading.RLock()
 
-    # ------------------------------------------------------------------ structure
-    @staticmethod
-    def _pick_pad_id(tokenizer) -> int:
-        for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
-            value = getattr(tokenizer, name, None)
-            if value is not None:
-                return int(value)
-        return 0
-
     @property
     def hidden_size(self) -> int:
         return self.heads["value"].hidden_size
-
-    def _causal_lm(self):
-        return self.lm.get_base_model()
-
-    def _body(self):
-        lm = self._causal_lm()
-        return getattr(lm, lm.base_model_prefix)
-
-    def _lm_head(self):
-        return self._causal_lm().get_output_embeddings()
-
-    @staticmethod
-    def _default_lora_config(model):
-        """The top :data:`DEFAULT_TOP_BLOCKS` blocks of a Llama-family model; every linear layer of others."""
-        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
-        n = len(body.layers) if body is not None and supports_split(body) else 0
-        if n <= DEFAULT_TOP_BLOCKS:
-            return default_lora_config()
-        return default_lora_config(layers=range(n - DEFAULT_TOP_BLOCKS, n))
-
-    def _eager_attention(self) -> bool:
-        """Whether the model's attention takes additive float masks (``"eager"``) rather than boolean ones."""
-        return getattr(self._causal_lm().config, "_attn_implementation", "sdpa") == "eager"
-
-    def _mask_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.precision == "bf16" else next(self._body().parameters()).dtype
-
-    def _make_frozen_bottom(self, prefix_cache, prefix_cache_mb: float) -> FrozenBottom | None:
-        """The split forward with its prefix cache, when asked for and when this model has a frozen bottom."""
-        if prefix_cache is False or prefix_cache_mb == 0:
-            return None
-        body = self._body()
-        if not supports_split(body):
-            if prefix_cache is True:
-                raise RLlamaError(
-                    f"prefix_cache=True: cannot locate the transformer blocks of {type(self._causal_lm()).__name__} "
-                    "(expected a body with embed_tokens, layers, norm and rotary_emb, as Llama, Qwen2 and Mistral "
-                    "have); pass prefix_cache=False to run without the cache")
-            return None
-        attn = "eager" if self._eager_attention() else "sdpa"
-        bottom = FrozenBottom(body, int(prefix_cache_mb * 2**20), attn, self._mask_dtype())
-        if not bottom.active:
-            if prefix_cache is True:
-                raise RLlamaError(
-                    "prefix_cache=True: every transformer block holds a LoRA adapter, so no block is frozen; "
-                    "adapt the top blocks only (default_lora_config(layers=range(22, 30))) or pass prefix_cache=False")
-            return bottom
-        if not self._split_matches_model(bottom):
-            if prefix_cache is True:
-                raise RLlamaError(
-                    "prefix_cache=True: the split forward pass does not reproduce "
-                    f"{type(self._causal_lm()).__name__}'s own; pass prefix_cache=False to run without the cache")
-            warnings.warn(f"rllama: the frozen-prefix cache does not support {type(self._causal_lm()).__name__}; "
-                          "running without it", stacklevel=3)
-            return None
-        return bottom
-
-    @torch.no_grad()
-    def _split_matches_model(self, bottom: FrozenBottom) -> bool:
-        """Check the split forward against the model's own on a few tokens (float32, nothing cached)."""
-        ids = [int(t) % self._lm_head().weight.shape[0] for t in (5, 17, 3, 11, 29, 7)]
-        want = self._body()(input_ids=torch.as_tensor([ids], device=self.device)).last_hidden_state[0]
-        hidden = bottom.boundary([ids])[0][None]
-        allowed = bottom.causal(torch.ones((1, len(ids)), dtype=torch.long, device=self.device), len(ids))
-        got = bottom.top(hidden, allowed, torch.arange(len(ids), device=self.device)[None])[0]
-        bottom.cache.clear()
-        return bool(torch.allclose(got, want, atol=1e-4, rtol=1e-4))
-
-    @property
-    def prefix_cache_active(self) -> bool:
-        """Whether the frozen blocks run only for new token prefixes (see :mod:`rllama.policy.prefix_cache`)."""
-        return self._bottom is not None and self._bottom.active
-
-    def prefix_cache_stats(self) -> dict:
-        """The prefix cache's bytes, nodes, hit and miss tokens; ``{}`` when it is off."""
-        if not self.prefix_cache_active:
-            return {}
-        return {"frozen_blocks": self._bottom.split, **self._bottom.cache.stats(),
-                "top": self._bottom.top_cache.stats(),
-                "memo_continuations": sum(len(m) for m in self._score_memos.values())}
-
-    def clear_prefix_cache(self) -> None:
-        """Forget every cached prefix and reference distribution (needed only if the base model's weights were
-        changed by hand)."""
-        if self._bottom is not None:
-            self._bottom.cache.clear()
-            self._bottom.clear_top()
-        self._reference_memo.clear()
-        self._score_memos.clear()
-        self._score_memo = OrderedDict()
-
-    def _adapters_changed(self) -> None:
-        self._probe = None
-        if self._bottom is not None:
-            self._bottom.refresh()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The adapter's and heads' parameters (the base model's are frozen)."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    # ------------------------------------------------------------------ forward helpers
-    def _cache_arg(self, cache) -> dict:
-        """The key/value cache argument under the name this transformers version takes (``cache`` from 5.x on,
-        ``past_key_values`` before)."""
-        if not hasattr(self, "_cache_name"):
-            params = inspect.signature(type(self._body()).forward).parameters
-            self._cache_name = "cache" if "cache" in params else "past_key_values"
-        return {self._cache_name: cache}
+    def invalidate(self) -> None:
+        """Have the engine forget every state it keeps between passes: after the base model's weights were changed
+        by hand, and wherever a run must continue exactly as one resumed there (checkpoints, segments) — what
+        is kept decides how a pass is split, and so its last bits."""
+        self.engine.invalidate()
 
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    # ------------------------------------------------------------------ scoring and generation
+    @property
+    def uses_scores(self) -> bool:
+        """Whether candidates' logits include the model's own scores (``score_normalization`` is not
+        ``"none"``); without them a candidate's log-probs are not computed at all."""
+        return self.score_normalization != "none"
 
-    def replace_head(self, name: str, whiten: int = 0) -> ValueHead:
-        """Replace head ``name`` with a fresh zero-initialised one (``whiten`` as in :class:`ValueHead`,
-        capped at the hidden size); only before training, while the head still outputs zero."""
-        head = self.heads[name]
-        if any(p.detach().abs().sum() > 0 for p in head.parameters()):
-            raise RLlamaError(f"head {name!r} has been trained; it can only be replaced before training")
-        self.heads[name] = ValueHead(self.hidden_size, head.linear.out_features,
-                                     whiten=min(int(whiten), self.hidden_size)).to(self.device)
-        return self.heads[name]
+    def _rule(self) -> ScoreRule:
+        head = self.heads[POLICY_HEAD] if POLICY_HEAD in self.heads and not self._in_reference else None
+        return ScoreRule(self.score_normalization, self.temperature, head)
+
+    def continuation_logprobs(self, prompts, continuations, owner, entropy_rows=None, logprobs: bool = True):
+        """Log-probability of each token of each continuation given its prompt (:meth:`Engine.encode
+        <rllama.policy.engine.Engine.encode>` at this policy's temperature)."""
+        return self.engine.encode(prompts, continuations, owner, temperature=self.temperature,
+                                  entropy_rows=entropy_rows, logprobs=logprobs)
+
+    def values(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Value estimates ``[B]`` of the prompts."""
+        return self.heads["value"](self.engine.encode_prompts(prompts)).squeeze(-1)
+
+    def score_candidates(self, prompts, candidates) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Policy log-probabilities over each prompt's candidate actions, and the prompts' values.
+
+        Args:
+            prompts: ``B`` token-id lists.
+            candidates: for each prompt, the token ids of each candidate action.
+
+        Returns:
+            ``(logprobs, values)``: ``logprobs[b]`` is ``[K_b]`` (a log-softmax over prompt ``b``'s
+            candidates); ``values`` is ``[B]``.
+        """
+        out = self.candidate_outputs(prompts, candidates)
+        return out.logprobs, out.values
+
+    def candidate_outputs(self, prompts, candidates, q_heads: Sequence[str] = (), frozen_body: bool = False,
+                          scores: bool = True) -> CandidateOutputs:
+        """Like :meth:`score_candidates`, plus the values of state-action heads ``q_heads``.
+
+        With ``frozen_body`` the model runs without gradients (so the engine serves every block it keeps)
+        and only the heads keep theirs: what a head-only update needs. With ``scores=False`` the
+        candidates are not projected to the vocabulary (most of a cached pass's cost) and ``logprobs``
+        are uniform placeholders: for Q-value targets.
+        """
+        return scoring.candidate_outputs(self.engine, self.heads, self._rule(), prompts, candidates, q_heads,
+                                         frozen_body, scores)
+
+    def features(self, prompts, candidates, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden states heads read: ``(prompt [B, H], action [sum of K_b, H])``, in batches of prompts."""
+        return scoring.features(self.engine, prompts, candidates, self.temperature, batch_size)
+
+    def action_features(self, prompts, candidates, batch_size: int = 32) -> torch.Tensor:
+        """The hidden states a state-action head reads, ``[sum of K_b, H]`` (see :meth:`features`)."""
+        return self.features(prompts, candidates, batch_size)[1]
+
+    def evaluate_actions(self, steps, with_values: bool = True, with_entropy: bool = True,
+                         frozen_body: bool = False) -> StepEvaluation:
+        """Re-evaluate stored steps under the current parameters (with gradients if enabled).
+
+        One batched pass serves scored and generated steps alike. With ``frozen_body`` the model runs
+        without gradients and only the heads keep theirs.
+        """
+        return scoring.evaluate_actions(self.engine, self.heads, self._rule(), steps, with_values, with_entropy,
+                                        frozen_body)
+
+    def evaluate(self, steps, **kwargs) -> StepEvaluation:
+        """Deprecated name of :meth:`evaluate_actions` (``agent.evaluate`` plays episodes; this scores steps)."""
+        warnings.warn("PolicyModel.evaluate is renamed evaluate_actions", DeprecationWarning, stacklevel=2)
+        return self.evaluate_actions(steps, **kwargs)
+
+    @torch.no_grad()
+    def reference_distributions(self, steps, batch_size: int = 16) -> list[torch.Tensor]:
+        """Each step's action distribution under the reference policy (the base model, adapter disabled).
+
+        The reference never changes: where the engine keeps outputs (the cached engine's memo), a step
+        met before costs no forward in later updates.
+        """
+        out = []
+        with self.reference():
+            for start in range(0, len(steps), batch_size):
+                out += self.evaluate_actions(steps[start : start + batch_size], with_values=False,
+                                             with_entropy=False).distributions
+        return out
+
+    def generate(self, prompts, max_new_tokens: int = 32, greedy: bool = False, stop_token_ids=(),
+                 generator: torch.Generator | None = None) -> list[GeneratedReply]:
+        """Sample one reply per prompt from ``softmax(logits / temperature)`` (see
+        :func:`~rllama.policy.generation.generate`)."""
+        return generation.generate(self.engine, self.heads["value"], prompts, self.temperature, max_new_tokens,
+                                   greedy, stop_token_ids, generator)
+
+    # ------------------------------------------------------------------ adapters and the reference
+    @property
+    def active_adapter(self) -> str:
+        """The adapter that acts and trains (PEFT's active adapter; ``"default"`` at first)."""
+        return self.lm.active_adapter
+
+    def list_adapters(self) -> list[str]:
+        """Names of the LoRA adapters this model holds."""
+        return list(self.lm.peft_config)
+
+    def add_adapter(self, name: str, lora_config=None) -> None:
+        """Add a new LoRA adapter ``name`` (zero-initialised B: it starts as the base model)."""
+        if not isinstance(name, str) or not name.strip() or "." in name:
+            raise ValueError(f"adapter name {name!r}: expected a non-empty string without dots")
+        if name in self.list_adapters():
+            raise RLlamaError(f"adapter {name!r} already exists; adapters: {self.list_adapters()}")
+        active = self.active_adapter
+        self.lm.add_adapter(name, lora_config or _default_lora_config(self.lm.get_base_model()))
+        self.lm.set_adapter(active)  # keeps the active adapter trainable and the new one frozen
+        self.to(self.device)
+        self.invalidate()
+
+    def set_adapter(self, name: str) -> None:
+        """Make ``name`` the adapter that acts and trains (its parameters trainable, the others frozen)."""
+        self._require_adapter(name)
+        self.lm.set_adapter(name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (not the active one)."""
+        self._require_adapter(name)
+        if name == self.active_adapter:
+            raise RLlamaError(f"adapter {name!r} is active; set_adapter(another) before deleting it")
+        self.lm.delete_adapter(name)
+        self.invalidate()
+
+    def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        """The LoRA parameters of adapter ``name`` (default: the active one)."""
+        name = name or self.active_adapter
+        self._require_adapter(name)
+        return [p for n, p in self.lm.named_parameters() if "lora_" in n and f".{name}." in f"{n}."]
+
+    @contextlib.contextmanager
+    def using_adapter(self, name: str | None):
+        """Context in which adapter ``name`` is active (``None``: the base model, adapters disabled)."""
+        if name is None:
+            with self.reference():
+                yield
+            return
+        self._require_adapter(name)
+        previous = self.active_adapter
+        if name != previous:
+            self.lm.set_adapter(name)
+        try:
+            yield
+        finally:
+            if name != previous:
+                self.lm.set_adapter(previous)
+
+    def save_adapter(self, name: str, path: str | os.PathLike) -> Path:
+        """Write adapter ``name`` alone (PEFT format, safetensors) to folder ``path``, atomically."""
+        self._require_adapter(name)
+        path = Path(path)
+        with writing_dir(path) as tmp:
+            persistence.write_adapter(self.lm, name, tmp)
+        return path
+
+    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Load an adapter saved by :meth:`save_adapter` (or any PEFT LoRA folder) as adapter ``name``."""
+        path = Path(path)
+        if not (path / "adapter_config.json").is_file():
+            raise ModelNotFoundError(f"{str(path)!r} holds no PEFT adapter (adapter_config.json is missing)")
+        if name in self.list_adapters():
+            raise RLlamaError(f"adapter {name!r} already exists; delete_adapter({name!r}) first or pick another name")
+        active = self.active_adapter
+        try:
+            self.lm.load_adapter(str(path), adapter_name=name, is_trainable=True)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise RLlamaError(f"cannot load the adapter at {str(path)!r} into this model: {exc}") from exc
+        self.lm.set_adapter(active)
+        self.to(self.device)
+        self.invalidate()
+
+    def _require_adapter(self, name: str) -> None:
+        if name not in self.list_adapters():
+            raise RLlamaError(f"no adapter named {name!r}; adapters: {self.list_adapters()}")
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Context in which the model is the reference policy: the base model, adapter disabled (and
+        the policy head, if any, left out)."""
+        outer, self._in_reference = self._in_reference, True
+        try:
+            with self.lm.disable_adapter():
+                yield
+        finally:
+            self._in_reference = outer
 
     # ------------------------------------------------------------------ heads and weight snapshots
     def add_head(self, name: str, out_features: int = 1, whiten: int = 0) -> ValueHead:
@@ -352,6 +404,16 @@ class PolicyModel(AdapterMixin, ForwardMixin, PackingMixin, ScoringMixin, Genera
             self.heads[name] = ValueHead(self.hidden_size, out_features, whiten=whiten).to(self.device)
         elif self.heads[name].whiten != whiten:
             raise RLlamaError(f"head {name!r} exists with whiten={self.heads[name].whiten}, not {whiten}")
+        return self.heads[name]
+
+    def replace_head(self, name: str, whiten: int = 0) -> ValueHead:
+        """Replace head ``name`` with a fresh zero-initialised one (``whiten`` as in :class:`ValueHead`,
+        capped at the hidden size); only before training, while the head still outputs zero."""
+        head = self.heads[name]
+        if any(p.detach().abs().sum() > 0 for p in head.parameters()):
+            raise RLlamaError(f"head {name!r} has been trained; it can only be replaced before training")
+        self.heads[name] = ValueHead(self.hidden_size, head.linear.out_features,
+                                     whiten=min(int(whiten), self.hidden_size)).to(self.device)
         return self.heads[name]
 
     def snapshot(self, heads: Sequence[str] | None = None, adapter: bool = True) -> dict[str, torch.Tensor]:
@@ -392,6 +454,69 @@ class PolicyModel(AdapterMixin, ForwardMixin, PackingMixin, ScoringMixin, Genera
             with torch.no_grad():
                 for name, value in saved.items():
                     params[name].copy_(value)
+
+    # ------------------------------------------------------------------ the saved folder
+    def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Write the active adapter and the heads (safetensors), a JSON config and a checksum manifest
+        into folder ``path``, atomically (see :mod:`~rllama.policy.persistence`)."""
+        path = Path(path)
+        with writing_dir(path) as tmp:
+            self.write_into(tmp, extra)
+        return path
+
+    def write_into(self, folder: Path, extra: dict | None = None) -> None:
+        """Write what :meth:`save` writes into the existing folder ``folder`` (not atomically: for a
+        caller that writes more beside it inside one :func:`~rllama.fileio.writing_dir`)."""
+        persistence.write_policy(self, Path(folder), extra)
+
+    def load(self, path: str | os.PathLike) -> dict:
+        """Load the adapter and head weights saved by :meth:`save` into the active adapter and the
+        heads; returns the saved JSON config. Everything is checked first: on any error the policy
+        is unchanged."""
+        adapter_state, heads_state, meta = self.read_checkpoint(recover_dir(path))
+        self.apply_checkpoint(adapter_state, heads_state, meta)
+        return meta
+
+    def read_checkpoint(self, path: str | os.PathLike) -> tuple[dict, dict, dict]:
+        """Read and check a folder written by :meth:`save` without changing the policy: its adapter
+        tensors, head tensors and config, ready for :meth:`apply_checkpoint`."""
+        return persistence.read_checkpoint(self, path)
+
+    def apply_checkpoint(self, adapter_state: dict, heads_state: dict, meta: dict) -> None:
+        """Put what :meth:`read_checkpoint` returned into the active adapter, the heads and the settings."""
+        persistence.apply_checkpoint(self, adapter_state, heads_state, meta)
+
+    # ------------------------------------------------------------------ names before the engine layer
+    @property
+    def prefix_cache_active(self) -> bool:
+        """Whether the policy runs on the cached engine with some block frozen (``policy.engine.stats()`` is
+        then not empty)."""
+        return bool(self.engine.stats())
+
+    def prefix_cache_stats(self) -> dict:
+        """The engine's :meth:`~rllama.policy.engine.Engine.stats` (the name before the engine layer)."""
+        return self.engine.stats()
+
+    def clear_prefix_cache(self) -> None:
+        """:meth:`invalidate` (the name before the engine layer)."""
+        self.invalidate()
+
+
+def _pad_id(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _default_lora_config(model):
+    """The top :data:`DEFAULT_TOP_BLOCKS` blocks of a Llama-family model; every linear layer of others."""
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    n = len(body.layers) if body is not None and supports_split(body) else 0
+    if n <= DEFAULT_TOP_BLOCKS:
+        return default_lora_config()
+    return default_lora_config(layers=range(n - DEFAULT_TOP_BLOCKS, n))
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
