@@ -3,13 +3,20 @@ cache) against the path before it, side by side in one run.
 
     python benchmarks/prefix_cache.py --threads 1                # the committed results (~25 min, 2 cores)
     python benchmarks/prefix_cache.py --threads 1 --quick        # a smoke run of a few minutes
+    python benchmarks/prefix_cache.py --threads 1 --layouts baseline default --baseline-commit 3d0de4a \
+        --name engine_refactor                                   # this checkout's default path against a commit's
 
-Three layouts:
+Layouts (``--layouts``; by default the first three, and ``baseline`` too when ``--baseline-commit`` is given):
 
 - ``before``: the library as it was before the cache (``--before-commit``, checked out into a
   temporary git worktree and imported from there): LoRA on every block, nothing cached.
 - ``default``: this checkout's defaults (LoRA on the top 8 of 30 blocks, prefix cache on).
 - ``top4``: this checkout with LoRA on the top 4 blocks (what fewer adapted blocks buy).
+- ``baseline``: the ``default`` layout (the defaults: top 8 blocks + prefix cache) of the library at
+  ``--baseline-commit``, imported from a temporary git worktree as ``before`` is: a change of this
+  checkout against a commit, measured in one run. With ``default`` it adds ``default_over_baseline``
+  to the result, the ratio default / baseline of every figure (so above 1 is faster for env steps/s,
+  slower for seconds and ms per token).
 
 Each layout runs in a fresh process, one after the other (so peak memory is its own and two never
 share the cores), on the embedded SmolLM2-135M, Blackjack-v1, the same seeds and the same precision
@@ -33,6 +40,9 @@ share the cores), on the embedded SmolLM2-135M, Blackjack-v1, the same seeds and
 - the naive LlamaGym-style loop of ``throughput.py`` (one env, ``model.generate`` per step, a
   second model copy as reference), once: its env steps/s against ``train``.
 
+Every layout records ``part_s``, the seconds each of its parts took. ``--naive-steps 0`` skips the naive
+loop. ``--quick`` shortens what no flag sets: ``--quick --train-episodes 16`` keeps the 16.
+
 Writes ``results/<name>.json`` and ``.png``.
 """
 
@@ -52,8 +62,28 @@ sys.path.insert(0, str(HERE))
 from common import add_common_args, cpu_name, save_figure, save_result, set_threads  # noqa: E402
 
 LAYOUTS = {"before": "before: every block, no cache", "default": "default: top 8 blocks + prefix cache",
-           "top4": "top 4 blocks + prefix cache"}
-COLOURS = {"before": "tab:gray", "default": "tab:blue", "top4": "tab:cyan"}
+           "top4": "top 4 blocks + prefix cache", "baseline": "default layout at {commit}"}
+COLOURS = {"before": "tab:gray", "default": "tab:blue", "top4": "tab:cyan", "baseline": "tab:orange"}
+WORKTREE_LAYOUTS = {"before": "before_commit", "baseline": "baseline_commit"}  # layout: the flag naming its commit
+
+
+def label(run: dict) -> str:
+    return run.get("label") or LAYOUTS[run["layout"]].format(commit=run.get("commit", "?"))
+
+
+def resolve_precision(precision: str) -> str:
+    """``--precision`` resolved for the CPU by the imported library (``rllama.policy.model`` at the commits
+    measured so far; ``rllama.policy`` tried next, in case a refactor moves it)."""
+    import importlib
+
+    import torch
+
+    for module in ("rllama.policy.model", "rllama.policy"):
+        try:
+            return importlib.import_module(module).resolve_precision(precision, torch.device("cpu"))
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError("resolve_precision is in neither rllama.policy.model nor rllama.policy")
 
 
 def ppo_config(**fields) -> dict:
@@ -81,7 +111,8 @@ def make_agent(layout: str, precision: str, generate: bool = False, **kwargs):
         cls = GeneratingBlackjackAgent
     if layout == "top4":
         kwargs.update(lora_config=default_lora_config(layers=range(26, 30)))
-    # "before" takes the defaults of the library it imports (the worktree of --before-commit)
+    # "before", "baseline" and "default" take the defaults of the library they import: the worktree of
+    # --before-commit (every block, no cache), that of --baseline-commit and this checkout (top 8 + cache)
     lm, tokenizer = load_model(None)
     return cls(lm, tokenizer, seed=0, precision=precision, **kwargs)
 
@@ -112,30 +143,41 @@ def acting(agent, n_envs: int, warmup: int, episodes: int) -> dict:
 
 
 def stats_of(agent) -> dict:
-    return agent.policy.prefix_cache_stats() if hasattr(agent.policy, "prefix_cache_stats") else {}
+    """What the policy's engine keeps (``policy.engine.stats()``; ``prefix_cache_stats()`` in libraries before the
+    engine layer, nothing in libraries before the cache)."""
+    policy = agent.policy
+    if hasattr(policy, "engine"):
+        return policy.engine.stats()
+    return policy.prefix_cache_stats() if hasattr(policy, "prefix_cache_stats") else {}
 
 
 def part(args) -> dict:
     import resource
 
     import gymnasium as gym
-    import torch
 
     import rllama
-    from rllama.policy.model import resolve_precision
 
-    out = {"layout": args.layout, "precision": resolve_precision(args.precision, torch.device("cpu")),
-           "rllama_imported_from": str(Path(rllama.__file__).parent)}
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:  # the seconds a part took, loading included
+        now = time.perf_counter()
+        out["part_s"][name] = now - clock[0]
+        clock[0] = now
+
+    out = {"layout": args.layout, "precision": resolve_precision(args.precision),
+           "rllama_imported_from": str(Path(rllama.__file__).parent), "part_s": {}}
     # The update measured is one pass over 16 episodes in minibatches of 16 (the committed figures' setting).
     agent = make_agent(args.layout, args.precision,
                        algorithm_config=ppo_config(batch_episodes=16, minibatch_size=16, epochs=1))
-    out["prefix_cache"] = getattr(agent.policy, "prefix_cache_active", False)
+    out["prefix_cache"] = bool(stats_of(agent))
     out["adapted_blocks"] = sorted({int(n.split("layers.")[1].split(".")[0])
                                     for n, _ in agent.policy.named_parameters() if "lora_" in n})
     for n, episodes in ((16, args.act_episodes), (1, args.act_episodes // 4)):
         out[f"scoring_{n}"] = acting(agent, n, args.warmup if n == 16 else 0, episodes)
         print(args.layout, f"scoring {n}", out[f"scoring_{n}"], flush=True)
     out["cache_after_acting"] = stats_of(agent)
+    lap("scoring")
     # PPO: a first update (shapes, optimizer state), then the measured one.
     envs = gym.make_vec("Blackjack-v1", num_envs=16, vectorization_mode="sync", sab=True)
     agent.train(envs, 16, seed=3, progress=False)
@@ -151,6 +193,7 @@ def part(args) -> dict:
     out["cache_after_training"] = stats_of(agent)
     print(args.layout, "ppo", out["ppo_update_s"], out["train"], flush=True)
     del agent
+    lap("ppo")
     # DQN training the adapter on minibatches of 16 (what "before" ran): two updates of 8 gradient steps; the
     # second one is measured.
     agent = make_agent(args.layout, args.precision, algorithm="dqn",
@@ -160,12 +203,15 @@ def part(args) -> dict:
     out["dqn_step_s"] = history[-1]["time/update_s"] / 8
     print(args.layout, "dqn step", out["dqn_step_s"], flush=True)
     del agent
+    lap("dqn")
     if args.layout != "before":
-        out.update(defaults_part(args, envs))
+        out.update(defaults_part(args, envs, lap))
     agent = make_agent(args.layout, args.precision, generate=True, max_new_tokens=args.new_tokens)
     for n, episodes in ((16, args.gen_episodes), (1, max(2, args.gen_episodes // 4))):
         out[f"generate_{n}"] = acting(agent, n, 0, episodes)
         print(args.layout, f"generate {n}", out[f"generate_{n}"], flush=True)
+    lap("generate")
+    print(args.layout, "part_s", {k: round(v, 1) for k, v in out["part_s"].items()}, flush=True)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -182,7 +228,7 @@ def adapter_dqn_config(**fields) -> dict:
     return fields
 
 
-def defaults_part(args, envs) -> dict:
+def defaults_part(args, envs, lap=lambda name: None) -> dict:
     """What this checkout's defaults cost: PPO training at its defaults (a policy head on whitened features,
     the adapter frozen, the first update after 500 steps), a DQN gradient step at its defaults (64
     transitions, heads only), and the floor of generation (every weight read once)."""
@@ -197,6 +243,7 @@ def defaults_part(args, envs) -> dict:
                              "update_s": [h["time/update_s"] for h in history]}
     print(args.layout, "train (defaults)", out["train_defaults"], flush=True)
     del agent
+    lap("train_defaults")
     agent = make_agent(args.layout, args.precision, algorithm="dqn", algorithm_config={"learning_starts": 128})
     agent.train(envs, 160, seed=8, progress=False)
     history = agent.train(envs, 16, seed=9, progress=False)
@@ -206,6 +253,7 @@ def defaults_part(args, envs) -> dict:
     print(args.layout, "dqn step (defaults)", out["dqn_default_step_s"], flush=True)
     out["gemv_floor_ms"] = gemv_floor_ms(agent.policy)
     del agent
+    lap("dqn_defaults")
     return out
 
 
@@ -262,19 +310,23 @@ def run_part(layout: str, args, tmp: Path, precision: str, textworld: bool = Fal
            "--train-episodes", str(args.train_episodes), "--new-tokens", str(args.new_tokens),
            "--defaults-episodes", str(args.defaults_episodes)]
     env = dict(os.environ)
-    if layout == "before":  # import the library of --before-commit, not this checkout's
-        tree = tmp / "before"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.before_commit],
+    commit = getattr(args, WORKTREE_LAYOUTS[layout]) if layout in WORKTREE_LAYOUTS else None
+    if commit:  # import the library of --before-commit / --baseline-commit, not this checkout's
+        tree = tmp / layout
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), commit],
                        check=True, capture_output=True)
         env["RLLAMA_BEFORE_TREE"] = str(tree)
+    t0 = time.perf_counter()
     try:
         subprocess.run(cmd, check=True, env=env)
     finally:
-        if layout == "before":
+        if commit:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     result = json.loads(out.read_text())
-    if layout == "before":
-        result["commit"] = args.before_commit
+    result["process_wall_s"] = time.perf_counter() - t0
+    if commit:
+        result["commit"] = commit
+    result["label"] = label(result)
     return result
 
 
@@ -287,22 +339,69 @@ def run_naive(args, tmp: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def ratios(before: dict, default: dict, naive: dict) -> dict:
+def ratios(before: dict, default: dict, naive: dict | None) -> dict:
     """``default`` against ``before`` (and the naive loop): the issue's targets are these ratios."""
     speed = {key: default[key]["env_steps_per_s"] / before[key]["env_steps_per_s"]
              for key in ("scoring_1", "scoring_16", "generate_1", "generate_16", "train")}
     out = {**{f"{k}_speedup": v for k, v in speed.items()},
            "ppo_update_speedup": before["ppo_update_s"] / default["ppo_update_s"],
            "dqn_step_speedup": before["dqn_step_s"] / default["dqn_step_s"],
-           "train_over_naive": default["train"]["env_steps_per_s"] / naive["env_steps_per_s"],
            "peak_rss_ratio": default["peak_rss_mb"] / before["peak_rss_mb"]}
+    if naive:  # --naive-steps 0 skips the naive loop
+        out["train_over_naive"] = default["train"]["env_steps_per_s"] / naive["env_steps_per_s"]
     if "train_defaults" in default:  # results from before these rows were measured lack them
         speed = default["train_defaults"]["env_steps_per_s"]
-        out.update(train_defaults_over_naive=speed / naive["env_steps_per_s"],
-                   train_defaults_speedup=speed / before["train"]["env_steps_per_s"],
+        if naive:
+            out["train_defaults_over_naive"] = speed / naive["env_steps_per_s"]
+        out.update(train_defaults_speedup=speed / before["train"]["env_steps_per_s"],
                    dqn_default_step_speedup=before["dqn_step_s"] / default["dqn_default_step_s"],
                    generate_1_ms_per_token_over_floor=default["generate_1"]["ms_per_token"] / default["gemv_floor_ms"])
     return out
+
+
+FIGURES = [  # (name, row, field or None for a top-level number, label in the PNG)
+    ("scoring_1_env_steps_per_s", "scoring_1", "env_steps_per_s", "score 1 env, steps/s"),
+    ("scoring_16_env_steps_per_s", "scoring_16", "env_steps_per_s", "score 16 envs, steps/s"),
+    ("generate_1_env_steps_per_s", "generate_1", "env_steps_per_s", "gen 1 env, steps/s"),
+    ("generate_16_env_steps_per_s", "generate_16", "env_steps_per_s", "gen 16 envs, steps/s"),
+    ("generate_1_ms_per_token", "generate_1", "ms_per_token", "gen 1 env, ms/token"),
+    ("generate_16_ms_per_token", "generate_16", "ms_per_token", "gen 16 envs, ms/token"),
+    ("ppo_update_s", "ppo_update_s", None, "PPO update, s"),
+    ("dqn_step_s", "dqn_step_s", None, "DQN step (adapter), s"),
+    ("train_env_steps_per_s", "train", "env_steps_per_s", "PPO training, steps/s"),
+    ("train_defaults_env_steps_per_s", "train_defaults", "env_steps_per_s", "training at defaults, steps/s"),
+    ("dqn_default_step_s", "dqn_default_step_s", None, "DQN step (defaults), s"),
+    ("gemv_floor_ms", "gemv_floor_ms", None, "GEMV floor, ms"),
+    ("peak_rss_mb", "peak_rss_mb", None, "peak RSS, MB"),
+]
+HIGHER_IS_BETTER = {name for name, *_ in FIGURES if name.endswith("_per_s")}
+
+
+def figures(run: dict) -> dict:
+    """A layout's figures, flat (those it lacks left out)."""
+    out = {}
+    for name, row, field, _ in FIGURES:
+        value = run.get(row)
+        if field is not None:
+            value = value.get(field) if isinstance(value, dict) else None
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def compare(baseline: dict, default: dict) -> dict:
+    """Both layouts' figures and ``default_over_baseline``, the ratio default / baseline of each."""
+    b, d = figures(baseline), figures(default)
+    return {"baseline_commit": baseline.get("commit"), "baseline": b, "default": d,
+            "default_over_baseline": {k: d[k] / b[k] for k in d if k in b and b[k]}}
+
+
+def print_comparison(comparison: dict) -> None:
+    print(f"{'figure':34s} {'baseline':>11s} {'default':>11s} {'default/baseline':>17s}")
+    for name, ratio in comparison["default_over_baseline"].items():
+        better = (ratio > 1) == (name in HIGHER_IS_BETTER)
+        print(f"{name:34s} {comparison['baseline'][name]:11.4g} {comparison['default'][name]:11.4g} "
+              f"{ratio:16.3f}{' ' if abs(ratio - 1) < 1e-9 else '+' if better else '-'}")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -321,9 +420,11 @@ def plot(result: dict, path: Path) -> None:
     for off, (layout, r) in enumerate(runs.items()):
         shift = (off - (len(runs) - 1) / 2) * width
         axes[0].bar(x + shift, [r[k]["env_steps_per_s"] if k in r else nan for k in keys], width,
-                    label=LAYOUTS[layout], color=COLOURS[layout])
+                    label=label(r), color=COLOURS[layout])
         axes[1].bar(np.arange(len(costs)) + shift, [r.get(k, nan) for k in costs], width, color=COLOURS[layout])
-    axes[0].axhline(result["naive"]["env_steps_per_s"], color="tab:red", ls="--", lw=1, label="naive LlamaGym loop")
+    if result.get("naive"):
+        axes[0].axhline(result["naive"]["env_steps_per_s"], color="tab:red", ls="--", lw=1,
+                        label="naive LlamaGym loop")
     axes[0].set_xticks(x, ["score\n1 env", "score\n16 envs", "generate\n1 env", "generate\n16 envs",
                            "PPO training\n16 envs", "PPO training\nat defaults"])
     axes[0].set_ylabel("env steps / s")
@@ -338,25 +439,46 @@ def plot(result: dict, path: Path) -> None:
     axes[1].set_ylabel("seconds")
     axes[1].set_yscale("log")
     axes[1].set_title("update cost")
-    sp = result["speedups"]
-    rows = [("score 1", "scoring_1_speedup"), ("score 16", "scoring_16_speedup"), ("gen 1", "generate_1_speedup"),
-            ("gen 16", "generate_16_speedup"), ("train", "train_speedup"),
-            ("train, defaults", "train_defaults_speedup"),
-            ("PPO update", "ppo_update_speedup"), ("DQN step", "dqn_step_speedup"),
-            ("DQN step, defaults", "dqn_default_step_speedup")]
-    rows = [(label, sp[key]) for label, key in rows if key in sp]
-    axes[2].barh([r[0] for r in rows], [r[1] for r in rows], color="tab:blue")
-    axes[2].axvline(1, color="k", lw=0.8)
-    for i, (_, v) in enumerate(rows):
-        axes[2].text(v, i, f" {v:.2f}x", va="center")
-    axes[2].set_xscale("log")
-    axes[2].invert_yaxis()
-    axes[2].set_xlabel("default / before (higher is better)")
     rss = " / ".join(f"{runs[k]['peak_rss_mb'] / 1024:.1f}" for k in runs)
-    axes[2].set_title(f"speed-up of the default; peak RSS {rss} GiB")
-    fig.suptitle(f"SmolLM2-135M, Blackjack-v1, {runs['default']['precision']}, {result['cpu']}, "
+    if result.get("comparison"):  # default / baseline of every figure: green where the default is better
+        ratio = result["comparison"]["default_over_baseline"]
+        names = {name: text for name, _, _, text in FIGURES}
+        rows = [(names[k], v, "tab:green" if (v >= 1) == (k in HIGHER_IS_BETTER) else "tab:red")
+                for k, v in ratio.items()]
+        xlabel = f"default / baseline ({result['comparison']['baseline_commit']}); green: default better"
+        title = f"default against baseline; peak RSS {rss} GiB"
+    else:
+        sp = result.get("speedups", {})
+        rows = [("score 1", "scoring_1_speedup"), ("score 16", "scoring_16_speedup"),
+                ("gen 1", "generate_1_speedup"), ("gen 16", "generate_16_speedup"), ("train", "train_speedup"),
+                ("train, defaults", "train_defaults_speedup"),
+                ("PPO update", "ppo_update_speedup"), ("DQN step", "dqn_step_speedup"),
+                ("DQN step, defaults", "dqn_default_step_speedup")]
+        rows = [(text, sp[key], "tab:blue") for text, key in rows if key in sp]
+        order = runs_order(result)
+        xlabel = f"{order[1] if len(order) > 1 else 'default'} / {order[0]} (higher is better)"
+        title = f"speed-up of the default; peak RSS {rss} GiB"
+    if rows:
+        axes[2].barh([r[0] for r in rows], [r[1] for r in rows], color=[r[2] for r in rows])
+        axes[2].axvline(1, color="k", lw=0.8)
+        for i, (_, v, _) in enumerate(rows):
+            axes[2].text(v, i, f" {v:.2f}x", va="center", fontsize=8)
+        axes[2].set_xscale("log")
+        axes[2].invert_yaxis()
+        axes[2].tick_params(axis="y", labelsize=8)
+        axes[2].set_xlabel(xlabel)
+    else:  # one layout: nothing to compare
+        axes[2].axis("off")
+        title = f"peak RSS {rss} GiB"
+    axes[2].set_title(title)
+    first = next(iter(runs.values()))
+    fig.suptitle(f"SmolLM2-135M, Blackjack-v1, {first['precision']}, {result['cpu']}, "
                  f"{result['config']['threads']} thread(s)")
     save_figure(fig, path)
+
+
+def runs_order(result: dict) -> list[str]:
+    return [r["layout"] for r in result["runs"]]
 
 
 def plot_textworld(result: dict, path: Path) -> None:
@@ -367,7 +489,7 @@ def plot_textworld(result: dict, path: Path) -> None:
 
     runs = result["runs"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    names = [LAYOUTS[r["layout"]].replace(": ", ":\n") for r in runs]
+    names = [label(r).replace(": ", ":\n") for r in runs]
     colours = [COLOURS[r["layout"]] for r in runs]
     axes[0].bar(names, [r["acting_env_steps_per_s"] for r in runs], color=colours)
     axes[0].set_ylabel("env steps / s")
@@ -401,9 +523,16 @@ def main() -> None:
     parser.add_argument("--textworld", action="store_true",
                         help="TextWorld only: acting and one PPO update of 4 episodes (writes <name>_textworld)")
     parser.add_argument("--textworld-steps", type=int, default=6, help="longest TextWorld episode (--textworld)")
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
-                        help="layouts to measure; the first two are compared")
+    parser.add_argument("--baseline-commit", help="measure the 'baseline' layout: the default layout (top 8 "
+                        "blocks + prefix cache) of the library at this commit, from a temporary git worktree")
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS),
+                        help="layouts to measure, in this order (default: before default top4, and baseline with "
+                        "--baseline-commit); the first two are compared, and default against baseline")
     args = parser.parse_args()
+    if args.layouts is None and not args.part:
+        args.layouts = ["before", "default", "top4"] + (["baseline"] if args.baseline_commit else [])
+    if not args.part and "baseline" in (args.layouts or []) and not args.baseline_commit:
+        parser.error("the 'baseline' layout needs --baseline-commit")
     set_threads(args)
     if args.part:
         if os.environ.get("RLLAMA_BEFORE_TREE"):  # ahead of this checkout, which common.py put on the path
@@ -415,37 +544,53 @@ def main() -> None:
         runs = {r["layout"]: r for r in result["runs"]}
         for r in runs.values():  # the PPO update figure as defined above, from the recorded updates
             r["ppo_update_s"] = sum(r["train"]["update_s"]) / len(r["train"]["update_s"])
-        result["speedups"] = ratios(runs["before"], runs["default"], result["naive"])
+        if "before" in runs and "default" in runs:
+            result["speedups"] = ratios(runs["before"], runs["default"], result.get("naive"))
+            print(json.dumps(result["speedups"], indent=1))
+        if "baseline" in runs and "default" in runs:
+            result["comparison"] = compare(runs["baseline"], runs["default"])
+            print_comparison(result["comparison"])
         Path(args.summarise).write_text(json.dumps(result, indent=1))
         plot(result, Path(args.summarise).with_suffix(".png"))
-        print(json.dumps(result["speedups"], indent=1))
         return
-    if args.quick:
-        args.warmup, args.act_episodes, args.gen_episodes, args.train_episodes, args.naive_steps = 16, 32, 4, 32, 4
-        args.defaults_episodes = 400
+    if args.quick:  # shortens what no flag set
+        quick = dict(warmup=16, act_episodes=32, gen_episodes=4, train_episodes=32, naive_steps=4,
+                     defaults_episodes=400)
+        for key, value in quick.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
     import tempfile
 
-    import torch
-
-    from rllama.policy.model import resolve_precision
-
-    precision = resolve_precision(args.precision, torch.device("cpu"))
+    precision = resolve_precision(args.precision)
     if args.textworld:
         with tempfile.TemporaryDirectory() as tmp:
             runs = [run_part(layout, args, Path(tmp), precision, textworld=True) for layout in args.layouts]
-        before, default = runs[0], runs[1]
-        speedups = {"acting_speedup": default["acting_env_steps_per_s"] / before["acting_env_steps_per_s"],
-                    "update_speedup": before["update_s"] / default["update_s"]}
-        print(json.dumps(speedups, indent=1))
+        speedups = {}
+        if len(runs) > 1:
+            before, default = runs[0], runs[1]
+            speedups = {"acting_speedup": default["acting_env_steps_per_s"] / before["acting_env_steps_per_s"],
+                        "update_speedup": before["update_s"] / default["update_s"]}
+            print(json.dumps(speedups, indent=1))
         args.name += "_textworld"
         save_result("prefix_cache_textworld", args, runs, plot_textworld, cpu=cpu_name(), speedups=speedups)
         return
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         runs = [run_part(layout, args, Path(tmp), precision) for layout in args.layouts]
-        naive = run_naive(args, Path(tmp))
-    speedups = ratios(runs[0], runs[1], naive)
-    print(json.dumps(speedups, indent=1))
-    save_result("prefix_cache", args, runs, plot, cpu=cpu_name(), naive=naive, speedups=speedups)
+        naive = run_naive(args, Path(tmp)) if args.naive_steps else None
+    fields = {"cpu": cpu_name(), "naive": naive}
+    if len(runs) > 1:
+        fields["speedups"] = ratios(runs[0], runs[1], naive)
+        print(json.dumps(fields["speedups"], indent=1))
+    by_layout = {r["layout"]: r for r in runs}
+    if "baseline" in by_layout and "default" in by_layout:
+        fields["comparison"] = compare(by_layout["baseline"], by_layout["default"])
+        print_comparison(fields["comparison"])
+    for r in runs:
+        print(r["layout"], f"{r['process_wall_s']:.0f} s:", {k: round(v, 1) for k, v in r["part_s"].items()})
+    fields["wall_s"] = time.perf_counter() - t0
+    print(f"wall {fields['wall_s']:.0f} s")
+    save_result("prefix_cache", args, runs, plot, **fields)
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def test_with_the_prefix_cache_a_run_that_saved_continues_as_its_resume_does(tok
     def new_agent(seed=0):  # 10 blocks, the default LoRA adapts the top 8: two blocks are cached
         agent = ChoiceAgent(make_deep_lm(layers=10), tokenizer, seed=seed, precision="fp32", algorithm=algorithm,
                             algorithm_config=CONFIGS[algorithm])
-        assert agent.policy.prefix_cache_active
+        assert agent.policy.engine.stats()
         return agent
 
     def envs():

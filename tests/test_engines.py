@@ -133,10 +133,14 @@ def test_a_policy_runs_on_the_engine_it_is_given(tokenizer):
 
     policy = PolicyModel(make_deep_lm(0), tokenizer, lora_config=default_lora_config(layers=[2, 3]), engine=factory)
     assert isinstance(policy.engine, PlainEngine) and made[0].body is policy.engine.parts.body
-    assert not policy.prefix_cache_active and policy.engine.stats() == {}
+    assert policy.engine.stats() == {}
     with pytest.raises(ValueError, match="engine= chooses the engine"):
         PolicyModel(make_deep_lm(0), tokenizer, engine=factory, prefix_cache=False)
     rng = random.Random(0)
     prompt = [rng.randrange(3, 380) for _ in range(12)]
     logprobs, values = policy.score_candidates([prompt], [[[5], [6, 7]]])
     assert logprobs[0].shape == (2,) and values.shape == (1,)
+    with pytest.warns(DeprecationWarning, match="invalidate"):  # the names before the engine layer still work
+        policy.clear_prefix_cache()
+    with pytest.warns(DeprecationWarning, match="engine.stats"):
+        assert policy.prefix_cache_stats() == {} and not policy.prefix_cache_active

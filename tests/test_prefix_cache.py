@@ -41,7 +41,7 @@ def make_pair(tokenizer, layers=(2, 3), cache_mb=64.0, attention="sdpa", seed=0)
             p.normal_(0, 0.1)
         for (_, a), (_, b) in zip(pols[0].named_parameters(), pols[1].named_parameters()):
             b.copy_(a)
-    assert pols[0].prefix_cache_active and not pols[1].prefix_cache_active
+    assert pols[0].engine.stats() and not pols[1].engine.stats()  # the cached engine, the plain one
     return pols
 
 
@@ -374,7 +374,7 @@ def test_changing_the_adapted_blocks_never_serves_a_stale_entry(tokenizer):
 
 def test_every_block_adapted_means_no_cache_and_true_is_an_error(tokenizer):
     pol = PolicyModel(make_deep_lm(), tokenizer, lora_config=default_lora_config(layers="all"), precision="fp32")
-    assert not pol.prefix_cache_active and pol.engine.stats() == {}
+    assert pol.engine.stats() == {}
     with pytest.raises(RLlamaError, match="no block is frozen"):
         PolicyModel(make_deep_lm(), tokenizer, lora_config=default_lora_config(layers="all"), prefix_cache=True)
 
@@ -382,7 +382,7 @@ def test_every_block_adapted_means_no_cache_and_true_is_an_error(tokenizer):
 def test_a_model_without_locatable_blocks_gets_a_clear_error(tokenizer):
     with pytest.raises(RLlamaError, match="GPT2LMHeadModel.*prefix_cache=False"):
         PolicyModel(make_tiny_lm("gpt2"), tokenizer, prefix_cache=True)
-    assert not PolicyModel(make_tiny_lm("gpt2"), tokenizer).prefix_cache_active  # "auto": off, silently
+    assert not PolicyModel(make_tiny_lm("gpt2"), tokenizer).engine.stats()  # "auto": off, silently
 
 
 @pytest.mark.parametrize("bad", [-1, float("nan")])
@@ -393,14 +393,14 @@ def test_a_negative_cache_budget_is_refused(tokenizer, bad):
 
 def test_zero_budget_means_off(tokenizer):
     pol = PolicyModel(make_deep_lm(), tokenizer, lora_config=default_lora_config(layers=[3]), prefix_cache_mb=0)
-    assert not pol.prefix_cache_active
+    assert not pol.engine.stats()
 
 
 def test_the_default_lora_config_adapts_the_top_blocks_and_caches_the_rest(tokenizer):
     pol = PolicyModel(make_deep_lm(layers=12), tokenizer)
-    assert pol.prefix_cache_active and pol.engine.stats()["frozen_blocks"] == 4
+    assert pol.engine.stats()["frozen_blocks"] == 4
     small = PolicyModel(make_tiny_lm(), tokenizer)  # 2 blocks: all adapted, nothing frozen
-    assert not small.prefix_cache_active
+    assert not small.engine.stats()
 
 
 def test_loading_a_checkpoint_of_another_block_layout_says_how_to_match_it(tokenizer, tmp_path):

@@ -489,16 +489,18 @@ class PolicyModel(nn.Module):
     # ------------------------------------------------------------------ names before the engine layer
     @property
     def prefix_cache_active(self) -> bool:
-        """Whether the policy runs on the cached engine with some block frozen (``policy.engine.stats()`` is
-        then not empty)."""
+        """Deprecated: ``bool(policy.engine.stats())`` (whether the engine keeps the frozen blocks' states)."""
+        warnings.warn("PolicyModel.prefix_cache_active: use bool(policy.engine.stats())", DeprecationWarning, 2)
         return bool(self.engine.stats())
 
     def prefix_cache_stats(self) -> dict:
-        """The engine's :meth:`~rllama.policy.engine.Engine.stats` (the name before the engine layer)."""
+        """Deprecated name of ``policy.engine.stats()``."""
+        warnings.warn("PolicyModel.prefix_cache_stats is policy.engine.stats()", DeprecationWarning, stacklevel=2)
         return self.engine.stats()
 
     def clear_prefix_cache(self) -> None:
-        """:meth:`invalidate` (the name before the engine layer)."""
+        """Deprecated name of :meth:`invalidate`."""
+        warnings.warn("PolicyModel.clear_prefix_cache is renamed invalidate", DeprecationWarning, stacklevel=2)
         self.invalidate()
 
 
