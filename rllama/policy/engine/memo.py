@@ -102,7 +102,8 @@ class ContinuationMemo:
 
     Args:
         signatures: adapter states remembered at once (the policy's and the reference's).
-        max_entries, max_bytes: the bound of each store.
+        max_entries: the most entries of each store.
+        max_bytes: the most bytes (about) of each store.
     """
 
     def __init__(self, signatures: int = 2, max_entries: int = MEMO_ENTRIES, max_bytes: int = MEMO_BYTES) -> None:
