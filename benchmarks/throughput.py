@@ -181,7 +181,7 @@ def bare_forward(policy, calls) -> float:
             prompts, candidates = a[0], a[1]
             seqs = [list(p) + list(c) for p, cands in zip(prompts, candidates) for c in cands]
             L = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), L), policy.pad_id, dtype=torch.long)
+            ids = torch.full((len(seqs), L), policy.engine.parts.pad_id, dtype=torch.long)
             mask = torch.zeros((len(seqs), L), dtype=torch.long)
             for i, s in enumerate(seqs):
                 ids[i, L - len(s):] = torch.as_tensor(s)

@@ -80,7 +80,7 @@ def test_shared_prefix_gives_same_results_as_plain_padding(tokenizer):
     conts, owner = [[20, 21], [22], [23, 24, 25]], [0, 1, 2]
     with torch.no_grad():
         shared = policy.continuation_logprobs(prompts, conts, owner)
-        policy.min_shared_prefix = 10**9
+        policy.engine.parts.min_shared_prefix = 10**9
         plain = policy.continuation_logprobs(prompts, conts, owner)
     torch.testing.assert_close(shared.token_logprobs, plain.token_logprobs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared.prompt_hidden, plain.prompt_hidden, atol=1e-5, rtol=1e-5)

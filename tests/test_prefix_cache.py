@@ -372,6 +372,29 @@ def test_changing_the_adapted_blocks_never_serves_a_stale_entry(tokenizer):
     assert cached.engine.stats()["frozen_blocks"] == 2
 
 
+def test_an_adapter_on_the_same_blocks_keeps_the_frozen_states(tokenizer):
+    """Adding, loading or deleting an adapter that leaves the lowest adapted block where it was keeps what the
+    frozen blocks computed (it depends on the base model alone) and forgets the adapted blocks' states."""
+    cached, plain = make_pair(tokenizer, layers=(2, 3))
+    prompts = episode_prompts(seed=8)
+    cands = [candidates(i) for i in range(len(prompts))]
+    _same_scores(cached, plain, prompts, cands)
+    kept = cached.engine.stats()
+    cached.add_adapter("skill", default_lora_config(layers=[2, 3]))
+    after = cached.engine.stats()
+    assert after["bytes"] == kept["bytes"] > 0 and after["top"]["bytes"] == 0 and after["memo_continuations"] == 0
+    plain.add_adapter("skill", default_lora_config(layers=[2, 3]))
+    with torch.no_grad():
+        for pol in (cached, plain):
+            for p in pol.adapter_parameters("skill"):
+                p.fill_(0.02)
+    with cached.using_adapter("skill"), plain.using_adapter("skill"):
+        _same_scores(cached, plain, prompts, cands)
+    assert cached.engine.stats()["miss_tokens"] == kept["miss_tokens"]  # no frozen block ran again
+    cached.invalidate()  # the base weights changed by hand: everything goes
+    assert cached.engine.stats()["bytes"] == 0
+
+
 def test_every_block_adapted_means_no_cache_and_true_is_an_error(tokenizer):
     pol = PolicyModel(make_deep_lm(), tokenizer, lora_config=default_lora_config(layers="all"), precision="fp32")
     assert pol.engine.stats() == {}

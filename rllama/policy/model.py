@@ -31,8 +31,7 @@ from torch import nn
 from rllama.errors import ModelNotFoundError, RLlamaError
 from rllama.fileio import recover_dir, writing_dir
 from rllama.policy import generation, persistence, scoring
-from rllama.policy.engine import DEFAULT_CACHE_MB, Engine, ModelParts, make_engine
-from rllama.policy.engine.split import supports_split
+from rllama.policy.engine import DEFAULT_CACHE_MB, Engine, ModelParts, make_engine, supports_split
 from rllama.policy.heads import POLICY_HEAD, ValueHead, pca_whitening
 from rllama.policy.loading import load_model, model_identity
 from rllama.policy.outputs import (
@@ -63,7 +62,7 @@ def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.0, targ
 
     A :class:`PolicyModel` given no ``lora_config`` uses ``default_lora_config(layers=<its top 8 blocks>)``
     on Llama-family models (the blocks below are frozen and their states cached, see
-    :mod:`rllama.policy.prefix_cache`) and ``default_lora_config()`` on others.
+    :mod:`rllama.policy.engine.cached`) and ``default_lora_config()`` on others.
 
     Args:
         target_modules: module names to adapt (default: every linear layer, ``"all-linear"``; with
@@ -129,7 +128,7 @@ class PolicyModel(nn.Module):
         temperature: the policy is ``softmax(logits / temperature)`` in generate mode and
             ``softmax(scores / temperature)`` in scoring mode, when acting and when training.
         engine: the forward engine to run on, as a function of the model's parts and the PEFT model
-            (``PlainEngine``, or an engine of your own: ``docs/contributing.md``); by default
+            (``lambda parts, lm: PlainEngine(parts)``, or an engine of your own: ``docs/contributing.md``); by default
             :func:`~rllama.policy.engine.make_engine` chooses from ``prefix_cache``.
 
     The reference policy (for KL penalties) is the same network with the adapter disabled
@@ -181,11 +180,11 @@ class PolicyModel(nn.Module):
         hidden = getattr(causal.config, "hidden_size", None) or causal.config.n_embd
         self.heads = nn.ModuleDict({"value": ValueHead(hidden)})
         self.device = torch.device(device) if device is not None else next(self.lm.parameters()).device
-        self.precision = resolve_precision(precision, self.device)
+        precision = resolve_precision(precision, self.device)
         self.to(self.device)
         self.lm.eval()  # dropout off: acting and training must see the same function
         parts = ModelParts(getattr(causal, causal.base_model_prefix), causal.get_output_embeddings(),
-                           _pad_id(tokenizer), self.device, self.precision)
+                           _pad_id(tokenizer), self.device, precision)
         self.engine: Engine = (engine(parts, self.lm) if engine is not None
                                else make_engine(parts, self.lm, prefix_cache, prefix_cache_mb))
         self._in_reference = False  # the policy head is part of the trained policy, not of the reference
@@ -196,6 +195,17 @@ class PolicyModel(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.heads["value"].hidden_size
+
+    @property
+    def precision(self) -> str:
+        """``"fp32"`` or ``"bf16"`` (resolved from ``"auto"``); setting it changes how the engine runs."""
+        return self.engine.parts.precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        if value not in ("fp32", "bf16"):
+            raise ValueError(f"precision={value!r}; expected 'fp32' or 'bf16'")
+        self.engine.parts.precision = value
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The adapter's and heads' parameters (the base model's are frozen)."""
@@ -318,7 +328,7 @@ class PolicyModel(nn.Module):
         self.lm.add_adapter(name, lora_config or _default_lora_config(self.lm.get_base_model()))
         self.lm.set_adapter(active)  # keeps the active adapter trainable and the new one frozen
         self.to(self.device)
-        self.invalidate()
+        self.engine.invalidate(adapters_only=True)
 
     def set_adapter(self, name: str) -> None:
         """Make ``name`` the adapter that acts and trains (its parameters trainable, the others frozen)."""
@@ -331,7 +341,7 @@ class PolicyModel(nn.Module):
         if name == self.active_adapter:
             raise RLlamaError(f"adapter {name!r} is active; set_adapter(another) before deleting it")
         self.lm.delete_adapter(name)
-        self.invalidate()
+        self.engine.invalidate(adapters_only=True)
 
     def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
         """The LoRA parameters of adapter ``name`` (default: the active one)."""
@@ -378,7 +388,7 @@ class PolicyModel(nn.Module):
             raise RLlamaError(f"cannot load the adapter at {str(path)!r} into this model: {exc}") from exc
         self.lm.set_adapter(active)
         self.to(self.device)
-        self.invalidate()
+        self.engine.invalidate(adapters_only=True)
 
     def _require_adapter(self, name: str) -> None:
         if name not in self.list_adapters():

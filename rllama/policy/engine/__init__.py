@@ -13,6 +13,8 @@ from rllama.policy.engine.cached import DEFAULT_CACHE_MB, CachedEngine, make_eng
 from rllama.policy.engine.memo import BASE_MODEL, AdapterSignature, ContinuationMemo
 from rllama.policy.engine.plain import PlainEngine
 from rllama.policy.engine.radix import RadixCache
+from rllama.policy.engine.split import supports_split
 
 __all__ = ["BASE_MODEL", "DEFAULT_CACHE_MB", "AdapterSignature", "CachedEngine", "ContinuationMemo", "Engine",
-           "ModelParts", "PlainEngine", "PromptStates", "RadixCache", "make_engine"]
+           "ModelParts", "PlainEngine", "PromptStates", "RadixCache", "make_engine",
+           "supports_split"]

@@ -8,9 +8,10 @@ features alone (:meth:`Engine.encode_prompts`), and the states generation starts
 so an engine can be read, tested and replaced on its own: :class:`~rllama.policy.engine.PlainEngine` is
 the reference every other engine is tested against through this same interface.
 
-An engine that keeps states between calls drops them all in :meth:`Engine.invalidate`, which the policy
-calls whenever what they were computed from may have changed (adapters added, loaded or deleted, a
-checkpoint loaded) and which callers use to start from a known state (a resumed run's first pass).
+An engine that keeps states between calls drops them in :meth:`Engine.invalidate`: those that depend on
+the adapters when adapters are added, loaded or deleted, all of them when the base weights were changed by
+hand or a run must start from a known state (a checkpoint saved, a segment begun: what is kept decides how
+a pass is split, and so its last bits).
 """
 
 from __future__ import annotations
@@ -98,8 +99,6 @@ class Engine:
         parts: the model to run (:class:`ModelParts`).
     """
 
-    name = "engine"
-
     def __init__(self, parts: ModelParts) -> None:
         self.parts = parts
 
@@ -146,8 +145,9 @@ class Engine:
         with self.parts.autocast():
             return self.parts.lm_head(hidden)
 
-    def invalidate(self) -> None:
-        """Forget every state kept between calls (nothing, for an engine that keeps none)."""
+    def invalidate(self, adapters_only: bool = False) -> None:
+        """Forget every state kept between calls (nothing, for an engine that keeps none); with ``adapters_only``,
+        what depends on the adapters (they were added, loaded or deleted)."""
 
     def stats(self) -> dict:
         """What the engine keeps between calls (``{}`` when nothing)."""
@@ -204,11 +204,10 @@ class Engine:
 
 def check_batch(prompts, continuations=None, owner=None) -> None:
     """Errors for a batch no engine can run: an empty prompt or continuation, owners that do not match."""
+    if continuations is not None:
+        if len(continuations) != len(owner):
+            raise ValueError(f"{len(continuations)} continuations but {len(owner)} owners")
+        if any(len(c) == 0 for c in continuations):
+            raise RLlamaError("every continuation must hold at least one token")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise RLlamaError("every prompt must hold at least one token")
-    if continuations is None:
-        return
-    if len(continuations) != len(owner):
-        raise ValueError(f"{len(continuations)} continuations but {len(owner)} owners")
-    if any(len(c) == 0 for c in continuations):
-        raise RLlamaError("every continuation must hold at least one token")

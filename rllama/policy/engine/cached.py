@@ -22,7 +22,7 @@ from collections import OrderedDict
 import torch
 
 from rllama.errors import RLlamaError
-from rllama.policy.engine.base import ModelParts, PromptStates
+from rllama.policy.engine.base import Engine, ModelParts, PromptStates
 from rllama.policy.engine.batching import causal_mask
 from rllama.policy.engine.memo import AdapterSignature, ContinuationMemo, serves
 from rllama.policy.engine.plain import PlainEngine
@@ -49,8 +49,6 @@ class CachedEngine(PlainEngine):
     is false) until an adapter layout with frozen blocks is loaded.
     """
 
-    name = "cached"
-
     def __init__(self, parts: ModelParts, max_bytes: int, adapters: torch.nn.Module) -> None:
         super().__init__(parts)
         if not supports_split(parts.body):
@@ -71,11 +69,13 @@ class CachedEngine(PlainEngine):
         """Whether some block is frozen (below every adapter), so that there is something to keep."""
         return self.model.split > 0
 
-    def invalidate(self) -> None:
-        """Forget every kept state and output, and find the adapted blocks again."""
+    def invalidate(self, adapters_only: bool = False) -> None:
+        """Forget every kept state and output, and find the adapted blocks again; with ``adapters_only`` keep the
+        frozen blocks' states unless the lowest adapted block moved (they depend on the base model alone)."""
         self.signature.reset()
-        self.model.refresh()
-        self.frozen.clear()
+        moved = self.model.refresh()
+        if moved or not adapters_only:
+            self.frozen.clear()
         self._tops.clear()
         self.top = RadixCache(self.top_bytes)
         self.memo.clear()
@@ -275,7 +275,7 @@ def _frozen_kv_into(cache, states, split: int, shared: int, L: int) -> None:
 
 
 def make_engine(parts: ModelParts, adapters: torch.nn.Module, prefix_cache: bool | str = "auto",
-                prefix_cache_mb: float = DEFAULT_CACHE_MB) -> PlainEngine:
+                prefix_cache_mb: float = DEFAULT_CACHE_MB) -> Engine:
     """The engine a policy runs on: the cached one where asked for (``"auto"``: where it can work) and where its
     split forward reproduces the model's own, else the plain one.
 
@@ -303,6 +303,6 @@ def make_engine(parts: ModelParts, adapters: torch.nn.Module, prefix_cache: bool
         if prefix_cache is True:
             raise RLlamaError(f"prefix_cache=True: the split forward pass does not reproduce {name}'s own; pass "
                               "prefix_cache=False to run without the cache")
-        warnings.warn(f"rllama: the frozen-prefix cache does not support {name}; running without it", stacklevel=4)
+        warnings.warn(f"rllama: the frozen-prefix cache does not support {name}; running without it", stacklevel=3)
         return PlainEngine(parts)
     return engine

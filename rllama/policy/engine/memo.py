@@ -17,6 +17,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from rllama.policy.engine.split import holds_lora
 from rllama.policy.outputs import Continuations
 
 BASE_MODEL = ("base model",)
@@ -27,11 +28,6 @@ MEMO_ENTRIES = 100_000
 MEMO_BYTES = 256 * 2**20
 """And at most about so many bytes of them per adapter state (the features are most of it, a prompt's shared by
 its continuations: about 86,000 continuations of SmolLM2-135M, hidden size 576, four to a prompt)."""
-
-
-def holds_lora(module) -> bool:
-    """Whether ``module`` is a PEFT LoRA layer with at least one adapter (linear or embedding)."""
-    return any(len(getattr(module, name, ())) for name in ("lora_A", "lora_embedding_A"))
 
 
 class AdapterSignature:
@@ -97,16 +93,18 @@ class ContinuationMemo:
     An entry holds a continuation's token log-probs (``None`` when only its features were computed),
     its features and its prompt's: ``(token_logprobs [n], action_hidden [H], prompt_hidden [H])``. It is
     keyed by a digest of what those depend on besides the weights (:meth:`keys`) in a store per
-    signature; at most ``signatures`` stores are kept, the base model's (:data:`BASE_MODEL`, the
-    reference's) dropped last, since the policy's weights change at every update and the reference's never.
+    signature; at most ``signatures`` stores are kept (the policy's, the reference's, a value-based
+    algorithm's target snapshot), the least recently used dropped first but the base model's
+    (:data:`BASE_MODEL`, the reference's) last, since the policy's weights change at every update and the
+    reference's never.
 
     Args:
-        signatures: adapter states remembered at once (the policy's and the reference's).
+        signatures: adapter states remembered at once.
         max_entries: the most entries of each store.
         max_bytes: the most bytes (about) of each store.
     """
 
-    def __init__(self, signatures: int = 2, max_entries: int = MEMO_ENTRIES, max_bytes: int = MEMO_BYTES) -> None:
+    def __init__(self, signatures: int = 3, max_entries: int = MEMO_ENTRIES, max_bytes: int = MEMO_BYTES) -> None:
         self.signatures, self.max_entries, self.max_bytes = signatures, max_entries, max_bytes
         self._stores: OrderedDict[tuple, OrderedDict[bytes, tuple]] = OrderedDict()
         self._store: OrderedDict[bytes, tuple] = OrderedDict()

@@ -19,13 +19,15 @@ from rllama.policy.outputs import Continuations, _merge_continuations
 class PlainEngine(Engine):
     """Forward passes through the whole model (see the module's docstring).
 
+    An engine that runs the same passes differently overrides the two passes over the model:
+    :meth:`_prompt_pass` (left-padded prompts after a shared prefix) and :meth:`_packed_pass` (continuations
+    packed after their prompts' key/value cache); batching, packing and projection stay as they are.
+
     Example:
         >>> engine = PlainEngine(ModelParts(body, lm_head, pad_id=0, device=torch.device("cpu")))  # doctest: +SKIP
         >>> out = engine.encode([prompt_ids], [stick_ids, hit_ids], owner=[0, 0])  # doctest: +SKIP
         >>> out.token_logprobs.shape  # [2 continuations, longest]  # doctest: +SKIP
     """
-
-    name = "plain"
 
     def _encode(self, prompts, continuations, owner, temperature, entropy_rows, logprobs) -> Continuations:
         groups = length_groups([len(p) for p in prompts], common_prefix_length(prompts) if len(prompts) > 1 else 0)

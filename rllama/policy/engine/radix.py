@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 
 class _Node:
-    """A run of tokens in the tree and, per token, the bottom's key/value states and the boundary state."""
+    """A run of tokens in the tree and, per token, a block range's key/value states and output hidden state."""
 
     __slots__ = ("tokens", "keys", "values", "hidden", "children", "parent", "last_used", "nbytes")
 
@@ -47,8 +47,9 @@ class Piece:
 class RadixCache:
     """A radix tree over token ids holding per-token tensors, bounded in bytes, least recently used dropped first.
 
-    A node holds, per token, the frozen blocks' keys and values (what extending the prefix needs)
-    and the boundary state (what the adapted blocks need). Keys and values are most of the bytes
+    A node holds, per token, a block range's keys and values (what extending the prefix needs) and its
+    output hidden state (the *boundary* state the blocks above need: for the cached engine's frozen tree,
+    what enters the lowest adapted block). Keys and values are most of the bytes
     (about 15 to 1 for SmolLM2-135M), so over the bound the cache first drops the keys and values
     of the least recently used prefixes and keeps their boundary states — a replayed step whose
     prefix is not extended any more needs nothing else — and removes boundary states only when they

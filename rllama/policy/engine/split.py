@@ -28,13 +28,17 @@ from dataclasses import dataclass
 import torch
 
 from rllama.policy.engine.batching import attention_mask, length_groups, segment_mask
-from rllama.policy.engine.memo import holds_lora
 from rllama.policy.engine.radix import RadixCache, kv_prefix
 
 
 def supports_split(body) -> bool:
     """Whether the model body has the structure the split forward runs (embeddings, blocks, norm, rotary)."""
     return all(hasattr(body, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb"))
+
+
+def holds_lora(module) -> bool:
+    """Whether ``module`` is a PEFT LoRA layer with at least one adapter (linear or embedding)."""
+    return any(len(getattr(module, name, ())) for name in ("lora_A", "lora_embedding_A"))
 
 
 def lora_block_indices(body) -> list[int]:
