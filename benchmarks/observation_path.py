@@ -5,8 +5,11 @@
 One ``agent.act(observation)`` of a small agent on a tiny random Llama (4 blocks, LoRA on the top 2, so the
 frozen-prefix cache is on), after one warm-up step, is traced with ``sys.setprofile``: every call made
 from a function of one ``rllama`` file into a function of another counts as a move between modules, and
-every file with a function called counts as crossed. Scoring mode (two listed actions) and generate mode
-(a reply of up to 8 tokens) are traced apart. The figures measure the code's structure, not its speed.
+every file with a function called counts as crossed. A move is *hidden* when the caller's file imports
+nothing that names the callee's module: a call through ``self`` into another file (mixins, a base class
+calling an override) or through a function handed over, which an import drawing cannot show. Scoring
+mode (two listed actions) and generate mode (a reply of up to 8 tokens) are traced apart. The figures
+measure the code's structure, not its speed.
 With ``--before-commit`` the same trace runs on the library of that commit (a temporary git worktree, in a
 subprocess) for a before/after table and figure.
 """
@@ -62,6 +65,34 @@ def tiny_agent(generate: bool):
     return Agent(policy, tokenizer, "cpu", algorithm="ppo", max_new_tokens=8)
 
 
+def imported_modules(package: str) -> dict[str, set[str]]:
+    """Per ``rllama/...py`` file of ``package``, the modules its import statements name (type-checking ones too)."""
+    import ast
+
+    out = {}
+    root = Path(package).parent
+    for f in Path(package).rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                base = node.module
+                if node.level:  # relative: from the file's package
+                    parts = f.relative_to(root).with_suffix("").parts[: -node.level]
+                    base = ".".join(parts + ((node.module,) if node.module else ()))
+                names.add(base)
+                names.update(f"{base}.{a.name}" for a in node.names)
+        out[str(f.relative_to(root))] = names
+    return out
+
+
+def names(imports: set[str], callee: str) -> bool:
+    """Whether a file importing ``imports`` names the module of file ``callee`` (or a package holding it)."""
+    module = callee[: -len(".py")].replace("/", ".").removesuffix(".__init__")
+    return any(module == m or module.startswith(m + ".") for m in imports)
+
+
 def trace(agent, observation, package: str) -> dict:
     """The rllama files entered and the calls between two of them during ``agent.act(observation)``."""
     stack: list[str | None] = []
@@ -86,7 +117,10 @@ def trace(agent, observation, package: str) -> dict:
         agent.act(observation)
     finally:
         sys.setprofile(None)
+    imports = imported_modules(package)
+    hidden = {f"{a} -> {b}": n for (a, b), n in sorted(moves.items()) if not names(imports.get(a, set()), b)}
     return {"files": sorted(files), "n_files": len(files), "moves": sum(moves.values()),
+            "hidden_moves": sum(hidden.values()), "hidden": hidden,
             "distinct_moves": len(moves), "edges": {f"{a} -> {b}": n for (a, b), n in sorted(moves.items())}}
 
 
@@ -95,7 +129,7 @@ def measure() -> dict:
     import rllama
 
     package = str(Path(rllama.__file__).parent)
-    out = {}
+    out = {"rllama_imported_from": package}
     for mode in MODES:
         agent = tiny_agent(generate=mode == "generate")
         agent.act("a wall")  # warm-up: lazy imports and first-call set-up are not the path
@@ -111,8 +145,9 @@ def measure_commit(commit: str) -> dict:
         subprocess.run(["git", "-C", str(HERE.parent), "worktree", "add", "--detach", str(tree), commit],
                        check=True, capture_output=True)
         try:
-            code = (f"import sys, json; sys.path[:0] = [{str(tree)!r}, {str(HERE)!r}]; "
-                    "import observation_path; print(json.dumps(observation_path.measure()))")
+            # The worktree goes first on the path after this script's imports (common.py puts this checkout there).
+            code = (f"import sys, json; sys.path.insert(0, {str(HERE)!r}); import observation_path; "
+                    f"sys.path.insert(0, {str(tree)!r}); print(json.dumps(observation_path.measure()))")
             run = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
             return json.loads(run.stdout.strip().splitlines()[-1])
         finally:
@@ -126,8 +161,9 @@ def plot(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     runs = result["runs"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, (key, label) in zip(axes, [("n_files", "rllama files entered"), ("moves", "calls between files")]):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, (key, label) in zip(axes, [("n_files", "rllama files entered"), ("moves", "calls between files"),
+                                       ("hidden_moves", "calls no import shows")]):
         width = 0.8 / len(runs)
         for i, run in enumerate(runs):
             xs = [m + i * width for m in range(len(MODES))]
@@ -136,7 +172,8 @@ def plot(result: dict, path) -> None:
             ax.bar_label(bars, fmt="%d")
         ax.set_xticks([m + width * (len(runs) - 1) / 2 for m in range(len(MODES))], MODES)
         ax.set_title(f"one agent.act: {label}")
-        ax.legend()
+        ax.set_ylim(0, 1.4 * max(run[mode][key] for run in runs for mode in MODES))  # room for the legend
+        ax.legend(loc="upper center", ncol=len(runs), fontsize=8)
     save_figure(fig, path)
 
 
@@ -153,7 +190,8 @@ def main() -> None:
     for run in runs:
         for mode in MODES:
             print(f"{run['label']}, {mode}: {run[mode]['n_files']} files, {run[mode]['moves']} calls between "
-                  f"files ({run[mode]['distinct_moves']} distinct)")
+                  f"files ({run[mode]['distinct_moves']} distinct), {run[mode]['hidden_moves']} hidden: "
+                  f"{run[mode]['hidden']}")
     save_result("observation_path", args, runs, plot, what=__doc__.strip().split("\n\n")[1])
 
 

@@ -459,11 +459,17 @@ def plot(result: dict, path: Path) -> None:
         xlabel = f"{order[1] if len(order) > 1 else 'default'} / {order[0]} (higher is better)"
         title = f"speed-up of the default; peak RSS {rss} GiB"
     if rows:
-        axes[2].barh([r[0] for r in rows], [r[1] for r in rows], color=[r[2] for r in rows])
+        near = "comparison" in result  # ratios of two versions of one layout: a linear axis around 1
+        values = [r[1] for r in rows]
+        axes[2].barh([r[0] for r in rows], [v - 1 for v in values] if near else values, left=1 if near else 0,
+                     color=[r[2] for r in rows])
         axes[2].axvline(1, color="k", lw=0.8)
-        for i, (_, v, _) in enumerate(rows):
+        for i, v in enumerate(values):
             axes[2].text(v, i, f" {v:.2f}x", va="center", fontsize=8)
-        axes[2].set_xscale("log")
+        if near:
+            axes[2].set_xlim(min(0.8, min(values) - 0.05), max(1.2, max(values) + 0.08))
+        else:
+            axes[2].set_xscale("log")
         axes[2].invert_yaxis()
         axes[2].tick_params(axis="y", labelsize=8)
         axes[2].set_xlabel(xlabel)
