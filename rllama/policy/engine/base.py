@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -91,7 +92,7 @@ class PromptStates(NamedTuple):
     lengths: torch.Tensor  # [B] tokens of each prompt
 
 
-class Engine:
+class Engine(ABC):
     """The interface every forward engine implements, and what they share: checking inputs, projecting hidden
     states to token log-probabilities, decoding one generated token.
 
@@ -148,19 +149,21 @@ class Engine:
     def invalidate(self, adapters_only: bool = False) -> None:
         """Forget every state kept between calls (nothing, for an engine that keeps none); with ``adapters_only``,
         what depends on the adapters (they were added, loaded or deleted)."""
+        return None  # an engine that keeps nothing has nothing to forget
 
     def stats(self) -> dict:
         """What the engine keeps between calls (``{}`` when nothing)."""
         return {}
 
     # ------------------------------------------------------------------ for implementations
+    @abstractmethod
     def _encode(self, prompts, continuations, owner, temperature, entropy_rows, logprobs) -> Continuations:
-        raise NotImplementedError
+        """:meth:`encode` of checked inputs (an engine's own way of running the passes)."""
 
+    @abstractmethod
     def forward_prompts(self, prompts, use_cache: bool, every_block: bool = False) -> PromptStates:
         """Left-padded forward of the prompts; with ``use_cache`` the returned cache can be extended (with
         ``every_block``, by every block: what generation extends)."""
-        raise NotImplementedError
 
     def project(self, prompt_hidden, hidden, continuations, temperature, entropy_rows, logprobs,
                 known=None) -> Continuations:
