@@ -2,6 +2,8 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+	-DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF
 
 .PHONY: install demo test faults docs bench clean
 
@@ -12,6 +14,11 @@ $(BIN)/rllama-installed: setup.py constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: a CPU wheel lies on disk; a bare requirement would pull a CUDA build.
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	# llama.cpp's binding (the llamacpp extra) is a source build. Built with portable CPU flags: the native
+	# build enables AMX kernels that virtual machines of this kind do not run (a segfault at the first
+	# batched decode). --no-cache-dir: never a wheel pip cached from another build's flags.
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir --no-binary llama-cpp-python \
+		-c constraints.txt llama-cpp-python
 	# TextWorld (the textworld extra) builds jericho from source: gcc and make must be present.
 	$(BIN)/pip install -q -c constraints.txt -e ".[all,dev,docs]"
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF) and embedding model; their

@@ -11,6 +11,7 @@ SWEEP = ["optuna>=3.6"]
 PLOT = ["matplotlib>=3.7"]
 MLFLOW = ["mlflow-skinny>=2.16"]
 RAY = ["ray>=2.40"]
+LLAMACPP = ["llama-cpp-python>=0.3.17"]
 TEXTWORLD = ["textworld>=1.6"]
 version = {}
 for line in (ROOT / "rllama" / "__init__.py").read_text().splitlines():
@@ -59,7 +60,10 @@ setup(
         "ray": RAY,
         # TextWorld builds jericho from source at install time: needs gcc and make.
         "textworld": TEXTWORLD,
-        "all": MEMORY + WANDB + SWEEP + PLOT + MLFLOW + RAY + TEXTWORLD,
+        # Generating on llama.cpp (rllama.backends.LlamaCppBackend). A source build: `make install` builds
+        # it with portable CPU flags first (the native build can crash on virtual machines; see the README).
+        "llamacpp": LLAMACPP,
+        "all": MEMORY + WANDB + SWEEP + PLOT + MLFLOW + RAY + TEXTWORLD + LLAMACPP,
         # The test suite covers memory, loggers, sweeps and plots (TextWorld and Ray tests skip without theirs).
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", *MEMORY, *WANDB, *SWEEP, *PLOT],
         # The documentation site (`make docs`: mkdocs build --strict); versions the strict build was checked

@@ -7,6 +7,7 @@ be parsed."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -112,7 +113,9 @@ class Actor:
             steps[i] = Step(
                 prompt_ids=prompts[i], response_ids=reply.token_ids, logprob=float(sum(reply.token_logprobs)),
                 token_logprobs=reply.token_logprobs, value=reply.value, text=agent.chat.decode_reply(reply.token_ids),
-                learner_recompute=not agent.backend.provides_values, policy_version=agent.algorithm.num_updates,
+                # sampled with other numerics than the learner's: it recomputes the step before the update
+                learner_recompute=not (agent.backend.provides_values and reply.exact) or math.isnan(reply.value),
+                policy_version=agent.algorithm.num_updates,
             )
 
     def _parse(self, observation, text: str):

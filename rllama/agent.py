@@ -120,7 +120,11 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
             with :class:`rllama.skills.SkillModel` can be refined by RL this way, and the reverse.
         trajectory_log: a JSONL file to which every finished episode is appended
             (:mod:`rllama.trajectories`), for behaviour cloning or offline analysis.
-        backend: where acting runs (:mod:`rllama.backends`): ``None`` for this process's model, or an
+        backend: where acting runs (:mod:`rllama.backends`): ``"auto"`` (default; ``None`` is the same)
+            generates on llama.cpp (:class:`~rllama.backends.LlamaCppBackend`) when the agent generates
+            its replies on a CPU, llama-cpp-python is installed and the model has a GGUF (the embedded
+            default), and runs everything else in this process; ``"torch"``: everything in this
+            process; ``"llamacpp"``; or a :class:`~rllama.backends.Backend`, such as an
             :class:`~rllama.backends.OpenAIBackend` for a vLLM / SGLang server of the same base model.
     """
 
@@ -146,7 +150,7 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         memory=None,
         adapter: str | None = None,
         trajectory_log: str | None = None,
-        backend=None,
+        backend="auto",
     ) -> None:
         if seed is not None:
             set_seed(seed)
@@ -165,10 +169,10 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         self.adapter_name = self.policy.active_adapter  # active whenever the agent acts or updates
         # Launched as several processes (torchrun / accelerate launch): train data-parallel.
         self.data_parallel = setup_data_parallel()
-        self.backend = make_backend(backend)
         # "auto" config values (an on-policy policy head) depend on whether this agent scores
         # candidates in this process (AlgorithmConfig.resolved).
         scores_actions = self.scores_actions()
+        self.backend = make_backend(backend, self.policy, generates=not scores_actions)
         scoring = self.backend.provides_values and scores_actions
         self.algorithm = make_algorithm(algorithm, self.policy, algorithm_config, seed=seed, scoring=scoring)
         check_can_serve(self.backend, self.algorithm, self.policy)

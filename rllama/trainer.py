@@ -95,7 +95,8 @@ class Trainer:
         agent = self.agent
         with agent.policy.lock, agent.policy.using_adapter(agent.adapter_name):  # the adapter it trains
             stats = self.algorithm.update()
-        agent.backend.after_update(agent.policy)
+            agent.backend.after_update(agent.policy)
+        stats.update(agent.backend.update_stats())
         stats["rollout/total_episodes"] = float(self.total_episodes)
         stats["rollout/total_steps"] = float(self.total_steps)
         stats["rollout/parse_failures"] = float(agent.actor.parse_failures)  # since the last update

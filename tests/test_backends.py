@@ -91,7 +91,9 @@ def test_agent_trains_through_a_server_and_the_adapter_reaches_it(server, make_a
 
 
 def test_recomputed_behaviour_equals_in_process_acting(server, make_agent):
-    """Steps acted through the server, once recomputed by the learner, are the steps in-process acting records."""
+    """Steps acted through the server, once recomputed by the learner, are the steps in-process acting records:
+    the learner's log-probs (the proximal policy) and values equal in-process acting's, and the server's
+    log-probs stay as the behaviour policy (here the same model: the importance weights are 1)."""
     agents = []
     for backend in (OpenAIBackend(server.url, model="rllama-base"), None):
         agents.append(make_agent(backend=backend, algorithm_config={"batch_episodes": 99}))  # seeds everything
@@ -100,10 +102,14 @@ def test_recomputed_behaviour_equals_in_process_acting(server, make_agent):
     r_steps = [s for e in remote.algorithm.buffer.episodes for s in e.steps]
     l_steps = [s for e in local.algorithm.buffer.episodes for s in e.steps]
     assert all(s.learner_recompute and math.isnan(s.value) for s in r_steps)
-    assert remote.algorithm.recompute_behaviour(r_steps) == len(r_steps) == len(l_steps) == 6
-    for a, b in zip(r_steps, l_steps):
+    served = [s.logprob for s in r_steps]
+    proximal, staleness, stats = remote.algorithm.proximal_logprobs(r_steps)
+    assert stats["rollout/recomputed_steps"] == len(r_steps) == len(l_steps) == 6 and staleness == []
+    assert stats["rollout/engine_logprob_diff_max"] < 1e-4
+    for a, b, lp in zip(r_steps, l_steps, served):
         assert a.prompt_ids == b.prompt_ids and a.action_index == b.action_index and not a.learner_recompute
-        assert a.value == pytest.approx(b.value, abs=1e-5) and a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert a.value == pytest.approx(b.value, abs=1e-5) and a.logprob == lp  # the behaviour policy kept
+        assert float(proximal[id(a)][0]) == pytest.approx(b.logprob, abs=1e-5)
 
 
 def test_backend_errors_are_clear(make_agent, server):

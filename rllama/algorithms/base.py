@@ -26,6 +26,7 @@ from rllama.algorithms.buffers import (
     Step,
     episode_from_dict,
     episode_to_dict,
+    unit_logprobs_of,
 )
 from rllama.distributed import current as current_data_parallel
 from rllama.errors import RLlamaError
@@ -185,21 +186,6 @@ class Algorithm(ABC):
             choices.append((k, float(lp[k])))
         return choices
 
-    @torch.no_grad()
-    def recompute_behaviour(self, steps: Sequence[Step]) -> int:
-        """Value and behaviour log-probs, under the learner's weights, of steps marked ``learner_recompute``
-        (acted by a generation server, :mod:`rllama.backends`). Returns how many were recomputed."""
-        todo = [s for s in steps if s.learner_recompute]
-        for step, dist, value in self._evaluate_in_chunks(todo):
-            step.value = value
-            if step.is_scored:
-                step.logprob = float(dist[step.action_index])
-            else:
-                step.token_logprobs = dist.float().tolist()
-                step.logprob = float(dist.sum())
-            step.learner_recompute = False
-        return len(todo)
-
     def _evaluate_in_chunks(self, steps: Sequence[Step]):
         """``(step, distribution, value)`` under the current weights, a minibatch of steps per forward pass."""
         size = int(getattr(self.config, "minibatch_size", 16))
@@ -221,18 +207,45 @@ class Algorithm(ABC):
         return out
 
     @torch.no_grad()
-    def proximal_logprobs(self, steps: Sequence[Step]) -> tuple[dict[int, torch.Tensor], list[int]]:
-        """For steps acted by an older policy (``policy_version < num_updates``): their log-probs per unit
-        under the current weights (``{id(step): [units]}``), with their values refreshed too; and every
-        step's staleness (updates behind). Empty when all steps are on-policy."""
+    def proximal_logprobs(self, steps: Sequence[Step]) -> tuple[dict[int, torch.Tensor], list[int], dict[str, float]]:
+        """The learner's own log-probs of the steps another policy acted, for the importance weights
+        ``pi_prox / pi_behav`` that correct for it: steps acted by an older policy of this learner
+        (``policy_version < num_updates``: asynchronous workers) and steps acted outside the learner
+        (``learner_recompute``: an engine or server, :mod:`rllama.backends`).
+
+        One pass over those steps under the current weights refreshes their values too (advantages from
+        the current critic; engines give none). Returns ``({id(step): log-probs per unit}, every step's
+        staleness in updates or ``[]`` when none is stale, statistics)``; the statistics say how far
+        the engine's log-probs are from the learner's (``rollout/engine_logprob_diff_mean``, ``_max``:
+        mean and largest ``|Δ log p|`` per unit) and how many steps were recomputed. A step acted
+        outside the learner without usable log-probs (none recorded, or not one per unit) takes the
+        learner's as its behaviour log-probs: no correction, rather than a wrong one.
+        """
         lags = [self.num_updates - s.policy_version if s.policy_version is not None else 0 for s in steps]
-        stale = [s for s, lag in zip(steps, lags) if lag > 0]
+        todo = [s for s, lag in zip(steps, lags) if lag > 0 or s.learner_recompute]
+        recomputed = sum(1 for s in todo if s.learner_recompute)
         out: dict[int, torch.Tensor] = {}
-        for step, dist, value in self._evaluate_in_chunks(stale):
-            step.value = value  # advantages from the current critic, not the stale one
+        diffs: list[torch.Tensor] = []
+        for step, dist, value in self._evaluate_in_chunks(todo):
+            step.value = value
             index = step.action_index
-            out[id(step)] = (dist[index : index + 1] if step.is_scored else dist).float().cpu()
-        return out, (lags if stale else [])
+            mine = (dist[index : index + 1] if step.is_scored else dist).float().cpu()
+            if step.learner_recompute:
+                recorded = torch.tensor(unit_logprobs_of(step), dtype=torch.float32)
+                if recorded.shape != mine.shape or not torch.isfinite(recorded).all():
+                    _set_unit_logprobs(step, mine)  # behaviour = the learner's: nothing to correct
+                elif step.policy_version is None or step.policy_version == self.num_updates:
+                    diffs.append((mine - recorded).abs())
+                step.learner_recompute = False
+            out[id(step)] = mine
+        stats: dict[str, float] = {}
+        if recomputed:
+            stats["rollout/recomputed_steps"] = float(recomputed)
+        if diffs:
+            d = torch.cat(diffs)
+            stats["rollout/engine_logprob_diff_mean"] = float(d.mean())
+            stats["rollout/engine_logprob_diff_max"] = float(d.max())
+        return out, (lags if any(lag > 0 for lag in lags) else []), stats
 
     def ready(self) -> bool:
         """Whether enough experience has arrived for :meth:`update`."""
@@ -351,3 +364,12 @@ class Timer:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.start
+
+
+def _set_unit_logprobs(step: Step, logprobs: torch.Tensor) -> None:
+    """Record ``logprobs`` (one per unit) as the log-probs ``step`` was acted with."""
+    if step.is_scored:
+        step.logprob = float(logprobs[0])
+    else:
+        step.token_logprobs = logprobs.tolist()
+        step.logprob = float(logprobs.sum())

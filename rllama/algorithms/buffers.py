@@ -60,6 +60,12 @@ class Step:
         return self.candidate_ids is not None
 
 
+def unit_logprobs_of(step: Step) -> list[float]:
+    """A step's log-probabilities recorded when acting, one per unit (a scored step is one unit)."""
+    return [step.logprob] if step.is_scored else list(step.token_logprobs or ())
+
+
+
 @dataclass
 class Episode:
     """A finished episode of one environment.

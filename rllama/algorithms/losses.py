@@ -8,9 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rllama.algorithms.buffers import (
-    Step,
-)
+from rllama.algorithms.buffers import Step, unit_logprobs_of
 from rllama.policy.model import StepEvaluation
 
 
@@ -48,15 +46,9 @@ def clipped_surrogate(mb: Minibatch, clip_range: float) -> tuple[torch.Tensor, d
     return -mb.mean_over_steps(surrogate), {"policy/clipfrac": clipfrac}
 
 
-def unit_logprobs_of(step: Step) -> list[float]:
-    """A step's log-probabilities recorded when acting, one per unit (a scored step is one unit)."""
-    return [step.logprob] if step.is_scored else list(step.token_logprobs or ())
-
-
 def old_unit_logprobs(steps: Sequence[Step]) -> torch.Tensor:
     """Log-probabilities recorded when acting, one per unit (see ``StepEvaluation.unit_logprobs``)."""
-    parts = [[s.logprob] if s.is_scored else list(s.token_logprobs or ()) for s in steps]
-    return torch.tensor([x for p in parts for x in p], dtype=torch.float32)
+    return torch.tensor([x for s in steps for x in unit_logprobs_of(s)], dtype=torch.float32)
 
 
 def kl_to_reference(new: StepEvaluation, reference: Sequence[torch.Tensor], steps: Sequence[Step],

@@ -226,8 +226,7 @@ class OnPolicyAlgorithm(Algorithm):
             raise RLlamaError("train_adapter=False trains the policy head only, which needs scored steps "
                               "(candidate actions); generated steps need the adapter: set train_adapter=True "
                               "(or policy_head=0), or have the agent's scores_actions() return False")
-        recomputed = self.recompute_behaviour(all_steps)
-        proximal, staleness = self.proximal_logprobs(all_steps)
+        proximal, staleness, correction = self.proximal_logprobs(all_steps)
         self.fit_whitening(all_steps)
         batch = self.buffer.to_batch(cfg.gamma, cfg.gae_lambda, self.bootstrap_values(episodes))
         self.buffer.clear()
@@ -260,7 +259,8 @@ class OnPolicyAlgorithm(Algorithm):
                 weights = None
                 if proximal:
                     # Decoupled PPO: the ratio is taken to the policy at the start of this update (proximal);
-                    # the capped pi_prox / pi_behav corrects for the older policy that acted.
+                    # the capped pi_prox / pi_behav corrects for the policy that acted (an older one, or an
+                    # engine whose numerics differ: truncated importance sampling).
                     prox = torch.cat([proximal[id(s)].to(behaviour.device) if id(s) in proximal
                                       else behaviour.new_tensor(unit_logprobs_of(s)) for s in steps])
                     weights = (prox - behaviour).exp().clamp(max=cfg.max_importance_weight)
@@ -301,8 +301,7 @@ class OnPolicyAlgorithm(Algorithm):
             }
         )
         out["time/update_tokens_per_s"] = tokens / max(out["time/update_s"], 1e-9)
-        if recomputed:
-            out["rollout/recomputed_steps"] = float(recomputed)
+        out.update(correction)
         if staleness:
             out["rollout/stale_steps"] = float(sum(1 for lag in staleness if lag > 0))
             out["rollout/mean_staleness"] = sum(staleness) / len(staleness)

@@ -32,11 +32,12 @@ def generate(
     stop = set(int(t) for t in stop_token_ids)
     hidden, cache, mask, lengths = engine.prompt_states(prompts)
     values = value_head(hidden).squeeze(-1).tolist()
-    replies = [GeneratedReply([], [], v) for v in values]
+    exact = engine.parts.decodes_in_precision
+    replies = [GeneratedReply([], [], v, exact) for v in values]
     active = torch.arange(len(prompts), device=hidden.device)
     positions = lengths.clone()
     for _ in range(max_new_tokens):
-        logp = F.log_softmax(engine.logits(hidden).float() / temperature, dim=-1)  # [A, V]
+        logp = F.log_softmax(engine.next_token_logits(hidden).float() / temperature, dim=-1)  # [A, V]
         if greedy:
             tokens = logp.argmax(-1)
         else:

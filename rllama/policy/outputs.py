@@ -52,11 +52,18 @@ class CandidateOutputs:
 
 @dataclass
 class GeneratedReply:
-    """A sampled reply: token ids (ending with the stop token if one was produced) and their log-probs."""
+    """A sampled reply: token ids (ending with the stop token if one was produced) and their log-probs.
+
+    ``exact``: the log-probs are the learner's own (same weights, same numerics); ``False`` when they came
+    from other numerics (an engine, or decode steps in another precision), so that the learner
+    recomputes its own before an update and corrects for the difference. ``value`` is NaN where the
+    sampler has no value head.
+    """
 
     token_ids: list[int]
     token_logprobs: list[float]
     value: float
+    exact: bool = True
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Generation backends: where the agent's acting forward passes run.
+"""A client of OpenAI-compatible completions servers (vLLM, SGLang, :mod:`rllama.serving`).
 
 The agent scores candidate actions and samples replies through a :class:`Backend`. The default,
 :class:`InProcessBackend`, runs the agent's own :class:`~rllama.policy.PolicyModel` (log-probs, the
@@ -33,56 +33,15 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from rllama.backends.base import Backend
 from rllama.errors import RLlamaError
 from rllama.policy.model import CandidateOutputs, GeneratedReply, candidate_score
-
-
-class Backend(ABC):
-    """The acting interface: score candidates, sample replies, hear about updates.
-
-    Attributes:
-        provides_values: whether :meth:`candidate_outputs` and :meth:`generate` give the value head's
-            estimates (and Q heads). When ``False`` the values are NaN and the steps are marked for the
-            learner to recompute.
-    """
-
-    provides_values: bool = True
-
-    def bind(self, policy) -> None:
-        """Called once by the agent with its policy (the learner's model)."""
-        self.policy = policy
-
-    @abstractmethod
-    def candidate_outputs(self, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]],
-                          q_heads: Sequence[str] = ()) -> CandidateOutputs:
-        """Per prompt, the log-probabilities over its candidates, the values (NaN when not provided) and Q heads."""
-
-    @abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, greedy: bool,
-                 stop_token_ids: Sequence[int], generator: torch.Generator | None) -> list[GeneratedReply]:
-        """One sampled (or greedy) reply per prompt: token ids and their log-probabilities."""
-
-    def after_update(self, policy) -> None:  # noqa: B027 (a hook: most backends need nothing)
-        """The learner's weights changed (called after each update)."""
-
-
-class InProcessBackend(Backend):
-    """The agent's own policy model, in this process (the default)."""
-
-    def candidate_outputs(self, prompts, candidates, q_heads=()):
-        return self.policy.candidate_outputs(prompts, candidates, q_heads=q_heads)
-
-    def generate(self, prompts, max_new_tokens, greedy, stop_token_ids, generator):
-        return self.policy.generate(prompts, max_new_tokens=max_new_tokens, greedy=greedy,
-                                    stop_token_ids=stop_token_ids, generator=generator)
 
 
 class OpenAIBackend(Backend):
@@ -228,7 +187,7 @@ class OpenAIBackend(Backend):
                 raise RLlamaError("the server did not return the reply's tokens (logprobs with "
                                   f"return_tokens_as_token_ids); got {str(choice)[:300]}")
             ids = [_token_id(t) for t in tokens]
-            replies.append(GeneratedReply(ids, [float(x) for x in token_logprobs], math.nan))
+            replies.append(GeneratedReply(ids, [float(x) for x in token_logprobs], math.nan, exact=False))
         return replies
 
     # ------------------------------------------------------------------ weights
@@ -279,25 +238,3 @@ def _token_id(token: str) -> int:
     raise RLlamaError(f"reply token {token!r} is not a token id; the server must support return_tokens_as_token_ids")
 
 
-def make_backend(backend) -> Backend:
-    """``None`` → :class:`InProcessBackend`; a :class:`Backend` as is."""
-    if backend is None:
-        return InProcessBackend()
-    if isinstance(backend, Backend):
-        return backend
-    raise TypeError(f"backend={backend!r}: expected None or a rllama.backends.Backend")
-
-
-def check_can_serve(backend: Backend, algorithm, policy) -> None:
-    """Raise ``ValueError`` when ``backend`` cannot act for ``algorithm`` on ``policy``: a backend without
-    the learner's heads (:attr:`Backend.provides_values` false) serves neither Q heads nor a policy head."""
-    from rllama.policy.model import POLICY_HEAD
-
-    if algorithm.acting_heads and not backend.provides_values:
-        raise ValueError(f"algorithm {algorithm.name!r} acts on Q heads {list(algorithm.acting_heads)}, "
-                         f"which {type(backend).__name__} does not serve; use the in-process backend")
-    if POLICY_HEAD in policy.heads and not backend.provides_values:
-        raise ValueError(f"a policy head (the on-policy policy_head > 0, or SAC's actor with its default "
-                         f"train_adapter=False) adds to the candidates' scores in this process; "
-                         f"{type(backend).__name__} cannot serve it: use the in-process backend, or "
-                         f"policy_head=0 / SAC's train_adapter=True and whiten_features=0")
