@@ -222,3 +222,14 @@ def test_training_on_the_engine_corrects_for_it_and_swaps_after_each_update(toke
     # the fresh adapter adds nothing (no swap); each update's adapter is swapped in after it
     assert agent.backend.stats.swaps == 2
     assert_agree(agent.policy, PROMPTS, agent.backend.generate(PROMPTS, 5, False, [], torch.Generator()))
+
+
+def test_the_engines_sampler_draws_from_the_distribution():
+    from rllama.backends.llamacpp import _sample
+
+    probs = torch.tensor([[0.1, 0.0, 0.2, 0.7], [0.0, 0.0, 1.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([_sample(probs.log(), generator) for _ in range(20000)])  # [N, 2]
+    freq = torch.bincount(draws[:, 0], minlength=4).float() / len(draws)
+    assert torch.allclose(freq, probs[0], atol=0.01) and freq[1] == 0
+    assert (draws[:, 1] == 2).all()
