@@ -73,14 +73,18 @@ def readme_agent_class():
     return StayOrHitAgent
 
 
-def make_agent(task: str, backend: str, precision: str, new_tokens: int, **kwargs):
+def make_agent(task: str, backend: str, precision: str, new_tokens: int, shape: str = "none", **kwargs):
     if task == "textworld":
         from rllama.agents import TextWorldAgent
 
         return TextWorldAgent(generate=True, seed=0, precision=precision, max_new_tokens=new_tokens,
                               backend=backend, **kwargs)
-    return readme_agent_class()(None, seed=0, precision=precision, max_new_tokens=new_tokens, backend=backend,
-                                **kwargs)
+    cls = readme_agent_class()
+    if shape == "choices":  # the same agent, declaring its reply's shape
+        from rllama.replies import Choices
+
+        cls = type("StayOrHitChoices", (cls,), {"reply_shape": Choices("stay", "hit")})
+    return cls(None, seed=0, precision=precision, max_new_tokens=new_tokens, backend=backend, **kwargs)
 
 
 def make_envs(task: str, n: int):
@@ -189,10 +193,13 @@ def part_floor(args) -> dict:
     tokens, seconds = 0, 0.0
     for i, prompt in enumerate(prompts * 2):
         llm.reset()
+        llm.set_seed(i)
         t = time.perf_counter()
-        out = list(llm.generate(prompt, temp=1.0, top_k=40, top_p=1.0, reset=True, seed=i))[: args.new_tokens]
+        for n, token in enumerate(llm.generate(prompt, temp=1.0, top_k=40, top_p=1.0, reset=True), 1):
+            if token == llm.token_eos() or n >= args.new_tokens:
+                break
         seconds += time.perf_counter() - t
-        tokens += len(out)
+        tokens += n
     # one llama_decode of n tokens (n sequences, one token each, after a shared prompt)
     from rllama.backends.llamacpp import EngineStats, _Engine
 
@@ -220,7 +227,7 @@ def part_floor(args) -> dict:
 @part
 def part_train(args) -> dict:
     """PPO in generate mode on 16 envs: env steps/s with updates and swaps, the mismatch, swaps, failures."""
-    agent = make_agent("blackjack", args.backend, args.precision, args.new_tokens)
+    agent = make_agent("blackjack", args.backend, args.precision, args.new_tokens, args.shape)
     envs = make_envs("blackjack", 16)
     t0 = time.perf_counter()
     history = agent.train(envs, args.train_episodes, seed=0, progress=False)
@@ -230,7 +237,8 @@ def part_train(args) -> dict:
     keys = ("rollout/engine_logprob_diff_mean", "rollout/engine_logprob_diff_max", "engine/swap_ms",
             "engine/ms_per_token", "engine/prompt_reuse", "rollout/parse_failures", "rollout/steps",
             "policy/importance_weight", "policy/importance_weight_capped", "time/update_s", "rollout/mean_return")
-    return {"backend": type(agent.backend).__name__, "episodes": args.train_episodes, "env_steps": steps,
+    return {"backend": type(agent.backend).__name__, "shape": args.shape, "episodes": args.train_episodes,
+            "env_steps": steps,
             "wall_s": wall, "env_steps_per_s": steps / wall, "updates": len(history),
             "history": [{k: h[k] for k in keys if k in h} for h in history], "peak_rss_mb": peak_rss_mb()}
 
@@ -275,7 +283,7 @@ def summarise(r: dict) -> dict:
                 if backend == "LlamaCppBackend":
                     table[f"{task}/{backend}/share_of_batch_floor"] = gain / r["floor"]["batch_gain_floor"]
     for t in r["train"]:
-        key = f"train/{t['backend']}"
+        key = f"train/{t['backend']}" + ("/choices" if t.get("shape") == "choices" else "")
         table[f"{key}/env_steps_per_s"] = t["env_steps_per_s"]
         table[f"{key}/peak_rss_mb"] = t["peak_rss_mb"]
         diffs = [h["rollout/engine_logprob_diff_mean"] for h in t["history"] if "rollout/engine_logprob_diff_mean" in h]
@@ -287,10 +295,13 @@ def summarise(r: dict) -> dict:
                  and "engine/swap_ms" in h]
         if swaps:
             table[f"{key}/swap_ms"] = sum(swaps) / len(swaps)
-    trains = {t["backend"]: t for t in r["train"]}
-    if "InProcessBackend" in trains and "LlamaCppBackend" in trains:
-        table["train/llamacpp_over_torch"] = (trains["LlamaCppBackend"]["env_steps_per_s"]
-                                              / trains["InProcessBackend"]["env_steps_per_s"])
+    trains = {(t["backend"], t.get("shape", "none")): t for t in r["train"]}
+    torch_train = trains.get(("InProcessBackend", "none"))
+    for shape in ("none", "choices"):
+        engine_train = trains.get(("LlamaCppBackend", shape))
+        if torch_train and engine_train:
+            table[f"train/llamacpp_{shape}_over_torch"] = (engine_train["env_steps_per_s"]
+                                                           / torch_train["env_steps_per_s"])
     return table
 
 
@@ -325,7 +336,8 @@ def plot(result: dict, path: Path) -> None:
     for i, v in enumerate(values):
         axes[1].text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
     trains = r["train"]
-    axes[2].bar([("llama.cpp" if t["backend"] == "LlamaCppBackend" else "torch") for t in trains],
+    axes[2].bar([("llama.cpp" if t["backend"] == "LlamaCppBackend" else "torch")
+                 + ("\nChoices" if t.get("shape") == "choices" else "") for t in trains],
                 [t["env_steps_per_s"] for t in trains], color=["tab:green" if t["backend"] == "LlamaCppBackend"
                                                                else "tab:blue" for t in trains])
     axes[2].set_ylabel("env steps/s, updates included")
@@ -350,6 +362,7 @@ def main() -> None:
     parser.add_argument("--task", default="blackjack", help=argparse.SUPPRESS)
     parser.add_argument("--backend", default="llamacpp", help=argparse.SUPPRESS)
     parser.add_argument("--envs", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--shape", default="none", choices=["none", "choices"], help=argparse.SUPPRESS)
     add_common_args(parser, "generation", precision="auto")
     args = parser.parse_args()
     set_threads(args)
@@ -365,6 +378,7 @@ def main() -> None:
             for envs in (1, 16):
                 parts["acting"].append(run_part("acting", args, task=task, backend=backend, envs=envs))
     parts["train"].append(run_part("train", args, backend="llamacpp"))
+    parts["train"].append(run_part("train", args, backend="llamacpp", shape="choices"))
     parts["train"].append(run_part("train", args, backend="torch", train_episodes=args.torch_train_episodes))
     table = summarise(parts)
     saved = save_result("generation", args, [], plot, parts=parts, table=table, wall_s=time.perf_counter() - t0)

@@ -246,6 +246,20 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         return self.prompts.build(record.messages, content, keep_history=self.keep_history,
                                   working_memory=self.working_memory, reply_tokens=reply)
 
+    def _choice_ids(self, observation) -> list[list[int]] | None:
+        """The token ids of the declared reply choices for ``observation`` (each with the end of turn), or
+        ``None`` when the reply is free text."""
+        shape = self.hooks.reply_shape(observation)
+        if shape is None:
+            return None
+        ids = [self.chat.reply_ids(option) for option in shape.options]
+        longest = max(map(len, ids))
+        if longest > self.max_new_tokens:
+            raise ValueError(f"reply choice {shape.options[[len(i) for i in ids].index(longest)]!r} takes {longest} "
+                             f"tokens with the end of turn, more than max_new_tokens={self.max_new_tokens}: "
+                             "raise max_new_tokens or shorten the choice")
+        return ids
+
     # ------------------------------------------------------------------ acting
     def act(self, observation):
         """Choose an action for one environment's observation (environment id 0)."""
@@ -280,12 +294,15 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
             candidates.append(self.hooks.valid_actions(obs))
         retrieved = self._retrieve(texts)
         candidate_ids = [None if c is None else [self.chat.reply_ids(x) for x in c] for c in candidates]
-        for record, text, found, ids in zip(records, texts, retrieved, candidate_ids):
-            ids, fitted = self._prompt(record, text, found, ids)
+        # a generated reply constrained to declared choices (rllama.replies): their token ids
+        choice_ids = [self._choice_ids(obs) if c is None else None for obs, c in zip(observations, candidates)]
+        for record, text, found, ids, choices in zip(records, texts, retrieved, candidate_ids, choice_ids):
+            ids, fitted = self._prompt(record, text, found, ids or choices)
             prompts.append(ids)
             chats.append(fitted)
 
-        steps = self.actor.steps(observations, prompts, candidates, candidate_ids, training=self._recording)
+        steps = self.actor.steps(observations, prompts, candidates, candidate_ids, training=self._recording,
+                                 choice_ids=choice_ids)
         # The history keeps the plain observation text; retrieved memories appear only in the
         # prompt of the step they were retrieved for.
         for env_id, record, text, found, ids, step, chat in zip(env_ids, records, texts, retrieved, prompts, steps,

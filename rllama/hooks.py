@@ -37,6 +37,15 @@ class AgentHooks(ABC):
     observation alone, shorter, the same for a state whenever it is met, and served from the prefix
     cache after the first time."""
 
+    reply_shape = None
+    """What a generated reply must look like: ``None`` (free text, the default) or a
+    :class:`~rllama.replies.Choices`; generation is then constrained to it, so every reply parses
+    (:mod:`rllama.replies`). Override :meth:`get_reply_shape` where it depends on the observation."""
+
+    def get_reply_shape(self, observation):
+        """The shape a generated reply to ``observation`` must have (default: :attr:`reply_shape`)."""
+        return self.reply_shape
+
     def get_valid_actions(self, observation) -> list[str] | None:
         """Candidate action texts to score, or ``None`` to generate free text.
 
@@ -121,6 +130,16 @@ class Hooks:
         if len(set(candidates)) != len(candidates):
             raise HookError(f"get_valid_actions returned duplicate candidates {candidates}")
         return candidates
+
+    def reply_shape(self, observation):
+        """``get_reply_shape(observation)``: ``None`` or a :class:`~rllama.replies.Choices`."""
+        from rllama.replies import Choices
+
+        shape = self.call("get_reply_shape", observation)
+        if shape is not None and not isinstance(shape, Choices):
+            raise HookError(f"get_reply_shape({short(observation)}) returned {short(shape)}; expected None or "
+                            "rllama.replies.Choices")
+        return shape
 
     def user_message(self, observation_text: str, retrieved: list) -> str:
         """The user message of a step: ``inject_memories(observation_text, retrieved)`` when memory gave

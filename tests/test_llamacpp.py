@@ -233,3 +233,18 @@ def test_the_engines_sampler_draws_from_the_distribution():
     freq = torch.bincount(draws[:, 0], minlength=4).float() / len(draws)
     assert torch.allclose(freq, probs[0], atol=0.01) and freq[1] == 0
     assert (draws[:, 1] == 2).all()
+
+
+def test_constrained_replies_on_the_engine_equal_the_learners(tokenizer, tiny_gguf):
+    from tests.test_replies import ChoosingAgent, recorded_steps
+
+    agent = ChoosingAgent(make_tiny_lm(), tokenizer, precision="fp32", seed=0,
+                          algorithm_config={"batch_episodes": 99}, backend=LlamaCppBackend(gguf=tiny_gguf, n_threads=1))
+    agent.train(ChoiceEnv(steps=3), 4, seed=0, progress=False)
+    steps = recorded_steps(agent)
+    assert {s.text for s in steps} <= {"left", "right"} and agent.actor.parse_failures == 0
+    with torch.no_grad():
+        ev = agent.policy.evaluate_actions(steps, with_values=False, with_entropy=False)
+    for step, dist in zip(steps, ev.distributions):
+        assert step.learner_recompute and step.response_ids in step.choice_ids
+        assert (dist.float() - torch.tensor(step.token_logprobs)).abs().max() < TOLERANCE

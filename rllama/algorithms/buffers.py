@@ -36,6 +36,8 @@ class Step:
         learner_recompute: the step was acted by a policy other than the learner's model (a
             generation server, :mod:`rllama.backends`): its ``value`` is unknown (NaN) and the learner
             recomputes ``value`` and the behaviour log-probs under its own weights before the update.
+        choice_ids: generate mode with declared choices (:mod:`rllama.replies`): each choice's token ids;
+            the reply was sampled from the model restricted to them, token by token.
         policy_version: the learner's update count when the acting weights were made (the
             algorithm's ``num_updates``); older than the learner's at update time means stale
             (asynchronous rollout workers, :mod:`rllama.async_rl`).
@@ -53,6 +55,7 @@ class Step:
     action: Any = None
     learner_recompute: bool = False
     policy_version: int | None = None
+    choice_ids: list[list[int]] | None = None
 
     @property
     def is_scored(self) -> bool:
@@ -309,6 +312,7 @@ def step_to_dict(step: Step) -> dict:
         "action": _jsonable(step.action),
         "learner_recompute": bool(step.learner_recompute),
         "policy_version": None if step.policy_version is None else int(step.policy_version),
+        "choice_ids": None if step.choice_ids is None else [list(map(int, c)) for c in step.choice_ids],
     }
 
 

@@ -35,8 +35,11 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, greedy: bool,
-                 stop_token_ids: Sequence[int], generator: torch.Generator | None) -> list[GeneratedReply]:
-        """One sampled (or greedy) reply per prompt: token ids and their log-probabilities."""
+                 stop_token_ids: Sequence[int], generator: torch.Generator | None,
+                 constraints: Sequence | None = None) -> list[GeneratedReply]:
+        """One sampled (or greedy) reply per prompt: token ids and their log-probabilities. ``constraints``:
+        per prompt ``None`` or a :class:`~rllama.replies.ChoiceTrie` its reply must follow (the log-probs
+        are then those of the constrained distribution)."""
 
     def after_update(self, policy) -> None:  # noqa: B027 (a hook: most backends need nothing)
         """The learner's weights changed (called after each update, with the agent's adapter active)."""
@@ -52,9 +55,9 @@ class InProcessBackend(Backend):
     def candidate_outputs(self, prompts, candidates, q_heads=()):
         return self.policy.candidate_outputs(prompts, candidates, q_heads=q_heads)
 
-    def generate(self, prompts, max_new_tokens, greedy, stop_token_ids, generator):
+    def generate(self, prompts, max_new_tokens, greedy, stop_token_ids, generator, constraints=None):
         return self.policy.generate(prompts, max_new_tokens=max_new_tokens, greedy=greedy,
-                                    stop_token_ids=stop_token_ids, generator=generator)
+                                    stop_token_ids=stop_token_ids, generator=generator, constraints=constraints)
 
 
 BACKEND_NAMES = ("auto", "torch", "llamacpp")

@@ -41,6 +41,7 @@ from rllama.backends.base import InProcessBackend
 from rllama.backends.gguf import adapter_is_zero, write_lora_gguf
 from rllama.errors import RLlamaError
 from rllama.policy.outputs import GeneratedReply
+from rllama.replies import mask_logits
 
 logger = logging.getLogger(__name__)
 
@@ -230,13 +231,13 @@ class LlamaCppBackend(InProcessBackend):
             self.sync(policy)
 
     # ------------------------------------------------------------------ acting
-    def generate(self, prompts, max_new_tokens, greedy, stop_token_ids, generator):
+    def generate(self, prompts, max_new_tokens, greedy, stop_token_ids, generator, constraints=None):
         with self._lock:
             self.sync()
             start = time.perf_counter()
             replies = self.engine.generate(
                 [list(map(int, p)) for p in prompts], int(max_new_tokens), bool(greedy),
-                {int(t) for t in stop_token_ids}, generator, float(self.policy.temperature))
+                {int(t) for t in stop_token_ids}, generator, float(self.policy.temperature), constraints)
             self.stats.generate_seconds += time.perf_counter() - start
             return replies
 
@@ -421,7 +422,7 @@ class _Engine:
         return dst
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, greedy: bool, stop: set[int],
-                 generator: torch.Generator | None, temperature: float) -> list[GeneratedReply]:
+                 generator: torch.Generator | None, temperature: float, constraints=None) -> list[GeneratedReply]:
         if any(not p for p in prompts):
             raise RLlamaError("cannot generate after an empty prompt")
         bad = [t for p in prompts for t in p if not 0 <= t < self.n_vocab]
@@ -431,10 +432,12 @@ class _Engine:
         if longest > self.n_ctx:
             raise RLlamaError(f"a prompt and its reply take {longest} tokens, more than the llama.cpp backend's "
                               f"n_ctx={self.n_ctx}: raise LlamaCppBackend(n_ctx=...)")
+        constraints = list(constraints) if constraints is not None else [None] * len(prompts)
         replies: list[GeneratedReply] = []
         for start in range(0, len(prompts), self.n_seq):
-            replies += self._generate(prompts[start:start + self.n_seq], max_new_tokens, greedy, stop,
-                                      generator, temperature)
+            end = start + self.n_seq
+            replies += self._generate(prompts[start:end], max_new_tokens, greedy, stop, generator, temperature,
+                                      constraints[start:end])
         return replies
 
     def _prefill_shared(self, prompts: list[list[int]]) -> None:
@@ -451,7 +454,7 @@ class _Engine:
         self._decode([(t, pos, slot, False) for pos, t in enumerate(shared[start:], start)], {slot})
         self.stats.prompt_tokens_evaluated += len(shared) - start
 
-    def _generate(self, prompts, max_new_tokens, greedy, stop, generator, temperature):
+    def _generate(self, prompts, max_new_tokens, greedy, stop, generator, temperature, constraints):
         self._prefill_shared(prompts)
         slots = self._assign(prompts)
         keep = set(slots)
@@ -465,7 +468,9 @@ class _Engine:
         replies = [GeneratedReply([], [], math.nan, exact=False) for _ in prompts]
         active = list(range(len(prompts)))
         for _ in range(max_new_tokens):
-            logp = torch.log_softmax(logits / temperature, dim=-1)
+            allowed = [None if constraints[row] is None else constraints[row].allowed(replies[row].token_ids)
+                       for row in active]
+            logp = torch.log_softmax(mask_logits(logits, allowed) / temperature, dim=-1)
             tokens = logp.argmax(-1) if greedy else _sample(logp, generator)
             chosen = logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
             entries, still = [], []
@@ -473,7 +478,8 @@ class _Engine:
                 replies[row].token_ids.append(token)
                 replies[row].token_logprobs.append(lp)
                 self.stats.generated_tokens += 1
-                if token not in stop and len(replies[row].token_ids) < max_new_tokens:
+                complete = constraints[row] is not None and not constraints[row].allowed(replies[row].token_ids)
+                if token not in stop and not complete and len(replies[row].token_ids) < max_new_tokens:
                     s = slots[row]
                     entries.append((token, len(self.slots[s]), s, True))
                     still.append(row)

@@ -10,6 +10,7 @@ from torch import nn
 
 from rllama.policy.engine import Engine
 from rllama.policy.outputs import GeneratedReply
+from rllama.replies import mask_logits
 
 
 @torch.no_grad()
@@ -22,13 +23,17 @@ def generate(
     greedy: bool = False,
     stop_token_ids: Iterable[int] = (),
     generator: torch.Generator | None = None,
+    constraints: Sequence | None = None,
 ) -> list[GeneratedReply]:
     """Sample one reply per prompt from ``softmax(logits / temperature)``, with each token's log-probability
     and the prompt's value (``value_head`` on its last hidden state).
 
     Stops a row at the first stop token (kept in the reply, so training learns when to stop) or after
-    ``max_new_tokens``. Finished rows leave the batch.
+    ``max_new_tokens``. Finished rows leave the batch. ``constraints``: per prompt ``None`` or a
+    :class:`~rllama.replies.ChoiceTrie`; that row samples only the tokens that continue a choice (the
+    log-probs are those of the masked distribution) and stops when a choice is complete.
     """
+    constraints = list(constraints) if constraints is not None else [None] * len(prompts)
     stop = set(int(t) for t in stop_token_ids)
     hidden, cache, mask, lengths = engine.prompt_states(prompts)
     values = value_head(hidden).squeeze(-1).tolist()
@@ -37,7 +42,10 @@ def generate(
     active = torch.arange(len(prompts), device=hidden.device)
     positions = lengths.clone()
     for _ in range(max_new_tokens):
-        logp = F.log_softmax(engine.next_token_logits(hidden).float() / temperature, dim=-1)  # [A, V]
+        allowed = [None if constraints[row] is None else constraints[row].allowed(replies[row].token_ids)
+                   for row in active.tolist()]
+        logits = mask_logits(engine.next_token_logits(hidden).float(), allowed)
+        logp = F.log_softmax(logits / temperature, dim=-1)  # [A, V]
         if greedy:
             tokens = logp.argmax(-1)
         else:
@@ -47,7 +55,8 @@ def generate(
         for j, (row, tok, lp) in enumerate(zip(active.tolist(), tokens.tolist(), chosen.tolist())):
             replies[row].token_ids.append(tok)
             replies[row].token_logprobs.append(lp)
-            if tok not in stop:
+            complete = constraints[row] is not None and not constraints[row].allowed(replies[row].token_ids)
+            if tok not in stop and not complete:
                 keep.append(j)
         if not keep:
             break

@@ -302,11 +302,11 @@ class PolicyModel(nn.Module):
         return out
 
     def generate(self, prompts, max_new_tokens: int = 32, greedy: bool = False, stop_token_ids=(),
-                 generator: torch.Generator | None = None) -> list[GeneratedReply]:
+                 generator: torch.Generator | None = None, constraints=None) -> list[GeneratedReply]:
         """Sample one reply per prompt from ``softmax(logits / temperature)`` (see
         :func:`~rllama.policy.generation.generate`)."""
         return generation.generate(self.engine, self.heads["value"], prompts, self.temperature, max_new_tokens,
-                                   greedy, stop_token_ids, generator)
+                                   greedy, stop_token_ids, generator, constraints)
 
     # ------------------------------------------------------------------ adapters and the reference
     @property

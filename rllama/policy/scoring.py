@@ -18,6 +18,7 @@ from torch import nn
 
 from rllama.policy.engine import Engine
 from rllama.policy.outputs import CandidateOutputs, Continuations, StepEvaluation, _segment_log_softmax
+from rllama.replies import constrained_logprobs
 
 
 @dataclass(frozen=True)
@@ -98,11 +99,12 @@ def evaluate_actions(engine: Engine, heads: nn.ModuleDict, rule: ScoreRule, step
     prompts = [s.prompt_ids for s in steps]
     conts, owner, ent_rows, spans = [], [], [], []
     for i, s in enumerate(steps):
-        rows = s.candidate_ids if s.is_scored else [s.response_ids]
+        # a reply constrained to declared choices is evaluated from every choice's token log-probs
+        rows = s.candidate_ids if s.is_scored else (s.choice_ids or [s.response_ids])
         spans.append((len(conts), len(rows)))
         conts.extend(rows)
         owner.extend([i] * len(rows))
-        ent_rows.extend([with_entropy and not s.is_scored] * len(rows))
+        ent_rows.extend([with_entropy and not s.is_scored and not s.choice_ids] * len(rows))
     with torch.no_grad() if frozen_body else contextlib.nullcontext():
         enc = engine.encode(prompts, conts, owner, temperature=rule.temperature, entropy_rows=ent_rows,
                             logprobs=rule.uses_scores or not all(s.is_scored for s in steps))
@@ -114,6 +116,13 @@ def evaluate_actions(engine: Engine, heads: nn.ModuleDict, rule: ScoreRule, step
             dists.append(logp)
             entropies.append(-(logp.exp() * logp).sum())
             indices.append(s.action_index)
+        elif s.choice_ids:
+            per_choice = [enc.token_logprobs[start + k][: len(c)] for k, c in enumerate(s.choice_ids)]
+            logp, ent = constrained_logprobs(per_choice, s.choice_ids, s.response_ids)
+            dists.append(logp)
+            if with_entropy:
+                entropies.append(ent.mean())
+            indices.append(None)
         else:
             m = enc.mask[start].bool()
             dists.append(enc.token_logprobs[start][m])
