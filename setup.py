@@ -12,6 +12,7 @@ PLOT = ["matplotlib>=3.7"]
 MLFLOW = ["mlflow-skinny>=2.16"]
 RAY = ["ray>=2.40"]
 LLAMACPP = ["llama-cpp-python>=0.3.17"]
+GRAMMAR = ["llguidance>=1.0"]  # Regex and Grammar reply shapes (rllama.replies)
 TEXTWORLD = ["textworld>=1.6"]
 version = {}
 for line in (ROOT / "rllama" / "__init__.py").read_text().splitlines():
@@ -63,7 +64,8 @@ setup(
         # Generating on llama.cpp (rllama.backends.LlamaCppBackend). A source build: `make install` builds
         # it with portable CPU flags first (the native build can crash on virtual machines; see the README).
         "llamacpp": LLAMACPP,
-        "all": MEMORY + WANDB + SWEEP + PLOT + MLFLOW + RAY + TEXTWORLD + LLAMACPP,
+        "grammar": GRAMMAR,
+        "all": MEMORY + WANDB + SWEEP + PLOT + MLFLOW + RAY + TEXTWORLD + LLAMACPP + GRAMMAR,
         # The test suite covers memory, loggers, sweeps and plots (TextWorld and Ray tests skip without theirs).
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", *MEMORY, *WANDB, *SWEEP, *PLOT],
         # The documentation site (`make docs`: mkdocs build --strict); versions the strict build was checked

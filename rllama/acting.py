@@ -50,11 +50,13 @@ class Actor:
 
     def steps(self, observations: Sequence, prompts: list[list[int]], candidates: list[list[str] | None],
               candidate_ids: list[list[list[int]] | None], training: bool,
-              choice_ids: list[list[list[int]] | None] | None = None) -> list[Step]:
+              choice_ids: list[list[list[int]] | None] | None = None,
+              grammars: list[str | None] | None = None) -> list[Step]:
         """One step per observation, its action chosen: scored among its candidates (texts, and their
         reply token ids), or generated where its candidates are ``None`` (constrained to ``choice_ids``
         where given: :mod:`rllama.replies`)."""
         choice_ids = choice_ids or [None] * len(observations)
+        grammars = grammars or [None] * len(observations)
         agent = self.agent
         scored = [i for i, c in enumerate(candidates) if c is not None]
         generated = [i for i, c in enumerate(candidates) if c is None]
@@ -66,7 +68,7 @@ class Actor:
             if scored:
                 self._score(scored, prompts, candidates, candidate_ids, steps, training)
             if generated:
-                self._generate(generated, prompts, steps, choice_ids)
+                self._generate(generated, prompts, steps, choice_ids, grammars)
         for step, observation in zip(steps, observations):
             if step.is_scored:
                 step.action = agent.hooks.call("extract_action", step.text)
@@ -106,18 +108,20 @@ class Actor:
                 learner_recompute=not agent.backend.provides_values, policy_version=agent.algorithm.num_updates,
             )
 
-    def _generate(self, rows, prompts, steps, choice_ids) -> None:
+    def _generate(self, rows, prompts, steps, choice_ids, grammars) -> None:
         from rllama.replies import ChoiceTrie
 
         agent = self.agent
-        constraints = [None if choice_ids[i] is None else ChoiceTrie(choice_ids[i]) for i in rows]
+        constraints = [ChoiceTrie(choice_ids[i]) if choice_ids[i] is not None
+                       else agent.reply_grammars.constraint(grammars[i]) if grammars[i] is not None else None
+                       for i in rows]
         replies = agent.backend.generate(
             [prompts[i] for i in rows], max_new_tokens=agent.max_new_tokens, greedy=self.greedy,
             stop_token_ids=agent.chat.end_of_turn_ids, generator=agent.generator,
             **({"constraints": constraints} if any(c is not None for c in constraints) else {}),
         )
         for i, reply in zip(rows, replies):
-            steps[i] = Step(choice_ids=choice_ids[i],
+            steps[i] = Step(choice_ids=choice_ids[i], reply_grammar=grammars[i],
                 prompt_ids=prompts[i], response_ids=reply.token_ids, logprob=float(sum(reply.token_logprobs)),
                 token_logprobs=reply.token_logprobs, value=reply.value, text=agent.chat.decode_reply(reply.token_ids),
                 # sampled with other numerics than the learner's: it recomputes the step before the update

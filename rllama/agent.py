@@ -34,6 +34,7 @@ same for a Gymnasium vector env with one forward pass for all environments, and
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -198,6 +199,8 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         # samples actions (and, without a loop seed, GRPO's group seeds)
         self.generator = torch.Generator().manual_seed((0 if seed is None else int(seed)) + 7919 * rank)
         self.hooks = Hooks(self)  # the subclass's hooks, called and checked
+        if not scores_actions:  # a declared reply shape is checked now, not hundreds of steps later
+            self._compile_shape(self.hooks.check_shape(self.reply_shape))
         self.actor = Actor(self)  # scores or generates, samples, parses the actions
         self.recorder = Recorder()  # each environment's running episode
         self.trainer = Trainer(self)  # when the algorithm updates; the training counters
@@ -246,19 +249,36 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         return self.prompts.build(record.messages, content, keep_history=self.keep_history,
                                   working_memory=self.working_memory, reply_tokens=reply)
 
-    def _choice_ids(self, observation) -> list[list[int]] | None:
-        """The token ids of the declared reply choices for ``observation`` (each with the end of turn), or
-        ``None`` when the reply is free text."""
-        shape = self.hooks.reply_shape(observation)
+    def _reply_constraint(self, observation) -> tuple[list[list[int]] | None, str | None]:
+        """The declared shape of a reply to ``observation`` as ``(choice_ids, grammar)``: the token ids of
+        its :class:`~rllama.replies.Choices` (each with the end of turn), or its compiled
+        :class:`~rllama.replies.Regex` / :class:`~rllama.replies.Grammar`; ``(None, None)`` for free text."""
+        return self._compile_shape(self.hooks.reply_shape(observation))
+
+    def _compile_shape(self, shape) -> tuple[list[list[int]] | None, str | None]:
+        from rllama.replies import Choices
+
         if shape is None:
-            return None
+            return None, None
+        if not isinstance(shape, Choices):
+            return None, self.reply_grammars.compile(shape, self.max_new_tokens)
         ids = [self.chat.reply_ids(option) for option in shape.options]
         longest = max(map(len, ids))
         if longest > self.max_new_tokens:
             raise ValueError(f"reply choice {shape.options[[len(i) for i in ids].index(longest)]!r} takes {longest} "
                              f"tokens with the end of turn, more than max_new_tokens={self.max_new_tokens}: "
                              "raise max_new_tokens or shorten the choice")
-        return ids
+        return ids, None
+
+    @functools.cached_property
+    def reply_grammars(self):
+        """Compiles this agent's :class:`~rllama.replies.Regex` and :class:`~rllama.replies.Grammar` shapes
+        (and gives the learner the same masks: it is the policy's ``reply_grammars`` too)."""
+        from rllama.replies import ReplyGrammars
+
+        grammars = ReplyGrammars(self.tokenizer, self.chat.end_of_turn_ids, self.policy.vocab_size)
+        self.policy.reply_grammars = grammars
+        return grammars
 
     # ------------------------------------------------------------------ acting
     def act(self, observation):
@@ -294,15 +314,17 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
             candidates.append(self.hooks.valid_actions(obs))
         retrieved = self._retrieve(texts)
         candidate_ids = [None if c is None else [self.chat.reply_ids(x) for x in c] for c in candidates]
-        # a generated reply constrained to declared choices (rllama.replies): their token ids
-        choice_ids = [self._choice_ids(obs) if c is None else None for obs, c in zip(observations, candidates)]
+        # a generated reply constrained to a declared shape (rllama.replies): choices' token ids, or a grammar
+        shapes = [self._reply_constraint(obs) if c is None else (None, None)
+                  for obs, c in zip(observations, candidates)]
+        choice_ids = [choices for choices, _ in shapes]
         for record, text, found, ids, choices in zip(records, texts, retrieved, candidate_ids, choice_ids):
             ids, fitted = self._prompt(record, text, found, ids or choices)
             prompts.append(ids)
             chats.append(fitted)
 
         steps = self.actor.steps(observations, prompts, candidates, candidate_ids, training=self._recording,
-                                 choice_ids=choice_ids)
+                                 choice_ids=choice_ids, grammars=[grammar for _, grammar in shapes])
         # The history keeps the plain observation text; retrieved memories appear only in the
         # prompt of the step they were retrieved for.
         for env_id, record, text, found, ids, step, chat in zip(env_ids, records, texts, retrieved, prompts, steps,

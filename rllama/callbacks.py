@@ -48,11 +48,14 @@ def update_hooks(callbacks: CallbackLike) -> list[UpdateHook]:
     statistics, or a list of these. Anything else is an error naming what was passed."""
     if callbacks is None:
         return []
-    if isinstance(callbacks, Callback) or callable(callbacks):
+    if isinstance(callbacks, Callback) or callable(callbacks) or hasattr(callbacks, "on_update"):
         callbacks = [callbacks]
+    elif not isinstance(callbacks, Iterable):
+        raise TypeError(f"callback {callbacks!r}: expected a rllama Callback, a function of an update's statistics, "
+                        "or a list of these")
     hooks = []
     for cb in callbacks:
-        if isinstance(cb, Callback):
+        if isinstance(cb, Callback) or (not callable(cb) and callable(getattr(cb, "on_update", None))):
             hooks.append(cb.on_update)
         elif callable(cb):
             hooks.append(cb)

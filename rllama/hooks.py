@@ -38,8 +38,9 @@ class AgentHooks(ABC):
     cache after the first time."""
 
     reply_shape = None
-    """What a generated reply must look like: ``None`` (free text, the default) or a
-    :class:`~rllama.replies.Choices`; generation is then constrained to it, so every reply parses
+    """What a generated reply must look like: ``None`` (free text, the default), or
+    :class:`~rllama.replies.Choices`, :class:`~rllama.replies.Regex` or :class:`~rllama.replies.Grammar`
+    (GBNF); generation is then constrained to it, so every reply parses
     (:mod:`rllama.replies`). Override :meth:`get_reply_shape` where it depends on the observation."""
 
     def get_reply_shape(self, observation):
@@ -132,13 +133,18 @@ class Hooks:
         return candidates
 
     def reply_shape(self, observation):
-        """``get_reply_shape(observation)``: ``None`` or a :class:`~rllama.replies.Choices`."""
-        from rllama.replies import Choices
+        """``get_reply_shape(observation)``: ``None``, or a :class:`~rllama.replies.Choices`,
+        :class:`~rllama.replies.Regex` or :class:`~rllama.replies.Grammar`."""
+        return self.check_shape(self.call("get_reply_shape", observation),
+                                f"get_reply_shape({short(observation)}) returned")
 
-        shape = self.call("get_reply_shape", observation)
-        if shape is not None and not isinstance(shape, Choices):
-            raise HookError(f"get_reply_shape({short(observation)}) returned {short(shape)}; expected None or "
-                            "rllama.replies.Choices")
+    @staticmethod
+    def check_shape(shape, where: str = "reply_shape is"):
+        """``shape`` if it is ``None`` or a reply shape of :mod:`rllama.replies`, else an error naming it."""
+        from rllama.replies import Choices, GrammarShape
+
+        if shape is not None and not isinstance(shape, (Choices, GrammarShape)):
+            raise HookError(f"{where} {short(shape)}; expected None or one of rllama.replies.Choices, Regex, Grammar")
         return shape
 
     def user_message(self, observation_text: str, retrieved: list) -> str:

@@ -1,10 +1,13 @@
 """Declared reply shapes: generation constrained so that every reply parses.
 
-An agent that generates free text may say what a valid reply looks like. With :class:`Choices` the
-reply is exactly one of a few texts, generated token by token with every other token masked out:
-at each position only the tokens that continue some choice are allowed, and the reply ends with the
-end-of-turn token once a choice is complete. Both backends sample from the same masked distribution,
-``softmax`` over the allowed tokens of ``logits / temperature``, and record each token's
+An agent that generates free text may say what a valid reply looks like: :class:`Choices` (one of a
+few texts), :class:`Regex` (a regular expression the whole reply matches) or :class:`Grammar` (a
+llama.cpp GBNF grammar, or a Lark grammar).
+
+With :class:`Choices` the reply is exactly one of a few texts, generated token by token with every
+other token masked out: at each position only the tokens that continue some choice are allowed, and
+the reply ends with the end-of-turn token once a choice is complete. Both backends sample from the
+same masked distribution, ``softmax`` over the allowed tokens of ``logits / temperature``, and record each token's
 log-probability under it; the learner computes the same ones from the choices (a step keeps them in
 ``Step.choice_ids``): at each position, the token's log-probability renormalised over the allowed
 tokens (:func:`constrained_logprobs`).
@@ -20,6 +23,16 @@ tokens (:func:`constrained_logprobs`).
         def extract_action(self, response):
             return 0 if "stay" in response else 1
 
+With :class:`Regex` and :class:`Grammar` the tokens allowed after each prefix of the reply come from
+`llguidance <https://github.com/guidance-ai/llguidance>`_ (``pip install "rllama[grammar]"``) over the
+model's own vocabulary; the end-of-turn token is allowed wherever the reply so far is complete, and the
+reply ends by itself where nothing may follow. Both backends take the same masks from it, and the
+learner recomputes them from the reply's tokens (:meth:`ReplyGrammars.allowed_tokens`), so engine and
+learner renormalise over the same sets. A shape is checked when the agent is built (or, where
+:meth:`~rllama.hooks.AgentHooks.get_reply_shape` depends on the observation, when first met): a
+regular expression or grammar that does not compile, or that no reply of ``max_new_tokens`` tokens can
+complete, is an error naming it.
+
 Unlike scoring (``get_valid_actions``), where a candidate's score is its mean token log-probability
 and the policy a softmax over those, a constrained reply's probability is the product of its
 renormalised token probabilities: the model's own free-text policy restricted to the choices.
@@ -27,11 +40,13 @@ renormalised token probabilities: the model's own free-text policy restricted to
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from rllama.errors import HookError
+from rllama.errors import HookError, RLlamaError
 
 
 class Choices:
@@ -133,3 +148,238 @@ def constrained_logprobs(choice_logprobs: Sequence[torch.Tensor], choice_ids: Se
         p = (lps - norm).exp()
         entropies.append(-(p * (lps - norm)).sum())
     return torch.stack(out), torch.stack(entropies)
+
+
+# ---------------------------------------------------------------------------------------------- grammars
+class GrammarShape:
+    """A reply shape that llguidance compiles: :class:`Regex` or :class:`Grammar`."""
+
+    kind = "grammar"
+
+    def __init__(self, text: str) -> None:
+        if not isinstance(text, str) or not text.strip():
+            raise HookError(f"{type(self).__name__} needs a non-empty string; got {text!r}")
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.text!r})"
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.text))
+
+    def llguidance_grammar(self) -> str:
+        """The shape as an llguidance grammar (a JSON string); an error naming the shape where it does not
+        parse."""
+        try:
+            return load_llguidance().grammar_from(self.kind, self.text)
+        except ValueError as e:
+            raise HookError(f"{self!r} does not compile: {e}") from None
+
+
+class Regex(GrammarShape):
+    """The whole reply matches the regular expression ``pattern`` (Rust ``regex`` syntax: no look-around or
+    back-references), then ends with the end of turn.
+
+    Example:
+        >>> Regex(r"(stay|hit)( now)?").text
+        '(stay|hit)( now)?'
+    """
+
+    kind = "regex"
+
+
+class Grammar(GrammarShape):
+    """The reply is a sentence of a context-free grammar: llama.cpp's GBNF (the start rule ``root``) or
+    llguidance's Lark syntax (the start rule ``start``).
+
+    Example:
+        >>> Grammar(\'root ::= "Action: " ("stay" | "hit")\').text
+        'root ::= "Action: " ("stay" | "hit")'
+    """
+
+    kind = "grammar"
+
+
+def load_llguidance():
+    """The ``llguidance`` module, or an error saying how to install it."""
+    try:
+        import llguidance as module
+    except ImportError:
+        raise RLlamaError("Regex and Grammar reply shapes need llguidance: pip install \"rllama[grammar]\" "
+                          "(Choices need nothing)") from None
+    return module
+
+
+def token_bytes(tokenizer) -> list[bytes]:
+    """Each token id's bytes for a tokenizer llguidance cannot read itself (a slow one); special tokens are
+    marked the way llguidance expects (``0xff`` then their text), so no reply contains them."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    offset = getattr(tokenizer, "offset", None)
+    utf = getattr(tokenizer, "_utf_vocab_size", None)
+    out = []
+    for i in range(len(tokenizer)):
+        token = tokenizer.convert_ids_to_tokens(i)
+        if i in special:
+            out.append(b"\xff" + str(token).encode())
+        elif utf is not None and offset is not None and offset <= i < offset + utf:  # one byte per token (ByT5)
+            out.append(bytes([i - offset]))
+        else:
+            out.append(tokenizer.convert_tokens_to_string([token]).encode("utf-8"))
+    return out
+
+
+class _SlowTokenizer:
+    """What llguidance's ``TokenizerWrapper`` reads from a tokenizer: the tokens' bytes and ``__call__``."""
+
+    def __init__(self, tokenizer, eos: int) -> None:
+        self.tokenizer = tokenizer
+        self.tokens = token_bytes(tokenizer)
+        self.eos_token_id = eos
+        self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
+        self.special_token_ids = sorted(set(getattr(tokenizer, "all_special_ids", []) or []))
+
+    def __call__(self, text) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+class ReplyGrammars:
+    """Compiles :class:`Regex` and :class:`Grammar` shapes for one tokenizer and end of turn, and gives the
+    tokens allowed after each prefix of a reply: to the backends while they sample, to the learner
+    when it recomputes a step.
+
+    Args:
+        tokenizer: the policy's tokenizer (a fast one is read by llguidance directly).
+        stop_token_ids: the end-of-turn token ids, allowed where a reply is complete.
+        vocab_size: the model's vocabulary (its logits' width; at least the tokenizer's).
+    """
+
+    def __init__(self, tokenizer, stop_token_ids: Sequence[int], vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.stop_token_ids = sorted({int(t) for t in stop_token_ids})
+        if not self.stop_token_ids:
+            raise HookError("a reply grammar needs an end-of-turn token; the tokenizer has none")
+        self.vocab_size = int(vocab_size)
+        self._compiled: dict[tuple[GrammarShape, int], str] = {}
+
+    @functools.cached_property
+    def lltokenizer(self):
+        llg = load_llguidance()
+        tok = self.tokenizer
+        if getattr(tok, "backend_tokenizer", None) is not None:
+            from llguidance.hf import from_tokenizer
+
+            return from_tokenizer(tok, n_vocab=self.vocab_size, eos_token=self.stop_token_ids)
+        return llg.LLTokenizer(llg.TokenizerWrapper(_SlowTokenizer(tok, self.stop_token_ids[0])),
+                               n_vocab=self.vocab_size, eos_token=self.stop_token_ids)
+
+    def compile(self, shape: GrammarShape, max_new_tokens: int) -> str:
+        """``shape`` as an llguidance grammar, checked once: it compiles for this vocabulary, and some reply of
+        at most ``max_new_tokens`` tokens completes it (else a :class:`~rllama.errors.HookError` naming it)."""
+        if (shape, max_new_tokens) in self._compiled:
+            return self._compiled[shape, max_new_tokens]
+        grammar = shape.llguidance_grammar()
+        failed, messages = load_llguidance().LLMatcher.validate_grammar_with_warnings(grammar, self.lltokenizer)
+        if failed:
+            raise HookError(f"{shape!r} does not compile: {'; '.join(messages).strip()}")
+        if shortest_completion(self._matcher(grammar), self.lltokenizer, self.stop_token_ids, max_new_tokens) is None:
+            raise HookError(f"no reply of at most max_new_tokens={max_new_tokens} tokens completes {shape!r}: "
+                            "raise max_new_tokens or loosen the shape")
+        self._compiled[shape, max_new_tokens] = grammar
+        return grammar
+
+    def _matcher(self, grammar: str):
+        return load_llguidance().LLMatcher(self.lltokenizer, grammar, log_level=0)
+
+    def constraint(self, grammar: str) -> GrammarConstraint:
+        """A fresh constraint for one reply (what a backend's ``generate`` takes)."""
+        return GrammarConstraint(self._matcher(grammar), self.stop_token_ids)
+
+    def allowed_tokens(self, grammar: str, response: Sequence[int]) -> AllowedTokens:
+        """The tokens allowed at each position of ``response`` (``[n, vocab]``), as the backends saw them."""
+        matcher = self._matcher(grammar)
+        rows = []
+        for token in response:
+            rows.append(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8))
+            if not matcher.consume_token(int(token)):
+                raise ValueError(f"reply {list(response)} breaks its grammar at token {int(token)}")
+        bits = np.unpackbits(np.stack(rows), axis=1, bitorder="little")[:, : self.vocab_size].astype(bool) \
+            if rows else np.zeros((0, self.vocab_size), dtype=bool)
+        return AllowedTokens(torch.from_numpy(bits))
+
+
+class GrammarConstraint:
+    """One reply's grammar: the tokens allowed after its prefix, from an llguidance matcher that follows
+    the reply as it grows (``[]`` once nothing may follow: the reply is complete)."""
+
+    def __init__(self, matcher, stop_token_ids: Sequence[int]) -> None:
+        self.matcher = matcher
+        self.stop = set(stop_token_ids)
+        self.consumed: list[int] = []
+
+    def allowed(self, prefix: Sequence[int]) -> list[int]:
+        prefix = list(map(int, prefix))
+        if prefix[: len(self.consumed)] != self.consumed:
+            self.matcher.reset()
+            self.consumed = []
+        for token in prefix[len(self.consumed):]:
+            if not self.matcher.consume_token(token):
+                raise ValueError(f"reply prefix {prefix} breaks its grammar: {self.matcher.get_error()}")
+            self.consumed.append(token)
+        if self.matcher.is_stopped():
+            return []
+        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        return np.flatnonzero(bits).tolist()
+
+
+class AllowedTokens:
+    """A reply's allowed tokens per position, ``mask`` ``[n, vocab]`` (bool): handed to the learner's engine
+    in place of an entropy flag, so the row's log-probs and entropies are those of the masked distribution."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def shortest_completion(matcher, lltokenizer, stop_token_ids: Sequence[int], max_tokens: int, beam: int = 16,
+                        per_state: int = 24) -> int | None:
+    """The length of some reply of at most ``max_tokens`` tokens that completes the matcher's grammar (the end
+    of turn allowed after it, or nothing more possible), found by a beam search over tokens — the longest
+    and the shortest allowed ones from each state — or ``None`` where it finds none."""
+    stop = set(map(int, stop_token_ids))
+    states = [(b"", matcher)]
+    lengths: dict[int, int] = {}
+    for depth in range(max_tokens + 1):
+        for _, m in states:
+            if m.is_accepting() or m.is_stopped():
+                return depth
+        if depth == max_tokens:
+            break
+        seen, nxt = set(), []
+        for text, m in states:
+            bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8), bitorder="little")
+            ids = [t for t in np.flatnonzero(bits).tolist() if t not in stop]
+            if len(ids) > per_state:
+                for t in ids:
+                    if t not in lengths:
+                        lengths[t] = len(lltokenizer.decode_bytes([t]))
+                ids.sort(key=lambda t: lengths[t])
+                ids = ids[-per_state // 2:][::-1] + ids[: per_state // 2]
+            for t in ids:
+                child = m.deep_copy()
+                if not child.consume_token(t):
+                    continue
+                key = text + lltokenizer.decode_bytes([t])  # one state per text, whatever its tokens
+                if key not in seen:
+                    seen.add(key)
+                    nxt.append((key, child))
+        if not nxt:
+            return None
+        states = nxt[:beam]
+    return None

@@ -96,6 +96,7 @@ class Trainer:
         with agent.policy.lock, agent.policy.using_adapter(agent.adapter_name):  # the adapter it trains
             stats = self.algorithm.update()
             agent.backend.after_update(agent.policy)
+        release_freed_memory()
         stats.update(agent.backend.update_stats())
         stats["rollout/total_episodes"] = float(self.total_episodes)
         stats["rollout/total_steps"] = float(self.total_steps)
@@ -187,3 +188,23 @@ class Trainer:
         self.next_group = int(meta["next_group"])
         self.pending_groups.clear()
         self.pending_groups.extend(tuple(x) for x in meta["pending_group_slots"])
+
+
+def release_freed_memory() -> None:
+    """Return the memory an update freed to the system (glibc keeps freed blocks of the update's
+    many differently sized tensors, so a generate-mode run's resident size grew by ~0.7 GB an update
+    before this); nothing where the C library is not glibc."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None

@@ -148,6 +148,19 @@ def test_train_takes_callbacks_functions_or_lists_of_them_and_any_false_stops(ma
                                                          callback=alone)) == len(alone.seen) == 2
     with pytest.raises(TypeError, match="callback 3"):
         agent.train(ChoiceEnv(steps=1), 2, seed=0, progress=False, callback=[3])
+    with pytest.raises(TypeError, match="callback 3: expected"):
+        agent.train(ChoiceEnv(steps=1), 2, seed=0, progress=False, callback=3)
+
+    class DuckTyped:  # not a subclass of Callback, but has on_update
+        def __init__(self):
+            self.seen = []
+
+        def on_update(self, stats):
+            self.seen.append(stats)
+
+    duck = DuckTyped()
+    agent.train(ChoiceEnv(steps=1), 4, seed=0, progress=False, callback=duck)
+    assert duck.seen
 
 
 @pytest.mark.parametrize("mode", ["next_step", "same_step"])

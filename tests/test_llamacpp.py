@@ -248,3 +248,23 @@ def test_constrained_replies_on_the_engine_equal_the_learners(tokenizer, tiny_gg
     for step, dist in zip(steps, ev.distributions):
         assert step.learner_recompute and step.response_ids in step.choice_ids
         assert (dist.float() - torch.tensor(step.token_logprobs)).abs().max() < TOLERANCE
+
+
+@pytest.mark.parametrize("shape", ["RegexAgent", "GrammarAgent"])
+def test_grammar_replies_on_the_engine_equal_the_learners(tokenizer, tiny_gguf, shape):
+    pytest.importorskip("llguidance")
+    import re
+
+    from tests import test_replies
+
+    agent = getattr(test_replies, shape)(make_tiny_lm(), tokenizer, precision="fp32", seed=0, max_new_tokens=12,
+                                         algorithm_config={"batch_episodes": 99},
+                                         backend=LlamaCppBackend(gguf=tiny_gguf, n_threads=1))
+    agent.train(ChoiceEnv(steps=3), 4, seed=0, progress=False)
+    steps = test_replies.recorded_steps(agent)
+    assert all(re.fullmatch(r"go (left|right)!?", s.text) for s in steps) and agent.actor.parse_failures == 0
+    with torch.no_grad():
+        ev = agent.policy.evaluate_actions(steps, with_values=False, with_entropy=False)
+    for step, dist in zip(steps, ev.distributions):
+        assert step.learner_recompute and step.reply_grammar is not None
+        assert (dist.float() - torch.tensor(step.token_logprobs)).abs().max() < TOLERANCE

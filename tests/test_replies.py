@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rllama.algorithms.buffers import step_from_dict, step_to_dict
-from rllama.errors import HookError
-from rllama.replies import Choices, ChoiceTrie, constrained_logprobs, mask_logits
+from rllama.errors import HookError, RLlamaError
+from rllama.replies import Choices, ChoiceTrie, Grammar, Regex, constrained_logprobs, mask_logits
 from tests.conftest import ChoiceEnv, FreeTextAgent
 
 
@@ -74,7 +74,7 @@ def test_reply_shape_errors_are_clear(make_agent):
         def get_reply_shape(self, observation):
             return ["left", "right"]
 
-    with pytest.raises(HookError, match="get_reply_shape.*expected None or rllama.replies.Choices"):
+    with pytest.raises(HookError, match="get_reply_shape.*expected None or one of rllama.replies.Choices"):
         make_agent(Wrong).act(1)
 
     class Long(FreeTextAgent):
@@ -82,3 +82,90 @@ def test_reply_shape_errors_are_clear(make_agent):
 
     with pytest.raises(ValueError, match="max_new_tokens=8"):
         make_agent(Long, max_new_tokens=8).act(1)
+
+
+class RegexAgent(FreeTextAgent):
+    """Generates "go left" / "go right", with "!" or not, as a regular expression allows."""
+
+    reply_shape = Regex(r"go (left|right)!?")
+
+
+class GrammarAgent(FreeTextAgent):
+    """The same replies, from a llama.cpp GBNF grammar."""
+
+    reply_shape = Grammar('root ::= "go " side "!"?\nside ::= "left" | "right"')
+
+
+@pytest.mark.parametrize("cls", [RegexAgent, GrammarAgent])
+def test_grammar_replies_parse_and_the_learner_computes_the_same_masked_logprobs(make_agent, cls):
+    pytest.importorskip("llguidance")
+    import re
+
+    agent = make_agent(cls, algorithm_config={"batch_episodes": 99}, max_new_tokens=12)
+    agent.train(ChoiceEnv(steps=3), 6, seed=0, progress=False)
+    steps = recorded_steps(agent)
+    assert len(steps) == 18 and agent.actor.parse_failures == 0
+    texts = {s.text for s in steps}
+    assert all(re.fullmatch(r"go (left|right)!?", t) for t in texts) and len(texts) > 1, texts
+    with torch.no_grad():
+        ev = agent.policy.evaluate_actions(steps, with_values=False, with_entropy=True)
+        free = agent.policy.evaluate_actions([step_from_dict({**step_to_dict(s), "reply_grammar": None})
+                                              for s in steps], with_values=False, with_entropy=False)
+    for step, dist, unmasked, ent in zip(steps, ev.distributions, free.distributions, ev.entropy):
+        assert step.reply_grammar is not None and step.choice_ids is None
+        assert torch.allclose(dist.float(), torch.tensor(step.token_logprobs), atol=1e-5)
+        assert (dist >= unmasked - 1e-6).all() and (dist > unmasked + 1e-3).any()  # renormalised over fewer tokens
+        assert torch.isfinite(ent) and ent >= 0
+    # forced tokens ("g", "o", " ", ...) are certain under the mask
+    assert steps[0].token_logprobs[0] == pytest.approx(0.0, abs=1e-6)
+    assert step_from_dict(step_to_dict(steps[0])).reply_grammar == steps[0].reply_grammar
+    agent.algorithm.config.batch_episodes = 6
+    stats = agent.train(ChoiceEnv(steps=3), 6, seed=1, progress=False)
+    assert len(stats) == 1 and stats[0]["policy/approx_kl"] < 0.5 and stats[0]["rollout/parse_failures"] == 0
+
+
+def test_bad_grammars_are_errors_when_the_agent_is_built(make_agent):
+    pytest.importorskip("llguidance")
+
+    class Unclosed(FreeTextAgent):
+        reply_shape = Regex("go (left")
+
+    class BadGbnf(FreeTextAgent):
+        reply_shape = Grammar("root ::= (")
+
+    class TooLong(FreeTextAgent):
+        reply_shape = Regex("[a-z]{40}")
+
+    with pytest.raises(HookError, match=r"(?s)Regex\('go \(left'\) does not compile.*unclosed group"):
+        make_agent(Unclosed)
+    with pytest.raises(HookError, match=r"Grammar\('root ::= \('\) does not compile"):
+        make_agent(BadGbnf)
+    with pytest.raises(HookError, match=r"no reply of at most max_new_tokens=32 tokens completes Regex"):
+        make_agent(TooLong, max_new_tokens=32)
+    assert make_agent(TooLong, max_new_tokens=41).reply_grammars is not None  # 40 bytes and the end of turn
+
+    class PerObservation(FreeTextAgent):  # a shape that depends on the observation: checked when met
+        def get_reply_shape(self, observation):
+            return Regex("(left|right") if observation else Choices("left", "right")
+
+    agent = make_agent(PerObservation)
+    agent.act(0)
+    with pytest.raises(HookError, match="does not compile"):
+        agent.act(1)
+    with pytest.raises(HookError, match="non-empty string"):
+        Regex("")
+
+
+def test_grammar_shapes_without_llguidance_say_how_to_install_it(make_agent, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_llguidance(name, *args, **kwargs):
+        if name.startswith("llguidance"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_llguidance)
+    with pytest.raises(RLlamaError, match=r'pip install "rllama\[grammar\]"'):
+        make_agent(RegexAgent)

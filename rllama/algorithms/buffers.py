@@ -38,6 +38,9 @@ class Step:
             recomputes ``value`` and the behaviour log-probs under its own weights before the update.
         choice_ids: generate mode with declared choices (:mod:`rllama.replies`): each choice's token ids;
             the reply was sampled from the model restricted to them, token by token.
+        reply_grammar: generate mode with a declared :class:`~rllama.replies.Regex` or
+            :class:`~rllama.replies.Grammar`: the compiled grammar (llguidance's JSON) the reply was
+            sampled under; the learner recomputes its masks from it (:mod:`rllama.replies`).
         policy_version: the learner's update count when the acting weights were made (the
             algorithm's ``num_updates``); older than the learner's at update time means stale
             (asynchronous rollout workers, :mod:`rllama.async_rl`).
@@ -56,6 +59,7 @@ class Step:
     learner_recompute: bool = False
     policy_version: int | None = None
     choice_ids: list[list[int]] | None = None
+    reply_grammar: str | None = None
 
     @property
     def is_scored(self) -> bool:
@@ -313,6 +317,7 @@ def step_to_dict(step: Step) -> dict:
         "learner_recompute": bool(step.learner_recompute),
         "policy_version": None if step.policy_version is None else int(step.policy_version),
         "choice_ids": None if step.choice_ids is None else [list(map(int, c)) for c in step.choice_ids],
+        "reply_grammar": step.reply_grammar,
     }
 
 

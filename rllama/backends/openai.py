@@ -174,7 +174,7 @@ class OpenAIBackend(Backend):
 
     def generate(self, prompts, max_new_tokens, greedy, stop_token_ids, generator, constraints=None):
         if constraints is not None and any(c is not None for c in constraints):
-            raise RLlamaError("OpenAIBackend does not constrain replies to declared choices (reply_shape); "
+            raise RLlamaError("OpenAIBackend does not constrain replies to a declared reply_shape; "
                               "use the in-process or llama.cpp backend, or declare no reply shape")
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else None
         params = {"max_tokens": int(max_new_tokens), "temperature": 0.0 if greedy else 1.0, "logprobs": 0,

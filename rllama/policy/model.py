@@ -164,6 +164,7 @@ class PolicyModel(nn.Module):
         if not prefix_cache_mb >= 0:
             raise ValueError(f"prefix_cache_mb={prefix_cache_mb!r}; expected 0 (no cache) or a positive size in MiB")
         self.tokenizer = tokenizer
+        self.reply_grammars = None  # set by an agent that declares a Regex or Grammar reply shape (rllama.replies)
         self.score_normalization = score_normalization
         self.temperature = float(temperature)
         if isinstance(model, PeftModel):
@@ -195,6 +196,11 @@ class PolicyModel(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.heads["value"].hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the model's logits (its output vocabulary, padding included)."""
+        return int(self.engine.parts.lm_head.weight.shape[0])
 
     @property
     def precision(self) -> str:
@@ -279,8 +285,15 @@ class PolicyModel(nn.Module):
         One batched pass serves scored and generated steps alike. With ``frozen_body`` the model runs
         without gradients and only the heads keep theirs.
         """
+        masks = [self._reply_masks(s) if s.reply_grammar is not None and s.response_ids else None for s in steps]
         return scoring.evaluate_actions(self.engine, self.heads, self._rule(), steps, with_values, with_entropy,
-                                        frozen_body)
+                                        frozen_body, masks)
+
+    def _reply_masks(self, step):
+        if self.reply_grammars is None:
+            raise RLlamaError("a step generated under a Regex or Grammar reply shape needs the policy's "
+                              "reply_grammars (the agent that declared the shape sets them)")
+        return self.reply_grammars.allowed_tokens(step.reply_grammar, step.response_ids)
 
     def evaluate(self, steps, **kwargs) -> StepEvaluation:
         """Deprecated name of :meth:`evaluate_actions` (``agent.evaluate`` plays episodes; this scores steps)."""

@@ -93,18 +93,23 @@ def features(engine: Engine, prompts, candidates, temperature: float = 1.0,
 
 
 def evaluate_actions(engine: Engine, heads: nn.ModuleDict, rule: ScoreRule, steps, with_values: bool = True,
-                     with_entropy: bool = True, frozen_body: bool = False) -> StepEvaluation:
+                     with_entropy: bool = True, frozen_body: bool = False, masks=None) -> StepEvaluation:
     """Recorded steps under the current weights, scored and generated alike, in one batched pass (see
-    :meth:`~rllama.policy.PolicyModel.evaluate_actions`)."""
+    :meth:`~rllama.policy.PolicyModel.evaluate_actions`). ``masks``: per step ``None`` or the
+    :class:`~rllama.replies.AllowedTokens` of a reply generated under a grammar (its log-probs are then
+    those of the masked distribution)."""
+    masks = masks or [None] * len(steps)
     prompts = [s.prompt_ids for s in steps]
     conts, owner, ent_rows, spans = [], [], [], []
-    for i, s in enumerate(steps):
+    for i, (s, allowed) in enumerate(zip(steps, masks)):
         # a reply constrained to declared choices is evaluated from every choice's token log-probs
         rows = s.candidate_ids if s.is_scored else (s.choice_ids or [s.response_ids])
         spans.append((len(conts), len(rows)))
         conts.extend(rows)
         owner.extend([i] * len(rows))
-        ent_rows.extend([with_entropy and not s.is_scored and not s.choice_ids] * len(rows))
+        # the engine masks a grammar's reply (and gives the masked distribution's entropies)
+        ent_rows.extend([allowed if allowed is not None else
+                         with_entropy and not s.is_scored and not s.choice_ids] * len(rows))
     with torch.no_grad() if frozen_body else contextlib.nullcontext():
         enc = engine.encode(prompts, conts, owner, temperature=rule.temperature, entropy_rows=ent_rows,
                             logprobs=rule.uses_scores or not all(s.is_scored for s in steps))

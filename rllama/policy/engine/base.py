@@ -126,7 +126,10 @@ class Engine(ABC):
             continuations: ``R`` non-empty token-id lists.
             owner: ``R`` prompt indices: continuation ``r`` follows prompt ``owner[r]``.
             temperature: token log-probs are ``log_softmax(logits / temperature)``.
-            entropy_rows: rows whose next-token entropies are wanted (``None``: none).
+            entropy_rows: rows whose next-token entropies are wanted (``None``: none). A row's entry may be a
+                :class:`~rllama.replies.AllowedTokens` instead: its tokens' log-probs and entropies are then
+                those of the distribution restricted to the allowed tokens at each position (a reply
+                generated under a declared grammar).
             logprobs: ``False`` skips the projection to the vocabulary (the log-probs are then zeros): for
                 callers that want only the features, such as Q heads.
 
@@ -214,15 +217,37 @@ class Engine(ABC):
                 token_logprobs[r, : len(logp)] = logp
                 todo[r] = False
         rows, cols = (cmask * todo.to(device)[:, None]).nonzero(as_tuple=True)  # the real positions to project
-        logp = F.log_softmax(self.logits(hidden[rows, cols]).float() / temperature, dim=-1)  # [N, V]
+        logits = self.logits(hidden[rows, cols]).float()  # [N, V]
+        allowed = allowed_positions(entropy_rows, rows, cols, logits.shape[-1])
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed.to(device), float("-inf"))
+        logp = F.log_softmax(logits / temperature, dim=-1)
         token_logprobs = token_logprobs.index_put((rows, cols), logp.gather(-1, cont[rows, cols, None]).squeeze(-1))
         entropy = None
         if entropy_rows is not None and any(entropy_rows):
-            want = torch.as_tensor(list(entropy_rows), dtype=torch.bool, device=device)[rows]
+            want = torch.as_tensor([bool(e) for e in entropy_rows], dtype=torch.bool, device=device)[rows]
             ent = torch.zeros((R, Lc), dtype=torch.float32, device=device)
-            lp = logp[want]
+            lp = logp[want].clamp_min(torch.finfo(logp.dtype).min)  # masked tokens: 0 * (-inf) would be NaN
             entropy = ent.index_put((rows[want], cols[want]), -(lp.exp() * lp).sum(-1))
         return Continuations(prompt_hidden, token_logprobs, cmask, entropy, action_hidden)
+
+
+def allowed_positions(entropy_rows, rows: torch.Tensor, cols: torch.Tensor, vocab: int) -> torch.Tensor | None:
+    """The allowed tokens ``[N, vocab]`` (bool) at the projected positions ``(rows, cols)``, from the rows of
+    ``entropy_rows`` that carry a mask (``AllowedTokens``); ``None`` where none does."""
+    masked = [(r, e.mask) for r, e in enumerate(entropy_rows or ()) if hasattr(e, "mask")]
+    if not masked:
+        return None
+    allowed = torch.ones((len(rows), vocab), dtype=torch.bool)
+    rows_cpu, cols_cpu = rows.cpu(), cols.cpu()
+    for r, mask in masked:
+        at = (rows_cpu == r).nonzero(as_tuple=True)[0]
+        if len(at) > mask.shape[0]:
+            raise ValueError(f"row {r}: {len(at)} reply tokens but allowed tokens for {mask.shape[0]} positions")
+        width = min(vocab, mask.shape[1])
+        allowed[at] = False
+        allowed[at, :width] = mask[cols_cpu[at], :width]
+    return allowed
 
 
 def check_batch(prompts, continuations=None, owner=None) -> None:
