@@ -146,7 +146,7 @@ def part_acting(args) -> dict:
     agent = make_agent(args.task, args.backend, args.precision, args.new_tokens,
                        algorithm_config={"batch_episodes": 10**9})
     envs = make_envs(args.task, args.envs)
-    timings = {"generate_s": 0.0, "tokens": 0}
+    timings = {"generate_s": 0.0, "tokens": 0, "prompt_tokens": 0}
     backend = agent.backend
     original = backend.generate
 
@@ -155,13 +155,15 @@ def part_acting(args) -> dict:
         out = original(prompts, *a, **k)
         timings["generate_s"] += time.perf_counter() - t
         timings["tokens"] += sum(len(r.token_ids) for r in out)
+        timings["prompt_tokens"] += sum(len(p) for p in prompts)
         return out
 
     backend.generate = timed
     episode_steps = 1.5 if args.task == "blackjack" else TEXTWORLD_STEPS
     agent.train(envs, args.envs, seed=0, progress=False)  # warm-up
     steps0 = agent.trainer.total_steps
-    timings.update(generate_s=0.0, tokens=0)
+    timings.update(generate_s=0.0, tokens=0, prompt_tokens=0)
+    backend.update_stats()  # the engine's counters from here on
     t0 = time.perf_counter()
     agent.train(envs, max(args.envs, round(args.min_steps / episode_steps)), progress=False)
     wall = time.perf_counter() - t0
@@ -171,7 +173,8 @@ def part_acting(args) -> dict:
             "wall_s": wall, "env_steps_per_s": steps / wall,
             "ms_per_token": 1000 * timings["generate_s"] / max(timings["tokens"], 1),
             "tokens_per_step": timings["tokens"] / max(steps, 1), "parse_failures": agent.actor.parse_failures,
-            "peak_rss_mb": peak_rss_mb()}
+            "prompt_tokens_per_step": timings["prompt_tokens"] / max(steps, 1),
+            "engine": backend.update_stats(), "peak_rss_mb": peak_rss_mb()}
 
 
 @part

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from rllama.errors import HookError, RLlamaError
+from rllama.errors import HookError, require
 
 
 class Choices:
@@ -196,7 +196,7 @@ class Grammar(GrammarShape):
     llguidance's Lark syntax (the start rule ``start``).
 
     Example:
-        >>> Grammar(\'root ::= "Action: " ("stay" | "hit")\').text
+        >>> Grammar('root ::= "Action: " ("stay" | "hit")').text
         'root ::= "Action: " ("stay" | "hit")'
     """
 
@@ -204,13 +204,8 @@ class Grammar(GrammarShape):
 
 
 def load_llguidance():
-    """The ``llguidance`` module, or an error saying how to install it."""
-    try:
-        import llguidance as module
-    except ImportError:
-        raise RLlamaError("Regex and Grammar reply shapes need llguidance: pip install \"rllama[grammar]\" "
-                          "(Choices need nothing)") from None
-    return module
+    """The ``llguidance`` module, or a :class:`~rllama.errors.MissingExtraError` naming the extra."""
+    return require("llguidance", "grammar", "a Regex or Grammar reply shape (Choices need nothing)")
 
 
 def token_bytes(tokenizer) -> list[bytes]:

@@ -124,6 +124,23 @@ def test_multi_turn_prompts_reuse_the_cached_prefix(tokenizer, deep_gguf):
         prompts = [p + r.token_ids + [60 + turn, 61, 62, 63, 64 + i] for i, (p, r) in enumerate(zip(prompts, replies))]
 
 
+def test_the_kv_cache_grows_to_fit_a_batch_and_keeps_the_adapter(tokenizer, deep_gguf):
+    """A batch whose prompts and replies do not fit grows the cache (the adapted model still acting), rather
+    than evicting; a prompt beyond max_ctx is an error naming it."""
+    policy = make_policy(tokenizer, adapted=True)
+    backend = LlamaCppBackend(gguf=deep_gguf, n_threads=1, n_ctx=64, max_ctx=256)
+    backend.bind(policy)
+    replies = backend.generate(PROMPTS, 8, False, [], torch.Generator().manual_seed(0))
+    assert backend.stats.swaps == 1 and backend.engine.adapter is not None
+    assert backend.stats.context_growths == 1 and backend.engine.n_ctx == 128 and backend.stats.evictions == 0
+    assert_agree(policy, PROMPTS, replies)
+    assert backend.update_stats()["engine/kv_cells"] == 128
+    with pytest.raises(RLlamaError, match="max_ctx=256"):
+        backend.generate([list(range(3, 300))], 8, False, [], None)
+    with pytest.raises(ValueError, match="max_ctx=32"):
+        LlamaCppBackend(gguf=deep_gguf, n_ctx=64, max_ctx=32)
+
+
 def test_a_swap_changes_the_engine_as_the_learners_change(tokenizer, deep_gguf):
     """After the adapter changes, the engine's log-probs are the new learner's, also for a prompt whose
     KV the engine held from before the swap (no stale cache)."""

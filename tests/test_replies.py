@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rllama.algorithms.buffers import step_from_dict, step_to_dict
-from rllama.errors import HookError, RLlamaError
+from rllama.errors import HookError, MissingExtraError
 from rllama.replies import Choices, ChoiceTrie, Grammar, Regex, constrained_logprobs, mask_logits
 from tests.conftest import ChoiceEnv, FreeTextAgent
 
@@ -157,15 +157,8 @@ def test_bad_grammars_are_errors_when_the_agent_is_built(make_agent):
 
 
 def test_grammar_shapes_without_llguidance_say_how_to_install_it(make_agent, monkeypatch):
-    import builtins
+    import sys
 
-    real_import = builtins.__import__
-
-    def no_llguidance(name, *args, **kwargs):
-        if name.startswith("llguidance"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_llguidance)
-    with pytest.raises(RLlamaError, match=r'pip install "rllama\[grammar\]"'):
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # as if not installed: importing it fails
+    with pytest.raises(MissingExtraError, match=r"pip install 'rllama\[grammar\]'"):
         make_agent(RegexAgent)

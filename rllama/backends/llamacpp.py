@@ -128,6 +128,7 @@ class EngineStats:
     swaps: int = 0  # adapters swapped in
     swap_seconds: float = 0.0  # writing + loading + swapping, in total
     evictions: int = 0  # slots emptied to make room in the KV cache
+    context_growths: int = 0  # times the KV cache grew (a batch would not fit)
     generate_seconds: float = 0.0
     last_swap_ms: float = field(default=float("nan"))
 
@@ -143,8 +144,11 @@ class LlamaCppBackend(InProcessBackend):
             embedded default model's); a model without one is an error naming this option. The file
             must hold the same weights the learner was loaded from (quantised is fine: the learner's
             embedded model is the same GGUF, dequantised).
-        n_ctx: KV cache cells, shared by all sequences (prompt prefixes shared between sequences are
-            held once).
+        n_ctx: KV cache cells at first, shared by all sequences (prompt prefixes shared between sequences
+            are held once). Where a batch's prompts and replies would not fit, the cache grows, doubling,
+            up to ``max_ctx`` (a new context; the model and adapter stay), rather than evicting the
+            prompts it will be asked to extend next step.
+        max_ctx: the most cells the cache grows to.
         max_sequences: prompts decoded together (larger batches are split).
         n_batch: tokens evaluated per ``llama_decode`` when evaluating prompts.
         n_threads: llama.cpp's threads (default: torch's, ``torch.get_num_threads()``).
@@ -154,8 +158,9 @@ class LlamaCppBackend(InProcessBackend):
     """
 
     def __init__(self, gguf: str | os.PathLike | None = None, n_ctx: int = 8192, max_sequences: int = 64,
-                 n_batch: int = 512, n_threads: int | None = None) -> None:
-        for name, value, least in (("n_ctx", n_ctx, 64), ("max_sequences", max_sequences, 1), ("n_batch", n_batch, 1)):
+                 n_batch: int = 512, n_threads: int | None = None, max_ctx: int = 32768) -> None:
+        for name, value, least in (("n_ctx", n_ctx, 64), ("max_sequences", max_sequences, 1), ("n_batch", n_batch, 1),
+                                   ("max_ctx", max_ctx, n_ctx if isinstance(n_ctx, int) else 64)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{name}={value!r}; expected an int >= {least}")
         if max_sequences > 256:
@@ -163,7 +168,7 @@ class LlamaCppBackend(InProcessBackend):
         if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
             raise ValueError(f"n_threads={n_threads!r}; expected None or a positive int")
         self.gguf = Path(gguf).expanduser() if gguf is not None else None
-        self.n_ctx, self.max_sequences, self.n_batch = n_ctx, max_sequences, n_batch
+        self.n_ctx, self.max_sequences, self.n_batch, self.max_ctx = n_ctx, max_sequences, n_batch, max_ctx
         self.n_threads = n_threads
         self.stats = EngineStats()
         self.engine: _Engine | None = None
@@ -186,7 +191,7 @@ class LlamaCppBackend(InProcessBackend):
         if device.type != "cpu":
             logger.warning("the llama.cpp backend runs on the CPU while the learner is on %s", device)
         threads = self.n_threads or max(1, torch.get_num_threads())
-        self.engine = _Engine(path, self.n_ctx, self.max_sequences, self.n_batch, threads, self.stats)
+        self.engine = _Engine(path, self.n_ctx, self.max_sequences, self.n_batch, threads, self.stats, self.max_ctx)
         config_vocab = int(policy.lm.get_base_model().get_output_embeddings().weight.shape[0])
         if self.engine.n_vocab != config_vocab:
             raise RLlamaError(f"LlamaCppBackend: {path} has a vocabulary of {self.engine.n_vocab} tokens, the "
@@ -252,6 +257,8 @@ class LlamaCppBackend(InProcessBackend):
             out["engine/ms_per_token"] = 1000 * delta["generate_seconds"] / delta["generated_tokens"]
         if delta["prompt_tokens"]:
             out["engine/prompt_reuse"] = 1 - delta["prompt_tokens_evaluated"] / delta["prompt_tokens"]
+        out["engine/evictions"] = delta["evictions"]
+        out["engine/kv_cells"] = float(self.engine.n_ctx) if self.engine is not None else float("nan")
         return out
 
     def close(self) -> None:
@@ -270,7 +277,8 @@ def _weights_key(lm, adapter: str) -> tuple:
 class _Engine:
     """llama.cpp's model, context and KV slots, through the low-level API."""
 
-    def __init__(self, path: Path, n_ctx: int, n_seq: int, n_batch: int, n_threads: int, stats: EngineStats):
+    def __init__(self, path: Path, n_ctx: int, n_seq: int, n_batch: int, n_threads: int, stats: EngineStats,
+                 max_ctx: int | None = None):
         llama_cpp = llama_cpp_module()
         self.lib = llama_cpp
         _route_logs(llama_cpp)
@@ -282,30 +290,63 @@ class _Engine:
         if not self.model:
             raise RLlamaError(f"llama.cpp cannot load {path} (not a GGUF model this llama-cpp-python "
                               f"{llama_cpp.__version__} reads; its log above says why)")
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = cparams.n_ubatch = n_batch
-        cparams.n_seq_max = n_seq
-        cparams.n_threads = cparams.n_threads_batch = n_threads
-        cparams.kv_unified = True  # one cache for all sequences: a shared prefix is held once
-        cparams.no_perf = True
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
+        self.n_seq, self.n_batch, self.n_threads = n_seq, n_batch, n_threads
+        self.max_ctx = max(n_ctx, max_ctx or n_ctx)
+        self.ctx = None
+        try:
+            self._make_context(n_ctx)
+        except RLlamaError:
             llama_cpp.llama_model_free(self.model)
             self.model = None
-            raise RLlamaError(f"llama.cpp cannot make a context for {path} with n_ctx={n_ctx}, "
-                              f"max_sequences={n_seq}")
-        self.memory = llama_cpp.llama_get_memory(self.ctx)
+            raise
         vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
         self.architecture = self._meta("general.architecture") or "llama"
-        self.n_ctx, self.n_seq, self.n_batch = n_ctx, n_seq, n_batch
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self.slots: list[list[int]] = [[] for _ in range(n_seq)]  # the tokens each sequence's KV holds
         self.last_used = [0] * n_seq
         self.clock = 0
         self.adapter = None  # the llama_adapter_lora pointer in use
+
+    def _make_context(self, n_ctx: int) -> None:
+        """A context of ``n_ctx`` KV cells in place of the current one (whose cache is then lost)."""
+        lib = self.lib
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = self.n_seq
+        cparams.n_threads = cparams.n_threads_batch = self.n_threads
+        cparams.kv_unified = True  # one cache for all sequences: a shared prefix is held once
+        cparams.no_perf = True
+        ctx = lib.llama_init_from_model(self.model, cparams)
+        if not ctx:
+            raise RLlamaError(f"llama.cpp cannot make a context for {self.path} with n_ctx={n_ctx}, "
+                              f"max_sequences={self.n_seq}")
+        if self.ctx:
+            lib.llama_free(self.ctx)
+        self.ctx, self.n_ctx = ctx, n_ctx
+        self.memory = lib.llama_get_memory(ctx)
+        self.slots: list[list[int]] = [[] for _ in range(self.n_seq)]  # the tokens each sequence's KV holds
+
+    def _fit(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        """Grow the KV cache (doubling, up to ``max_ctx``) where ``prompts``, their shared start held once,
+        and their replies would not fit in it together."""
+        shared = min(_common_prefix(prompts[0], p) for p in prompts)
+        needed = shared + sum(len(p) - shared + max_new_tokens for p in prompts)
+        if needed <= self.n_ctx or self.n_ctx >= self.max_ctx:
+            return
+        size = self.n_ctx
+        while size < needed and size < self.max_ctx:
+            size *= 2
+        size = min(size, self.max_ctx)
+        logger.info("llama.cpp backend: %d prompts need about %d KV cells; growing the cache from %d to %d",
+                    len(prompts), needed, self.n_ctx, size)
+        self._make_context(size)
+        if self.adapter:  # the adapter belongs to the model; the new context applies it too
+            adapters = (self.lib.llama_adapter_lora_p_ctypes * 1)(self.adapter)
+            if self.lib.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:
+                raise RLlamaError("llama.cpp could not apply the adapter to the grown context")
+        self.stats.context_growths += 1
 
     def _meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(256)
@@ -429,9 +470,9 @@ class _Engine:
         if bad:
             raise RLlamaError(f"prompt token id {bad[0]} is outside the GGUF's vocabulary of {self.n_vocab}")
         longest = max(map(len, prompts)) + max_new_tokens
-        if longest > self.n_ctx:
+        if longest > self.max_ctx:
             raise RLlamaError(f"a prompt and its reply take {longest} tokens, more than the llama.cpp backend's "
-                              f"n_ctx={self.n_ctx}: raise LlamaCppBackend(n_ctx=...)")
+                              f"max_ctx={self.max_ctx}: raise LlamaCppBackend(max_ctx=...)")
         constraints = list(constraints) if constraints is not None else [None] * len(prompts)
         replies: list[GeneratedReply] = []
         for start in range(0, len(prompts), self.n_seq):
@@ -455,6 +496,7 @@ class _Engine:
         self.stats.prompt_tokens_evaluated += len(shared) - start
 
     def _generate(self, prompts, max_new_tokens, greedy, stop, generator, temperature, constraints):
+        self._fit(prompts, max_new_tokens)
         self._prefill_shared(prompts)
         slots = self._assign(prompts)
         keep = set(slots)
