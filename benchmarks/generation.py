@@ -143,7 +143,7 @@ def part_naive(args) -> dict:
 @part
 def part_acting(args) -> dict:
     """Acting only (no update): env steps/s and ms per generated token, per task, backend and env count."""
-    agent = make_agent(args.task, args.backend, args.precision, args.new_tokens,
+    agent = make_agent(args.task, args.backend, args.precision, args.new_tokens, args.shape,
                        algorithm_config={"batch_episodes": 10**9})
     envs = make_envs(args.task, args.envs)
     timings = {"generate_s": 0.0, "tokens": 0, "prompt_tokens": 0}
@@ -165,11 +165,13 @@ def part_acting(args) -> dict:
     timings.update(generate_s=0.0, tokens=0, prompt_tokens=0)
     backend.update_stats()  # the engine's counters from here on
     t0 = time.perf_counter()
-    agent.train(envs, max(args.envs, round(args.min_steps / episode_steps)), progress=False)
+    min_steps = args.min_steps * (4 if args.shape != "none" else 1)  # short replies: more steps to time
+    agent.train(envs, max(args.envs, round(min_steps / episode_steps)), progress=False)
     wall = time.perf_counter() - t0
     steps = agent.trainer.total_steps - steps0
     envs.close()
-    return {"task": args.task, "backend": type(backend).__name__, "envs": args.envs, "env_steps": steps,
+    return {"task": args.task, "backend": type(backend).__name__, "envs": args.envs, "shape": args.shape,
+            "env_steps": steps,
             "wall_s": wall, "env_steps_per_s": steps / wall,
             "ms_per_token": 1000 * timings["generate_s"] / max(timings["tokens"], 1),
             "tokens_per_step": timings["tokens"] / max(steps, 1), "parse_failures": agent.actor.parse_failures,
@@ -267,7 +269,7 @@ def run_part(name: str, args, **options) -> dict:
 
 def summarise(r: dict) -> dict:
     naive = r["naive"]["env_steps_per_s"]
-    acting = {(a["task"], a["backend"], a["envs"]): a for a in r["acting"]}
+    acting = {(a["task"], a["backend"], a["envs"]): a for a in r["acting"] if a.get("shape", "none") == "none"}
     table = {"naive_env_steps_per_s": naive, "naive_ms_per_token": r["naive"]["ms_per_token"],
              "llamacpp_highlevel_ms_per_token": r["floor"]["highlevel_ms_per_token"],
              "batch_gain_floor_16": r["floor"]["batch_gain_floor"]}
@@ -285,6 +287,13 @@ def summarise(r: dict) -> dict:
                 table[f"{task}/{backend}/16env_over_1env"] = gain
                 if backend == "LlamaCppBackend":
                     table[f"{task}/{backend}/share_of_batch_floor"] = gain / r["floor"]["batch_gain_floor"]
+    for a in r["acting"]:
+        if a.get("shape", "none") != "none":
+            key = f"{a['task']}/{a['backend']}/{a['shape']}/{a['envs']}env"
+            table[f"{key}/env_steps_per_s"] = a["env_steps_per_s"]
+            table[f"{key}/tokens_per_step"] = a["tokens_per_step"]
+            if a["envs"] == 1:
+                table[f"{key}/vs_naive"] = a["env_steps_per_s"] / naive
     for t in r["train"]:
         key = f"train/{t['backend']}" + ("/choices" if t.get("shape") == "choices" else "")
         table[f"{key}/env_steps_per_s"] = t["env_steps_per_s"]
@@ -317,10 +326,12 @@ def plot(result: dict, path: Path) -> None:
     for a in r["acting"]:
         if a["task"] != "blackjack":
             continue
-        labels.append(f"{'llama.cpp' if a['backend'] == 'LlamaCppBackend' else 'torch'}\n{a['envs']} env")
+        shape = "\nChoices" if a.get("shape", "none") != "none" else ""
+        labels.append(f"{'llama.cpp' if a['backend'] == 'LlamaCppBackend' else 'torch'}\n{a['envs']} env{shape}")
         values.append(a["env_steps_per_s"])
         colors.append("tab:green" if a["backend"] == "LlamaCppBackend" else "tab:blue")
     axes[0].bar(labels, values, color=colors)
+    axes[0].tick_params(axis="x", labelsize=7)
     axes[0].set_ylabel("env steps/s (acting, sampled)")
     axes[0].set_title("Blackjack, generate mode")
     for i, v in enumerate(values):
@@ -329,7 +340,7 @@ def plot(result: dict, path: Path) -> None:
     values = [r["naive"]["ms_per_token"], r["floor"]["highlevel_ms_per_token"]]
     colors = ["tab:gray", "tab:olive"]
     for a in r["acting"]:
-        if a["task"] == "blackjack" and a["envs"] == 1:
+        if a["task"] == "blackjack" and a["envs"] == 1 and a.get("shape", "none") == "none":
             labels.append(f"{'llama.cpp' if a['backend'] == 'LlamaCppBackend' else 'torch'}\nbackend")
             values.append(a["ms_per_token"])
             colors.append("tab:green" if a["backend"] == "LlamaCppBackend" else "tab:blue")
@@ -340,7 +351,8 @@ def plot(result: dict, path: Path) -> None:
         axes[1].text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
     trains = r["train"]
     axes[2].bar([("llama.cpp" if t["backend"] == "LlamaCppBackend" else "torch")
-                 + ("\nChoices" if t.get("shape") == "choices" else "") for t in trains],
+                 + ("\nChoices" if t.get("shape") == "choices" else "") + f"\n{t['episodes']} episodes"
+                 for t in trains],
                 [t["env_steps_per_s"] for t in trains], color=["tab:green" if t["backend"] == "LlamaCppBackend"
                                                                else "tab:blue" for t in trains])
     axes[2].set_ylabel("env steps/s, updates included")
@@ -380,6 +392,9 @@ def main() -> None:
         for backend in ("torch", "llamacpp"):
             for envs in (1, 16):
                 parts["acting"].append(run_part("acting", args, task=task, backend=backend, envs=envs))
+    for envs in (1, 16):  # the same agent declaring its reply's shape: replies of one or two tokens
+        parts["acting"].append(run_part("acting", args, task="blackjack", backend="llamacpp", envs=envs,
+                                        shape="choices"))
     parts["train"].append(run_part("train", args, backend="llamacpp"))
     parts["train"].append(run_part("train", args, backend="llamacpp", shape="choices"))
     parts["train"].append(run_part("train", args, backend="torch", train_episodes=args.torch_train_episodes))
