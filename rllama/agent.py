@@ -34,7 +34,6 @@ same for a Gymnasium vector env with one forward pass for all environments, and
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import random
@@ -60,6 +59,7 @@ from rllama.policy import build_policy
 from rllama.policy.engine import DEFAULT_CACHE_MB
 from rllama.prompting import ChatFormat, PromptBuilder
 from rllama.recording import EnvRecord, Recorder
+from rllama.replies import ReplyGrammars
 from rllama.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -199,6 +199,9 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         # samples actions (and, without a loop seed, GRPO's group seeds)
         self.generator = torch.Generator().manual_seed((0 if seed is None else int(seed)) + 7919 * rank)
         self.hooks = Hooks(self)  # the subclass's hooks, called and checked
+        # compiles Regex / Grammar shapes (nothing until one is met); the learner recomputes their masks
+        # with it, also for steps restored from a checkpoint
+        self.policy.reply_grammars = ReplyGrammars(self.tokenizer, self.chat.end_of_turn_ids, self.policy.vocab_size)
         if not scores_actions:  # a declared reply shape is checked now, not hundreds of steps later
             self._compile_shape(self.hooks.check_shape(self.reply_shape))
         self.actor = Actor(self)  # scores or generates, samples, parses the actions
@@ -270,15 +273,11 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
                              "raise max_new_tokens or shorten the choice")
         return ids, None
 
-    @functools.cached_property
+    @property
     def reply_grammars(self):
         """Compiles this agent's :class:`~rllama.replies.Regex` and :class:`~rllama.replies.Grammar` shapes
         (and gives the learner the same masks: it is the policy's ``reply_grammars`` too)."""
-        from rllama.replies import ReplyGrammars
-
-        grammars = ReplyGrammars(self.tokenizer, self.chat.end_of_turn_ids, self.policy.vocab_size)
-        self.policy.reply_grammars = grammars
-        return grammars
+        return self.policy.reply_grammars
 
     # ------------------------------------------------------------------ acting
     def act(self, observation):

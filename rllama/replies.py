@@ -256,8 +256,6 @@ class ReplyGrammars:
     def __init__(self, tokenizer, stop_token_ids: Sequence[int], vocab_size: int) -> None:
         self.tokenizer = tokenizer
         self.stop_token_ids = sorted({int(t) for t in stop_token_ids})
-        if not self.stop_token_ids:
-            raise HookError("a reply grammar needs an end-of-turn token; the tokenizer has none")
         self.vocab_size = int(vocab_size)
         self._compiled: dict[tuple[GrammarShape, int], str] = {}
 
@@ -277,6 +275,8 @@ class ReplyGrammars:
         at most ``max_new_tokens`` tokens completes it (else a :class:`~rllama.errors.HookError` naming it)."""
         if (shape, max_new_tokens) in self._compiled:
             return self._compiled[shape, max_new_tokens]
+        if not self.stop_token_ids:
+            raise HookError(f"{shape!r} needs an end-of-turn token to end a reply; the tokenizer has none")
         grammar = shape.llguidance_grammar()
         failed, messages = load_llguidance().LLMatcher.validate_grammar_with_warnings(grammar, self.lltokenizer)
         if failed:

@@ -119,6 +119,12 @@ def test_grammar_replies_parse_and_the_learner_computes_the_same_masked_logprobs
     # forced tokens ("g", "o", " ", ...) are certain under the mask
     assert steps[0].token_logprobs[0] == pytest.approx(0.0, abs=1e-6)
     assert step_from_dict(step_to_dict(steps[0])).reply_grammar == steps[0].reply_grammar
+    # steps restored from a checkpoint, in an agent that declares no shape, are evaluated the same
+    restored = [step_from_dict(step_to_dict(s)) for s in steps]
+    with torch.no_grad():
+        again = make_agent(FreeTextAgent).policy.evaluate_actions(restored, with_values=False, with_entropy=False)
+    for a, b in zip(ev.distributions, again.distributions):
+        assert torch.allclose(a, b, atol=1e-6)
     agent.algorithm.config.batch_episodes = 6
     stats = agent.train(ChoiceEnv(steps=3), 6, seed=1, progress=False)
     assert len(stats) == 1 and stats[0]["policy/approx_kl"] < 0.5 and stats[0]["rollout/parse_failures"] == 0
