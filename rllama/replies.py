@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from rllama.errors import HookError, require
+from rllama.errors import HookError, RLlamaError, require
 
 
 class Choices:
@@ -328,7 +328,11 @@ class GrammarConstraint:
         if self.matcher.is_stopped():
             return []
         bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        return np.flatnonzero(bits).tolist()
+        allowed = np.flatnonzero(bits).tolist()
+        if not allowed:  # a dead end: no token of this vocabulary continues the reply
+            raise RLlamaError(f"no token of the vocabulary continues the reply {prefix} under its grammar "
+                              f"({self.matcher.get_error() or 'a dead end'}): loosen the reply shape")
+        return allowed
 
 
 class AllowedTokens:
