@@ -369,7 +369,7 @@ def main() -> None:
     parser.add_argument("--min-steps", type=int, default=48, help="env steps timed per acting configuration")
     parser.add_argument("--naive-steps", type=int, default=16)
     parser.add_argument("--train-episodes", type=int, default=160, help="PPO episodes on the llama.cpp backend")
-    parser.add_argument("--torch-train-episodes", type=int, default=32, help="PPO episodes on the torch backend")
+    parser.add_argument("--torch-train-episodes", type=int, default=160, help="PPO episodes on the torch backend")
     parser.add_argument("--skip-textworld", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
