@@ -121,12 +121,13 @@ class Actor:
             **({"constraints": constraints} if any(c is not None for c in constraints) else {}),
         )
         for i, reply in zip(rows, replies):
-            steps[i] = Step(choice_ids=choice_ids[i], reply_grammar=grammars[i],
+            steps[i] = Step(
                 prompt_ids=prompts[i], response_ids=reply.token_ids, logprob=float(sum(reply.token_logprobs)),
                 token_logprobs=reply.token_logprobs, value=reply.value, text=agent.chat.decode_reply(reply.token_ids),
                 # sampled with other numerics than the learner's: it recomputes the step before the update
                 learner_recompute=not (agent.backend.provides_values and reply.exact) or math.isnan(reply.value),
                 policy_version=agent.algorithm.num_updates,
+                choice_ids=choice_ids[i], reply_grammar=grammars[i],  # the declared reply shape, if any
             )
 
     def _parse(self, observation, text: str):
