@@ -19,6 +19,7 @@ from rllama.errors import RLlamaError
 from rllama.hooks import Hooks, short
 from rllama.policy import PolicyModel
 from rllama.prompting import ChatFormat
+from rllama.replies import ChoiceTrie
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +110,6 @@ class Actor:
             )
 
     def _generate(self, rows, prompts, steps, choice_ids, grammars) -> None:
-        from rllama.replies import ChoiceTrie
-
         agent = self.agent
         constraints = [ChoiceTrie(choice_ids[i]) if choice_ids[i] is not None
                        else agent.reply_grammars.constraint(grammars[i]) if grammars[i] is not None else None

@@ -59,7 +59,7 @@ from rllama.policy import build_policy
 from rllama.policy.engine import DEFAULT_CACHE_MB
 from rllama.prompting import ChatFormat, PromptBuilder
 from rllama.recording import EnvRecord, Recorder
-from rllama.replies import ReplyGrammars
+from rllama.replies import Choices, ReplyGrammars
 from rllama.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -202,6 +202,7 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         # compiles Regex / Grammar shapes (nothing until one is met); the learner recomputes their masks
         # with it, also for steps restored from a checkpoint
         self.policy.reply_grammars = ReplyGrammars(self.tokenizer, self.chat.end_of_turn_ids, self.policy.vocab_size)
+        self._choice_ids: dict[Choices, list[list[int]]] = {}  # each declared Choices' token ids
         if not scores_actions:  # a declared reply shape is checked now, not hundreds of steps later
             self._compile_shape(self.hooks.check_shape(self.reply_shape))
         self.actor = Actor(self)  # scores or generates, samples, parses the actions
@@ -259,18 +260,19 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         return self._compile_shape(self.hooks.reply_shape(observation))
 
     def _compile_shape(self, shape) -> tuple[list[list[int]] | None, str | None]:
-        from rllama.replies import Choices
-
         if shape is None:
             return None, None
         if not isinstance(shape, Choices):
-            return None, self.reply_grammars.compile(shape, self.max_new_tokens)
+            return None, self.reply_grammars.compile(shape, self.max_new_tokens)  # compiled once per shape
+        if shape in self._choice_ids:
+            return self._choice_ids[shape], None
         ids = [self.chat.reply_ids(option) for option in shape.options]
         longest = max(map(len, ids))
         if longest > self.max_new_tokens:
             raise ValueError(f"reply choice {shape.options[[len(i) for i in ids].index(longest)]!r} takes {longest} "
                              f"tokens with the end of turn, more than max_new_tokens={self.max_new_tokens}: "
                              "raise max_new_tokens or shorten the choice")
+        self._choice_ids[shape] = ids
         return ids, None
 
     @property

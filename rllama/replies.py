@@ -108,6 +108,27 @@ class ChoiceTrie:
         return list(node)
 
 
+class RowConstraints:
+    """The constraints of one ``generate`` call, a row each (``None``: free), with each row's allowed next
+    tokens computed once per token: :meth:`mask` masks the next logits, :meth:`advance` follows a sampled
+    token and says whether the reply is complete."""
+
+    def __init__(self, constraints: Sequence | None, rows: int) -> None:
+        self.constraints = list(constraints) if constraints is not None else [None] * rows
+        self.next = [None if c is None else c.allowed([]) for c in self.constraints]
+
+    def mask(self, logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """``logits`` ``[len(rows), V]`` of ``rows`` with the tokens each may not take masked out."""
+        return mask_logits(logits, [self.next[r] for r in rows])
+
+    def advance(self, row: int, token_ids: Sequence[int]) -> bool:
+        """``row``'s reply is now ``token_ids``; whether its shape is complete (nothing may follow)."""
+        if self.constraints[row] is None:
+            return False
+        self.next[row] = self.constraints[row].allowed(token_ids)
+        return not self.next[row]
+
+
 def mask_logits(logits: torch.Tensor, allowed: Sequence[Sequence[int] | None]) -> torch.Tensor:
     """``logits`` ``[A, V]`` with every token outside row ``a``'s ``allowed`` set to ``-inf`` (rows whose
     set is ``None`` unchanged)."""

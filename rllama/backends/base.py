@@ -38,7 +38,8 @@ class Backend(ABC):
                  stop_token_ids: Sequence[int], generator: torch.Generator | None,
                  constraints: Sequence | None = None) -> list[GeneratedReply]:
         """One sampled (or greedy) reply per prompt: token ids and their log-probabilities. ``constraints``:
-        per prompt ``None`` or a :class:`~rllama.replies.ChoiceTrie` its reply must follow (the log-probs
+        per prompt ``None`` or the :class:`~rllama.replies.ChoiceTrie` / :class:`~rllama.replies.GrammarConstraint`
+        its reply must follow (the log-probs
         are then those of the constrained distribution)."""
 
     def after_update(self, policy) -> None:  # noqa: B027 (a hook: most backends need nothing)

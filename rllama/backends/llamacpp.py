@@ -41,7 +41,7 @@ from rllama.backends.base import InProcessBackend
 from rllama.backends.gguf import adapter_is_zero, write_lora_gguf
 from rllama.errors import RLlamaError
 from rllama.policy.outputs import GeneratedReply
-from rllama.replies import mask_logits
+from rllama.replies import RowConstraints
 
 logger = logging.getLogger(__name__)
 
@@ -473,7 +473,7 @@ class _Engine:
         if longest > self.max_ctx:
             raise RLlamaError(f"a prompt and its reply take {longest} tokens, more than the llama.cpp backend's "
                               f"max_ctx={self.max_ctx}: raise LlamaCppBackend(max_ctx=...)")
-        constraints = list(constraints) if constraints is not None else [None] * len(prompts)
+        constraints = list(constraints) if constraints is not None else [None] * len(prompts)  # sliced per batch
         replies: list[GeneratedReply] = []
         for start in range(0, len(prompts), self.n_seq):
             end = start + self.n_seq
@@ -509,10 +509,9 @@ class _Engine:
         logits = self._decode(entries, keep)
         replies = [GeneratedReply([], [], math.nan, exact=False) for _ in prompts]
         active = list(range(len(prompts)))
+        constraints = RowConstraints(constraints, len(prompts))
         for _ in range(max_new_tokens):
-            allowed = [None if constraints[row] is None else constraints[row].allowed(replies[row].token_ids)
-                       for row in active]
-            logp = torch.log_softmax(mask_logits(logits, allowed) / temperature, dim=-1)
+            logp = torch.log_softmax(constraints.mask(logits, active) / temperature, dim=-1)
             tokens = logp.argmax(-1) if greedy else _sample(logp, generator)
             chosen = logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
             entries, still = [], []
@@ -520,8 +519,8 @@ class _Engine:
                 replies[row].token_ids.append(token)
                 replies[row].token_logprobs.append(lp)
                 self.stats.generated_tokens += 1
-                complete = constraints[row] is not None and not constraints[row].allowed(replies[row].token_ids)
-                if token not in stop and not complete and len(replies[row].token_ids) < max_new_tokens:
+                if (token not in stop and len(replies[row].token_ids) < max_new_tokens
+                        and not constraints.advance(row, replies[row].token_ids)):
                     s = slots[row]
                     entries.append((token, len(self.slots[s]), s, True))
                     still.append(row)

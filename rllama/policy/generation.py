@@ -10,7 +10,7 @@ from torch import nn
 
 from rllama.policy.engine import Engine
 from rllama.policy.outputs import GeneratedReply
-from rllama.replies import mask_logits
+from rllama.replies import RowConstraints
 
 
 @torch.no_grad()
@@ -30,10 +30,11 @@ def generate(
 
     Stops a row at the first stop token (kept in the reply, so training learns when to stop) or after
     ``max_new_tokens``. Finished rows leave the batch. ``constraints``: per prompt ``None`` or a
-    :class:`~rllama.replies.ChoiceTrie`; that row samples only the tokens that continue a choice (the
-    log-probs are those of the masked distribution) and stops when a choice is complete.
+    :class:`~rllama.replies.ChoiceTrie` / :class:`~rllama.replies.GrammarConstraint`; that row samples only
+    the tokens its shape allows (the log-probs are those of the masked distribution) and stops when the
+    shape is complete.
     """
-    constraints = list(constraints) if constraints is not None else [None] * len(prompts)
+    constraints = RowConstraints(constraints, len(prompts))
     stop = set(int(t) for t in stop_token_ids)
     hidden, cache, mask, lengths = engine.prompt_states(prompts)
     values = value_head(hidden).squeeze(-1).tolist()
@@ -42,9 +43,7 @@ def generate(
     active = torch.arange(len(prompts), device=hidden.device)
     positions = lengths.clone()
     for _ in range(max_new_tokens):
-        allowed = [None if constraints[row] is None else constraints[row].allowed(replies[row].token_ids)
-                   for row in active.tolist()]
-        logits = mask_logits(engine.next_token_logits(hidden).float(), allowed)
+        logits = constraints.mask(engine.next_token_logits(hidden).float(), active.tolist())
         logp = F.log_softmax(logits / temperature, dim=-1)  # [A, V]
         if greedy:
             tokens = logp.argmax(-1)
@@ -55,8 +54,7 @@ def generate(
         for j, (row, tok, lp) in enumerate(zip(active.tolist(), tokens.tolist(), chosen.tolist())):
             replies[row].token_ids.append(tok)
             replies[row].token_logprobs.append(lp)
-            complete = constraints[row] is not None and not constraints[row].allowed(replies[row].token_ids)
-            if tok not in stop and not complete:
+            if tok not in stop and not constraints.advance(row, replies[row].token_ids):
                 keep.append(j)
         if not keep:
             break
