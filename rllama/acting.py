@@ -23,6 +23,9 @@ from rllama.replies import ChoiceTrie
 
 logger = logging.getLogger(__name__)
 
+INVALID_WARNING_AFTER = 32
+"""Generated replies after which the agent warns (once) if most of them were invalid."""
+
 
 class ActingAgent(Protocol):
     """What an :class:`Actor` reads off the agent it chooses actions for (:class:`rllama.RLlamaAgent` is
@@ -36,6 +39,8 @@ class ActingAgent(Protocol):
     hooks: Hooks
     generator: torch.Generator
     max_new_tokens: int
+    format_penalty: float  # added to the shaping of a step whose generated reply is invalid
+    reply_prefix_ids: list[int]  # the agent's reply_prefix, written before every generated reply
 
     def extract_action(self, response: str) -> Any: ...
 
@@ -47,7 +52,11 @@ class Actor:
         self.agent = agent
         self.greedy = False  # take the likeliest action instead of sampling (evaluation)
         self.parse_failures = 0  # generated replies extract_action failed on, since the last update
+        self.replies = 0  # generated replies, since the last update
+        self.invalid_replies = 0  # of which invalid (extract_action failed, or is_valid_reply said no)
+        self._seen = [0, 0]  # generated and invalid replies since the agent was built (for the warning)
         self._warned_fallback = False
+        self._warned_invalid = False
 
     def steps(self, observations: Sequence, prompts: list[list[int]], candidates: list[list[str] | None],
               candidate_ids: list[list[list[int]] | None], training: bool,
@@ -75,8 +84,41 @@ class Actor:
                 step.action = agent.hooks.call("extract_action", step.text)
                 agent.hooks.check_action(step.action, step.text)
             else:
-                step.action = self._parse(observation, step.text)
+                step.action, parsed = self._parse(observation, step.text)
+                self._check_reply(step, parsed)
         return steps
+
+    def take_reply_counts(self) -> tuple[int, int, int]:
+        """``(replies, invalid, parse failures)`` since the last call, and start counting again."""
+        counts = (self.replies, self.invalid_replies, self.parse_failures)
+        self.replies = self.invalid_replies = self.parse_failures = 0
+        return counts
+
+    def add_reply_counts(self, replies: int, invalid: int, parse_failures: int) -> None:
+        """Count replies generated elsewhere (an asynchronous worker's)."""
+        self.replies += int(replies)
+        self.invalid_replies += int(invalid)
+        self.parse_failures += int(parse_failures)
+
+    def _check_reply(self, step: Step, parsed: bool) -> None:
+        """Mark a generated reply invalid (unparsed, or refused by ``is_valid_reply``), penalise it with the
+        agent's ``format_penalty``, count it, and warn once when most replies so far are invalid."""
+        agent = self.agent
+        step.invalid_reply = not parsed or not agent.hooks.reply_is_valid(step.text)
+        if step.invalid_reply:
+            step.shaping += agent.format_penalty
+        self.replies += 1
+        self.invalid_replies += step.invalid_reply
+        self._seen[0] += 1
+        self._seen[1] += step.invalid_reply
+        seen, invalid = self._seen
+        if not self._warned_invalid and seen >= INVALID_WARNING_AFTER and invalid > seen / 2:
+            self._warned_invalid = True
+            logger.warning(
+                "%d of the first %d generated replies are not in the form %s reads (the last: %r). Declare a "
+                "reply_shape (generation constrained to it: every reply parses), set reply_prefix, or set "
+                "format_penalty (e.g. -0.1) so that invalid replies cost something; docs/porting.md, "
+                "\"Replies that parse\". (Warned once.)", invalid, seen, type(agent).__name__, step.text)
 
     @staticmethod
     def _check_can_generate(algorithm, observation, training: bool) -> None:
@@ -122,7 +164,9 @@ class Actor:
         for i, reply in zip(rows, replies):
             steps[i] = Step(
                 prompt_ids=prompts[i], response_ids=reply.token_ids, logprob=float(sum(reply.token_logprobs)),
-                token_logprobs=reply.token_logprobs, value=reply.value, text=agent.chat.decode_reply(reply.token_ids),
+                token_logprobs=reply.token_logprobs, value=reply.value,
+                # the text extract_action reads starts with the reply prefix (the prompt's last tokens)
+                text=agent.chat.decode_reply(agent.reply_prefix_ids + list(reply.token_ids)),
                 # sampled with other numerics than the learner's: it recomputes the step before the update
                 learner_recompute=not (agent.backend.provides_values and reply.exact) or math.isnan(reply.value),
                 policy_version=agent.algorithm.num_updates,
@@ -130,13 +174,14 @@ class Actor:
             )
 
     def _parse(self, observation, text: str):
+        """``(action, parsed)``: ``extract_action``'s, or ``fallback_action``'s where it failed."""
         hooks = self.agent.hooks
         try:
             action = self.agent.extract_action(text)
             if action is None:
                 raise ValueError("extract_action returned None")
             hooks.check_action(action, text)
-            return action
+            return action, True
         except Exception as exc:  # generate mode: unparseable text falls back, counted in the stats
             self.parse_failures += 1
             if not self._warned_fallback:
@@ -145,4 +190,4 @@ class Actor:
                 self._warned_fallback = True
             action = hooks.call("fallback_action", observation, text)
             hooks.check_action(action, text)
-            return action
+            return action, False

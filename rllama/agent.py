@@ -104,6 +104,10 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
             candidates that describe each move in words, see :class:`~rllama.agents.SokobanAgent`).
         temperature: policy temperature (scoring and generation, acting and training).
         max_new_tokens: longest generated reply.
+        format_penalty: reward added (for training only: reported returns stay the environment's) to
+            a step whose generated reply is invalid: ``extract_action`` failed on it or
+            ``is_valid_reply`` refused it. ``0`` (default) adds nothing; RAGEN and verl-agent use
+            ``-0.1``. Must not be positive.
         max_prompt_tokens: longest prompt; older turns of the episode are dropped (oldest first,
             the system prompt kept) to fit. Defaults to the model's context length minus
             ``max_new_tokens``.
@@ -144,6 +148,7 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         score_normalization: str = "mean",
         temperature: float = 1.0,
         max_new_tokens: int = 32,
+        format_penalty: float = 0.0,
         max_prompt_tokens: int | None = None,
         seed: int | None = None,
         action_space=None,
@@ -187,6 +192,10 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; expected at least 1")
         self.max_new_tokens = int(max_new_tokens)
+        if isinstance(format_penalty, bool) or not isinstance(format_penalty, (int, float)) \
+                or not math.isfinite(format_penalty) or format_penalty > 0:
+            raise ValueError(f"format_penalty={format_penalty!r}; expected a number <= 0 (a penalty; 0 for none)")
+        self.format_penalty = float(format_penalty)
         config = self.policy.lm.get_base_model().config
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if max_prompt_tokens is not None and context and max_prompt_tokens + self.max_new_tokens > context:
@@ -199,6 +208,9 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         # samples actions (and, without a loop seed, GRPO's group seeds)
         self.generator = torch.Generator().manual_seed((0 if seed is None else int(seed)) + 7919 * rank)
         self.hooks = Hooks(self)  # the subclass's hooks, called and checked
+        # written at the start of every generated reply (in the prompt: the model continues it)
+        prefix = self.hooks.reply_prefix()
+        self.reply_prefix_ids = self.chat.reply_prefix_ids(prefix) if prefix else []
         # compiles Regex / Grammar shapes (nothing until one is met); the learner recomputes their masks
         # with it, also for steps restored from a checkpoint
         self.policy.reply_grammars = ReplyGrammars(self.tokenizer, self.chat.end_of_turn_ids, self.policy.vocab_size)
@@ -243,15 +255,18 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         """The longest prompt (:class:`~rllama.prompting.PromptBuilder`)."""
         return self.prompts.max_prompt_tokens
 
-    def _prompt(self, record: EnvRecord, text: str, found: list[Retrieved],
-                candidates: list[list[int]] | None) -> tuple[list[int], list[dict]]:
+    def _prompt(self, record: EnvRecord, text: str, found: list[Retrieved], replies: list[list[int]] | None,
+                generated: bool) -> tuple[list[int], list[dict]]:
         """The prompt ids of an observation's text after ``record``'s chat, with retrieved memories
         injected, and the messages they were rendered from; room is left in the model's context for
-        the longest of the ``candidates`` (token ids), or for a generated reply."""
+        the longest of the ``replies`` (token ids: candidates, or declared choices), else for
+        ``max_new_tokens``. A ``generated`` reply's prompt ends with the agent's reply prefix."""
         content = self.hooks.user_message(text, found)
-        reply = max(map(len, candidates)) if candidates else self.max_new_tokens
-        return self.prompts.build(record.messages, content, keep_history=self.keep_history,
-                                  working_memory=self.working_memory, reply_tokens=reply)
+        prefix = self.reply_prefix_ids if generated else []
+        reply = max(map(len, replies)) if replies else self.max_new_tokens
+        ids, fitted = self.prompts.build(record.messages, content, keep_history=self.keep_history,
+                                         working_memory=self.working_memory, reply_tokens=reply + len(prefix))
+        return ids + prefix, fitted
 
     def _reply_constraint(self, observation) -> tuple[list[list[int]] | None, str | None]:
         """The declared shape of a reply to ``observation`` as ``(choice_ids, grammar)``: the token ids of
@@ -320,7 +335,7 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
                   for obs, c in zip(observations, candidates)]
         choice_ids = [choices for choices, _ in shapes]
         for record, text, found, ids, choices in zip(records, texts, retrieved, candidate_ids, choice_ids):
-            ids, fitted = self._prompt(record, text, found, ids or choices)
+            ids, fitted = self._prompt(record, text, found, ids or choices, generated=ids is None)
             prompts.append(ids)
             chats.append(fitted)
 
@@ -433,7 +448,7 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         text = self.hooks.observation_text(observation)
         candidates = self.hooks.valid_actions(observation)
         candidate_ids = None if candidates is None else [self.chat.reply_ids(c) for c in candidates]
-        ids, _ = self._prompt(record, text, self._retrieve([text])[0], candidate_ids)
+        ids, _ = self._prompt(record, text, self._retrieve([text])[0], candidate_ids, generated=candidate_ids is None)
         return Step(prompt_ids=ids, candidate_ids=candidate_ids)
 
     def finish_data_parallel(self) -> list[dict[str, float]]:
@@ -520,8 +535,10 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
     def loop_state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The agent's own training state besides the policy and the algorithm, for an exact resume: its
         random generator (tensors), its trainer's counters and GRPO's group bookkeeping, and the
-        parse-failure count (JSON-serialisable)."""
-        meta = {**self.trainer.state_dict(), "parse_failures": self.actor.parse_failures}
+        reply counts since the last update (JSON-serialisable)."""
+        actor = self.actor
+        meta = {**self.trainer.state_dict(), "parse_failures": actor.parse_failures, "replies": actor.replies,
+                "invalid_replies": actor.invalid_replies}
         return {"rng": self.generator.get_state()}, meta
 
     def load_loop_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -529,6 +546,8 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         self.generator.set_state(tensors["rng"])
         self.trainer.load_state_dict(meta)
         self.actor.parse_failures = int(meta["parse_failures"])
+        self.actor.replies = int(meta.get("replies", 0))  # checkpoints before issue 41 have no reply counts
+        self.actor.invalid_replies = int(meta.get("invalid_replies", 0))
         self.reset()
 
     def save(self, path) -> None:

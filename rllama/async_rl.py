@@ -98,10 +98,10 @@ class RolloutWorker:
         returns = run_episodes(self.agent, self.env, n_episodes, seed=self.seed * 1_000_003 + self.tasks)
         self.tasks += 1
         episodes = self.agent.trainer.take_episodes()
-        parse_failures, self.agent.actor.parse_failures = self.agent.actor.parse_failures, 0
+        replies = self.agent.actor.take_reply_counts()
         return {"episodes": [episode_to_dict(e) for e in episodes], "version": int(version), "returns": returns,
                 "steps": self.agent.total_steps - steps_before, "wall_s": time.perf_counter() - start,
-                "parse_failures": parse_failures, "checksum": checksum(trainable_state(self.agent.policy))}
+                "replies": list(replies), "checksum": checksum(trainable_state(self.agent.policy))}
 
     def ready(self) -> bool:
         return True
@@ -349,7 +349,7 @@ class AsyncTrainer:
         trainer = self.agent.trainer
         self.stats.tasks += 1
         self.stats.env_steps += int(result["steps"])
-        self.agent.actor.parse_failures += int(result["parse_failures"])
+        self.agent.actor.add_reply_counts(*result["replies"])
         lag = self.agent.algorithm.num_updates - result["version"]
         self.tasks.append({"version": result["version"], "checksum": result["checksum"], "lag": lag,
                            "episodes": len(result["episodes"]), "dropped": lag > self.max_staleness,

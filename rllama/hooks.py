@@ -8,6 +8,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+import numpy as np
+
 from rllama.errors import HookError, InvalidActionError, RLlamaError
 
 
@@ -42,6 +44,21 @@ class AgentHooks(ABC):
     :class:`~rllama.replies.Choices`, :class:`~rllama.replies.Regex` or :class:`~rllama.replies.Grammar`
     (GBNF); generation is then constrained to it, so every reply parses
     (:mod:`rllama.replies`). Override :meth:`get_reply_shape` where it depends on the observation."""
+
+    reply_prefix: str = ""
+    """Text every generated reply starts with, written at the start of the assistant's turn so that the
+    model continues it (RAGEN prefills ``<answer>``; ``"Action:"`` suits an agent that reads "Action: N").
+    ``extract_action``, ``is_valid_reply`` and the chat history see the prefix and the generated text
+    together; the learner trains on the generated tokens after it."""
+
+    def is_valid_reply(self, response: str) -> bool:
+        """Whether a generated reply is in the form this agent reads. The default: every reply that
+        ``extract_action`` parses. Override it where ``extract_action`` never fails: the RLlama README's
+        ``0 if "stay" in response else 1`` reads any text as "hit", so only this hook can tell that a
+        reply named no action (``return "stay" in response or "hit" in response``). Invalid replies are
+        counted (``rollout/invalid_replies``, the progress line's ``invalid=``), warned about when most
+        replies are, and penalised with the agent's ``format_penalty``."""
+        return True
 
     def get_reply_shape(self, observation):
         """The shape a generated reply to ``observation`` must have (default: :attr:`reply_shape`)."""
@@ -131,6 +148,20 @@ class Hooks:
         if len(set(candidates)) != len(candidates):
             raise HookError(f"get_valid_actions returned duplicate candidates {candidates}")
         return candidates
+
+    def reply_is_valid(self, response: str) -> bool:
+        """``is_valid_reply(response)``, a bool."""
+        valid = self.call("is_valid_reply", response)
+        if not isinstance(valid, (bool, np.bool_)):
+            raise HookError(f"is_valid_reply({short(response)}) returned {short(valid)}; expected True or False")
+        return bool(valid)
+
+    def reply_prefix(self) -> str:
+        """The agent's ``reply_prefix``, a string."""
+        prefix = self.agent.reply_prefix
+        if not isinstance(prefix, str):
+            raise HookError(f"reply_prefix = {short(prefix)}; expected a string (\"\" for none)")
+        return prefix
 
     def reply_shape(self, observation):
         """``get_reply_shape(observation)``: ``None``, or a :class:`~rllama.replies.Choices`,

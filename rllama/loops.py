@@ -318,8 +318,8 @@ def _tick(bar, returns: list[float], stats: dict | None = None) -> None:
     of the last 100 episodes while training (``ret``, of every episode so far, while evaluating: the figure
     ``evaluate`` returns), ``ep/s``, and while training ``steps/s`` (env steps), ``upd`` (updates), the
     exploration in force: ``eps`` (DQN's epsilon) or ``ent`` (the policy's entropy at the last update), and
-    for an agent that generates, ``unparsed``: the share of the last update's replies ``extract_action``
-    could not parse (each fell back to ``fallback_action``)."""
+    for an agent that generates, ``invalid``: the share of the replies generated before the last update that
+    were not in the form the agent reads (``extract_action`` failed on them, or ``is_valid_reply`` said no)."""
     if bar is None:
         return
     import time
@@ -337,15 +337,15 @@ def _tick(bar, returns: list[float], stats: dict | None = None) -> None:
         postfix["upd"] = str(agent.algorithm.num_updates)
         if stats and "policy/entropy" in stats:
             bar.rllama_entropy = float(stats["policy/entropy"])
-        if stats and stats.get("rollout/steps") and "rollout/parse_failures" in stats:
-            bar.rllama_unparsed = float(stats["rollout/parse_failures"]) / float(stats["rollout/steps"])
+        if stats and "rollout/invalid_replies" in stats:
+            bar.rllama_invalid = float(stats["rollout/invalid_replies"])
         epsilon = getattr(agent.algorithm, "epsilon", None)
         if isinstance(epsilon, float):
             postfix["eps"] = f"{epsilon:.3f}"
         elif getattr(bar, "rllama_entropy", None) is not None:
             postfix["ent"] = f"{bar.rllama_entropy:.3f}"
-        if getattr(bar, "rllama_unparsed", None) is not None and not agent.scores_actions():
-            postfix["unparsed"] = f"{bar.rllama_unparsed:.0%}"
+        if getattr(bar, "rllama_invalid", None) is not None:
+            postfix["invalid"] = f"{bar.rllama_invalid:.0%}"
     bar.set_postfix(postfix, refresh=False)
 
 

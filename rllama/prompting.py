@@ -72,6 +72,11 @@ class ChatFormat:
             text = " " + text  # the default format puts a space after "Assistant:"
         return self.encode(text) + self.end_of_turn_ids
 
+    def reply_prefix_ids(self, text: str) -> list[int]:
+        """Token ids of the start of an assistant reply (no end of turn): what a reply prefix adds to
+        the prompt."""
+        return self.reply_ids(text)[: len(self.reply_ids(text)) - len(self.end_of_turn_ids)]
+
     def decode_reply(self, token_ids: Sequence[int]) -> str:
         """Text of a generated reply, without the end-of-turn token and special tokens."""
         ids = list(token_ids)

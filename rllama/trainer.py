@@ -100,8 +100,10 @@ class Trainer:
         stats.update(agent.backend.update_stats())
         stats["rollout/total_episodes"] = float(self.total_episodes)
         stats["rollout/total_steps"] = float(self.total_steps)
-        stats["rollout/parse_failures"] = float(agent.actor.parse_failures)  # since the last update
-        agent.actor.parse_failures = 0
+        replies, invalid, failures = agent.actor.take_reply_counts()  # since the last update
+        stats["rollout/parse_failures"] = float(failures)
+        if replies:  # an agent that generates
+            stats["rollout/invalid_replies"] = invalid / replies
         return stats
 
     def _ready_everywhere(self, active: bool) -> bool:

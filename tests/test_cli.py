@@ -86,7 +86,7 @@ def test_progress_bars_label_their_fields(make_agent, capsys):
     err = capsys.readouterr().err
     assert agent.algorithm.num_updates == 2
     assert "ret100=" in err and "ep/s=" in err and "steps/s=" in err and "upd=2" in err and "4/4 ep" in err
-    assert "ent=" in err and "unparsed" not in err  # the policy's entropy at the last update; it scores
+    assert "ent=" in err and "invalid" not in err  # the policy's entropy at the last update; it scores
     summary = [line for line in err.splitlines() if line.startswith("train: 4 episodes in ")]
     assert len(summary) == 1 and "mean return" in summary[0] and "4 env steps, 2 updates in all" in summary[0], err
     dqn = make_agent(algorithm="dqn", algorithm_config={"batch_episodes": 2, "learning_starts": 2})
@@ -98,11 +98,12 @@ def test_progress_bars_label_their_fields(make_agent, capsys):
     assert "eval: 3 episodes in" in err and f"mean return {result['mean_return']:+.3f} over the 3" in err
 
 
-def test_progress_bars_show_the_share_of_unparsed_replies(make_agent, capsys):
+def test_progress_bars_show_the_share_of_invalid_replies(make_agent, capsys):
     from tests.conftest import ChoiceEnv, FreeTextAgent
 
     agent = make_agent(FreeTextAgent, max_new_tokens=4, algorithm_config={"batch_episodes": 2, "minibatch_size": 2})
     (stats,) = agent.train(ChoiceEnv(steps=2), 2, seed=0, progress=True)
     share = stats["rollout/parse_failures"] / stats["rollout/steps"]
     assert share > 0  # a random tiny model's 4 bytes rarely say "left" or "right"
-    assert f"unparsed={share:.0%}" in capsys.readouterr().err
+    assert stats["rollout/invalid_replies"] == share  # nothing but unparsed replies is invalid by default
+    assert f"invalid={share:.0%}" in capsys.readouterr().err

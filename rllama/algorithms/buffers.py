@@ -44,6 +44,11 @@ class Step:
         policy_version: the learner's update count when the acting weights were made (the
             algorithm's ``num_updates``); older than the learner's at update time means stale
             (asynchronous rollout workers, :mod:`rllama.async_rl`).
+        invalid_reply: generate mode: the reply was not in the form the agent reads (``extract_action``
+            failed on it, or ``is_valid_reply`` said no).
+        shaping: reward the agent adds to the step itself (the ``format_penalty`` of an invalid reply).
+            The algorithms train on ``reward + shaping`` (:attr:`training_reward`); returns reported
+            and written to logs are the environment's alone.
     """
 
     prompt_ids: list[int]
@@ -60,6 +65,13 @@ class Step:
     policy_version: int | None = None
     choice_ids: list[list[int]] | None = None
     reply_grammar: str | None = None
+    invalid_reply: bool = False
+    shaping: float = 0.0
+
+    @property
+    def training_reward(self) -> float:
+        """What the algorithms learn from: the environment's reward plus the agent's own shaping."""
+        return self.reward + self.shaping
 
     @property
     def is_scored(self) -> bool:
@@ -90,8 +102,13 @@ class Episode:
 
     @property
     def total_reward(self) -> float:
-        """Undiscounted return."""
+        """Undiscounted return (the environment's rewards)."""
         return float(sum(s.reward for s in self.steps))
+
+    @property
+    def training_return(self) -> float:
+        """Undiscounted return the algorithms learn from (with the steps' shaping)."""
+        return float(sum(s.training_reward for s in self.steps))
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -208,7 +225,7 @@ class RolloutBuffer:
         if len(bootstrap_values) != len(self.episodes):
             raise ValueError(f"{len(bootstrap_values)} bootstrap values for {len(self.episodes)} episodes")
         for episode, boot in zip(self.episodes, bootstrap_values):
-            r = np.array([s.reward for s in episode.steps], dtype=np.float64)
+            r = np.array([s.training_reward for s in episode.steps], dtype=np.float64)
             v = np.array([s.value for s in episode.steps], dtype=np.float64)
             last = 0.0
             if episode.truncated:
@@ -275,7 +292,7 @@ class ReplayBuffer:
         steps = episode.steps
         for t, step in enumerate(steps):
             following = steps[t + 1] if t + 1 < len(steps) else episode.bootstrap
-            self.add(Transition(step, step.reward, following))
+            self.add(Transition(step, step.training_reward, following))
 
     def sample(self, n: int) -> list[Transition]:
         """``n`` transitions drawn uniformly with replacement."""
@@ -318,6 +335,8 @@ def step_to_dict(step: Step) -> dict:
         "policy_version": None if step.policy_version is None else int(step.policy_version),
         "choice_ids": None if step.choice_ids is None else [list(map(int, c)) for c in step.choice_ids],
         "reply_grammar": step.reply_grammar,
+        "invalid_reply": bool(step.invalid_reply),
+        "shaping": float(step.shaping),
     }
 
 

@@ -101,7 +101,8 @@ def anchor_state(step: Step) -> Hashable:
 def step_returns(episodes: Sequence[Episode], gamma: float) -> np.ndarray:
     """Every step's discounted return to the end of its episode, ``[S]`` in the episodes' order.
     Critic-free, a truncated episode's return is not completed with a value."""
-    parts = [discounted_returns(np.array([s.reward for s in e.steps], dtype=np.float64), gamma) for e in episodes]
+    parts = [discounted_returns(np.array([s.training_reward for s in e.steps], dtype=np.float64), gamma)
+             for e in episodes]
     return np.concatenate(parts) if parts else np.zeros(0)
 
 

@@ -79,7 +79,7 @@ def group_advantages(episodes: list[Episode], eps: float) -> list[float]:
     every such lone episode of the batch."""
     by_group: dict = defaultdict(list)
     for e in episodes:
-        by_group[group_key(e)].append(e.total_reward)
+        by_group[group_key(e)].append(e.training_return)
     lone = [rets[0] for rets in by_group.values() if len(rets) == 1]
 
     def stats(rets: list[float]) -> tuple[float, float]:
@@ -90,7 +90,7 @@ def group_advantages(episodes: list[Episode], eps: float) -> list[float]:
     out = []
     for e in episodes:
         mean, std = per_group[group_key(e)]
-        out.append((e.total_reward - mean) / (std + eps))
+        out.append((e.training_return - mean) / (std + eps))
     return out
 
 

@@ -72,10 +72,8 @@ class REINFORCE(OnPolicyAlgorithm):
 
     def compute_targets(self, batch: RolloutBatch, episodes: list[Episode]) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        returns = torch.tensor(
-            np.concatenate([discounted_returns(np.array([s.reward for s in e.steps]), cfg.gamma) for e in episodes]),
-            dtype=torch.float32,
-        )
+        per_episode = [discounted_returns(np.array([s.training_reward for s in e.steps]), cfg.gamma) for e in episodes]
+        returns = torch.tensor(np.concatenate(per_episode), dtype=torch.float32)
         if cfg.baseline == "value":
             baseline = batch.old_values
         elif cfg.baseline == "mean":

@@ -1,0 +1,213 @@
+"""Generate mode learning Blackjack: the RLlama README's agent, its replies and its return, as it trains.
+
+    python benchmarks/generate_learning.py --threads 1                       # the committed results
+    python benchmarks/generate_learning.py --variants verbatim --episodes 32  # a smoke run
+
+The agent is the RLlama README's Blackjack agent (``generation.readme_agent_class``: it asks for "stay"
+or "hit" and ``extract_action`` is ``0 if "stay" in reply else 1``), trained by PPO with its defaults on
+16 vector envs, generating on the default backend (llama.cpp where installed), one variant per process:
+
+- ``verbatim``: the hooks as the README writes them;
+- ``format``: the same, plus ``is_valid_reply`` (a reply is valid when it says "stay" or "hit"),
+  ``format_penalty=-0.1`` (RAGEN's) and ``reply_prefix = "My answer:"`` (among the prefixes probed, the
+  one after which the untrained model names an action most often: 7 of 15 sampled replies, none 2);
+- ``choices``: the reply constrained to ``Choices("stay", "hit")`` (:mod:`rllama.replies`).
+
+Each run logs, per update, the training return and the share of invalid replies (that name neither word),
+and at the end plays ``--eval-episodes`` fixed deals greedily (env seeds 10000+) and reads the greedy
+policy map (the action in each of the 280 decision states) and its exact value. Writes
+``results/<name>.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    EVAL_SEED,
+    REFERENCE_RETURNS,
+    add_common_args,
+    cpu_name,
+    plot_policy_map,
+    save_figure,
+    save_partial,
+    save_result,
+    set_threads,
+)
+
+VARIANTS = ["verbatim", "format", "choices"]
+COLORS = {"verbatim": "tab:red", "format": "tab:blue", "choices": "tab:green"}
+
+
+def named_action(reply: str) -> bool:
+    """Whether a reply says one of the words the README agent's hooks look for."""
+    text = reply.lower()
+    return "stay" in text or "hit" in text
+
+
+def agent_class(variant: str):
+    from generation import readme_agent_class
+
+    from rllama.replies import Choices
+
+    base = readme_agent_class()
+    if variant == "verbatim":
+        return base
+    if variant == "format":
+        return type("StayOrHitFormat", (base,), {"reply_prefix": "My answer:",
+                                                 "is_valid_reply": lambda self, reply: named_action(reply)})
+    if variant == "choices":
+        return type("StayOrHitChoices", (base,), {"reply_shape": Choices("stay", "hit")})
+    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+
+
+def greedy_map(agent) -> tuple[dict, float]:
+    """The greedy action in each decision state (a fresh episode each), and the share of those replies
+    that name an action."""
+    from rllama.agents.blackjack import STATES
+
+    policy, named = {}, 0
+    with agent.evaluating(greedy=True):
+        for start in range(0, len(STATES), 32):
+            chunk = STATES[start:start + 32]
+            agent.reset()
+            actions = agent.act_batch([(t, d, int(a)) for t, d, a in chunk])
+            for i, (state, action) in enumerate(zip(chunk, actions)):
+                policy[state] = int(action)
+                named += named_action(agent.last_replies[i])
+        agent.reset()
+    return policy, named / len(STATES)
+
+
+def run_variant(args) -> dict:
+    """One variant: train, then evaluate greedily; the JSON of the run."""
+    import gymnasium as gym
+
+    from rllama.agents.blackjack import agreement, policy_value
+
+    set_threads(args)
+    cls = agent_class(args.variant)
+    kwargs = {"format_penalty": -0.1} if args.variant == "format" else {}
+    agent = cls(args.model, seed=args.seed, precision=args.precision, max_new_tokens=32, **kwargs)
+    envs = gym.vector.SyncVectorEnv([lambda: gym.make("Blackjack-v1", sab=True) for _ in range(16)])
+    t0 = time.perf_counter()
+    curve = []
+
+    def log(stats):
+        curve.append({"episodes": int(stats["rollout/total_episodes"]), "wall_s": time.perf_counter() - t0,
+                      "mean_return": stats["rollout/mean_return"],
+                      "invalid": stats.get("rollout/invalid_replies"),
+                      "parse_failures": stats.get("rollout/parse_failures"),
+                      "kl_ref": stats.get("policy/kl_ref"), "entropy": stats.get("policy/entropy")})
+        print(json.dumps(curve[-1]), flush=True)
+
+    agent.train(envs, args.episodes, seed=args.seed, progress=False, callback=log)
+    train_s = time.perf_counter() - t0
+    envs.close()
+    policy, map_named = greedy_map(agent)
+    env = gym.make("Blackjack-v1", sab=True)
+    returns, replies = [], []
+    with agent.evaluating(greedy=True):
+        for i in range(args.eval_episodes):
+            obs, _ = env.reset(seed=EVAL_SEED + i)
+            done, total = False, 0.0
+            while not done:
+                action = agent.act(obs)
+                replies.append(agent.last_reply)
+                obs, reward, terminated, truncated, _ = env.step(action)
+                total += reward
+                done = terminated or truncated
+            agent.reset()
+            returns.append(total)
+    return {"variant": args.variant, "seed": args.seed, "backend": type(agent.backend).__name__,
+            "episodes": args.episodes, "env_steps": agent.total_steps, "train_s": train_s, "curve": curve,
+            "eval_return": sum(returns) / len(returns), "eval_episodes": len(returns),
+            "eval_named": sum(map(named_action, replies)) / len(replies), "eval_replies": replies[:12],
+            "map_value": policy_value(policy), "map_agreement": agreement(policy), "map_named": map_named,
+            "map_hits": sum(policy.values()), "policy": {f"{t},{d},{int(a)}": v for (t, d, a), v in policy.items()},
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    fig, axes = plt.subplots(2, 2 + len(runs), figsize=(5 * 2 + 3.2 * len(runs), 7.5),
+                             gridspec_kw={"width_ratios": [2.2, 2.2] + [1] * len(runs)})
+    ret, inv = axes[0][0], axes[0][1]
+    for run in runs:
+        c = COLORS.get(run["variant"], "black")
+        eps = [p["episodes"] for p in run["curve"]]
+        ret.plot(eps, [p["mean_return"] for p in run["curve"]], color=c, label=f"{run['variant']} (training)")
+        ret.scatter([run["episodes"]], [run["eval_return"]], color=c, marker="o", zorder=3)
+        ret.scatter([run["episodes"]], [run["map_value"]], color=c, marker="*", s=90, zorder=3)
+        if any(p["invalid"] is not None for p in run["curve"]):
+            inv.plot(eps, [p["invalid"] for p in run["curve"]], color=c, label=run["variant"])
+        wall = axes[1][0]
+        wall.plot([p["wall_s"] / 60 for p in run["curve"]], [p["mean_return"] for p in run["curve"]], color=c,
+                  label=run["variant"])
+    for name, value in REFERENCE_RETURNS.items():
+        ret.axhline(value, color="gray", ls=":", lw=0.8)
+        ret.text(0, value, name, fontsize=7, color="gray", va="bottom")
+    ret.set(xlabel="training episodes", ylabel="return", ylim=(-1.05, 0.1),
+            title="training return; greedy: fixed deals (o), map's value (*)")
+    ret.legend(fontsize=7)
+    inv.set(xlabel="training episodes", ylabel="share of replies", ylim=(-0.02, 1.02),
+            title="invalid replies (naming no action)")
+    inv.legend(fontsize=7)
+    axes[1][0].set(xlabel="training wall time (min)", ylabel="return per update", ylim=(-1.05, 0.1),
+                   title="return against wall time")
+    axes[1][1].axis("off")
+    axes[1][1].text(0, 1, "\n\n".join(
+        f"{r['variant']} ({r['episodes']} episodes, {r['train_s'] / 60:.1f} min):\n  greedy {r['eval_return']:+.3f} on "
+        f"{r['eval_episodes']} fixed deals\n  map {r['map_value']:+.3f}, {r['map_agreement']:.0%} of states optimal\n"
+        f"  replies naming an action: {r['eval_named']:.0%}" for r in runs) + f"\n\n{result['cpu']}", va="top",
+        fontsize=8)
+    for j, run in enumerate(runs):
+        policy = {tuple(int(x) for x in k.split(",")): v for k, v in run["policy"].items()}
+        policy = {(t, d, bool(a)): v for (t, d, a), v in policy.items()}
+        plot_policy_map([axes[0][2 + j], axes[1][2 + j]], policy, run["variant"])
+    save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(parser, "generate_learning", precision="auto")
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # one run, in a child process
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--episodes", type=int, default=320)
+    parser.add_argument("--eval-episodes", type=int, default=200)
+    args = parser.parse_args()
+    if args.variant is not None:
+        Path(args.out).write_text(json.dumps(run_variant(args)))
+        return
+    runs = []
+    for variant in args.variants:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            out = f.name
+        cmd = [sys.executable, __file__, "--variant", variant, "--out", out, "--seed", str(args.seed),
+               "--episodes", str(args.episodes), "--eval-episodes", str(args.eval_episodes),
+               "--precision", args.precision, "--threads", str(args.threads)]
+        if args.model:
+            cmd += ["--model", args.model]
+        print("#", variant, flush=True)
+        subprocess.run(cmd, check=True)
+        runs.append(json.loads(Path(out).read_text()))
+        Path(out).unlink()
+        print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("curve", "policy")}), flush=True)
+        save_partial(args.name, runs)
+    save_result("generate_learning", args, runs, plot, cpu=cpu_name())
+
+
+if __name__ == "__main__":
+    main()
