@@ -13,7 +13,8 @@ or "hit" and ``extract_action`` is ``0 if "stay" in reply else 1``), trained by 
   one after which the untrained model names an action most often: 7 of 15 sampled replies, none 2);
 - ``choices``: the reply constrained to ``Choices("stay", "hit")`` (:mod:`rllama.replies`).
 
-Each run logs, per update, the training return and the share of invalid replies (that name neither word),
+Each run logs, per update, the training return and the share of replies that name neither word (counted
+in every variant; only ``format`` tells the agent, through ``is_valid_reply``),
 and at the end plays ``--eval-episodes`` fixed deals greedily (env seeds 10000+) and reads the greedy
 policy map (the action in each of the 280 decision states) and its exact value. Writes
 ``results/<name>.json`` and ``.png``.
@@ -94,7 +95,15 @@ def run_variant(args) -> dict:
     from rllama.agents.blackjack import agreement, policy_value
 
     set_threads(args)
-    cls = agent_class(args.variant)
+    counts = {"replies": 0, "named": 0}  # replies read since the last update, and those naming an action
+
+    class Counted(agent_class(args.variant)):
+        def extract_action(self, response):
+            counts["replies"] += 1
+            counts["named"] += named_action(response)
+            return super().extract_action(response)
+
+    cls = Counted
     kwargs = {"format_penalty": -0.1} if args.variant == "format" else {}
     agent = cls(args.model, seed=args.seed, precision=args.precision, max_new_tokens=32, **kwargs)
     envs = gym.vector.SyncVectorEnv([lambda: gym.make("Blackjack-v1", sab=True) for _ in range(16)])
@@ -105,8 +114,10 @@ def run_variant(args) -> dict:
         curve.append({"episodes": int(stats["rollout/total_episodes"]), "wall_s": time.perf_counter() - t0,
                       "mean_return": stats["rollout/mean_return"],
                       "invalid": stats.get("rollout/invalid_replies"),
+                      "named": counts["named"] / max(counts["replies"], 1),
                       "parse_failures": stats.get("rollout/parse_failures"),
                       "kl_ref": stats.get("policy/kl_ref"), "entropy": stats.get("policy/entropy")})
+        counts.update(replies=0, named=0)
         print(json.dumps(curve[-1]), flush=True)
 
     agent.train(envs, args.episodes, seed=args.seed, progress=False, callback=log)
@@ -149,8 +160,7 @@ def plot(result: dict, path: Path) -> None:
         ret.plot(eps, [p["mean_return"] for p in run["curve"]], color=c, label=f"{run['variant']} (training)")
         ret.scatter([run["episodes"]], [run["eval_return"]], color=c, marker="o", zorder=3)
         ret.scatter([run["episodes"]], [run["map_value"]], color=c, marker="*", s=90, zorder=3)
-        if any(p["invalid"] is not None for p in run["curve"]):
-            inv.plot(eps, [p["invalid"] for p in run["curve"]], color=c, label=run["variant"])
+        inv.plot(eps, [1 - p["named"] for p in run["curve"]], color=c, label=run["variant"])
         wall = axes[1][0]
         wall.plot([p["wall_s"] / 60 for p in run["curve"]], [p["mean_return"] for p in run["curve"]], color=c,
                   label=run["variant"])
@@ -161,7 +171,7 @@ def plot(result: dict, path: Path) -> None:
             title="training return; greedy: fixed deals (o), map's value (*)")
     ret.legend(fontsize=7)
     inv.set(xlabel="training episodes", ylabel="share of replies", ylim=(-0.02, 1.02),
-            title="invalid replies (naming no action)")
+            title='replies naming neither "stay" nor "hit"')
     inv.legend(fontsize=7)
     axes[1][0].set(xlabel="training wall time (min)", ylabel="return per update", ylim=(-1.05, 0.1),
                    title="return against wall time")

@@ -8,7 +8,7 @@ several candidate action texts, and the policy is the softmax over the candidate
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +202,14 @@ class RolloutBuffer:
 
     def clear(self) -> None:
         self.episodes = []
+
+    def take(self, trainable: Callable[[Episode], bool] | None = None) -> RolloutBuffer:
+        """Remove the episodes an update trains on (``trainable``'s, default all) and return them as a
+        buffer of their own; the others stay here for a later update."""
+        taken = RolloutBuffer()
+        taken.episodes = [e for e in self.episodes if trainable is None or trainable(e)]
+        self.episodes = [e for e in self.episodes if not (trainable is None or trainable(e))]
+        return taken
 
     @property
     def num_episodes(self) -> int:

@@ -24,9 +24,9 @@ from typing import ClassVar
 import torch
 
 from rllama.algorithms.base import check_field
-from rllama.algorithms.buffers import Episode, RolloutBatch, RolloutBuffer
+from rllama.algorithms.buffers import Episode, RolloutBatch
 from rllama.algorithms.losses import Minibatch, clipped_surrogate
-from rllama.algorithms.on_policy import OnPolicyAlgorithm, OnPolicyConfig
+from rllama.algorithms.on_policy import OnPolicyAlgorithm, OnPolicyConfig, StatSums
 from rllama.algorithms.registry import register_algorithm
 
 
@@ -123,16 +123,15 @@ class GRPO(OnPolicyAlgorithm):
         return sum(self._trainable(e, complete) for e in self.buffer.episodes) >= self.config.batch_episodes
 
     def update(self) -> dict[str, float]:
-        # Grouped episodes train in whole groups only; members of unfinished groups wait for the next update.
+        """``epochs`` passes over the batch of whole groups (members of unfinished groups wait in the
+        buffer for the next update), with the group-relative advantages of :meth:`compute_targets`."""
         complete = self._complete_groups()
-        waiting = [e for e in self.buffer.episodes if not self._trainable(e, complete)]
-        self.buffer.episodes = [e for e in self.buffer.episodes if self._trainable(e, complete)]
-        try:
-            return super().update()
-        finally:
-            self.buffer = RolloutBuffer()
-            for e in waiting:
-                self.buffer.add(e)
+        data = self.prepare(lambda e: self._trainable(e, complete))
+        stats = StatSums()
+        for _epoch in range(self.config.epochs):
+            for idx in self.minibatches(data):
+                stats.add(self.gradient_step(data, idx))  # evaluate, loss() (PPO's clipped surrogate), step
+        return self.finish(data, stats)
 
     def compute_targets(self, batch: RolloutBatch, episodes: list[Episode]) -> tuple[torch.Tensor, torch.Tensor]:
         per_episode = group_advantages(episodes, self.config.std_eps)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -132,8 +132,9 @@ class OnPolicyAlgorithm(Algorithm):
     A subclass implements :meth:`policy_loss` and may override :meth:`compute_targets`; :meth:`loss`
     adds the value loss (when ``uses_value``), the entropy bonus and the KL penalty to the reference
     policy (a subclass may override it to write its whole objective, as PPO does, from the terms
-    :meth:`entropy`, :meth:`value_loss` and :meth:`kl_to_reference`); the loop handles epochs,
-    minibatches, the optimizer step and statistics.
+    :meth:`entropy`, :meth:`value_loss` and :meth:`kl_to_reference`). An update is :meth:`prepare`
+    (targets, the reference, the proximal log-probs), :meth:`gradient_step` per minibatch, and
+    :meth:`finish` (statistics); :meth:`update` makes one pass, PPO and GRPO write their epochs out.
     """
 
     config_class: ClassVar[type] = OnPolicyConfig
@@ -213,104 +214,150 @@ class OnPolicyAlgorithm(Algorithm):
         """The mean KL divergence to the reference policy (``kl_direction``) over the minibatch's steps."""
         return kl_to_reference(mb.evaluation, mb.reference, mb.steps, self.config.kl_direction).mean()
 
-    @property
-    def epochs(self) -> int:
-        return int(getattr(self.config, "epochs", 1))
-
+    # ------------------------------------------------------------------ the update, in three parts
     def update(self) -> dict[str, float]:
+        """One pass over the batch in minibatches (A2C, REINFORCE). PPO and GRPO write their own: epochs
+        of :meth:`gradient_step` between the same :meth:`prepare` and :meth:`finish`."""
+        data = self.prepare()
+        stats = StatSums()
+        for idx in self.minibatches(data):
+            stats.add(self.gradient_step(data, idx))
+        return self.finish(data, stats)
+
+    def prepare(self, trainable: Callable[[Episode], bool] | None = None) -> UpdateData:
+        """Take the episodes to train on from the buffer (``trainable``'s, default all; the others wait
+        for a later update) and compute what every gradient step of the update reads: the learner's
+        log-probs of steps another policy acted (the proximal policy, with the importance-weight
+        statistics), the heads' whitening (first update), targets from :meth:`compute_targets`
+        (advantages standardised if ``normalize_advantages``), and the reference policy's
+        distributions when ``kl_coef > 0``."""
         cfg = self.config
         timer = Timer()
-        episodes = self.buffer.episodes
-        all_steps = [s for e in episodes for s in e.steps]
-        if not cfg.train_adapter and not all(s.is_scored for s in all_steps):
+        if not cfg.train_adapter and not all(s.is_scored for e in self.buffer.episodes for s in e.steps):
             raise RLlamaError("train_adapter=False trains the policy head only, which needs scored steps "
                               "(candidate actions); generated steps need the adapter: set train_adapter=True "
                               "(or policy_head=0), or have the agent's scores_actions() return False")
+        taken = self.buffer.take(trainable)
+        episodes = taken.episodes
+        all_steps = [s for e in episodes for s in e.steps]
         proximal, staleness, correction = self.proximal_logprobs(all_steps)
         self.fit_whitening(all_steps)
-        batch = self.buffer.to_batch(cfg.gamma, cfg.gae_lambda, self.bootstrap_values(episodes))
-        self.buffer.clear()
+        batch = taken.to_batch(cfg.gamma, cfg.gae_lambda, self.bootstrap_values(episodes))
         advantages, returns = self.compute_targets(batch, episodes)
         if cfg.normalize_advantages and len(advantages) > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         # Without the model's scores a scored step's reference is uniform: nothing of the model's to stay near.
         anchored = self.policy.uses_scores or not all(s.is_scored for s in batch.steps)
         reference = self.reference_distributions(batch.steps) if cfg.kl_coef > 0 and anchored else None
-        target_kl = getattr(cfg, "target_kl", None)
-
-        sums: dict[str, float] = {}
-        stats_weights: list[torch.Tensor] = []
-        n_minibatches = 0
-        tokens = tokens_of(batch.steps) if reference is not None else 0
         # Across processes every one takes the same number of gradient steps (the fewest minibatches any has).
         count = None
         if self.data_parallel is not None:
             count = self.data_parallel.min_int(-(-len(batch) // cfg.minibatch_size))
-        for _epoch in range(self.epochs):
-            stop = False
-            for idx in batch.minibatches(cfg.minibatch_size, self.generator, count=count):
-                rows = idx.tolist()
-                steps = [batch.steps[i] for i in rows]
-                ev = self.policy.evaluate_actions(steps, with_values=self.uses_value, frozen_body=not cfg.train_adapter)
-                tokens += tokens_of(steps)
-                new_lp, owner = ev.unit_logprobs()
-                units_per_step = torch.bincount(owner, minlength=len(steps)).float()
-                behaviour = old_unit_logprobs(steps).to(new_lp.device)
-                weights = None
-                if proximal:
-                    # Decoupled PPO: the ratio is taken to the policy at the start of this update (proximal);
-                    # the capped pi_prox / pi_behav corrects for the policy that acted (an older one, or an
-                    # engine whose numerics differ: truncated importance sampling).
-                    prox = torch.cat([proximal[id(s)].to(behaviour.device) if id(s) in proximal
-                                      else behaviour.new_tensor(unit_logprobs_of(s)) for s in steps])
-                    weights = (prox - behaviour).exp().clamp(max=cfg.max_importance_weight)
-                    behaviour = prox
-                    stats_weights.append(weights)
-                mb = Minibatch(
-                    steps=steps, evaluation=ev, new_logprobs=new_lp, owner=owner, old_logprobs=behaviour,
-                    unit_weights=1.0 / units_per_step[owner],
-                    advantages=advantages[idx].to(new_lp.device), returns=returns[idx].to(new_lp.device),
-                    importance_weights=weights, reference=None if reference is None else [reference[i] for i in rows],
-                )
-                loss, stats = self.loss(mb)
-                with torch.no_grad():
-                    log_ratio = new_lp - mb.old_logprobs
-                    approx_kl = ((log_ratio.exp() - 1) - log_ratio).mean().item()
-                stats["policy/approx_kl"] = approx_kl
-                stats["train/grad_norm"] = self.optimizer_step(loss)
-                stats["train/head_grad_norm"] = self.last_head_grad_norm
-                stats["loss/total"] = loss.item()
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                n_minibatches += 1
-                if target_kl is not None and self._agree(approx_kl > 1.5 * target_kl):
-                    stop = True
-                    break
-            if stop:
-                break
+        data = UpdateData(episodes, batch, advantages, returns, reference, proximal, staleness, correction,
+                          count, timer)
+        data.tokens = tokens_of(batch.steps) if reference is not None else 0
+        return data
+
+    def minibatches(self, data: UpdateData):
+        """One shuffled pass over the batch: index tensors of ``minibatch_size`` steps."""
+        return data.batch.minibatches(self.config.minibatch_size, self.generator, count=data.count)
+
+    def gradient_step(self, data: UpdateData, idx: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on the steps ``idx`` of the batch: evaluate them under the current weights,
+        take :meth:`loss`, step; returns the minibatch's statistics (``policy/approx_kl`` among them)."""
+        cfg = self.config
+        rows = idx.tolist()
+        steps = [data.batch.steps[i] for i in rows]
+        ev = self.policy.evaluate_actions(steps, with_values=self.uses_value, frozen_body=not cfg.train_adapter)
+        data.tokens += tokens_of(steps)
+        new_lp, owner = ev.unit_logprobs()
+        units_per_step = torch.bincount(owner, minlength=len(steps)).float()
+        behaviour = old_unit_logprobs(steps).to(new_lp.device)
+        weights = None
+        if data.proximal:
+            # Decoupled PPO: the ratio is taken to the policy at the start of this update (proximal);
+            # the capped pi_prox / pi_behav corrects for the policy that acted (an older one, or an
+            # engine whose numerics differ: truncated importance sampling).
+            prox = torch.cat([data.proximal[id(s)].to(behaviour.device) if id(s) in data.proximal
+                              else behaviour.new_tensor(unit_logprobs_of(s)) for s in steps])
+            weights = (prox - behaviour).exp().clamp(max=cfg.max_importance_weight)
+            behaviour = prox
+            data.importance_weights.append(weights)
+        mb = Minibatch(
+            steps=steps, evaluation=ev, new_logprobs=new_lp, owner=owner, old_logprobs=behaviour,
+            unit_weights=1.0 / units_per_step[owner],
+            advantages=data.advantages[idx].to(new_lp.device), returns=data.returns[idx].to(new_lp.device),
+            importance_weights=weights, reference=None if data.reference is None else [data.reference[i] for i in rows],
+        )
+        loss, stats = self.loss(mb)
+        with torch.no_grad():
+            log_ratio = new_lp - mb.old_logprobs
+            stats["policy/approx_kl"] = ((log_ratio.exp() - 1) - log_ratio).mean().item()
+        stats["train/grad_norm"] = self.optimizer_step(loss)
+        stats["train/head_grad_norm"] = self.last_head_grad_norm
+        stats["loss/total"] = loss.item()
+        return stats
+
+    def finish(self, data: UpdateData, stats: StatSums) -> dict[str, float]:
+        """The update's statistics: the minibatches' means, and the batch's."""
+        cfg = self.config
         self.num_updates += 1
-        out = {k: v / n_minibatches for k, v in sums.items()}
+        episodes, batch = data.episodes, data.batch
+        out = stats.means()
         out.update(
             {
                 "rollout/episodes": float(len(episodes)),
                 "rollout/steps": float(len(batch)),
                 "rollout/mean_return": float(sum(e.total_reward for e in episodes) / len(episodes)),
-                "train/minibatches": float(n_minibatches),
+                "train/minibatches": float(stats.count),
                 "train/updates": float(self.num_updates),
-                "time/update_s": timer(),
+                "time/update_s": data.timer(),
             }
         )
-        out["time/update_tokens_per_s"] = tokens / max(out["time/update_s"], 1e-9)
-        out.update(correction)
-        if staleness:
-            out["rollout/stale_steps"] = float(sum(1 for lag in staleness if lag > 0))
-            out["rollout/mean_staleness"] = sum(staleness) / len(staleness)
-        if stats_weights:
-            w = torch.cat(stats_weights)
+        out["time/update_tokens_per_s"] = data.tokens / max(out["time/update_s"], 1e-9)
+        out.update(data.correction)
+        if data.staleness:
+            out["rollout/stale_steps"] = float(sum(1 for lag in data.staleness if lag > 0))
+            out["rollout/mean_staleness"] = sum(data.staleness) / len(data.staleness)
+        if data.importance_weights:
+            w = torch.cat(data.importance_weights)
             out["policy/importance_weight"] = float(w.mean())
             out["policy/importance_weight_capped"] = float((w >= cfg.max_importance_weight).float().mean())
         if self.uses_value:
-            out["value/explained_variance"] = explained_variance(batch.old_values, returns)
+            out["value/explained_variance"] = explained_variance(batch.old_values, data.returns)
             out["value/mean"] = float(batch.old_values.mean())
         return out
 
+
+@dataclass
+class UpdateData:
+    """What the gradient steps of one update read (:meth:`OnPolicyAlgorithm.prepare`)."""
+
+    episodes: list[Episode]
+    batch: RolloutBatch
+    advantages: torch.Tensor  # [S], standardised if the config says so
+    returns: torch.Tensor  # [S], the value head's targets
+    reference: list[torch.Tensor] | None  # per step, the reference policy's distribution (kl_coef > 0)
+    proximal: dict[int, torch.Tensor]  # id(step) -> the learner's log-probs of a step another policy acted
+    staleness: list[int]  # every step's lag in updates, [] when none is stale
+    correction: dict[str, float]  # statistics of the engine-learner mismatch
+    count: int | None  # minibatches a pass takes (data-parallel processes agree on it), else None
+    timer: Timer
+    tokens: int = 0  # tokens through the model so far (for time/update_tokens_per_s)
+    importance_weights: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
+class StatSums:
+    """Running sums of the minibatches' statistics; :meth:`means` averages them."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, stats: dict[str, float]) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}

@@ -7,7 +7,7 @@ a generated step one unit per token, each step weighing the same):
         - ent_coef * H[pi] + kl_coef * KL(pi || pi_ref)
 
 ``A`` and ``R`` come from GAE over the value head's estimates; ``pi_ref`` is the base model with the
-adapter disabled.
+adapter disabled. :meth:`PPO.update` is the epoch loop, :meth:`PPO.loss` the objective above.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from rllama.algorithms.base import check_field
 from rllama.algorithms.losses import Minibatch, clipped_surrogate
-from rllama.algorithms.on_policy import OnPolicyAlgorithm, OnPolicyConfig
+from rllama.algorithms.on_policy import OnPolicyAlgorithm, OnPolicyConfig, StatSums
 from rllama.algorithms.registry import register_algorithm
 
 
@@ -61,6 +61,20 @@ class PPO(OnPolicyAlgorithm):
 
     def policy_loss(self, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         return clipped_surrogate(mb, self.config.clip_range)
+
+    def update(self) -> dict[str, float]:
+        """``epochs`` passes over the batch in minibatches; with ``target_kl``, the update stops once a
+        minibatch's approximate KL to the acting policy passes ``1.5 * target_kl``."""
+        cfg = self.config
+        data = self.prepare()  # targets (GAE), the reference, the proximal log-probs
+        stats = StatSums()
+        for _epoch in range(cfg.epochs):
+            for idx in self.minibatches(data):
+                step_stats = self.gradient_step(data, idx)  # evaluate, loss(), optimizer step
+                stats.add(step_stats)
+                if cfg.target_kl is not None and self._agree(step_stats["policy/approx_kl"] > 1.5 * cfg.target_kl):
+                    return self.finish(data, stats)
+        return self.finish(data, stats)
 
     def loss(self, mb: Minibatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The objective of the module docstring, term by term."""
