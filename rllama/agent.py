@@ -49,7 +49,7 @@ from rllama.algorithms import Episode, Step, make_algorithm
 from rllama.backends import check_can_serve, make_backend
 from rllama.callbacks import CallbackLike
 from rllama.distributed import setup as setup_data_parallel
-from rllama.errors import AgentStateError, CorruptFileError
+from rllama.errors import AgentStateError, CorruptFileError, HookError
 from rllama.fileio import recover_dir, writing_dir
 from rllama.hooks import AgentHooks, Hooks
 from rllama.loops import return_stats, run_episodes
@@ -208,6 +208,8 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         # samples actions (and, without a loop seed, GRPO's group seeds)
         self.generator = torch.Generator().manual_seed((0 if seed is None else int(seed)) + 7919 * rank)
         self.hooks = Hooks(self)  # the subclass's hooks, called and checked
+        if not isinstance(self.keep_history, bool) and self.keep_history != "auto":
+            raise HookError(f"keep_history = {self.keep_history!r}; expected True, False or 'auto'")
         # written at the start of every generated reply (in the prompt: the model continues it)
         prefix = self.hooks.reply_prefix()
         self.reply_prefix_ids = self.chat.reply_prefix_ids(prefix) if prefix else []
@@ -222,6 +224,7 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         self.trainer = Trainer(self)  # when the algorithm updates; the training counters
         self._recording = True  # False in evaluation mode
         self._warned_truncation = False
+        self._said_history = False  # keep_history="auto" said what it decided
         self.episodic_memory, self.working_memory = split_memory(memory)
         self.last_prompt_ids: dict[int, list[int]] = {}  # env id -> the prompt of its last action
         self.last_retrieved: dict[int, list[Retrieved]] = {}  # env id -> what memory gave it
@@ -255,8 +258,21 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         """The longest prompt (:class:`~rllama.prompting.PromptBuilder`)."""
         return self.prompts.max_prompt_tokens
 
+    def _keeps_history(self, observation) -> bool:
+        """Whether the prompt for ``observation`` shows the episode's earlier turns (``keep_history``;
+        ``"auto"``: for text observations, or with working memory)."""
+        keep = self.keep_history
+        if keep == "auto":
+            keep = isinstance(observation, str) or self.working_memory is not None
+            if not keep and not self._said_history:
+                self._said_history = True
+                logger.warning("keep_history='auto': %s observations are not text, so %s's prompts show the current "
+                               "observation alone, not the episode's earlier turns (set keep_history = True on the "
+                               "agent to show them)", type(observation).__name__, type(self).__name__)
+        return keep
+
     def _prompt(self, record: EnvRecord, text: str, found: list[Retrieved], replies: list[list[int]] | None,
-                generated: bool) -> tuple[list[int], list[dict]]:
+                generated: bool, keep_history: bool) -> tuple[list[int], list[dict]]:
         """The prompt ids of an observation's text after ``record``'s chat, with retrieved memories
         injected, and the messages they were rendered from; room is left in the model's context for
         the longest of the ``replies`` (token ids: candidates, or declared choices), else for
@@ -264,7 +280,7 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         content = self.hooks.user_message(text, found)
         prefix = self.reply_prefix_ids if generated else []
         reply = max(map(len, replies)) if replies else self.max_new_tokens
-        ids, fitted = self.prompts.build(record.messages, content, keep_history=self.keep_history,
+        ids, fitted = self.prompts.build(record.messages, content, keep_history=keep_history,
                                          working_memory=self.working_memory, reply_tokens=reply + len(prefix))
         return ids + prefix, fitted
 
@@ -334,8 +350,10 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         shapes = [self._reply_constraint(obs) if c is None else (None, None)
                   for obs, c in zip(observations, candidates)]
         choice_ids = [choices for choices, _ in shapes]
-        for record, text, found, ids, choices in zip(records, texts, retrieved, candidate_ids, choice_ids):
-            ids, fitted = self._prompt(record, text, found, ids or choices, generated=ids is None)
+        for obs, record, text, found, ids, choices in zip(observations, records, texts, retrieved, candidate_ids,
+                                                          choice_ids):
+            ids, fitted = self._prompt(record, text, found, ids or choices, generated=ids is None,
+                                       keep_history=self._keeps_history(obs))
             prompts.append(ids)
             chats.append(fitted)
 
@@ -448,7 +466,8 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         text = self.hooks.observation_text(observation)
         candidates = self.hooks.valid_actions(observation)
         candidate_ids = None if candidates is None else [self.chat.reply_ids(c) for c in candidates]
-        ids, _ = self._prompt(record, text, self._retrieve([text])[0], candidate_ids, generated=candidate_ids is None)
+        ids, _ = self._prompt(record, text, self._retrieve([text])[0], candidate_ids, generated=candidate_ids is None,
+                              keep_history=self._keeps_history(observation))
         return Step(prompt_ids=ids, candidate_ids=candidate_ids)
 
     def finish_data_parallel(self) -> list[dict[str, float]]:

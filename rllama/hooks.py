@@ -33,11 +33,14 @@ class AgentHooks(ABC):
     action_names: Sequence[str] | None = None
     """Optional names of a ``Discrete`` action space's actions; used as the candidates when set."""
 
-    keep_history: bool = True
-    """Whether a prompt shows the episode's earlier turns. Set ``False`` where an observation is the
-    whole state (Blackjack, a rendered grid): each prompt is then the system prompt and the current
+    keep_history: bool | str = "auto"
+    """Whether a prompt shows the episode's earlier turns. ``False`` where an observation is the whole
+    state (Blackjack, a rendered grid): each prompt is then the system prompt and the current
     observation alone, shorter, the same for a state whenever it is met, and served from the prefix
-    cache after the first time."""
+    cache after the first time. ``True`` where earlier turns matter (a text game's room descriptions).
+    ``"auto"`` (default): ``True`` when the observation is text (a ``str``) or the agent has working
+    memory, ``False`` for a structured observation (a number, a tuple, an array: usually the env's
+    state), which the agent says once in a log line."""
 
     reply_shape = None
     """What a generated reply must look like: ``None`` (free text, the default), or

@@ -108,6 +108,7 @@ class ChoiceAgent(RLlamaAgent):
     """Scores the candidates "left" / "right"; records every hook call."""
 
     candidates = ("left", "right")
+    keep_history = True  # the tests read the episode's chat; "auto" would drop it for number observations
 
     def __init__(self, *args, **kwargs):
         self.calls: list[tuple] = []

@@ -125,3 +125,55 @@ def test_bad_format_settings_are_clear_errors(make_agent):
     agent = make_agent(BadValidity, max_new_tokens=2)
     with pytest.raises(HookError, match=r"is_valid_reply\(.*\) returned 'yes'; expected True or False"):
         agent.act(3)
+
+
+class TextEnv(ChoiceEnv):
+    """ChoiceEnv with text observations."""
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = super().reset(seed=seed, options=options)
+        return f"number {obs}", info
+
+    def step(self, action):
+        obs, *rest = super().step(action)
+        return (f"number {obs}", *rest)
+
+
+class TextAgent(FreeTextAgent):
+    keep_history = "auto"  # the default (the tests' ChoiceAgent sets True)
+
+    def format_observation(self, observation):
+        return str(observation) if isinstance(observation, str) else f"n={int(observation)}"
+
+
+def test_auto_history_follows_the_observations_kind_and_says_so(make_agent, caplog):
+    def second_prompt(agent, env):
+        agent.algorithm.config.batch_episodes = 99
+        agent.train(env, 1, seed=0, progress=False)
+        first, second = buffered(agent)[:2]
+        return first, agent.tokenizer.decode(second.prompt_ids)
+
+
+    with caplog.at_level(logging.WARNING, logger="rllama.agent"):
+        structured = make_agent(TextAgent, max_new_tokens=3)
+        assert structured.keep_history == "auto"
+        _, prompt = second_prompt(structured, ChoiceEnv(steps=2))
+        assert prompt.count("n=") == 1  # numbers are the state: no earlier turns
+        said = [r.getMessage() for r in caplog.records if "keep_history='auto'" in r.getMessage()]
+        assert len(said) == 1 and "int observations are not text" in said[0] and "TextAgent" in said[0]
+        text = make_agent(TextAgent, max_new_tokens=3)
+        _, prompt = second_prompt(text, TextEnv(steps=2))
+        assert prompt.count("number ") == 2  # text observations: the earlier turn is shown
+    assert len([r for r in caplog.records if "keep_history='auto'" in r.getMessage()]) == 1
+
+    class Kept(TextAgent):
+        keep_history = True
+
+    _, prompt = second_prompt(make_agent(Kept, max_new_tokens=3), ChoiceEnv(steps=2))
+    assert prompt.count("n=") == 2
+
+    class Bad(TextAgent):
+        keep_history = "yes"
+
+    with pytest.raises(HookError, match=r"keep_history = 'yes'; expected True, False or 'auto'"):
+        make_agent(Bad)
