@@ -16,6 +16,7 @@ import torch
 from gymnasium import spaces
 
 from rllama import RLlamaAgent
+from rllama.replies import Choices
 from tests.conftest import CHAT_TEMPLATE, make_tiny_lm, make_tokenizer
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -50,8 +51,24 @@ class TrapAgent(RLlamaAgent):
         return 1 if "hit" in response else 0
 
 
+class TrapChoicesAgent(TrapAgent):
+    """Generate mode: the same choice written as a reply constrained to "stick" or "hit" (the adapter's
+    token log-probs are the policy; there is no policy head)."""
+
+    reply_shape = Choices("stick", "hit")
+
+    def get_valid_actions(self, observation):
+        return None
+
+
 def greedy_accuracy(agent) -> float:
     """Share of the ten states in which the agent's greedy choice is the right one."""
+    if not agent.scores_actions():  # generated replies: act greedily in every state
+        with agent.evaluating(greedy=True):
+            agent.reset()
+            actions = agent.act_batch(list(range(len(WORDS))))
+            agent.reset()
+        return sum(a == int(n < THRESHOLD) for n, a in enumerate(actions)) / len(WORDS)
     prompts = [agent.chat.prompt_ids([{"role": "system", "content": agent.get_system_prompt()},
                                       {"role": "user", "content": w}]) for w in WORDS]
     candidates = [[agent.chat.reply_ids(c) for c in ("stick", "hit")]] * len(WORDS)
@@ -61,9 +78,9 @@ def greedy_accuracy(agent) -> float:
     return sum(k == int(n < THRESHOLD) for n, (k, _) in enumerate(choices)) / len(WORDS)
 
 
-def train_on_trap(algorithm: str, config: dict, episodes: int) -> list[float]:
+def train_on_trap(algorithm: str, config: dict, episodes: int, agent_class=TrapAgent) -> list[float]:
     """Greedy accuracy after every 64 training episodes."""
-    agent = TrapAgent(make_tiny_lm(), make_tokenizer(CHAT_TEMPLATE), algorithm=algorithm, algorithm_config=config,
+    agent = agent_class(make_tiny_lm(), make_tokenizer(CHAT_TEMPLATE), algorithm=algorithm, algorithm_config=config,
                       seed=0, precision="fp32")
     envs = gym.vector.SyncVectorEnv([TrapEnv for _ in range(8)])
     accuracy = []
@@ -95,11 +112,17 @@ TRAP_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(TRAP_CASES))
+@pytest.mark.parametrize("case", list(TRAP_CASES) + ["ppo-generate", "grpo-generate"])
 def test_every_algorithm_escapes_the_trap(case):
-    config, episodes = TRAP_CASES[case]
+    """Heads, the adapter alone in scoring mode, and the adapter in generate mode (a reply constrained to
+    the two words: :class:`TrapChoicesAgent`)."""
     algorithm = case.split("-")[0]
-    accuracy = train_on_trap(algorithm, config, episodes)
+    if case.endswith("-generate"):
+        config, episodes = TRAP_CASES[f"{algorithm}-adapter"]
+        accuracy = train_on_trap(algorithm, config, episodes, TrapChoicesAgent)
+    else:
+        config, episodes = TRAP_CASES[case]
+        accuracy = train_on_trap(algorithm, config, episodes)
     # Learned, and kept: at least 0.9 at two of the last three evaluations.
     assert sum(a >= 0.9 for a in accuracy[-3:]) >= 2, (algorithm, accuracy)
 
