@@ -117,9 +117,9 @@ def test_every_algorithm_escapes_the_trap(case):
     """Heads, the adapter alone in scoring mode, and the adapter in generate mode (a reply constrained to
     the two words: :class:`TrapChoicesAgent`)."""
     algorithm = case.split("-")[0]
-    if case.endswith("-generate"):
-        config, episodes = TRAP_CASES[f"{algorithm}-adapter"]
-        accuracy = train_on_trap(algorithm, config, episodes, TrapChoicesAgent)
+    if case.endswith("-generate"):  # trapped (0.7) for 768-832 episodes, at 0.9 from about 1,100
+        config, _ = TRAP_CASES[f"{algorithm}-adapter"]
+        accuracy = train_on_trap(algorithm, config, 1280, TrapChoicesAgent)
     else:
         config, episodes = TRAP_CASES[case]
         accuracy = train_on_trap(algorithm, config, episodes)
