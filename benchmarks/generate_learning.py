@@ -105,7 +105,9 @@ def run_variant(args) -> dict:
 
     cls = Counted
     kwargs = {"format_penalty": -0.1} if args.variant == "format" else {}
-    agent = cls(args.model, seed=args.seed, precision=args.precision, max_new_tokens=32, **kwargs)
+    config = json.loads(args.algorithm_config) if args.algorithm_config else None
+    agent = cls(args.model, seed=args.seed, precision=args.precision, max_new_tokens=32, algorithm_config=config,
+                **kwargs)
     envs = gym.vector.SyncVectorEnv([lambda: gym.make("Blackjack-v1", sab=True) for _ in range(16)])
     t0 = time.perf_counter()
     curve = []
@@ -138,7 +140,8 @@ def run_variant(args) -> dict:
                 done = terminated or truncated
             agent.reset()
             returns.append(total)
-    return {"variant": args.variant, "seed": args.seed, "backend": type(agent.backend).__name__,
+    return {"variant": args.variant, "seed": args.seed, "algorithm_config": config,
+            "backend": type(agent.backend).__name__,
             "episodes": args.episodes, "env_steps": agent.total_steps, "train_s": train_s, "curve": curve,
             "eval_return": sum(returns) / len(returns), "eval_episodes": len(returns),
             "eval_named": sum(map(named_action, replies)) / len(replies), "eval_replies": replies[:12],
@@ -167,13 +170,13 @@ def plot(result: dict, path: Path) -> None:
     for name, value in REFERENCE_RETURNS.items():
         ret.axhline(value, color="gray", ls=":", lw=0.8)
         ret.text(0, value, name, fontsize=7, color="gray", va="bottom")
-    ret.set(xlabel="training episodes", ylabel="return", ylim=(-1.05, 0.1),
+    ret.set(xlabel="training episodes", ylabel="return", ylim=(-1.05, 0.45),
             title="training return; greedy: fixed deals (o), map's value (*)")
     ret.legend(fontsize=7)
     inv.set(xlabel="training episodes", ylabel="share of replies", ylim=(-0.02, 1.02),
             title='replies naming neither "stay" nor "hit"')
     inv.legend(fontsize=7)
-    axes[1][0].set(xlabel="training wall time (min)", ylabel="return per update", ylim=(-1.05, 0.1),
+    axes[1][0].set(xlabel="training wall time (min)", ylabel="return per update", ylim=(-1.05, 0.45),
                    title="return against wall time")
     axes[1][1].axis("off")
     axes[1][1].text(0, 1, "\n\n".join(
@@ -197,6 +200,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--episodes", type=int, default=320)
     parser.add_argument("--eval-episodes", type=int, default=200)
+    parser.add_argument("--algorithm-config", default="", help='JSON of PPO fields overriding the defaults')
     args = parser.parse_args()
     if args.variant is not None:
         Path(args.out).write_text(json.dumps(run_variant(args)))
@@ -207,7 +211,8 @@ def main() -> None:
             out = f.name
         cmd = [sys.executable, __file__, "--variant", variant, "--out", out, "--seed", str(args.seed),
                "--episodes", str(args.episodes), "--eval-episodes", str(args.eval_episodes),
-               "--precision", args.precision, "--threads", str(args.threads)]
+               "--precision", args.precision, "--threads", str(args.threads), "--algorithm-config",
+               args.algorithm_config]
         if args.model:
             cmd += ["--model", args.model]
         print("#", variant, flush=True)
