@@ -54,7 +54,7 @@ class Actor:
         self.parse_failures = 0  # generated replies extract_action failed on, since the last update
         self.replies = 0  # generated replies, since the last update
         self.invalid_replies = 0  # of which invalid (extract_action failed, or is_valid_reply said no)
-        self._seen = [0, 0]  # generated and invalid replies since the agent was built (for the warning)
+        self._seen_replies = self._seen_invalid = 0  # since the agent was built (for the warning)
         self._warned_fallback = False
         self._warned_invalid = False
 
@@ -109,9 +109,9 @@ class Actor:
             step.shaping += agent.format_penalty
         self.replies += 1
         self.invalid_replies += step.invalid_reply
-        self._seen[0] += 1
-        self._seen[1] += step.invalid_reply
-        seen, invalid = self._seen
+        self._seen_replies += 1
+        self._seen_invalid += step.invalid_reply
+        seen, invalid = self._seen_replies, self._seen_invalid
         if not self._warned_invalid and seen >= INVALID_WARNING_AFTER and invalid > seen / 2:
             self._warned_invalid = True
             logger.warning(

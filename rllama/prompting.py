@@ -75,7 +75,8 @@ class ChatFormat:
     def reply_prefix_ids(self, text: str) -> list[int]:
         """Token ids of the start of an assistant reply (no end of turn): what a reply prefix adds to
         the prompt."""
-        return self.reply_ids(text)[: len(self.reply_ids(text)) - len(self.end_of_turn_ids)]
+        ids = self.reply_ids(text)
+        return ids[: len(ids) - len(self.end_of_turn_ids)]
 
     def decode_reply(self, token_ids: Sequence[int]) -> str:
         """Text of a generated reply, without the end-of-turn token and special tokens."""

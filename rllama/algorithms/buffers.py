@@ -206,9 +206,10 @@ class RolloutBuffer:
     def take(self, trainable: Callable[[Episode], bool] | None = None) -> RolloutBuffer:
         """Remove the episodes an update trains on (``trainable``'s, default all) and return them as a
         buffer of their own; the others stay here for a later update."""
-        taken = RolloutBuffer()
-        taken.episodes = [e for e in self.episodes if trainable is None or trainable(e)]
-        self.episodes = [e for e in self.episodes if not (trainable is None or trainable(e))]
+        taken, kept = RolloutBuffer(), []
+        for e in self.episodes:
+            (taken.episodes if trainable is None or trainable(e) else kept).append(e)
+        self.episodes = kept
         return taken
 
     @property

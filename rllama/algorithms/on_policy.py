@@ -253,10 +253,8 @@ class OnPolicyAlgorithm(Algorithm):
         count = None
         if self.data_parallel is not None:
             count = self.data_parallel.min_int(-(-len(batch) // cfg.minibatch_size))
-        data = UpdateData(episodes, batch, advantages, returns, reference, proximal, staleness, correction,
-                          count, timer)
-        data.tokens = tokens_of(batch.steps) if reference is not None else 0
-        return data
+        return UpdateData(episodes, batch, advantages, returns, reference, proximal, staleness, correction, count,
+                          timer, tokens=tokens_of(batch.steps) if reference is not None else 0)
 
     def minibatches(self, data: UpdateData):
         """One shuffled pass over the batch: index tensors of ``minibatch_size`` steps."""

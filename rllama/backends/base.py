@@ -39,8 +39,7 @@ class Backend(ABC):
                  constraints: Sequence | None = None) -> list[GeneratedReply]:
         """One sampled (or greedy) reply per prompt: token ids and their log-probabilities. ``constraints``:
         per prompt ``None`` or the :class:`~rllama.replies.ChoiceTrie` / :class:`~rllama.replies.GrammarConstraint`
-        its reply must follow (the log-probs
-        are then those of the constrained distribution)."""
+        its reply must follow (the log-probs are then those of the constrained distribution)."""
 
     def after_update(self, policy) -> None:  # noqa: B027 (a hook: most backends need nothing)
         """The learner's weights changed (called after each update, with the agent's adapter active)."""
