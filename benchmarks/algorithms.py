@@ -224,6 +224,28 @@ def print_table(result: dict) -> None:
               f"map >= {TARGET} first at: {reached}")
 
 
+def center_logit_gradients(alpha: float) -> None:
+    """The ``--centered-gradient`` probe: wraps the scoring rule so that, in a gradient step, the gradient
+    of each candidate position's logit has ``alpha`` times its mean over the minibatch removed (Blackjack's
+    steps all score ["stick", "hit"], so rows alternate between the two)."""
+    from rllama.policy import scoring
+
+    plain = scoring.ScoreRule.logits
+
+    def logits(self, enc):
+        out = plain(self, enc)
+        if out.requires_grad and out.shape[0] % 2 == 0:
+            def centre(grad):
+                grad = grad.clone()
+                for k in (0, 1):
+                    grad[k::2] -= alpha * grad[k::2].mean()
+                return grad
+            out.register_hook(centre)
+        return out
+
+    scoring.ScoreRule.logits = logits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
@@ -237,6 +259,10 @@ def main() -> None:
     parser.add_argument("--config", default="", help='JSON {algorithm: {field: value}} overriding the defaults')
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--name", default="algorithms")
+    parser.add_argument("--centered-gradient", type=float, default=0.0, metavar="ALPHA",
+                        help="probe (issue 41), not library behaviour: remove ALPHA times the minibatch mean from "
+                             "the gradient of every candidate's logit (per candidate position), so an update "
+                             "pushes every state's preference the same way ALPHA-times less")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="combine result files of runs made in parallel into --name, then stop")
     args = parser.parse_args()
@@ -248,6 +274,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.centered_gradient:
+        center_logit_gradients(args.centered_gradient)
     t0 = time.perf_counter()
     runs = []
     for algorithm in args.algorithms:
