@@ -43,8 +43,10 @@ COLORS = {"ppo": "tab:blue", "a2c": "tab:purple", "reinforce": "tab:brown", "grp
 
 
 def label(run: dict) -> str:
-    """A run's label: its algorithm, and the policy head if its config has one."""
-    return run["algorithm"] + (" + policy head" if run.get("config", {}).get("policy_head") else "")
+    """A run's label: its algorithm, the policy head if its config has one, and the adapter if it trains beside one."""
+    config = run.get("config", {})
+    head = " + policy head" if config.get("policy_head") else ""
+    return run["algorithm"] + head + (" + adapter" if head and config.get("train_adapter") is True else "")
 
 
 def color(label: str) -> str:
