@@ -196,8 +196,7 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
                 or not math.isfinite(format_penalty) or format_penalty > 0:
             raise ValueError(f"format_penalty={format_penalty!r}; expected a number <= 0 (a penalty; 0 for none)")
         self.format_penalty = float(format_penalty)
-        config = self.policy.lm.get_base_model().config
-        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        context = self.policy.context_length
         if max_prompt_tokens is not None and context and max_prompt_tokens + self.max_new_tokens > context:
             raise ValueError(f"max_prompt_tokens={max_prompt_tokens} + max_new_tokens={self.max_new_tokens} exceeds "
                              f"the model's context of {context} tokens")

@@ -32,7 +32,9 @@ from rllama.errors import CorruptFileError, RLlamaError
 from rllama.fileio import read_json, read_tensors, recover_dir, verify_dir, writing_dir
 
 FORMAT = "rllama.TrainingState"
-VERSION = 1
+# 2: the folder always carries a checksum manifest (states of version 1 may predate manifests).
+VERSION = 2
+MANIFEST_SINCE = 2
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 
@@ -95,7 +97,9 @@ def load_training_state(agent, path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{str(path)!r} is not a complete rllama training checkpoint "
                               f"({STATE_JSON} or {STATE_TENSORS} is missing)")
     try:
-        verify_dir(path)
+        version = read_json(path / STATE_JSON).get("version")  # whether the folder must have a manifest
+        verify_dir(path, required=f"{path / STATE_JSON} has version {version}, whose folders always carry one"
+                   if isinstance(version, int) and version >= MANIFEST_SINCE else None)
         meta = _read_state(path / STATE_JSON, agent)
         tensors = _read_tensors(path / STATE_TENSORS)
     except CorruptFileError as exc:
@@ -122,8 +126,11 @@ def load_training_state(agent, path: str | os.PathLike) -> dict[str, Any]:
 
 def _read_state(file: Path, agent) -> dict[str, Any]:
     meta = read_json(file)
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{file} is not an rllama training state of version {VERSION}")
+    version = meta.get("version")
+    if meta.get("format") != FORMAT or not isinstance(version, int) or isinstance(version, bool) \
+            or not 1 <= version <= VERSION:
+        raise CheckpointError(f"{file} is not an rllama training state of version 1 to {VERSION} (version "
+                              f"{version!r:.20}: a newer one needs a newer rllama)")
     for key, kind in (("algorithm", dict), ("agent", dict), ("rng", dict), ("extra", dict)):
         if not isinstance(meta.get(key), kind):
             raise CheckpointError(f"{file}: {key!r} is missing or not a {kind.__name__}")

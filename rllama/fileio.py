@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -126,14 +127,47 @@ def write_manifest(folder: str | os.PathLike) -> None:
     (folder / MANIFEST).write_text(json.dumps({"format": "rllama.manifest", "version": 1, "files": files}, indent=1))
 
 
-def verify_dir(folder: str | os.PathLike) -> None:
+def utf8_problem(value: Any, where: str) -> str | None:
+    """Where in ``value`` (a string, or strings nested in lists, tuples and dict keys or values) a
+    character UTF-8 cannot store sits (a lone surrogate such as ``"\\ud800"``, from text decoded with
+    ``surrogateescape``), as ``"<where>[key]: character 3 of '...'"``; ``None`` when every string encodes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{where}: character {exc.start} of {value[:60]!r}"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = utf8_problem(key, f"{where} (a key)") or utf8_problem(item, f"{where}[{key!r}]")
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = utf8_problem(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def verify_dir(folder: str | os.PathLike, required: str | None = None, warn: bool = True) -> bool:
     """Check every file listed in ``folder/manifest.json`` (present, same size, same SHA-256); raise
-    :class:`~rllama.errors.CorruptFileError` naming the first that is not. A folder without a manifest
-    (written before rllama kept them) passes."""
+    :class:`~rllama.errors.CorruptFileError` naming the first that is not. Returns whether the folder
+    was checked.
+
+    A folder without a manifest is refused when ``required`` says why it must have one (its format
+    is newer than manifests: the manifest was removed); otherwise it was written before rllama kept
+    them, and passes unchecked, with a warning unless ``warn=False`` (a PEFT folder from elsewhere)."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        return
+        if required:
+            raise CorruptFileError(f"{manifest_path} is missing, but {required}: the checksums of this folder "
+                                   "were removed, so its files cannot be trusted; save it again from its source")
+        if warn:
+            warnings.warn(f"{folder} has no checksum manifest ({MANIFEST}): it was written by an rllama older than "
+                          "manifests and is loaded unchecked; save it again to add one", stacklevel=3)
+        return False
     manifest = read_json(manifest_path)
     files = manifest.get("files")
     if manifest.get("format") != "rllama.manifest" or not isinstance(files, dict):
@@ -153,6 +187,7 @@ def verify_dir(folder: str | os.PathLike) -> None:
                                    "truncated or damaged")
         if _sha256(path) != entry["sha256"]:
             raise CorruptFileError(f"{folder / name} does not match its checksum in {manifest_path}: it is damaged")
+    return True
 
 
 def read_json(path: str | os.PathLike, expect: type = dict) -> Any:

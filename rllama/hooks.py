@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from rllama.errors import HookError, InvalidActionError, RLlamaError
+from rllama.fileio import utf8_problem
 
 
 class AgentHooks(ABC):
@@ -97,6 +98,16 @@ class AgentHooks(ABC):
         return self.action_space.sample()
 
 
+def _encodable(text: str, hook: str) -> str:
+    """``text``, refused when UTF-8 cannot hold it: it would reach the tokenizer, the trajectory log and
+    the memory store, which all write UTF-8."""
+    problem = utf8_problem(text, "the text")
+    if problem:
+        raise HookError(f"{hook} returned text that UTF-8 cannot hold ({problem}: a lone surrogate); decode the "
+                        "bytes it comes from with errors='replace' or 'ignore'")
+    return text
+
+
 class Hooks:
     """The hooks of ``agent`` (its subclass's methods), called and checked. Any :class:`AgentHooks` will
     do (the memory hooks are called by name), so this module needs nothing from :mod:`rllama.agent`."""
@@ -119,7 +130,7 @@ class Hooks:
         text = self.call("get_system_prompt")
         if not isinstance(text, str):
             raise HookError(f"get_system_prompt() returned {type(text).__name__}; expected str")
-        return text
+        return _encodable(text, "get_system_prompt()")
 
     def observation_text(self, observation) -> str:
         """``format_observation(observation)``, a string."""
@@ -128,7 +139,7 @@ class Hooks:
             raise HookError(
                 f"format_observation({short(observation)}) returned {type(text).__name__} {short(text)}; expected str"
             )
-        return text
+        return _encodable(text, f"format_observation({short(observation)})")
 
     def valid_actions(self, observation) -> list[str] | None:
         """``get_valid_actions(observation)``: ``None``, or distinct non-empty strings."""

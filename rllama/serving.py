@@ -78,8 +78,9 @@ class CompletionServer:
             symlinks and ``..``; a relative ``lora_path`` is taken under it). ``None`` (default):
             adapter loading is disabled (403).
         max_body_bytes: the largest request body accepted (413 above it, refused before reading).
-        read_timeout_s: seconds a client may stay silent while sending its request; a stalled
-            client is dropped, so it cannot hold a server thread.
+        read_timeout_s: seconds a client has to send its whole request (head and body); a stalled
+            client, or one that sends a byte now and then, is dropped (408 once its head has arrived),
+            so it cannot hold a server thread.
         max_tokens_cap: the largest ``max_tokens`` a request may ask for (400 above it), so one
             request cannot hold the model for long.
         max_prompts: the most prompts one request may carry (400 above it).
@@ -120,8 +121,7 @@ class CompletionServer:
         self.requests = 0
         base = policy.lm.get_base_model()
         self.vocab_size = base.get_input_embeddings().num_embeddings
-        self.context_length = (getattr(base.config, "max_position_embeddings", None)
-                               or getattr(base.config, "n_positions", None))
+        self.context_length = policy.context_length
         self.routes = {("GET", "/v1/models"): self.models, ("POST", "/v1/completions"): self.completions,
                        ("POST", "/v1/load_lora_adapter"): self.load_adapter,
                        ("POST", "/v1/unload_lora_adapter"): self.unload_adapter}
@@ -316,9 +316,38 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""  # no Python version in the Server header
 
     def setup(self) -> None:
-        # StreamRequestHandler sets this as the socket's timeout: a client silent for longer is dropped
-        self.timeout = self.server.app.read_timeout_s
+        # StreamRequestHandler sets this as the socket's timeout: a backstop to the watchdog below (which
+        # bounds the whole request), for a client that stops reading its answer
+        self.timeout = 2 * self.server.app.read_timeout_s
         super().setup()
+        self._watchdog: threading.Timer | None = None
+        self._expired = False
+        self._arm()
+
+    # A client that sends a byte every few seconds is never silent for read_timeout_s: a watchdog bounds
+    # the whole request instead. Armed while a request is read, it closes the reading side when time is
+    # up (the blocked read returns at once), and is disarmed while the request runs.
+    def _arm(self) -> None:
+        self._disarm()
+        self._watchdog = threading.Timer(self.server.app.read_timeout_s, self._expire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _disarm(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _expire(self) -> None:
+        self._expired = True
+        try:
+            self.connection.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def finish(self) -> None:
+        self._disarm()
+        super().finish()
 
     def log_message(self, fmt, *args) -> None:
         logger.debug("%s %s", self.address_string(), fmt % args)
@@ -332,6 +361,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         app = self.server.app
         try:
+            if self._expired:  # the head was cut short at the deadline
+                raise TimeoutError
             if not app.authorized(self.headers.get("Authorization")):
                 raise RequestError(401, "missing or wrong API key: send the header 'Authorization: Bearer <api_key>'")
             route = self.path.split("?", 1)[0].rstrip("/")
@@ -341,6 +372,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise RequestError(405 if allowed else 404, f"{method} {route} is not served" +
                                    (f"; use {allowed[0]}" if allowed else ""))
             payload = self._read_payload(app.max_body_bytes) if method == "POST" else {}
+            self._disarm()  # the request is in: its work is not bounded by the read deadline
             with app.lock:
                 app.requests += 1
                 body = endpoint(payload)
@@ -353,6 +385,8 @@ class _Handler(BaseHTTPRequestHandler):
             error_id = uuid.uuid4().hex[:12]
             logger.exception("%s %s failed (error id %s)", method, self.path, error_id)
             self._send_error(500, f"internal server error (error id {error_id}); the server's log has the details")
+        if not self.close_connection:
+            self._arm()  # the next request on this connection gets its own deadline
 
     def _read_payload(self, limit: int) -> dict[str, Any]:
         """The JSON object in the body, refused before reading when its Content-Length is absent or above ``limit``."""
@@ -370,6 +404,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(value)
         data = self.rfile.read(length)
         if len(data) < length:
+            if self._expired:
+                raise TimeoutError
             raise RequestError(400, f"the body ended after {len(data)} of its {length} bytes")
         if not data:
             return {}
@@ -383,6 +419,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (a malformed request line, an unsupported method) answer JSON too."""
+        if self._expired:  # the head was cut short by the deadline, not malformed by the client
+            code, message = 408, f"the request was not sent within read_timeout_s={self.server.app.read_timeout_s}"
         self._send_error(code, message or self.responses.get(code, ("error",))[0])
 
     def _send_error(self, status: int, message: str) -> None:

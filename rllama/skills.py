@@ -126,6 +126,7 @@ class SkillModel:
         """Reply to ``prompt`` (or each of a list) with adapter ``adapter`` on (``None``: the base model)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [self._prompt_ids(p) for p in prompts]
+        self.policy.check_context([len(i) for i in ids], lambda i: f"prompt {i}", room=max_new_tokens)
         with self.lock, torch.no_grad(), self.policy.using_adapter(adapter):
             replies = self.policy.generate(ids, max_new_tokens=max_new_tokens, greedy=greedy,
                                            stop_token_ids=self.chat.end_of_turn_ids, generator=self._generator)
@@ -148,11 +149,13 @@ class SkillModel:
             raise ValueError(f"epochs={epochs}, batch_size={batch_size}, learning_rate={learning_rate}: "
                              "expected positive values")
         with self.lock:
+            prompts = [self._prompt_ids(e["prompt"], e["system"]) for e in examples]
+            responses = [self.chat.reply_ids(e["response"]) for e in examples]
+            self.policy.check_context([len(p) + len(r) for p, r in zip(prompts, responses)],
+                                      lambda i: f"example {i}: its prompt and response")
             if adapter not in self.policy.list_adapters():
                 self.policy.add_adapter(adapter, lora_config)
             params = self.policy.adapter_parameters(adapter)
-            prompts = [self._prompt_ids(e["prompt"], e["system"]) for e in examples]
-            responses = [self.chat.reply_ids(e["response"]) for e in examples]
         optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
         losses, steps, tokens = [], 0, 0
         for _ in range(epochs):

@@ -47,6 +47,7 @@ import torch
 
 from rllama.algorithms.buffers import _jsonable
 from rllama.errors import CorruptFileError, RLlamaError
+from rllama.fileio import utf8_problem
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +88,16 @@ class TrajectoryWriter:
                 meta = dict(metadata or {})
                 if t == n - 1 and truncated:
                     meta["truncated"] = True
-                lines.append(json.dumps({
+                line = {
                     "episode": episode, "step": t, "observation": record.observations[t], "prompt": record.prompts[t],
                     "response": step.text, "action": _jsonable(step.action),
                     "reward": float(step.reward), "done": t == n - 1, "metadata": meta,
-                }, ensure_ascii=False))
+                }
+                problem = utf8_problem(line, f"episode {episode} step {t}")
+                if problem:  # refused before anything is written: the file stays whole
+                    raise RLlamaError(f"cannot log to {self.path}: {problem} is a lone surrogate, which UTF-8 "
+                                      "cannot store")
+                lines.append(json.dumps(line, ensure_ascii=False))
             payload = prefix + "".join(line + "\n" for line in lines).encode("utf-8")
             written = f.write(payload)  # one write(2) of the whole episode; the loop covers a short write
             while written < len(payload):
@@ -296,6 +302,9 @@ def behaviour_cloning(agent, episodes: list[dict] | str | os.PathLike, *,
         raise RLlamaError(f"no episode to imitate: none of the {len(episodes)} episodes passes keep={keep!r}")
     prompts = [agent.chat.prompt_ids(s["prompt"]) for e in chosen for s in e["steps"]]
     replies = [agent.chat.reply_ids(s["response"]) for e in chosen for s in e["steps"]]
+    where = [(e.get("episode", i), t) for i, e in enumerate(chosen) for t in range(len(e["steps"]))]
+    agent.policy.check_context([len(p) + len(r) for p, r in zip(prompts, replies)],
+                               lambda i: f"episode {where[i][0]} step {where[i][1]}: its prompt and response")
     params = agent.policy.adapter_parameters()
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(int(seed))

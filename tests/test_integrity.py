@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rllama import CorruptFileError
+from rllama import CorruptFileError, PolicyModel, RLlamaError
 from rllama.checkpoint import CheckpointError, load_training_state, save_training_state
 from rllama.fileio import write_manifest
 from rllama.loops import run_episodes
 from rllama.memory import EpisodicMemory
-from tests.conftest import ChoiceEnv
+from tests.conftest import ChoiceEnv, make_tiny_lm
 
 
 def trained_agent(make_agent, **kwargs):
@@ -73,9 +73,82 @@ def test_a_save_that_lost_its_memory_is_refused(make_agent, tmp_path):
     agent = trained_agent(make_agent)
     agent.save(tmp_path / "agent")
     shutil.rmtree(tmp_path / "agent" / "memory")
-    (tmp_path / "agent" / "manifest.json").unlink()  # even with no manifest to say so
     with pytest.raises(CorruptFileError, match="memory"):
         agent.load(tmp_path / "agent")
+    set_format_version(tmp_path / "agent", 1)  # even in an old format with no manifest to say so
+    (tmp_path / "agent" / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match="older than manifests"), pytest.raises(CorruptFileError, match="memory"):
+        agent.load(tmp_path / "agent")
+
+
+def set_format_version(folder: Path, version: int) -> None:
+    meta = json.loads((folder / "policy.json").read_text())
+    meta["format_version"] = version
+    (folder / "policy.json").write_text(json.dumps(meta))
+
+
+def flip_a_byte(path: Path, at: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_without_its_manifest_is_refused(make_agent, tmp_path):
+    """The current formats always carry their checksums: a folder that lost them is refused, not loaded
+    with whatever weights it now holds."""
+    agent = trained_agent(make_agent)
+    agent.save(tmp_path / "agent")
+    save_training_state(agent, tmp_path / "ckpt")
+    before = weights(agent)
+    for folder in (tmp_path / "agent", tmp_path / "ckpt" / "policy"):
+        (folder / "manifest.json").unlink()
+        flip_a_byte(folder / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(CorruptFileError, match=r"agent/manifest.json is missing, but .*policy.json has "
+                                               r"format_version 2, whose folders always carry one"):
+        agent.load(tmp_path / "agent")
+    with pytest.raises(CorruptFileError, match=r"adapter_model.safetensors does not match its checksum in .*ckpt/"):
+        load_training_state(agent, tmp_path / "ckpt")  # the training state's own manifest still covers it
+    (tmp_path / "ckpt" / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=r"ckpt/manifest.json is missing, but .*state.json has version 2"):
+        load_training_state(agent, tmp_path / "ckpt")
+    write_manifest(tmp_path / "ckpt")  # a forged outer manifest: the policy's missing one still stops it
+    with pytest.raises(CorruptFileError, match=r"policy/manifest.json is missing, but .*format_version 2"):
+        load_training_state(agent, tmp_path / "ckpt")
+    assert same(weights(agent), before)
+
+
+def test_a_policy_folder_older_than_manifests_loads_with_a_warning(make_agent, tmp_path):
+    agent = trained_agent(make_agent)
+    agent.save(tmp_path / "agent")
+    saved = weights(agent)
+    set_format_version(tmp_path / "agent", 1)
+    (tmp_path / "agent" / "manifest.json").unlink()
+    nudge(agent)
+    with pytest.warns(UserWarning, match=r"agent has no checksum manifest .* older than manifests"):
+        agent.load(tmp_path / "agent")
+    assert same(weights(agent), saved)
+    set_format_version(tmp_path / "agent", 3)
+    with pytest.raises(RLlamaError, match="format_version 3, newer than this rllama reads"):
+        agent.load(tmp_path / "agent")
+
+
+def test_a_memory_store_without_its_checksum_is_refused(tmp_path):
+    from rllama.memory import Experience, MemoryStoreError
+
+    memory = EpisodicMemory("hashing", k=1)
+    memory.add([Experience(observation="a", action="b", reward=1.0)])
+    memory.save(tmp_path / "store")
+    path = tmp_path / "store" / "memory.json"
+    manifest = json.loads(path.read_text())
+    del manifest["content_sha256"]
+    manifest["entries"][0]["reward"] = 99.0
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(MemoryStoreError, match=r"memory.json has no content_sha256, but its version 2 always"):
+        EpisodicMemory.load(tmp_path / "store")
+    manifest["version"] = 1  # a store older than the digest: loads, with a warning
+    path.write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="older than store checksums"):
+        assert EpisodicMemory.load(tmp_path / "store").entries[0].reward == 99.0
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
@@ -212,3 +285,35 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(make_agent
     atomic_write(tmp_path / "latest.json", "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", "latest.json", ".ckpt-12-user-file",
                                                                  f".ckpt.rllama-tmp-{os.getpid()}-live"])
+
+
+# ------------------------------------------------------------------------------------------ another base model
+def named_lm(name: str, kind: str = "llama", vocab_size: int = 384):
+    lm = make_tiny_lm(kind, vocab_size=vocab_size)
+    lm.config._name_or_path = name
+    return lm
+
+
+def test_a_checkpoint_of_another_base_model_is_refused_or_named(tokenizer, tmp_path):
+    """Another vocabulary or architecture cannot take the adapter: refused, naming both models; another
+    model of the same shapes can (a deliberate transfer): loaded, with a warning naming both."""
+    saved = PolicyModel(named_lm("org/model-a"), tokenizer, precision="fp32")
+    with torch.no_grad():
+        for p in saved.trainable_parameters():
+            p.add_(0.25)  # weights another tiny model does not start with
+    saved.save(tmp_path / "ckpt")
+    other_vocab = PolicyModel(named_lm("org/model-b", vocab_size=512), tokenizer, precision="fp32")
+    before = {n: p.detach().clone() for n, p in other_vocab.named_parameters() if p.requires_grad}
+    with pytest.raises(RLlamaError, match=r"vocabulary of 384 tokens, this policy's base model has 512 \(saved on "
+                                          r"'org/model-a', loading into 'org/model-b'\)"):
+        other_vocab.load(tmp_path / "ckpt")
+    assert all(torch.equal(p, before[n]) for n, p in other_vocab.named_parameters() if p.requires_grad)
+    other_kind = PolicyModel(named_lm("org/gpt", kind="gpt2"), tokenizer, precision="fp32")
+    with pytest.raises(RLlamaError, match=r"trained on a 'llama' model, this policy's base model is a 'gpt2' one"):
+        other_kind.load(tmp_path / "ckpt")
+    same_shapes = PolicyModel(named_lm("org/model-c"), tokenizer, precision="fp32")
+    with pytest.warns(UserWarning, match="trained on base model 'org/model-a' and is loaded into 'org/model-c'"):
+        same_shapes.load(tmp_path / "ckpt")
+    for name, p in saved.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, dict(same_shapes.named_parameters())[name]), name

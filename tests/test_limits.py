@@ -70,6 +70,39 @@ def test_what_cannot_fit_the_position_limit_is_named(make_agent):
         make_agent(kind="gpt2", max_prompt_tokens=1000, max_new_tokens=32)
 
 
+def long_episode(prompt_tokens: int) -> dict:
+    """A one-step trajectory whose prompt is about ``prompt_tokens`` tokens (one a byte)."""
+    prompt = [{"role": "user", "content": "x" * prompt_tokens}]
+    return {"episode": 7, "return": 1.0, "steps": [{"prompt": prompt, "response": "left", "reward": 1.0}]}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])  # a learned position table (fails), rotary ones (silent)
+def test_cloning_and_learning_past_the_context_are_refused_before_training(make_agent, kind):
+    from rllama.skills import SkillModel
+    from rllama.trajectories import behaviour_cloning
+
+    agent = make_agent(kind=kind)  # 1024 positions either way
+    before = {n: p.detach().clone() for n, p in agent.policy.named_parameters() if p.requires_grad}
+    episodes = [long_episode(100), long_episode(3000)]
+    episodes[0]["episode"] = 6
+    with pytest.raises(RLlamaError, match=r"episode 7 step 0: its prompt and response is 30\d\d tokens, "
+                                          r"past the model's context of 1024 tokens"):
+        behaviour_cloning(agent, episodes, keep="all")
+    skills = SkillModel(policy=agent.policy)
+    examples = [{"prompt": "hi", "response": "ok"}, {"prompt": "y" * 3000, "response": "ok"}]
+    with pytest.raises(RLlamaError, match="example 1: its prompt and response is 30\\d\\d tokens, past the model's"):
+        skills.learn(examples, adapter="new-skill")
+    assert "new-skill" not in agent.policy.list_adapters()  # a refused learn leaves no empty adapter
+    with pytest.raises(RLlamaError, match=r"prompt 0 is 10\d\d tokens \+ 32 to generate, past the model's context"):
+        skills.generate("z" * 1000, max_new_tokens=32)
+    skills.close()
+    for name, p in agent.policy.named_parameters():  # nothing was trained
+        if p.requires_grad:
+            assert torch.equal(p, before[name]), name
+    result = behaviour_cloning(agent, episodes[:1], keep="all", epochs=1)  # what fits still trains
+    assert result["steps"] == 1
+
+
 # ------------------------------------------------------------------------------------------ autoreset
 class Undeclared(gym.vector.VectorWrapper):
     """A vector env that resets the same-step way but does not say so."""

@@ -226,13 +226,15 @@ def test_load_errors_name_the_problem(tokenizer, tmp_path):
     (tmp_path / "ckpt" / "heads.safetensors").unlink()
     with pytest.raises(CorruptFileError, match="heads.safetensors is missing"):  # the manifest lists it
         policy.load(tmp_path / "ckpt")
-    (tmp_path / "ckpt" / "manifest.json").unlink()  # as a folder saved before manifests existed
-    with pytest.raises(ModelNotFoundError, match="heads.safetensors is missing"):
-        policy.load(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "manifest.json").unlink()  # as a folder saved before manifests existed (format 1)
     meta = json.loads((tmp_path / "ckpt" / "policy.json").read_text())
+    meta["format_version"] = 1
+    (tmp_path / "ckpt" / "policy.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelNotFoundError, match="heads.safetensors is missing"), pytest.warns(UserWarning):
+        policy.load(tmp_path / "ckpt")
     meta["hidden_size"] = 999
     (tmp_path / "ckpt" / "policy.json").write_text(json.dumps(meta))
-    with pytest.raises(RLlamaError, match="hidden size 999"):
+    with pytest.raises(RLlamaError, match="hidden size 999"), pytest.warns(UserWarning):
         policy.load(tmp_path / "ckpt")
 
 

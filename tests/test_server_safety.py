@@ -176,6 +176,18 @@ def test_adapters_load_only_from_inside_the_root(server, policy, adapter_root, t
     assert_error(call(server, "/unload_lora_adapter", {"lora_name": "default"}), 404, "not_found_error", "not loaded")
 
 
+@pytest.mark.parametrize("with_manifest", [True, False])  # saved by rllama, or a PEFT folder from elsewhere
+def test_a_truncated_adapter_in_the_root_is_a_400(server, policy, adapter_root, with_manifest):
+    folder = policy.save_adapter("default", adapter_root / f"cut-{with_manifest}")
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    if not with_manifest:
+        (folder / "manifest.json").unlink()
+    result = call(server, "/load_lora_adapter", {"lora_name": "cut", "lora_path": folder.name})
+    assert_error(result, 400, "invalid_request_error", "cannot be loaded into this model")
+    assert "cut" not in policy.list_adapters() and "cut" not in server.adapters
+
+
 # ---------------------------------------------------------------------- bounded bodies, waits and work
 def test_bodies_over_the_limit_are_refused_before_reading(server):
     # only the head is sent: an answer at all shows the server did not wait for the 150 MB it announced
@@ -201,13 +213,38 @@ def test_a_stalled_client_is_dropped_and_others_are_served(server):
         before = time.monotonic()
         assert call(server, "/models")[0] == 200
         assert time.monotonic() - before < READ_TIMEOUT  # served while the others stall, not after
-        assert read_until_closed(stalled_head) == b""  # closed by the server, without an answer
-        head, _, body = read_until_closed(stalled_body).partition(b"\r\n\r\n")
-        assert_error((int(head.split()[1]), json.loads(body)), 408, "timeout_error", f"read_timeout_s={READ_TIMEOUT}")
+        for stalled in (stalled_head, stalled_body):
+            head, _, body = read_until_closed(stalled).partition(b"\r\n\r\n")
+            assert_error((int(head.split()[1]), json.loads(body)), 408, "timeout_error",
+                         f"read_timeout_s={READ_TIMEOUT}")
         assert time.monotonic() - start < READ_TIMEOUT + 2.0
     finally:
         stalled_head.close()
         stalled_body.close()
+    assert call(server, "/models")[0] == 200
+
+
+@pytest.mark.parametrize("part", ["head", "body"])
+def test_a_client_sending_a_byte_now_and_then_is_dropped_at_the_deadline(server, part):
+    """Never silent for read_timeout_s, it still has only read_timeout_s for the whole request."""
+    start = time.monotonic()
+    with socket.create_connection(server.httpd.server_address[:2], timeout=5) as sock:
+        data = post_head("400") + b'{"prompt": [' + b"5, " * 200 if part == "body" else post_head("10")
+        # at once: the request line (head) or the whole head (body); then a byte at a time
+        sent = data.index(b"\r\n") + 2 if part == "head" else len(post_head("400"))
+        sock.sendall(data[:sent])
+        try:
+            while sent < len(data) and time.monotonic() - start < 4 * READ_TIMEOUT:
+                sock.sendall(data[sent:sent + 1])
+                sent += 1
+                time.sleep(READ_TIMEOUT / 5)
+        except OSError:  # the server closed the connection
+            pass
+        answer = read_until_closed(sock)
+        elapsed = time.monotonic() - start
+    assert elapsed < READ_TIMEOUT + 1.0, elapsed
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert_error((int(head.split()[1]), json.loads(body)), 408, "timeout_error", f"read_timeout_s={READ_TIMEOUT}")
     assert call(server, "/models")[0] == 200
 
 
@@ -278,8 +315,8 @@ REPLY = {"choices": [{"index": 0, "logprobs": {"tokens": ["token_id:7"], "token_
 
 
 @contextlib.contextmanager
-def recording_server(redirect_to: str | None = None, redirect_code: int = 302):
-    """A tiny HTTP server in a thread: records each request's ``Authorization`` header, answers a completion
+def recording_server(redirect_to: str | None = None, redirect_code: int = 302, reply: dict = REPLY):
+    """A tiny HTTP server in a thread: records each request's ``Authorization`` header, answers ``reply``
     (or a ``redirect_code`` redirect to ``redirect_to``). Yields ``(url, seen)``."""
     seen: list[str | None] = []
 
@@ -290,7 +327,7 @@ def recording_server(redirect_to: str | None = None, redirect_code: int = 302):
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             seen.append(self.headers.get("Authorization"))
-            data = b"" if redirect_to else json.dumps(REPLY).encode()
+            data = b"" if redirect_to else json.dumps(reply).encode()
             self.send_response(redirect_code if redirect_to else 200)
             if redirect_to:
                 self.send_header("Location", redirect_to)
@@ -337,3 +374,49 @@ def test_the_client_refuses_redirects_and_keeps_its_key(code):
                 backend.generate([[5, 6]], 1, True, [], None)
     assert seen == ["Bearer sk-explicit"]  # the configured server got the key ...
     assert seen_elsewhere == []            # ... and nothing reached the other one
+
+
+# ---------------------------------------------------------------------- the client checks what it is sent
+def _reply(tokens, token_logprobs):
+    return {"choices": [{"index": 0, "logprobs": {"tokens": tokens, "token_logprobs": token_logprobs}}]}
+
+
+@pytest.mark.parametrize("reply, message", [
+    (_reply(["token_id:1000000000"], [-0.5]), "token id 1000000000, outside the model's vocabulary [0, 384)"),
+    (_reply(["token_id:-3"], [-0.5]), "token id -3, outside the model's vocabulary"),
+    (_reply(["token_id:abc"], [-0.5]), "reply token 'token_id:abc' is not a token id"),
+    (_reply([7, True], [-0.5, -0.5]), "reply token True is not a token id"),
+    (_reply(["token_id:7"], [50.0]), "the log-prob 50.0 for a reply token"),
+    (_reply(["token_id:7"], [math.nan]), "the log-prob nan for a reply token"),
+    (_reply(["token_id:7"], ["-0.5"]), "the log-prob '-0.5' for a reply token"),
+    (_reply(["token_id:7", "token_id:8"], [-0.5]), "1 log-probs for a reply of 2 tokens"),
+    (_reply(["token_id:7"], None), "no log-probs for a reply of 1 tokens"),
+    (_reply(["token_id:7"] * 3, [-0.5] * 3), "a reply of 3 tokens where max_tokens was 2"),
+    (_reply("token_id:7", [-0.5]), "did not return the reply's tokens"),
+])
+def test_the_client_refuses_impossible_replies(policy, reply, message):
+    """A broken or foreign server's reply is refused with what was wrong, not passed on to the tokenizer."""
+    with recording_server(reply=reply) as (url, _seen):
+        backend = OpenAIBackend(url, model="m")
+        backend.bind(policy)
+        with pytest.raises(RLlamaError, match=re.escape(message)):
+            backend.generate([[5, 6]], 2, True, [], None)
+
+
+@pytest.mark.parametrize("echoed, message", [
+    ([None, -1.0, 50.0, -0.1], "the log-prob 50.0 for a candidate's token"),
+    ([None, -1.0, math.inf, -0.1], "the log-prob inf for a candidate's token"),
+    ([None, -1.0, None, -0.1], "the log-prob None for a candidate's token"),
+    ([None, -1.0], "did not echo the prompt's log-probs"),
+])
+def test_the_client_refuses_impossible_scores(policy, echoed, message):
+    with recording_server(reply=_reply(["token_id:5"] * len(echoed), echoed)) as (url, _seen):
+        backend = OpenAIBackend(url, model="m")
+        backend.bind(policy)
+        with pytest.raises(RLlamaError, match=re.escape(message)):
+            backend.candidate_outputs([[5, 6]], [[[7]]])
+    with recording_server(reply=_reply(["token_id:5"] * 4, [None, -1.0, -0.7, -0.1])) as (url, _seen):
+        backend = OpenAIBackend(url, model="m")
+        backend.bind(policy)
+        out = backend.candidate_outputs([[5, 6]], [[[7]]])  # a sound reply still scores
+        assert out.logprobs[0].tolist() == [0.0]

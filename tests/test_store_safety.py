@@ -146,8 +146,9 @@ def drop_entry_field(field):
     (lambda m: m.update(index_file=7), "'index_file'"),
     (lambda m: m.update(index_sha256="not a digest"), "'index_sha256'"),
     (lambda m: m.pop("index_sha256"), "'index_sha256'"),
-    (lambda m: m.update(version=2), "format version 1"),
-    (lambda m: m.pop("format"), "format version 1"),
+    (lambda m: m.update(version=3), "format version 1 to 2"),
+    (lambda m: m.update(version=True), "format version 1 to 2"),
+    (lambda m: m.pop("format"), "format version 1 to 2"),
 ])
 def test_load_names_the_file_and_the_bad_field(tmp_path, change, field):
     _, folder = saved_store(tmp_path)
@@ -218,3 +219,49 @@ def test_every_damaged_byte_of_a_store_is_caught(tmp_path, damage):
                 EpisodicMemory.load(folder)
         path.write_bytes(original)
     assert len(EpisodicMemory.load(folder)) == 6
+
+
+# ---------------------------------------------------------------------- text UTF-8 cannot hold
+LONE = "room \ud800 east"  # a lone surrogate, as text decoded with errors="surrogateescape" holds
+
+
+def test_a_lone_surrogate_is_refused_where_it_enters_and_nothing_is_left_behind(tmp_path):
+    memory = EpisodicMemory(HashingEmbedder(16))
+    memory.add([Experience(observation="fine", action="go")])
+    memory.save(tmp_path / "store")
+    before = sorted(p.name for p in (tmp_path / "store").iterdir())
+    for bad in (Experience(observation=LONE, action="go"), Experience(observation="x", action="go", lesson=LONE),
+                Experience(observation="x", action="go", metadata={"note": [LONE]})):
+        with pytest.raises(ValueError, match="experience 0.*character 5 of .*lone surrogate"):
+            memory.add(bad)
+    assert len(memory) == 1
+    memory.entries[0].observation = LONE  # put in behind add()'s back: save refuses before writing anything
+    with pytest.raises(MemoryStoreError, match=r"entries\[0\]\['observation'\]: character 5.*lone surrogate"):
+        memory.save(tmp_path / "store")
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == before  # no orphan index file
+    assert EpisodicMemory.load(tmp_path / "store").entries[0].observation == "fine"
+
+
+def test_a_lone_surrogate_in_a_trajectory_is_refused_and_the_log_stays_whole(tmp_path):
+    from rllama.errors import RLlamaError
+    from rllama.trajectories import TrajectoryWriter, read_trajectories
+    from tests.test_skills import fake_episode
+
+    path = tmp_path / "log.jsonl"
+    writer = TrajectoryWriter(path)
+    writer.write_episode(fake_episode("a"))
+    size = path.stat().st_size
+    bad = fake_episode("b")
+    bad.steps[1].text = LONE
+    with pytest.raises(RLlamaError, match=r"episode 1 step 1\['response'\]: character 5 .*lone surrogate"):
+        writer.write_episode(bad)
+    assert path.stat().st_size == size and len(read_trajectories(path)) == 1
+
+
+def test_a_hook_returning_a_lone_surrogate_is_named(make_agent):
+    from rllama.errors import HookError
+
+    agent = make_agent()
+    agent.format_observation = lambda obs: LONE
+    with pytest.raises(HookError, match=r"format_observation\(3\) returned text that UTF-8 cannot hold"):
+        agent.act(3)

@@ -162,10 +162,11 @@ class OpenAIBackend(Backend):
         flat = [(len(p), len(c)) for p, cands in zip(prompts, candidates) for c in cands]
         for (n_prompt, n_cand), choice in zip(flat, choices):
             token_logprobs = (choice.get("logprobs") or {}).get("token_logprobs")
-            if not token_logprobs or len(token_logprobs) < n_prompt + n_cand:
+            if not isinstance(token_logprobs, list) or len(token_logprobs) < n_prompt + n_cand:
                 raise RLlamaError("the server did not echo the prompt's log-probs (echo=True, logprobs=0); "
                                   f"got {str(choice)[:300]}")
-            scores.append(candidate_score(token_logprobs[n_prompt:n_prompt + n_cand], self.policy.score_normalization))
+            scored = _checked_logprobs(token_logprobs[n_prompt:n_prompt + n_cand], "a candidate's")
+            scores.append(candidate_score(scored, self.policy.score_normalization))
         logprobs, start = [], 0
         for cands in candidates:
             logprobs.append(F.log_softmax(torch.tensor(scores[start:start + len(cands)]), dim=-1))
@@ -182,15 +183,25 @@ class OpenAIBackend(Backend):
                   "skip_special_tokens": False, "include_stop_str_in_output": True}
         if seed is not None:
             params["seed"] = seed
+        # Checked against the learner's vocabulary when bound (a server of another model, or a broken one,
+        # could name a token the tokenizer cannot decode).
+        vocab_size = self.policy.vocab_size if getattr(self, "policy", None) is not None else None
         replies = []
         for choice in self._completions([list(p) for p in prompts], **params):
             logprobs = choice.get("logprobs") or {}
             tokens, token_logprobs = logprobs.get("tokens"), logprobs.get("token_logprobs")
-            if tokens is None:
+            if not isinstance(tokens, list):
                 raise RLlamaError("the server did not return the reply's tokens (logprobs with "
                                   f"return_tokens_as_token_ids); got {str(choice)[:300]}")
-            ids = [_token_id(t) for t in tokens]
-            replies.append(GeneratedReply(ids, [float(x) for x in token_logprobs], math.nan, exact=False))
+            if not isinstance(token_logprobs, list) or len(token_logprobs) != len(tokens):
+                count = len(token_logprobs) if isinstance(token_logprobs, list) else "no"
+                raise RLlamaError(f"the server returned {count} log-probs for a reply of {len(tokens)} tokens; "
+                                  "each reply token needs its log-prob (logprobs=0)")
+            if len(tokens) > max_new_tokens:
+                raise RLlamaError(f"the server returned a reply of {len(tokens)} tokens where max_tokens was "
+                                  f"{max_new_tokens}")
+            ids = [_token_id(t, vocab_size) for t in tokens]
+            replies.append(GeneratedReply(ids, _checked_logprobs(token_logprobs, "a reply"), math.nan, exact=False))
         return replies
 
     # ------------------------------------------------------------------ weights
@@ -233,11 +244,36 @@ def _origin(url: str) -> tuple[str, str, int]:
     return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}[scheme]
 
 
-def _token_id(token: str) -> int:
-    if isinstance(token, int):
-        return token
-    if isinstance(token, str) and token.startswith("token_id:"):
-        return int(token.split(":", 1)[1])
-    raise RLlamaError(f"reply token {token!r} is not a token id; the server must support return_tokens_as_token_ids")
+def _token_id(token, vocab_size: int | None) -> int:
+    """A reply token as the server names it (``"token_id:7"`` or ``7``), checked to lie in the vocabulary."""
+    value = None
+    if isinstance(token, int) and not isinstance(token, bool):
+        value = token
+    elif isinstance(token, str) and token.startswith("token_id:") and token[9:].strip().lstrip("-").isdigit():
+        value = int(token[9:])
+    if value is None:
+        raise RLlamaError(f"reply token {token!r} is not a token id; the server must support "
+                          "return_tokens_as_token_ids")
+    if value < 0 or (vocab_size is not None and value >= vocab_size):
+        raise RLlamaError(f"the server returned token id {value}, outside the model's vocabulary "
+                          f"[0, {vocab_size if vocab_size is not None else 'vocab size'}): is it serving "
+                          "another model than the one this agent learns on?")
+    return value
+
+
+# Log-probs a server may round up to a little above 0 (bf16); anything larger is not a probability.
+_LOGPROB_SLACK = 1e-3
+
+
+def _checked_logprobs(values, whose: str) -> list[float]:
+    """``values`` as floats, refused unless each is a finite number at most 0 (a log-probability)."""
+    out = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value > _LOGPROB_SLACK:
+            raise RLlamaError(f"the server returned the log-prob {value!r} for {whose} token; a log-probability "
+                              "is a finite number at most 0: the server's reply is broken")
+        out.append(min(float(value), 0.0))
+    return out
 
 

@@ -26,6 +26,7 @@ refuse a corrupted one with :class:`MemoryStoreError`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import require
+from ..fileio import utf8_problem
 from .embedding import HashingEmbedder, SentenceEmbedder, make_embedder
 from .records import Experience
 from .store import MemoryStoreError, load_store, save_store
@@ -155,9 +157,13 @@ class EpisodicMemory:
             vectors: their observations' embeddings, if already computed (normalised, ``(n, dim)``).
         """
         batch = [experiences] if isinstance(experiences, Experience) else list(experiences)
-        for e in batch:
+        for i, e in enumerate(batch):
             if not isinstance(e, Experience):
                 raise TypeError(f"EpisodicMemory.add expects Experience objects, got {type(e).__name__}")
+            problem = utf8_problem(dataclasses.asdict(e), f"experience {i}")
+            if problem:  # the store is UTF-8 JSON: it could not be saved
+                raise ValueError(f"EpisodicMemory.add: {problem} is a lone surrogate, which UTF-8 cannot store; "
+                                 "decode the text it comes from with errors='replace'")
         keep = list(range(len(batch)))
         if vectors is not None:
             vectors = np.asarray(vectors, dtype=np.float32)

@@ -25,13 +25,14 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from ..errors import CorruptFileError, RLlamaError
-from ..fileio import atomic_write, read_json
+from ..fileio import atomic_write, read_json, utf8_problem
 from .embedding import HashingEmbedder, make_embedder
 from .records import Experience
 
@@ -57,7 +58,9 @@ class StoredMemory(Protocol):
 MemoryT = TypeVar("MemoryT", bound=StoredMemory)
 
 FORMAT = "rllama.EpisodicMemory"
-FORMAT_VERSION = 1
+# 2: memory.json always carries content_sha256 (stores of version 1 may predate it).
+FORMAT_VERSION = 2
+DIGEST_SINCE = 2
 MANIFEST = "memory.json"
 REBUILDABLE = ("hashing", "sentence-transformers")  # embedder types load_store can rebuild from the record
 _NUMBER = (int, float)
@@ -78,7 +81,6 @@ def save_store(memory: StoredMemory, path: str | os.PathLike) -> Path:
     index_name = f"index-{digest[:16]}.faiss"
     manifest_path = folder / MANIFEST
     previous = read_manifest(manifest_path) if manifest_path.exists() else {}
-    atomic_write(folder / index_name, blob)
     embedder = memory.embedder
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION,
@@ -86,8 +88,14 @@ def save_store(memory: StoredMemory, path: str | os.PathLike) -> Path:
         "config": memory.config(), "next_id": memory._next_id, "index_file": index_name, "index_sha256": digest,
         "entries": [dataclasses.asdict(memory.entries[i]) for i in sorted(memory.entries)],
     }
+    problem = utf8_problem(manifest["entries"], "entries")
+    if problem:  # entries put in without add(): refused before any file is written
+        raise MemoryStoreError(f"cannot save the memory to {folder}: {problem} is a lone surrogate, which UTF-8 "
+                               "cannot store")
     manifest["content_sha256"] = content_digest(manifest)
-    atomic_write(manifest_path, json.dumps(manifest, ensure_ascii=False).encode("utf-8"))
+    data = json.dumps(manifest, ensure_ascii=False).encode("utf-8")
+    atomic_write(folder / index_name, blob)
+    atomic_write(manifest_path, data)
     old_index = previous.get("index_file")
     if is_plain_name(old_index) and old_index != index_name:  # never a path a damaged manifest points elsewhere
         (folder / old_index).unlink(missing_ok=True)
@@ -110,8 +118,7 @@ def load_store(cls: type[MemoryT], path: str | os.PathLike, embedder=None,
     if not manifest_path.exists():
         raise MemoryStoreError(f"no episodic memory store at {folder} (missing {MANIFEST})")
     manifest = read_manifest(manifest_path)
-    if "content_sha256" in manifest and manifest["content_sha256"] != content_digest(manifest):
-        raise MemoryStoreError(f"{manifest_path} does not match its own checksum (content_sha256): it is damaged")
+    check_digest(manifest, manifest_path)
     check_manifest(manifest, manifest_path)
     entries = read_entries(manifest, manifest_path)
     recorded = manifest["embedder"]
@@ -136,6 +143,22 @@ def load_store(cls: type[MemoryT], path: str | os.PathLike, embedder=None,
     return memory
 
 
+def check_digest(manifest: dict, manifest_path: Path) -> None:
+    """``memory.json`` against its own ``content_sha256``. Without one: refused when its version has
+    them always (the digest was removed), else (a store older than digests) loaded with a warning."""
+    if "content_sha256" in manifest:
+        if manifest["content_sha256"] != content_digest(manifest):
+            raise MemoryStoreError(f"{manifest_path} does not match its own checksum (content_sha256): it is damaged")
+        return
+    version = manifest.get("version")
+    if _is_int(version) and version >= DIGEST_SINCE:
+        raise MemoryStoreError(f"{manifest_path} has no content_sha256, but its version {version} always carries "
+                               "one: the checksum was removed, so its entries cannot be trusted; save the memory "
+                               "again from its source")
+    warnings.warn(f"{manifest_path} has no content_sha256: it was written by an rllama older than store checksums "
+                  "and is loaded unchecked; save it again to add one", stacklevel=3)
+
+
 def read_manifest(path: Path) -> dict:
     """The JSON object in ``memory.json``; :class:`MemoryStoreError` naming it when it is unreadable."""
     try:
@@ -156,9 +179,10 @@ def _is_int(value: Any) -> bool:
 
 def check_manifest(manifest: dict, manifest_path: Path) -> None:
     """Check the fields of ``memory.json`` other than the entries (read by :func:`read_entries`)."""
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+    version = manifest.get("version")
+    if manifest.get("format") != FORMAT or not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
         raise MemoryStoreError(
-            f"{manifest_path} is not an rllama EpisodicMemory store of format version {FORMAT_VERSION} "
+            f"{manifest_path} is not an rllama EpisodicMemory store of format version 1 to {FORMAT_VERSION} "
             f"(format {manifest.get('format')!r:.60}, version {manifest.get('version')!r:.20})"
         )
 

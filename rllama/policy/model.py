@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rllama.errors import ModelNotFoundError, RLlamaError
-from rllama.fileio import recover_dir, writing_dir
+from rllama.fileio import recover_dir, verify_dir, writing_dir
 from rllama.policy import generation, persistence, scoring
 from rllama.policy.engine import DEFAULT_CACHE_MB, Engine, ModelParts, make_engine, supports_split
 from rllama.policy.heads import POLICY_HEAD, ValueHead, pca_whitening
@@ -196,6 +196,28 @@ class PolicyModel(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.heads["value"].hidden_size
+
+    @property
+    def context_length(self) -> int | None:
+        """The base model's context in tokens (``max_position_embeddings`` or ``n_positions``), or
+        ``None`` when its config names none."""
+        config = self.lm.get_base_model().config
+        length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return int(length) if length else None
+
+    def check_context(self, lengths: Sequence[int], what: Callable[[int], str], room: int = 0) -> None:
+        """Raise an :class:`RLlamaError` naming the first sequence (``what(i)``) whose ``lengths[i]``
+        tokens plus ``room`` (tokens still to generate) pass the model's context: positions past it
+        either fail inside the model (learned position tables) or run silently on positions it never
+        saw (rotary ones)."""
+        context = self.context_length
+        if context is None:
+            return
+        for i, length in enumerate(lengths):
+            if length + room > context:
+                extra = f" + {room} to generate" if room else ""
+                raise RLlamaError(f"{what(i)} is {length} tokens{extra}, past the model's context of {context} "
+                                  "tokens: shorten it (or use a model with a longer context)")
 
     @property
     def vocab_size(self) -> int:
@@ -394,11 +416,17 @@ class PolicyModel(nn.Module):
             raise ModelNotFoundError(f"{str(path)!r} holds no PEFT adapter (adapter_config.json is missing)")
         if name in self.list_adapters():
             raise RLlamaError(f"adapter {name!r} already exists; delete_adapter({name!r}) first or pick another name")
+        verify_dir(path, warn=False)  # one saved by save_adapter has a manifest; a PEFT folder from elsewhere none
         active = self.active_adapter
+        from safetensors import SafetensorError
+
         try:
             self.lm.load_adapter(str(path), adapter_name=name, is_trainable=True)
-        except (ValueError, RuntimeError, KeyError) as exc:
-            raise RLlamaError(f"cannot load the adapter at {str(path)!r} into this model: {exc}") from exc
+        except (ValueError, RuntimeError, KeyError, OSError, SafetensorError) as exc:  # a damaged file among them
+            if name in self.list_adapters():  # PEFT may have added it before failing
+                self.lm.delete_adapter(name)
+            raise RLlamaError(f"cannot load the adapter at {str(path)!r} into this model: "
+                              f"{type(exc).__name__}: {exc}") from exc
         self.lm.set_adapter(active)
         self.to(self.device)
         self.engine.invalidate(adapters_only=True)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ HEADS_FILE = "heads.safetensors"
 ADAPTER_DIR = "adapter"
 
 
-FORMAT_VERSION = 1
+# 2: every folder carries a checksum manifest (folders of format 1 may predate manifests).
+FORMAT_VERSION = 2
+MANIFEST_SINCE = 2
 
 
 def write_policy(policy, folder: Path, extra: dict | None = None) -> None:
@@ -44,6 +47,8 @@ def write_policy(policy, folder: Path, extra: dict | None = None) -> None:
     meta = {
         "format_version": FORMAT_VERSION,
         "base_model": policy.base_model_name,
+        "architecture": _architecture(policy),
+        "vocab_size": policy.vocab_size,
         "hidden_size": policy.hidden_size,
         "precision": policy.precision,
         "score_normalization": policy.score_normalization,
@@ -64,8 +69,15 @@ def read_checkpoint(policy, path: str | os.PathLike) -> tuple[dict, dict, dict]:
     meta_file = path / POLICY_FILE
     if not meta_file.is_file():
         raise ModelNotFoundError(f"{str(path)!r} is not an rllama checkpoint: {POLICY_FILE} is missing")
-    verify_dir(path)
-    meta = read_json(meta_file)
+    meta = read_json(meta_file)  # first: its format version says whether the folder must have a manifest
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CorruptFileError(f"{meta_file}: format_version={version!r}; expected a positive integer")
+    if version > FORMAT_VERSION:
+        raise RLlamaError(f"{meta_file} has format_version {version}, newer than this rllama reads "
+                          f"({FORMAT_VERSION}): upgrade rllama to load it")
+    verify_dir(path, required=f"{meta_file} has format_version {version}, whose folders always carry one"
+               if version >= MANIFEST_SINCE else None)
     _check_settings(policy, meta, meta_file)
     adapter_file = path / ADAPTER_DIR / "adapter_model.safetensors"
     heads_file = path / HEADS_FILE
@@ -102,7 +114,34 @@ def apply_checkpoint(policy, adapter_state: dict, heads_state: dict, meta: dict)
     policy.temperature = float(meta.get("temperature", policy.temperature))
 
 
+def _architecture(policy) -> str:
+    """The base model's ``model_type`` (``"llama"``, ``"gpt2"``...), ``""`` when its config has none."""
+    return str(getattr(policy.lm.get_base_model().config, "model_type", "") or "")
+
+
+def _check_base_model(policy, meta: dict, meta_file: Path) -> None:
+    """Refuse a checkpoint whose base model cannot take its adapter and heads (another architecture or
+    vocabulary; checkpoints before format 2 record neither); warn when only the model's name differs."""
+    saved_name, here_name = meta.get("base_model") or "", policy.base_model_name
+    models = f"saved on {saved_name or 'an unnamed model'!r}, loading into {here_name or 'an unnamed model'!r}"
+    architecture = meta.get("architecture")
+    if architecture and architecture != _architecture(policy):
+        raise RLlamaError(f"checkpoint {str(meta_file.parent)!r} was trained on a {architecture!r} model, this "
+                          f"policy's base model is a {_architecture(policy)!r} one ({models}): an adapter's modules "
+                          "do not carry over between architectures; load it into the model it was trained on")
+    vocab = meta.get("vocab_size")
+    if vocab is not None and vocab != policy.vocab_size:
+        raise RLlamaError(f"checkpoint {str(meta_file.parent)!r} was trained on a model with a vocabulary of {vocab} "
+                          f"tokens, this policy's base model has {policy.vocab_size} ({models}): token ids would "
+                          "mean other things; load it into the model it was trained on")
+    if saved_name and here_name and saved_name != here_name:
+        warnings.warn(f"checkpoint {str(meta_file.parent)!r} was trained on base model {saved_name!r} and is loaded "
+                      f"into {here_name!r}: the shapes fit, but the adapter learned another model's features",
+                      stacklevel=4)
+
+
 def _check_settings(policy, meta: dict, meta_file: Path) -> None:
+    _check_base_model(policy, meta, meta_file)
     if meta.get("hidden_size") != policy.hidden_size:
         raise RLlamaError(
             f"checkpoint {str(meta_file.parent)!r} was saved for a model of hidden size {meta.get('hidden_size')}, "
