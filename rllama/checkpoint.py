@@ -99,7 +99,8 @@ def load_training_state(agent, path: str | os.PathLike) -> dict[str, Any]:
     try:
         version = read_json(path / STATE_JSON).get("version")  # whether the folder must have a manifest
         verify_dir(path, required=f"{path / STATE_JSON} has version {version}, whose folders always carry one"
-                   if isinstance(version, int) and version >= MANIFEST_SINCE else None)
+                   if isinstance(version, int) and version >= MANIFEST_SINCE else None,
+                   must_list=(STATE_JSON, STATE_TENSORS))
         meta = _read_state(path / STATE_JSON, agent)
         tensors = _read_tensors(path / STATE_TENSORS)
     except CorruptFileError as exc:

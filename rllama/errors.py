@@ -35,6 +35,20 @@ class MissingExtraError(RLlamaError, ImportError):
     """An optional feature's package is not installed; the message names the extra that installs it."""
 
 
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn(message)`` attributed to the first frame outside rllama: the user's line that led to
+    it, not the library's."""
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
 def require(module: str, extra: str, feature: str):
     """Import and return ``module``, or raise :class:`MissingExtraError` saying which ``rllama[extra]`` installs
     it (``feature`` names what needs it)."""

@@ -18,12 +18,11 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rllama.errors import CorruptFileError
+from rllama.errors import CorruptFileError, warn_user
 
 MANIFEST = "manifest.json"
 _TEMPORARY = re.compile(r"^\..+\.rllama-tmp-(\d+)-")
@@ -150,14 +149,17 @@ def utf8_problem(value: Any, where: str) -> str | None:
     return None
 
 
-def verify_dir(folder: str | os.PathLike, required: str | None = None, warn: bool = True) -> bool:
+def verify_dir(folder: str | os.PathLike, required: str | None = None, warn: bool = True,
+               must_list: tuple[str, ...] = ()) -> bool:
     """Check every file listed in ``folder/manifest.json`` (present, same size, same SHA-256); raise
     :class:`~rllama.errors.CorruptFileError` naming the first that is not. Returns whether the folder
     was checked.
 
     A folder without a manifest is refused when ``required`` says why it must have one (its format
     is newer than manifests: the manifest was removed); otherwise it was written before rllama kept
-    them, and passes unchecked, with a warning unless ``warn=False`` (a PEFT folder from elsewhere)."""
+    them, and passes unchecked, with a warning unless ``warn=False`` (a PEFT folder from elsewhere).
+    ``must_list``: files a manifest of this folder lists whenever it has one (a manifest that leaves
+    them out, forged or from another folder, checks nothing of what is read)."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -165,13 +167,17 @@ def verify_dir(folder: str | os.PathLike, required: str | None = None, warn: boo
             raise CorruptFileError(f"{manifest_path} is missing, but {required}: the checksums of this folder "
                                    "were removed, so its files cannot be trusted; save it again from its source")
         if warn:
-            warnings.warn(f"{folder} has no checksum manifest ({MANIFEST}): it was written by an rllama older than "
-                          "manifests and is loaded unchecked; save it again to add one", stacklevel=3)
+            warn_user(f"{folder} has no checksum manifest ({MANIFEST}): it was written by an rllama older than "
+                      "manifests and is loaded unchecked; save it again to add one")
         return False
     manifest = read_json(manifest_path)
     files = manifest.get("files")
     if manifest.get("format") != "rllama.manifest" or not isinstance(files, dict):
         raise CorruptFileError(f"{manifest_path} is not an rllama checksum manifest")
+    unlisted = [name for name in must_list if name not in files]
+    if unlisted:
+        raise CorruptFileError(f"{manifest_path} does not list {unlisted}, which this folder's manifest always "
+                               "lists: it belongs to another folder or was edited")
     root = folder.resolve()
     for name, entry in files.items():
         path = (folder / name).resolve()

@@ -98,16 +98,6 @@ class AgentHooks(ABC):
         return self.action_space.sample()
 
 
-def _encodable(text: str, hook: str) -> str:
-    """``text``, refused when UTF-8 cannot hold it: it would reach the tokenizer, the trajectory log and
-    the memory store, which all write UTF-8."""
-    problem = utf8_problem(text, "the text")
-    if problem:
-        raise HookError(f"{hook} returned text that UTF-8 cannot hold ({problem}: a lone surrogate); decode the "
-                        "bytes it comes from with errors='replace' or 'ignore'")
-    return text
-
-
 class Hooks:
     """The hooks of ``agent`` (its subclass's methods), called and checked. Any :class:`AgentHooks` will
     do (the memory hooks are called by name), so this module needs nothing from :mod:`rllama.agent`."""
@@ -116,21 +106,29 @@ class Hooks:
         self.agent = agent
 
     def call(self, name: str, *args):
-        """``agent.<name>(*args)``; any exception but rllama's own becomes a HookError."""
+        """``agent.<name>(*args)``; any exception but rllama's own becomes a HookError, and so does text
+        in the result that UTF-8 cannot hold (it would reach the tokenizer, the trajectory log and the
+        memory store, which all write UTF-8)."""
         try:
-            return getattr(self.agent, name)(*args)
+            result = getattr(self.agent, name)(*args)
         except RLlamaError:
             raise
         except Exception as exc:
             shown = ", ".join(short(a) for a in args)
             raise HookError(f"{type(self.agent).__name__}.{name}({shown}) raised {type(exc).__name__}: {exc}") from exc
+        problem = utf8_problem(result, "its result")
+        if problem:
+            shown = ", ".join(short(a) for a in args)
+            raise HookError(f"{type(self.agent).__name__}.{name}({shown}) returned text that UTF-8 cannot hold "
+                            f"({problem}: a lone surrogate); decode the bytes it comes from with errors='replace'")
+        return result
 
     def system_prompt(self) -> str:
         """``get_system_prompt()``, a string."""
         text = self.call("get_system_prompt")
         if not isinstance(text, str):
             raise HookError(f"get_system_prompt() returned {type(text).__name__}; expected str")
-        return _encodable(text, "get_system_prompt()")
+        return text
 
     def observation_text(self, observation) -> str:
         """``format_observation(observation)``, a string."""
@@ -139,7 +137,7 @@ class Hooks:
             raise HookError(
                 f"format_observation({short(observation)}) returned {type(text).__name__} {short(text)}; expected str"
             )
-        return _encodable(text, f"format_observation({short(observation)})")
+        return text
 
     def valid_actions(self, observation) -> list[str] | None:
         """``get_valid_actions(observation)``: ``None``, or distinct non-empty strings."""
@@ -175,6 +173,8 @@ class Hooks:
         prefix = self.agent.reply_prefix
         if not isinstance(prefix, str):
             raise HookError(f"reply_prefix = {short(prefix)}; expected a string (\"\" for none)")
+        if utf8_problem(prefix, "reply_prefix"):
+            raise HookError(f"reply_prefix = {short(prefix)} holds a lone surrogate, which UTF-8 cannot hold")
         return prefix
 
     def reply_shape(self, observation):

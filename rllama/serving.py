@@ -434,6 +434,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
+        if self.request_version == "HTTP/0.9":  # a request line cut short (no version): answer with a status line
+            self.request_version = "HTTP/1.0"
         try:
             self.send_response(status)
             for name, value in {"Content-Type": "application/json", "Content-Length": str(len(data)),

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from rllama.fileio import utf8_problem
 from rllama.policy import PolicyModel, load_model
 from rllama.prompting import ChatFormat
 
@@ -50,6 +51,10 @@ def validate_examples(examples) -> list[dict]:
         for key in ("prompt", "response"):
             if not isinstance(ex[key], str) or not ex[key].strip():
                 raise ValueError(f"example {i}: {key!r} must be a non-empty string, got {ex[key]!r}")
+        problem = utf8_problem({k: ex.get(k) for k in ("prompt", "response", "system")}, f"example {i}")
+        if problem:
+            raise ValueError(f"{problem} is a lone surrogate, which no tokenizer takes; decode the text it "
+                             "comes from with errors='replace'")
         out.append({"prompt": ex["prompt"], "response": ex["response"], "system": ex.get("system")})
     return out
 
@@ -125,6 +130,13 @@ class SkillModel:
                  greedy: bool = True) -> str | list[str]:
         """Reply to ``prompt`` (or each of a list) with adapter ``adapter`` on (``None``: the base model)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected a positive integer")
+        for i, text in enumerate(prompts):
+            if not isinstance(text, str):
+                raise ValueError(f"prompt {i} is {type(text).__name__}; expected a string")
+            if utf8_problem(text, f"prompt {i}"):
+                raise ValueError(f"{utf8_problem(text, f'prompt {i}')} is a lone surrogate, which no tokenizer takes")
         ids = [self._prompt_ids(p) for p in prompts]
         self.policy.check_context([len(i) for i in ids], lambda i: f"prompt {i}", room=max_new_tokens)
         with self.lock, torch.no_grad(), self.policy.using_adapter(adapter):

@@ -77,6 +77,11 @@ class TrajectoryWriter:
     def write_episode(self, record, truncated: bool = False, metadata: dict | None = None) -> int:
         """Write one finished episode from the agent's record of it (a :class:`rllama.recording.EnvRecord`
         kept with its prompts); returns its id."""
+        for t, step in enumerate(record.steps):  # before the file is opened (or created)
+            problem = utf8_problem({"observation": record.observations[t], "prompt": record.prompts[t],
+                                    "response": step.text, "metadata": metadata}, f"step {t}")
+            if problem:
+                raise RLlamaError(f"cannot log to {self.path}: {problem} is a lone surrogate, which UTF-8 cannot store")
         with self._lock, open(self.path, "a+b", buffering=0) as f:
             fd = f.fileno()
             fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file is closed
@@ -94,7 +99,7 @@ class TrajectoryWriter:
                     "reward": float(step.reward), "done": t == n - 1, "metadata": meta,
                 }
                 problem = utf8_problem(line, f"episode {episode} step {t}")
-                if problem:  # refused before anything is written: the file stays whole
+                if problem:  # the action (checked above: the rest); refused before anything is written
                     raise RLlamaError(f"cannot log to {self.path}: {problem} is a lone surrogate, which UTF-8 "
                                       "cannot store")
                 lines.append(json.dumps(line, ensure_ascii=False))
@@ -247,6 +252,9 @@ def _check_line(line: bytes, where: str) -> dict[str, Any]:
         raise TrajectoryError(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(record, dict):
         raise TrajectoryError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    problem = utf8_problem(record, "the step")
+    if problem:  # an escaped lone surrogate ("\\ud800"): valid JSON, not text a tokenizer takes
+        raise TrajectoryError(f"{where}: {problem} is a lone surrogate, which no text holds")
     for name, kind in FIELDS.items():
         if name not in record:
             raise TrajectoryError(f"{where}: missing field {name!r}")
@@ -302,7 +310,9 @@ def behaviour_cloning(agent, episodes: list[dict] | str | os.PathLike, *,
         raise RLlamaError(f"no episode to imitate: none of the {len(episodes)} episodes passes keep={keep!r}")
     prompts = [agent.chat.prompt_ids(s["prompt"]) for e in chosen for s in e["steps"]]
     replies = [agent.chat.reply_ids(s["response"]) for e in chosen for s in e["steps"]]
-    where = [(e.get("episode", i), t) for i, e in enumerate(chosen) for t in range(len(e["steps"]))]
+    given = {id(e): i for i, e in enumerate(episodes)}  # an episode without an id is named by its place
+    where = [(e["episode"] if "episode" in e else f"#{given[id(e)]} of the list", t)
+             for e in chosen for t in range(len(e["steps"]))]
     agent.policy.check_context([len(p) + len(r) for p, r in zip(prompts, replies)],
                                lambda i: f"episode {where[i][0]} step {where[i][1]}: its prompt and response")
     params = agent.policy.adapter_parameters()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,43 @@ def test_a_checkpoint_of_another_base_model_is_refused_or_named(tokenizer, tmp_p
     for name, p in saved.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, dict(same_shapes.named_parameters())[name]), name
+
+
+def test_a_model_of_other_shapes_and_name_is_refused_naming_both_without_a_warning(tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    saved = PolicyModel(named_lm("org/model-a"), tokenizer, precision="fp32")
+    saved.save(tmp_path / "ckpt")
+    config = named_lm("x").config.to_dict()
+    config.update(intermediate_size=96)
+    config.pop("_name_or_path", None)
+    wide = LlamaForCausalLM(LlamaConfig(**config))
+    wide.config._name_or_path = "org/model-wide"
+    other = PolicyModel(wide, tokenizer, precision="fp32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "the shapes fit" before the refusal
+        with pytest.raises(CorruptFileError, match=r"other modules or shapes than this policy's \(saved on "
+                                                   r"'org/model-a', loading into 'org/model-wide'\)"):
+            other.load(tmp_path / "ckpt")
+
+
+def test_a_manifest_that_leaves_out_what_is_read_is_refused(make_agent, tmp_path):
+    agent = trained_agent(make_agent)
+    agent.save(tmp_path / "agent")
+    save_training_state(agent, tmp_path / "ckpt")
+    for folder in (tmp_path / "agent", tmp_path / "ckpt"):
+        (folder / "manifest.json").write_text(json.dumps({"format": "rllama.manifest", "version": 1, "files": {}}))
+    with pytest.raises(CorruptFileError, match=r"agent/manifest.json does not list \['policy.json'"):
+        agent.load(tmp_path / "agent")
+    with pytest.raises(CorruptFileError, match=r"ckpt/manifest.json does not list \['state.json'"):
+        load_training_state(agent, tmp_path / "ckpt")
+
+
+def test_warnings_point_at_the_users_line(make_agent, tmp_path):
+    agent = trained_agent(make_agent)
+    agent.save(tmp_path / "agent")
+    set_format_version(tmp_path / "agent", 1)
+    (tmp_path / "agent" / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match="older than manifests") as caught:
+        agent.load(tmp_path / "agent")
+    assert {Path(w.filename).name for w in caught} == {"test_integrity.py"}

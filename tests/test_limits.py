@@ -103,6 +103,37 @@ def test_cloning_and_learning_past_the_context_are_refused_before_training(make_
     assert result["steps"] == 1
 
 
+def test_cloning_names_an_episode_without_an_id_by_its_place_and_text_no_tokenizer_takes_is_refused(
+        make_agent, tmp_path):
+    import json
+
+    from rllama.skills import SkillModel
+    from rllama.trajectories import TrajectoryError, behaviour_cloning
+
+    agent = make_agent(kind="gpt2")
+    episodes = [long_episode(50), long_episode(50), long_episode(3000)]
+    for e in episodes:
+        del e["episode"]
+    episodes[0]["return"] = -1.0  # filtered out by keep="success": the long one is still the list's #2
+    with pytest.raises(RLlamaError, match="episode #2 of the list step 0"):
+        behaviour_cloning(agent, episodes, keep="success")
+    step = {"episode": 0, "step": 0, "observation": "o", "prompt": [{"role": "user", "content": "a\ud800"}],
+            "response": "left", "action": 0, "reward": 1.0, "done": True}
+    (tmp_path / "log.jsonl").write_text(json.dumps(step) + "\n")  # JSON's escape of a lone surrogate
+    with pytest.raises(TrajectoryError, match=r"log.jsonl:1: .*\['prompt'\]\[0\]\['content'\]: character 1 .* "
+                                              "lone surrogate"):
+        behaviour_cloning(agent, tmp_path / "log.jsonl", keep="all")
+    skills = SkillModel(policy=agent.policy)
+    with pytest.raises(ValueError, match=r"example 0\['prompt'\]: character 4 .* lone surrogate"):
+        skills.learn([{"prompt": "bad \ud800", "response": "ok"}])
+    with pytest.raises(ValueError, match="prompt 0: character 4 .* lone surrogate"):
+        skills.generate("bad \ud800")
+    for bad in (-5, 0, 2.5, True):
+        with pytest.raises(ValueError, match=f"max_new_tokens={bad!r}; expected a positive integer"):
+            skills.generate("z" * 1000, max_new_tokens=bad)
+    skills.close()
+
+
 # ------------------------------------------------------------------------------------------ autoreset
 class Undeclared(gym.vector.VectorWrapper):
     """A vector env that resets the same-step way but does not say so."""

@@ -176,14 +176,20 @@ def test_adapters_load_only_from_inside_the_root(server, policy, adapter_root, t
     assert_error(call(server, "/unload_lora_adapter", {"lora_name": "default"}), 404, "not_found_error", "not loaded")
 
 
-@pytest.mark.parametrize("with_manifest", [True, False])  # saved by rllama, or a PEFT folder from elsewhere
-def test_a_truncated_adapter_in_the_root_is_a_400(server, policy, adapter_root, with_manifest):
-    folder = policy.save_adapter("default", adapter_root / f"cut-{with_manifest}")
-    weights = folder / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:200])
-    if not with_manifest:
+@pytest.mark.parametrize("damage", ["cut", "cut-no-manifest", "config-list", "config-rank"])
+def test_a_damaged_adapter_in_the_root_is_a_400(server, policy, adapter_root, damage):
+    """Saved by rllama (a manifest), or a PEFT folder from elsewhere (none): damage is the client's 400."""
+    folder = policy.save_adapter("default", adapter_root / damage)
+    weights, config = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    if damage.startswith("cut"):
+        weights.write_bytes(weights.read_bytes()[:200])
+    elif damage == "config-list":
+        config.write_text("[1]")
+    else:
+        config.write_text(json.dumps(dict(json.loads(config.read_text()), r="x")))
+    if damage != "cut":
         (folder / "manifest.json").unlink()
-    result = call(server, "/load_lora_adapter", {"lora_name": "cut", "lora_path": folder.name})
+    result = call(server, "/load_lora_adapter", {"lora_name": "cut", "lora_path": damage})
     assert_error(result, 400, "invalid_request_error", "cannot be loaded into this model")
     assert "cut" not in policy.list_adapters() and "cut" not in server.adapters
 
@@ -224,14 +230,14 @@ def test_a_stalled_client_is_dropped_and_others_are_served(server):
     assert call(server, "/models")[0] == 200
 
 
-@pytest.mark.parametrize("part", ["head", "body"])
+@pytest.mark.parametrize("part", ["line", "head", "body"])
 def test_a_client_sending_a_byte_now_and_then_is_dropped_at_the_deadline(server, part):
     """Never silent for read_timeout_s, it still has only read_timeout_s for the whole request."""
     start = time.monotonic()
     with socket.create_connection(server.httpd.server_address[:2], timeout=5) as sock:
         data = post_head("400") + b'{"prompt": [' + b"5, " * 200 if part == "body" else post_head("10")
         # at once: the request line (head) or the whole head (body); then a byte at a time
-        sent = data.index(b"\r\n") + 2 if part == "head" else len(post_head("400"))
+        sent = {"line": 4, "head": data.index(b"\r\n") + 2, "body": len(post_head("400"))}[part]
         sock.sendall(data[:sent])
         try:
             while sent < len(data) and time.monotonic() - start < 4 * READ_TIMEOUT:
@@ -289,10 +295,8 @@ def test_unknown_routes_and_methods_get_a_json_error(server):
     assert_error(call(server, "/models", method="PUT"), 501, "server_error", "Unsupported method ('PUT')")
     many_headers = "".join(f"X-{i}: {i}\r\n" for i in range(200))
     assert_error(raw(server, f"GET /v1/models HTTP/1.1\r\n{many_headers}\r\n".encode()), 431, "invalid_request_error")
-    # a malformed request line is answered the HTTP/0.9 way (a bare body), in JSON still
-    with socket.create_connection(server.httpd.server_address[:2], timeout=5) as sock:
-        sock.sendall(b"NONSENSE\r\n\r\n")
-        assert_error((400, json.loads(read_until_closed(sock))), 400, "invalid_request_error", "Bad request syntax")
+    # a malformed request line (no version: http.server's HTTP/0.9) still gets a status line and JSON
+    assert_error(raw(server, b"NONSENSE\r\n\r\n"), 400, "invalid_request_error", "Bad request syntax")
 
 
 def test_an_internal_error_is_a_500_and_the_server_keeps_serving(server, monkeypatch, caplog):
@@ -393,6 +397,15 @@ def _reply(tokens, token_logprobs):
     (_reply(["token_id:7"], None), "no log-probs for a reply of 1 tokens"),
     (_reply(["token_id:7"] * 3, [-0.5] * 3), "a reply of 3 tokens where max_tokens was 2"),
     (_reply("token_id:7", [-0.5]), "did not return the reply's tokens"),
+    (_reply(["token_id:\u00b2"], [-0.5]), "is not a token id"),      # a superscript two: a digit to isdigit()
+    (_reply(["token_id:--5"], [-0.5]), "is not a token id"),
+    (_reply(["token_id:" + "9" * 5000], [-0.5]), "is not a token id"),
+    (_reply(["token_id:7"], [-10 ** 400]), "the log-prob -1000"),       # an integer no float holds
+    ({"choices": [None]}, "is not a completion choice"),
+    ({"choices": ["x"]}, "is not a completion choice"),
+    ({"choices": [{"index": 0, "logprobs": "x"}]}, "is not a completion choice"),
+    ({"choices": [{"index": 0, "logprobs": [1]}]}, "is not a completion choice"),
+    ([1, 2], "the server gave no choices for 1 prompts"),
 ])
 def test_the_client_refuses_impossible_replies(policy, reply, message):
     """A broken or foreign server's reply is refused with what was wrong, not passed on to the tokenizer."""

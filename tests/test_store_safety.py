@@ -253,7 +253,7 @@ def test_a_lone_surrogate_in_a_trajectory_is_refused_and_the_log_stays_whole(tmp
     size = path.stat().st_size
     bad = fake_episode("b")
     bad.steps[1].text = LONE
-    with pytest.raises(RLlamaError, match=r"episode 1 step 1\['response'\]: character 5 .*lone surrogate"):
+    with pytest.raises(RLlamaError, match=r"step 1\['response'\]: character 5 .*lone surrogate"):
         writer.write_episode(bad)
     assert path.stat().st_size == size and len(read_trajectories(path)) == 1
 
@@ -265,3 +265,60 @@ def test_a_hook_returning_a_lone_surrogate_is_named(make_agent):
     agent.format_observation = lambda obs: LONE
     with pytest.raises(HookError, match=r"format_observation\(3\) returned text that UTF-8 cannot hold"):
         agent.act(3)
+
+
+def test_an_escaped_lone_surrogate_in_a_store_is_refused(tmp_path):
+    """JSON may spell a lone surrogate ("\\ud800") that no text holds: refused as damage, digest or not."""
+    _, folder = saved_store(tmp_path)
+    manifest = json.loads((folder / "memory.json").read_text())
+    manifest["entries"][0]["observation"] = "x\ud800"  # the digest cannot be recomputed: UTF-8 cannot hold it
+    (folder / "memory.json").write_text(json.dumps(manifest))  # ASCII JSON: the escape "\\ud800"
+    with pytest.raises(MemoryStoreError, match=r"memory.json: memory.json\['entries'\]\[0\]\['observation'\]: "
+                                               r"character 1 .* lone surrogate"):
+        EpisodicMemory.load(folder)
+    del manifest["content_sha256"]
+    manifest["version"] = 1  # an old store without a digest: refused all the same
+    (folder / "memory.json").write_text(json.dumps(manifest))
+    with pytest.raises(MemoryStoreError, match="lone surrogate"):
+        EpisodicMemory.load(folder)
+
+
+def test_a_refused_save_or_log_leaves_no_new_file(tmp_path):
+    from rllama.errors import RLlamaError
+    from rllama.trajectories import TrajectoryWriter
+    from tests.test_skills import fake_episode
+
+    memory = EpisodicMemory(HashingEmbedder(16))
+    memory.add([Experience(observation="fine", action="go")])
+    memory.entries[0].lesson = LONE
+    with pytest.raises(MemoryStoreError, match="lone surrogate"):
+        memory.save(tmp_path / "new-store")
+    bad = fake_episode("b")
+    bad.observations[0] = LONE
+    with pytest.raises(RLlamaError, match=r"step 0\['observation'\]"):
+        TrajectoryWriter(tmp_path / "logs" / "new.jsonl").write_episode(bad)
+    assert not (tmp_path / "new-store").exists() and not (tmp_path / "logs" / "new.jsonl").exists()
+
+
+@pytest.mark.parametrize("hook", ["get_valid_actions", "episode_lesson", "inject_memories", "reply_prefix"])
+def test_every_hook_returning_a_lone_surrogate_is_named(make_agent, hook):
+    from rllama.errors import HookError
+    from rllama.loops import run_episodes
+
+    memory = EpisodicMemory("hashing", k=1)
+    memory.add([Experience(observation="n=3", action="left")])
+    agent = make_agent(memory=memory)
+    if hook == "get_valid_actions":
+        agent.get_valid_actions = lambda obs: ["left", LONE]
+    elif hook == "episode_lesson":
+        agent.episode_lesson = lambda *args: LONE
+    elif hook == "inject_memories":
+        agent.inject_memories = lambda text, retrieved: LONE
+    else:
+        agent.reply_prefix = LONE
+        agent.hooks.agent = agent
+        with pytest.raises(HookError, match="reply_prefix = .* lone surrogate"):
+            agent.hooks.reply_prefix()
+        return
+    with pytest.raises(HookError, match=f"{hook}\\(.*returned text that UTF-8 cannot hold"):
+        run_episodes(agent, ChoiceEnv(), 1, seed=0)

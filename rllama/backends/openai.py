@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -144,10 +145,15 @@ class OpenAIBackend(Backend):
         for start in range(0, len(prompts), self.batch_size):
             part = prompts[start:start + self.batch_size]
             reply = self._post("completions", {"model": self.served_model, "prompt": part, **params})
-            choices = reply.get("choices")
+            choices = reply.get("choices") if isinstance(reply, dict) else None
             if not isinstance(choices, list) or len(choices) != len(part):
                 raise RLlamaError(f"the server gave {len(choices) if isinstance(choices, list) else 'no'} choices "
                                   f"for {len(part)} prompts: {str(reply)[:300]}")
+            for choice in choices:
+                index = choice.get("index", 0) if isinstance(choice, dict) else None
+                if not isinstance(index, int) or not isinstance(choice.get("logprobs") or {}, dict):
+                    raise RLlamaError(f"the server's choice {str(choice)[:200]} is not a completion choice (an "
+                                      "object with an integer 'index' and a 'logprobs' object)")
             out.extend(sorted(choices, key=lambda c: c.get("index", 0)))
         return out
 
@@ -249,8 +255,8 @@ def _token_id(token, vocab_size: int | None) -> int:
     value = None
     if isinstance(token, int) and not isinstance(token, bool):
         value = token
-    elif isinstance(token, str) and token.startswith("token_id:") and token[9:].strip().lstrip("-").isdigit():
-        value = int(token[9:])
+    elif isinstance(token, str) and (match := re.fullmatch(r"token_id:(-?[0-9]{1,19})", token)):
+        value = int(match.group(1))
     if value is None:
         raise RLlamaError(f"reply token {token!r} is not a token id; the server must support "
                           "return_tokens_as_token_ids")
@@ -269,11 +275,14 @@ def _checked_logprobs(values, whose: str) -> list[float]:
     """``values`` as floats, refused unless each is a finite number at most 0 (a log-probability)."""
     out = []
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value > _LOGPROB_SLACK:
+        try:
+            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        except OverflowError:  # an integer of hundreds of digits
+            number = math.nan
+        if not math.isfinite(number) or number > _LOGPROB_SLACK:
             raise RLlamaError(f"the server returned the log-prob {value!r} for {whose} token; a log-probability "
                               "is a finite number at most 0: the server's reply is broken")
-        out.append(min(float(value), 0.0))
+        out.append(min(number, 0.0))
     return out
 
 

@@ -25,13 +25,12 @@ import json
 import math
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from ..errors import CorruptFileError, RLlamaError
+from ..errors import CorruptFileError, RLlamaError, warn_user
 from ..fileio import atomic_write, read_json, utf8_problem
 from .embedding import HashingEmbedder, make_embedder
 from .records import Experience
@@ -75,12 +74,10 @@ assert set(ENTRY_TYPES) == {f.name for f in dataclasses.fields(Experience)}, "EN
 def save_store(memory: StoredMemory, path: str | os.PathLike) -> Path:
     """Write ``memory`` to the folder ``path`` (created if needed)."""
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     blob = memory._faiss.serialize_index(memory.index).tobytes()
     digest = hashlib.sha256(blob).hexdigest()
     index_name = f"index-{digest[:16]}.faiss"
     manifest_path = folder / MANIFEST
-    previous = read_manifest(manifest_path) if manifest_path.exists() else {}
     embedder = memory.embedder
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION,
@@ -94,6 +91,8 @@ def save_store(memory: StoredMemory, path: str | os.PathLike) -> Path:
                                "cannot store")
     manifest["content_sha256"] = content_digest(manifest)
     data = json.dumps(manifest, ensure_ascii=False).encode("utf-8")
+    folder.mkdir(parents=True, exist_ok=True)  # only once there is something whole to write
+    previous = read_manifest(manifest_path) if manifest_path.exists() else {}
     atomic_write(folder / index_name, blob)
     atomic_write(manifest_path, data)
     old_index = previous.get("index_file")
@@ -118,6 +117,11 @@ def load_store(cls: type[MemoryT], path: str | os.PathLike, embedder=None,
     if not manifest_path.exists():
         raise MemoryStoreError(f"no episodic memory store at {folder} (missing {MANIFEST})")
     manifest = read_manifest(manifest_path)
+    check_version(manifest, manifest_path)
+    problem = utf8_problem(manifest, "memory.json")
+    if problem:  # an escaped lone surrogate ("\\ud800"): valid JSON, not storable text
+        raise MemoryStoreError(f"{manifest_path}: {problem} is a lone surrogate, which no text holds: the file "
+                               "was edited or damaged")
     check_digest(manifest, manifest_path)
     check_manifest(manifest, manifest_path)
     entries = read_entries(manifest, manifest_path)
@@ -155,8 +159,8 @@ def check_digest(manifest: dict, manifest_path: Path) -> None:
         raise MemoryStoreError(f"{manifest_path} has no content_sha256, but its version {version} always carries "
                                "one: the checksum was removed, so its entries cannot be trusted; save the memory "
                                "again from its source")
-    warnings.warn(f"{manifest_path} has no content_sha256: it was written by an rllama older than store checksums "
-                  "and is loaded unchecked; save it again to add one", stacklevel=3)
+    warn_user(f"{manifest_path} has no content_sha256: it was written by an rllama older than store checksums "
+              "and is loaded unchecked; save it again to add one")
 
 
 def read_manifest(path: Path) -> dict:
@@ -177,14 +181,19 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_manifest(manifest: dict, manifest_path: Path) -> None:
-    """Check the fields of ``memory.json`` other than the entries (read by :func:`read_entries`)."""
+def check_version(manifest: dict, manifest_path: Path) -> None:
+    """``memory.json``'s format and version: one this rllama reads (1 to :data:`FORMAT_VERSION`)."""
     version = manifest.get("version")
     if manifest.get("format") != FORMAT or not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
         raise MemoryStoreError(
             f"{manifest_path} is not an rllama EpisodicMemory store of format version 1 to {FORMAT_VERSION} "
             f"(format {manifest.get('format')!r:.60}, version {manifest.get('version')!r:.20})"
         )
+
+
+def check_manifest(manifest: dict, manifest_path: Path) -> None:
+    """Check the fields of ``memory.json`` other than the format and the entries (:func:`check_version`,
+    :func:`read_entries`)."""
 
     def bad(field: str, expected: str) -> MemoryStoreError:
         value = manifest.get(field, "<missing>")

@@ -422,7 +422,8 @@ class PolicyModel(nn.Module):
 
         try:
             self.lm.load_adapter(str(path), adapter_name=name, is_trainable=True)
-        except (ValueError, RuntimeError, KeyError, OSError, SafetensorError) as exc:  # a damaged file among them
+        except (ValueError, RuntimeError, KeyError, OSError, SafetensorError, AttributeError, TypeError) as exc:
+            # a damaged weights file, or a config PEFT cannot read (a list, "r": "x", a bogus peft_type)
             if name in self.list_adapters():  # PEFT may have added it before failing
                 self.lm.delete_adapter(name)
             raise RLlamaError(f"cannot load the adapter at {str(path)!r} into this model: "

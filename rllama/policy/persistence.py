@@ -12,13 +12,12 @@ import json
 import math
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rllama.errors import CorruptFileError, ModelNotFoundError, RLlamaError
+from rllama.errors import CorruptFileError, ModelNotFoundError, RLlamaError, warn_user
 from rllama.fileio import read_json, read_tensors, verify_dir
 from rllama.policy.outputs import SCORE_NORMALIZATIONS
 
@@ -77,7 +76,9 @@ def read_checkpoint(policy, path: str | os.PathLike) -> tuple[dict, dict, dict]:
         raise RLlamaError(f"{meta_file} has format_version {version}, newer than this rllama reads "
                           f"({FORMAT_VERSION}): upgrade rllama to load it")
     verify_dir(path, required=f"{meta_file} has format_version {version}, whose folders always carry one"
-               if version >= MANIFEST_SINCE else None)
+               if version >= MANIFEST_SINCE else None,
+               must_list=(POLICY_FILE, HEADS_FILE, f"{ADAPTER_DIR}/adapter_model.safetensors",
+                          f"{ADAPTER_DIR}/adapter_config.json"))
     _check_settings(policy, meta, meta_file)
     adapter_file = path / ADAPTER_DIR / "adapter_model.safetensors"
     heads_file = path / HEADS_FILE
@@ -86,7 +87,12 @@ def read_checkpoint(policy, path: str | os.PathLike) -> tuple[dict, dict, dict]:
             raise ModelNotFoundError(f"checkpoint {str(path)!r} is incomplete: {f.name} is missing")
     check_adapted_blocks(policy.lm, policy.active_adapter, path)
     expected = get_peft_model_state_dict(policy.lm, adapter_name=policy.active_adapter)
-    adapter_state = _read_tensors(adapter_file, {k: v.shape for k, v in expected.items()}, "this adapter")
+    try:
+        adapter_state = _read_tensors(adapter_file, {k: v.shape for k, v in expected.items()}, "this adapter")
+    except _Mismatch as exc:
+        raise CorruptFileError(f"checkpoint {str(path)!r} holds an adapter of other modules or shapes than this "
+                               f"policy's ({_models(meta, policy)}): it was trained on another base model or LoRA "
+                               f"config; load it into the model it was trained on ({exc})") from None
     try:
         heads_state = _read_tensors(heads_file, {k: v.shape for k, v in policy.heads.state_dict().items()},
                                     "this policy's heads")
@@ -99,6 +105,10 @@ def read_checkpoint(policy, path: str | os.PathLike) -> tuple[dict, dict, dict]:
             f"rllama's issue 21 a scoring agent's defaults add these heads: a checkpoint from before needs "
             f"policy_head=0 on-policy, or train_adapter=True and whiten_features=0 for SAC) ({exc})"
         ) from None
+    saved_name, here_name = meta.get("base_model") or "", policy.base_model_name
+    if saved_name and here_name and saved_name != here_name:  # last: only what loads gets this warning
+        warn_user(f"checkpoint {str(path)!r} was trained on base model {saved_name!r} and is loaded into "
+                  f"{here_name!r}: the shapes fit, but the adapter learned another model's features")
     return adapter_state, heads_state, meta
 
 
@@ -121,9 +131,9 @@ def _architecture(policy) -> str:
 
 def _check_base_model(policy, meta: dict, meta_file: Path) -> None:
     """Refuse a checkpoint whose base model cannot take its adapter and heads (another architecture or
-    vocabulary; checkpoints before format 2 record neither); warn when only the model's name differs."""
-    saved_name, here_name = meta.get("base_model") or "", policy.base_model_name
-    models = f"saved on {saved_name or 'an unnamed model'!r}, loading into {here_name or 'an unnamed model'!r}"
+    vocabulary; checkpoints before format 2 record neither). A model of another name with the same
+    shapes gets a warning from :func:`read_checkpoint`, once everything else has passed."""
+    models = _models(meta, policy)
     architecture = meta.get("architecture")
     if architecture and architecture != _architecture(policy):
         raise RLlamaError(f"checkpoint {str(meta_file.parent)!r} was trained on a {architecture!r} model, this "
@@ -134,10 +144,12 @@ def _check_base_model(policy, meta: dict, meta_file: Path) -> None:
         raise RLlamaError(f"checkpoint {str(meta_file.parent)!r} was trained on a model with a vocabulary of {vocab} "
                           f"tokens, this policy's base model has {policy.vocab_size} ({models}): token ids would "
                           "mean other things; load it into the model it was trained on")
-    if saved_name and here_name and saved_name != here_name:
-        warnings.warn(f"checkpoint {str(meta_file.parent)!r} was trained on base model {saved_name!r} and is loaded "
-                      f"into {here_name!r}: the shapes fit, but the adapter learned another model's features",
-                      stacklevel=4)
+
+
+def _models(meta: dict, policy) -> str:
+    """Both base models, named for an error: the checkpoint's and the policy's."""
+    saved_name, here_name = meta.get("base_model") or "", policy.base_model_name
+    return f"saved on {saved_name or 'an unnamed model'!r}, loading into {here_name or 'an unnamed model'!r}"
 
 
 def _check_settings(policy, meta: dict, meta_file: Path) -> None:
