@@ -141,7 +141,7 @@ def utf8_problem(value: Any, where: str) -> str | None:
             found = utf8_problem(key, f"{where} (a key)") or utf8_problem(item, f"{where}[{key!r}]")
             if found:
                 return found
-    elif isinstance(value, (list, tuple)):
+    elif isinstance(value, (list, tuple, set, frozenset)):
         for i, item in enumerate(value):
             found = utf8_problem(item, f"{where}[{i}]")
             if found:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -289,6 +290,15 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(make_agent
 
 
 # ------------------------------------------------------------------------------------------ another base model
+def forge_copy(source: Path, target: Path, meta: dict) -> None:
+    """A copy of a saved policy folder with another policy.json, its manifest written to match."""
+    import shutil
+
+    shutil.copytree(source, target)
+    (target / "policy.json").write_text(json.dumps(meta))
+    write_manifest(target)
+
+
 def named_lm(name: str, kind: str = "llama", vocab_size: int = 384):
     lm = make_tiny_lm(kind, vocab_size=vocab_size)
     lm.config._name_or_path = name
@@ -312,6 +322,12 @@ def test_a_checkpoint_of_another_base_model_is_refused_or_named(tokenizer, tmp_p
     other_kind = PolicyModel(named_lm("org/gpt", kind="gpt2"), tokenizer, precision="fp32")
     with pytest.raises(RLlamaError, match=r"trained on a 'llama' model, this policy's base model is a 'gpt2' one"):
         other_kind.load(tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "policy.json").read_text())
+    for key, value in (("vocab_size", "384"), ("architecture", ["llama"]), ("base_model", 5)):
+        forged = tmp_path / f"forged-{key}"
+        forge_copy(tmp_path / "ckpt", forged, dict(meta, **{key: value}))
+        with pytest.raises(CorruptFileError, match=re.escape(f"policy.json: {key}={value!r}; expected")):
+            other_vocab.load(forged)
     same_shapes = PolicyModel(named_lm("org/model-c"), tokenizer, precision="fp32")
     with pytest.warns(UserWarning, match="trained on base model 'org/model-a' and is loaded into 'org/model-c'"):
         same_shapes.load(tmp_path / "ckpt")

@@ -88,6 +88,27 @@ def test_config_rejects_bad_values(field, value):
         PPOConfig(**{field: value})
 
 
+def test_auto_sizes_follow_what_the_policy_is():
+    """The adapter alone as a scoring agent's policy gets the large batches it learns with; beside a head,
+    in generate mode and wherever the user set a value, nothing changes."""
+    from rllama.algorithms.a2c import A2CConfig
+
+    def sizes(config):
+        return config.learning_rate, config.batch_episodes, config.minibatch_size
+
+    assert sizes(PPOConfig(policy_head=0).resolved(scoring=True)) == (1e-3, 64, 64)
+    assert sizes(PPOConfig().resolved(scoring=True)) == (5e-5, 16, 4)              # a policy head
+    assert sizes(PPOConfig(train_adapter=True).resolved(scoring=True)) == (5e-5, 16, 4)
+    assert sizes(PPOConfig().resolved(scoring=False)) == (5e-5, 16, 4)             # generate mode
+    assert sizes(PPOConfig(policy_head=0, learning_rate=3e-4, batch_episodes=8).resolved(scoring=True)) == \
+        (3e-4, 8, 64)
+    for field in ("learning_rate", "batch_episodes", "minibatch_size"):
+        with pytest.raises(ValueError, match=f"A2CConfig.{field}='auto' must be"):
+            A2CConfig(**{field: "auto"})  # only algorithms measured with them take "auto"
+        with pytest.raises(ValueError, match=f"PPOConfig.{field}='fast' must be .* or 'auto'"):
+            PPOConfig(**{field: "fast"})
+
+
 def test_config_instance_and_dict_are_accepted(make_agent):
     agent = make_agent(algorithm_config=PPOConfig(epochs=3))
     assert isinstance(agent.algorithm, PPO) and agent.algorithm.config.epochs == 3

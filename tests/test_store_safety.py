@@ -235,6 +235,9 @@ def test_a_lone_surrogate_is_refused_where_it_enters_and_nothing_is_left_behind(
         with pytest.raises(ValueError, match="experience 0.*character 5 of .*lone surrogate"):
             memory.add(bad)
     assert len(memory) == 1
+    with pytest.raises(ValueError, match=r"experience 0 cannot be stored as JSON \(Object of type set"):
+        memory.add(Experience(observation="x", action="go", metadata={"seen": {1, 2}}))
+    assert len(memory) == 1
     memory.entries[0].observation = LONE  # put in behind add()'s back: save refuses before writing anything
     with pytest.raises(MemoryStoreError, match=r"entries\[0\]\['observation'\]: character 5.*lone surrogate"):
         memory.save(tmp_path / "store")

@@ -64,8 +64,10 @@ class AlgorithmConfig:
                 continue
             if value != value:  # NaN
                 raise ValueError(f"{type(self).__name__}.{f.name} is NaN")
-        check_field(self, "batch_episodes", self.batch_episodes >= 1, "must be at least 1")
-        check_field(self, "learning_rate", self.learning_rate > 0, "must be positive")
+        check_field(self, "batch_episodes", self.is_auto("batch_episodes") or _positive_int(self.batch_episodes),
+                    "must be a positive integer" + self.or_auto("batch_episodes"))
+        check_field(self, "learning_rate", self.is_auto("learning_rate") or _positive(self.learning_rate),
+                    "must be positive" + self.or_auto("learning_rate"))
         rate = self.head_learning_rate
         check_field(self, "head_learning_rate",
                rate is None or (rate == AUTO and "head_learning_rate" in self.auto_fields)
@@ -73,6 +75,14 @@ class AlgorithmConfig:
                "must be positive or None" + (" or 'auto'" if "head_learning_rate" in self.auto_fields else ""))
         check_field(self, "max_grad_norm", self.max_grad_norm > 0, "must be positive")
         check_field(self, "weight_decay", self.weight_decay >= 0, "must be non-negative")
+
+    def is_auto(self, name: str) -> bool:
+        """Whether field ``name`` is ``"auto"`` and may be (it is one of ``auto_fields``)."""
+        return getattr(self, name) == AUTO and name in self.auto_fields
+
+    def or_auto(self, name: str) -> str:
+        """``" or 'auto'"`` for a field that may be ``"auto"``, for error messages."""
+        return " or 'auto'" if name in self.auto_fields else ""
 
     def resolved(self, scoring: bool | None = None) -> AlgorithmConfig:
         """A copy with every ``"auto"`` value decided for an agent that scores candidate actions
@@ -87,6 +97,14 @@ class AlgorithmConfig:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**values)
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def check_field(config, name: str, ok: bool, what: str) -> None:

@@ -62,6 +62,10 @@ class OnPolicyConfig(AlgorithmConfig):
             ``auto_head_learning_rate`` (a linear policy on unit-variance features: PPO ``1e-2``;
             A2C, REINFORCE and GRPO, with fewer gradient steps per episode, ``3e-2``), without one
             ``1e-3`` (the value head alone).
+
+    An algorithm may also let ``learning_rate``, ``batch_episodes`` and ``minibatch_size`` be
+    ``"auto"`` (PPO does): they then take ``auto_adapter_alone`` when the adapter alone is a scoring
+    agent's policy (``policy_head=0``), and ``auto_otherwise`` in every other case.
     """
 
     minibatch_size: int = 16
@@ -79,6 +83,10 @@ class OnPolicyConfig(AlgorithmConfig):
     auto_policy_head: ClassVar[int] = 64
     auto_learning_starts: ClassVar[int] = 500
     auto_head_learning_rate: ClassVar[float] = 1e-2
+    # What "auto" gives learning_rate, batch_episodes and minibatch_size, for an algorithm that lists
+    # them in auto_fields: when the adapter alone is a scoring agent's policy, and otherwise.
+    auto_adapter_alone: ClassVar[dict[str, float | int]] = {}
+    auto_otherwise: ClassVar[dict[str, float | int]] = {}
     policy_head: int | str = AUTO
     train_adapter: bool | str = AUTO
     learning_starts: int | str = AUTO
@@ -96,7 +104,8 @@ class OnPolicyConfig(AlgorithmConfig):
                "learn ('auto' gives a policy head only to an agent that scores its actions in this process)")
         check_field(self, "learning_starts", self.learning_starts == AUTO or _count(self.learning_starts),
                "must be 'auto' or a non-negative number of steps")
-        check_field(self, "minibatch_size", self.minibatch_size >= 1, "must be at least 1")
+        check_field(self, "minibatch_size", self.is_auto("minibatch_size") or _count(self.minibatch_size)
+                    and self.minibatch_size >= 1, "must be a positive integer" + self.or_auto("minibatch_size"))
         check_field(self, "max_importance_weight", self.max_importance_weight >= 1, "must be at least 1")
         check_field(self, "gamma", 0 <= self.gamma <= 1, "must lie in [0, 1]")
         check_field(self, "gae_lambda", 0 <= self.gae_lambda <= 1, "must lie in [0, 1]")
@@ -112,8 +121,12 @@ class OnPolicyConfig(AlgorithmConfig):
         head = self.policy_head if self.policy_head != AUTO else (self.auto_policy_head if scoring else 0)
         starts = self.auto_learning_starts if head else 0
         rate = self.auto_head_learning_rate if head else 1e-3
+        # Measured only for scoring agents (benchmarks/README.md, "The adapter alone"); a generating
+        # agent keeps the other values until its own measurement.
+        sizes = self.auto_adapter_alone if (scoring and not head) else self.auto_otherwise
         return dataclasses.replace(
             self,
+            **{name: value for name, value in sizes.items() if self.is_auto(name)},
             policy_head=head,
             train_adapter=(not head) if self.train_adapter == AUTO else self.train_adapter,
             learning_starts=starts if self.learning_starts == AUTO else self.learning_starts,

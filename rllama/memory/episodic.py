@@ -27,6 +27,7 @@ refuse a corrupted one with :class:`MemoryStoreError`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -160,10 +161,16 @@ class EpisodicMemory:
         for i, e in enumerate(batch):
             if not isinstance(e, Experience):
                 raise TypeError(f"EpisodicMemory.add expects Experience objects, got {type(e).__name__}")
-            problem = utf8_problem(dataclasses.asdict(e), f"experience {i}")
+            fields = dataclasses.asdict(e)
+            problem = utf8_problem(fields, f"experience {i}")
             if problem:  # the store is UTF-8 JSON: it could not be saved
                 raise ValueError(f"EpisodicMemory.add: {problem} is a lone surrogate, which UTF-8 cannot store; "
                                  "decode the text it comes from with errors='replace'")
+            try:
+                json.dumps(fields)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"EpisodicMemory.add: experience {i} cannot be stored as JSON ({exc}); its metadata "
+                                 "may hold strings, numbers, booleans, None, lists and dicts") from None
         keep = list(range(len(batch)))
         if vectors is not None:
             vectors = np.asarray(vectors, dtype=np.float32)

@@ -134,6 +134,10 @@ def _check_base_model(policy, meta: dict, meta_file: Path) -> None:
     vocabulary; checkpoints before format 2 record neither). A model of another name with the same
     shapes gets a warning from :func:`read_checkpoint`, once everything else has passed."""
     models = _models(meta, policy)
+    for key, kind in (("architecture", str), ("vocab_size", int), ("base_model", str)):
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise CorruptFileError(f"{meta_file}: {key}={value!r:.60}; expected {kind.__name__} (the file was edited)")
     architecture = meta.get("architecture")
     if architecture and architecture != _architecture(policy):
         raise RLlamaError(f"checkpoint {str(meta_file.parent)!r} was trained on a {architecture!r} model, this "
