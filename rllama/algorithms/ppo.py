@@ -36,8 +36,8 @@ class PPOConfig(OnPolicyConfig):
             agent's policy, else 4. The adapter alone learns from a ±1 return on Blackjack only with
             batches this large: with 16-episode batches of 4-step minibatches at ``1e-3`` each Adam
             step follows the noise of a few returns and the policy swings between always hit and
-            always stick; 64 and 64 reach −0.031 on 1,000 fixed deals (85 % of states) after 6,400
-            episodes (``docs/algorithms.md``).
+            always stick; with 64 and 64 it reaches 85–88 % of the states optimal on 3 seeds after
+            6,400 episodes, −0.079 on 1,000 fixed deals on average (``docs/algorithms.md``).
         epochs: passes over each batch.
         clip_range: PPO's epsilon.
         target_kl: stop the epochs of an update early once the approximate KL between the new and
