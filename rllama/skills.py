@@ -135,8 +135,9 @@ class SkillModel:
         for i, text in enumerate(prompts):
             if not isinstance(text, str):
                 raise ValueError(f"prompt {i} is {type(text).__name__}; expected a string")
-            if utf8_problem(text, f"prompt {i}"):
-                raise ValueError(f"{utf8_problem(text, f'prompt {i}')} is a lone surrogate, which no tokenizer takes")
+            problem = utf8_problem(text, f"prompt {i}")
+            if problem:
+                raise ValueError(f"{problem} is a lone surrogate, which no tokenizer takes")
         ids = [self._prompt_ids(p) for p in prompts]
         self.policy.check_context([len(i) for i in ids], lambda i: f"prompt {i}", room=max_new_tokens)
         with self.lock, torch.no_grad(), self.policy.using_adapter(adapter):

@@ -79,7 +79,8 @@ class TrajectoryWriter:
         kept with its prompts); returns its id."""
         for t, step in enumerate(record.steps):  # before the file is opened (or created)
             problem = utf8_problem({"observation": record.observations[t], "prompt": record.prompts[t],
-                                    "response": step.text, "metadata": metadata}, f"step {t}")
+                                    "response": step.text, "action": _jsonable(step.action),
+                                    "metadata": metadata}, f"step {t}")
             if problem:
                 raise RLlamaError(f"cannot log to {self.path}: {problem} is a lone surrogate, which UTF-8 cannot store")
         with self._lock, open(self.path, "a+b", buffering=0) as f:
@@ -98,10 +99,6 @@ class TrajectoryWriter:
                     "response": step.text, "action": _jsonable(step.action),
                     "reward": float(step.reward), "done": t == n - 1, "metadata": meta,
                 }
-                problem = utf8_problem(line, f"episode {episode} step {t}")
-                if problem:  # the action (checked above: the rest); refused before anything is written
-                    raise RLlamaError(f"cannot log to {self.path}: {problem} is a lone surrogate, which UTF-8 "
-                                      "cannot store")
                 lines.append(json.dumps(line, ensure_ascii=False))
             payload = prefix + "".join(line + "\n" for line in lines).encode("utf-8")
             written = f.write(payload)  # one write(2) of the whole episode; the loop covers a short write
