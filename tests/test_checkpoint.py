@@ -15,6 +15,7 @@ from tests.conftest import ChoiceEnv
 
 CONFIGS = {
     "ppo": {"batch_episodes": 4, "minibatch_size": 4, "policy_head": 0},  # the adapter trains
+    "ppo-lr-decay": {"batch_episodes": 4, "minibatch_size": 4, "policy_head": 0, "lr_decay_episodes": 12},
     "reinforce": {"batch_episodes": 6, "minibatch_size": 4, "baseline": "mean",  # buffer non-empty at saves
                   "policy_head": 0},
     "dqn": {"batch_episodes": 2, "learning_starts": 2, "minibatch_size": 4, "target_update_interval": 3},

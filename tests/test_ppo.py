@@ -109,6 +109,29 @@ def test_auto_sizes_follow_what_the_policy_is():
             PPOConfig(**{field: "fast"})
 
 
+@pytest.mark.parametrize("algorithm", ["ppo", "a2c", "grpo"])
+def test_learning_rates_decay_linearly_to_their_floor_over_the_episodes_named(make_agent, algorithm):
+    config = {"policy_head": 0, "batch_episodes": 4, "minibatch_size": 4, "learning_rate": 1e-3,
+              "lr_decay_episodes": 8, "lr_decay_to": 0.25}
+    if algorithm == "grpo":
+        config.update(group_size=2)
+    agent = make_agent(algorithm=algorithm, algorithm_config=config)
+    stats = agent.train(ChoiceEnv(steps=2), 16, seed=0, progress=False)
+    # Before the first update no episode has trained: full rate; after 4 of 8: 1 - 0.75 / 2; then the floor.
+    assert [round(s["train/learning_rate"] / 1e-3, 6) for s in stats] == [1.0, 0.625, 0.25, 0.25]
+    heads = agent.algorithm.optimizer.param_groups[1]
+    assert heads["lr"] == pytest.approx(agent.algorithm.base_learning_rates[1] * 0.25)
+    constant = make_agent(algorithm=algorithm, algorithm_config={**config, "lr_decay_episodes": None})
+    assert {s["train/learning_rate"] for s in constant.train(ChoiceEnv(steps=2), 8, seed=0, progress=False)} == {1e-3}
+
+
+@pytest.mark.parametrize("field,value", [("lr_decay_episodes", 0), ("lr_decay_episodes", 2.5),
+                                         ("lr_decay_to", 1.5), ("lr_decay_to", -0.1), ("lr_decay_to", True)])
+def test_decay_settings_are_checked(field, value):
+    with pytest.raises(ValueError, match=field):
+        PPOConfig(**{field: value})
+
+
 def test_config_instance_and_dict_are_accepted(make_agent):
     agent = make_agent(algorithm_config=PPOConfig(epochs=3))
     assert isinstance(agent.algorithm, PPO) and agent.algorithm.config.epochs == 3

@@ -58,6 +58,12 @@ class OnPolicyConfig(AlgorithmConfig):
         learning_starts: steps collected before the first update (all of them train it: the policy
             does not change before); with a policy head, the sample its whitening is fitted from.
             ``"auto"``: 500 with a policy head, 0 without.
+        lr_decay_episodes: ``None`` (default) keeps the learning rates constant; a number of episodes
+            lowers every rate (adapter and heads) linearly, update by update, from its value to
+            ``lr_decay_to`` times it over that many trained episodes, and holds it there after (as
+            CleanRL's ``anneal_lr``, with a floor): a policy found late keeps moving under full-size
+            steps, and smaller ones let it settle (Blackjack, the adapter alone: docs/algorithms.md).
+        lr_decay_to: the fraction of each rate that ``lr_decay_episodes`` ends at, in ``[0, 1]``.
         head_learning_rate: as for every algorithm; ``"auto"``: with a policy head, the config's
             ``auto_head_learning_rate`` (a linear policy on unit-variance features: PPO ``1e-2``;
             A2C, REINFORCE and GRPO, with fewer gradient steps per episode, ``3e-2``), without one
@@ -77,6 +83,8 @@ class OnPolicyConfig(AlgorithmConfig):
     vf_coef: float = 0.5
     normalize_advantages: bool = True
     max_importance_weight: float = 2.0
+    lr_decay_episodes: int | None = None
+    lr_decay_to: float = 0.1
     auto_fields: ClassVar[tuple[str, ...]] = ("policy_head", "train_adapter", "learning_starts", "head_learning_rate")
     # What "auto" gives a scoring agent (resolved): the policy head's components, the steps its
     # whitening is fitted from, the heads' learning rate.
@@ -112,6 +120,10 @@ class OnPolicyConfig(AlgorithmConfig):
         check_field(self, "kl_coef", self.kl_coef >= 0, "must be non-negative")
         check_field(self, "kl_direction", self.kl_direction in ("forward", "reverse"), "must be 'forward' or 'reverse'")
         check_field(self, "vf_coef", self.vf_coef >= 0, "must be non-negative")
+        check_field(self, "lr_decay_episodes", self.lr_decay_episodes is None or _count(self.lr_decay_episodes)
+                    and self.lr_decay_episodes >= 1, "must be None (constant rates) or a positive number of episodes")
+        check_field(self, "lr_decay_to", isinstance(self.lr_decay_to, (int, float))
+                    and not isinstance(self.lr_decay_to, bool) and 0 <= self.lr_decay_to <= 1, "must lie in [0, 1]")
 
     def resolved(self, scoring: bool | None = None) -> OnPolicyConfig:
         """A copy with every ``"auto"`` field decided. ``scoring``: whether the agent scores candidate
@@ -160,6 +172,26 @@ class OnPolicyAlgorithm(Algorithm):
             if policy.heads["value"].whiten != min(config.policy_head, policy.hidden_size):
                 policy.replace_head("value", whiten=config.policy_head)
         super().__init__(policy, config, seed)
+        self.base_learning_rates = [group["lr"] for group in self.optimizer.param_groups]
+        self.episodes_trained = 0
+
+    def learning_rate_scale(self) -> float:
+        """The factor every learning rate is multiplied by for the next update (``lr_decay_episodes``)."""
+        cfg = self.config
+        if cfg.lr_decay_episodes is None:
+            return 1.0
+        done = min(self.episodes_trained / cfg.lr_decay_episodes, 1.0)
+        return 1.0 - (1.0 - cfg.lr_decay_to) * done
+
+    def state_dict(self):
+        tensors, meta = super().state_dict()
+        meta["episodes_trained"] = self.episodes_trained
+        return tensors, meta
+
+    def load_state_dict(self, tensors, meta) -> None:
+        super().load_state_dict(tensors, meta)
+        # States saved before the count was kept: every update took one batch.
+        self.episodes_trained = int(meta.get("episodes_trained", self.num_updates * self.config.batch_episodes))
 
     def ready(self) -> bool:
         return super().ready() and (self.num_updates > 0 or self.buffer.num_steps >= self.config.learning_starts)
@@ -252,6 +284,10 @@ class OnPolicyAlgorithm(Algorithm):
                               "(or policy_head=0), or have the agent's scores_actions() return False")
         taken = self.buffer.take(trainable)
         episodes = taken.episodes
+        scale = self.learning_rate_scale()
+        for group, base in zip(self.optimizer.param_groups, self.base_learning_rates):
+            group["lr"] = base * scale
+        self.episodes_trained += len(episodes)
         all_steps = [s for e in episodes for s in e.steps]
         proximal, staleness, correction = self.proximal_logprobs(all_steps)
         self.fit_whitening(all_steps)
@@ -322,6 +358,7 @@ class OnPolicyAlgorithm(Algorithm):
                 "rollout/mean_return": float(sum(e.total_reward for e in episodes) / len(episodes)),
                 "train/minibatches": float(stats.count),
                 "train/updates": float(self.num_updates),
+                "train/learning_rate": float(self.optimizer.param_groups[0]["lr"]),
                 "time/update_s": data.timer(),
             }
         )
