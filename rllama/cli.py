@@ -1,4 +1,4 @@
-"""The ``rllama`` command line: ``train``, ``eval``, ``sweep``, ``plot``.
+"""The ``rllama`` command line: ``train``, ``eval``, ``sweep``, ``plot``, ``teach``.
 
     rllama train                                        # PPO on Blackjack with the embedded model
     rllama train --config run.yaml --set algorithm_config.learning_rate=1e-4
@@ -6,6 +6,7 @@
     rllama eval runs/blackjack-ppo-seed0 --episodes 500
     rllama sweep examples/sweep.yaml --trials 8
     rllama plot runs/blackjack-ppo-seed0 runs/blackjack-dqn-seed0 --output compare.png
+    rllama teach                                        # the teaching page, on http://127.0.0.1:8000/
 """
 
 from __future__ import annotations
@@ -197,6 +198,63 @@ def cmd_plot(args) -> dict:
     return {"plot": str(plot_runs(args.runs, output))}
 
 
+def cmd_teach(args) -> dict:
+    import threading
+    import time
+
+    from rllama.experiment.config import apply_threads
+    from rllama.skills import SkillModel
+    from rllama.teach import Teacher, TeachServer
+    from rllama.web import require_web_stack
+
+    require_web_stack("rllama teach")
+    start = time.perf_counter()
+    apply_threads(args.threads)
+    api_key = args.api_key or os.environ.get("RLLAMA_API_KEY") or None
+    if args.run:
+        agent, checkpoint = _trained_agent(args.run, args.allow_code)
+        skills = SkillModel(policy=agent.policy)
+    else:
+        skills = SkillModel(args.model)
+    teacher = Teacher(skills, args.folder, engine=args.engine, epochs=args.epochs, max_new_tokens=args.max_new_tokens)
+    if args.run:
+        name = "run-" + re.sub(r"[^A-Za-z0-9_-]", "-", Path(args.run).resolve().name)[:50]
+        if name not in {s["name"] for s in teacher.list_skills()}:
+            teacher.adopt_adapter(agent.policy.active_adapter, name)
+    server = TeachServer(teacher, args.host, args.port, api_key=api_key).start()
+    print(f"rllama teach: {server.url} (ready in {time.perf_counter() - start:.1f} s; chat on "
+          f"{teacher.chat.name}; skills saved in {teacher.folder}). Ctrl-C stops.", file=sys.stderr, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        teacher.close()
+    return {"url": server.url}
+
+
+def _trained_agent(run: str, allow_code: bool):
+    """The agent of run folder ``run`` (or a checkpoint folder inside one) with its trained policy loaded."""
+    from rllama.experiment import RunConfig, make_agent
+    from rllama.experiment.config import check_code
+    from rllama.fileio import recover_dir
+
+    path = Path(run)
+    run_dir = path if (path / "config.yaml").is_file() else path.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise RLlamaError(f"{path} is neither a run folder nor a checkpoint inside one (no config.yaml found)")
+    config = RunConfig.from_yaml(run_dir / "config.yaml")
+    checkpoint = path if (path / "policy").is_dir() else recover_dir(run_dir / "final")
+    if not (checkpoint / "policy").is_dir():
+        raise RLlamaError(f"no trained policy at {checkpoint}/policy (has the run finished? use a "
+                          f"checkpoint: {run_dir}/checkpoints/segment-...)")
+    check_code(config, allow_code, str(run_dir / "config.yaml"))
+    agent = make_agent(config, allow_code)
+    agent.load(checkpoint / "policy")
+    return agent, checkpoint
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="rllama", description="Train LLM agents with reinforcement learning in Gymnasium environments.",
@@ -245,6 +303,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--output", help="PNG path (default: <first run>/learning_curve.png)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("teach", help="the teaching page: chat, correct replies, learn skills in the browser",
+                       description="Start the teaching page on a local web server and print its URL: chat with the "
+                                   "model, correct or approve its replies, press learn, and watch the skill's adapter "
+                                   "learn them while the chat keeps answering. Needs the ui extra.")
+    p.add_argument("--model", help="model folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--run", help="teach a trained agent's policy: a run folder (its final/) or a checkpoint in one; "
+                                 "its adapter becomes the skill run-<folder name>")
+    p.add_argument("--folder", default="skills", help="where skills and their examples are saved (default ./skills)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1; any other needs a key)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    p.add_argument("--api-key", dest="api_key",
+                   help="require 'Authorization: Bearer KEY' on the API (default: $RLLAMA_API_KEY; none on loopback)")
+    p.add_argument("--engine", choices=["auto", "llama.cpp", "torch"], default="auto",
+                   help="what the chat runs on (default auto: llama.cpp where it can serve the model)")
+    p.add_argument("--epochs", type=int, default=12, help="epochs of each learn (default 12)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64, help="longest reply (default 64)")
+    p.add_argument("--threads", type=_threads, default="auto", help="torch threads (default auto)")
+    _add_allow_code(p)
+    p.set_defaults(func=cmd_teach)
     return parser
 
 

@@ -148,12 +148,15 @@ class SkillModel:
 
     # ------------------------------------------------------------------ learning
     def learn(self, examples, adapter: str = "default", *, epochs: int = 3, learning_rate: float = 3e-4,
-              batch_size: int = 8, max_grad_norm: float = 1.0, lora_config=None) -> dict:
+              batch_size: int = 8, max_grad_norm: float = 1.0, lora_config=None, on_step=None) -> dict:
         """Fine-tune adapter ``adapter`` (created if new) on ``{"prompt", "response"}`` examples.
 
         ``lora_config`` shapes a new adapter (default: the policy's, LoRA on the top 8 blocks of
         Llama-family models; ``default_lora_config(layers="all")`` learns new facts faster but turns
         the frozen-prefix cache off while the adapter exists).
+
+        ``on_step``, when given, is called after each optimisation step with ``{"epoch", "step", "loss",
+        "tokens"}`` (the step's mean loss per response token, before the step), for live progress.
 
         Returns ``{"losses": [mean loss per epoch], "steps": optimisation steps, "tokens": response tokens}``.
         """
@@ -171,7 +174,7 @@ class SkillModel:
             params = self.policy.adapter_parameters(adapter)
         optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
         losses, steps, tokens = [], 0, 0
-        for _ in range(epochs):
+        for epoch in range(epochs):
             order = torch.randperm(len(examples), generator=self._generator).tolist()
             epoch_loss, epoch_tokens = 0.0, 0
             for start in range(0, len(order), batch_size):
@@ -188,6 +191,8 @@ class SkillModel:
                 epoch_loss += loss.item() * n
                 epoch_tokens += n
                 steps += 1
+                if on_step is not None:
+                    on_step({"epoch": epoch, "step": steps, "loss": loss.item(), "tokens": n})
             losses.append(epoch_loss / epoch_tokens)
             tokens += epoch_tokens
         return {"losses": losses, "steps": steps, "tokens": tokens}

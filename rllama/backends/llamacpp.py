@@ -463,7 +463,10 @@ class _Engine:
         return dst
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, greedy: bool, stop: set[int],
-                 generator: torch.Generator | None, temperature: float, constraints=None) -> list[GeneratedReply]:
+                 generator: torch.Generator | None, temperature: float, constraints=None,
+                 on_token=None) -> list[GeneratedReply]:
+        """One reply per prompt; ``on_token(row, token_id)``, when given, is called for each token as it
+        is chosen (``row`` indexes ``prompts``)."""
         if any(not p for p in prompts):
             raise RLlamaError("cannot generate after an empty prompt")
         bad = [t for p in prompts for t in p if not 0 <= t < self.n_vocab]
@@ -477,8 +480,9 @@ class _Engine:
         replies: list[GeneratedReply] = []
         for start in range(0, len(prompts), self.n_seq):
             end = start + self.n_seq
+            row_token = None if on_token is None else (lambda row, token, at=start: on_token(at + row, token))
             replies += self._generate(prompts[start:end], max_new_tokens, greedy, stop, generator, temperature,
-                                      constraints[start:end])
+                                      constraints[start:end], row_token)
         return replies
 
     def _prefill_shared(self, prompts: list[list[int]]) -> None:
@@ -495,7 +499,7 @@ class _Engine:
         self._decode([(t, pos, slot, False) for pos, t in enumerate(shared[start:], start)], {slot})
         self.stats.prompt_tokens_evaluated += len(shared) - start
 
-    def _generate(self, prompts, max_new_tokens, greedy, stop, generator, temperature, constraints):
+    def _generate(self, prompts, max_new_tokens, greedy, stop, generator, temperature, constraints, on_token=None):
         self._fit(prompts, max_new_tokens)
         self._prefill_shared(prompts)
         slots = self._assign(prompts)
@@ -519,6 +523,8 @@ class _Engine:
                 replies[row].token_ids.append(token)
                 replies[row].token_logprobs.append(lp)
                 self.stats.generated_tokens += 1
+                if on_token is not None:
+                    on_token(row, token)
                 if (token not in stop and len(replies[row].token_ids) < max_new_tokens
                         and not constraints.advance(row, replies[row].token_ids)):
                     s = slots[row]

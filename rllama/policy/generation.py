@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ def generate(
     stop_token_ids: Iterable[int] = (),
     generator: torch.Generator | None = None,
     constraints: Sequence | None = None,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[GeneratedReply]:
     """Sample one reply per prompt from ``softmax(logits / temperature)``, with each token's log-probability
     and the prompt's value (``value_head`` on its last hidden state).
@@ -32,7 +33,8 @@ def generate(
     ``max_new_tokens``. Finished rows leave the batch. ``constraints``: per prompt ``None`` or a
     :class:`~rllama.replies.ChoiceTrie` / :class:`~rllama.replies.GrammarConstraint`; that row samples only
     the tokens its shape allows (the log-probs are those of the masked distribution) and stops when the
-    shape is complete.
+    shape is complete. ``on_token(row, token_id)``, when given, is called for each token as it is chosen
+    (streaming a reply as it is written).
     """
     constraints = RowConstraints(constraints, len(prompts))
     stop = set(int(t) for t in stop_token_ids)
@@ -54,6 +56,8 @@ def generate(
         for j, (row, tok, lp) in enumerate(zip(active.tolist(), tokens.tolist(), chosen.tolist())):
             replies[row].token_ids.append(tok)
             replies[row].token_logprobs.append(lp)
+            if on_token is not None:
+                on_token(row, tok)
             if tok not in stop and not constraints.advance(row, replies[row].token_ids):
                 keep.append(j)
         if not keep:

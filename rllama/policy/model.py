@@ -337,11 +337,11 @@ class PolicyModel(nn.Module):
         return out
 
     def generate(self, prompts, max_new_tokens: int = 32, greedy: bool = False, stop_token_ids=(),
-                 generator: torch.Generator | None = None, constraints=None) -> list[GeneratedReply]:
+                 generator: torch.Generator | None = None, constraints=None, on_token=None) -> list[GeneratedReply]:
         """Sample one reply per prompt from ``softmax(logits / temperature)`` (see
-        :func:`~rllama.policy.generation.generate`)."""
+        :func:`~rllama.policy.generation.generate`; ``on_token(row, token_id)`` streams the tokens)."""
         return generation.generate(self.engine, self.heads["value"], prompts, self.temperature, max_new_tokens,
-                                   greedy, stop_token_ids, generator, constraints)
+                                   greedy, stop_token_ids, generator, constraints, on_token)
 
     # ------------------------------------------------------------------ adapters and the reference
     @property
