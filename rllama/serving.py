@@ -3,9 +3,10 @@
 It speaks the part of the API that :class:`rllama.backends.OpenAIBackend` uses, the way vLLM does:
 ``POST /v1/completions`` (token-id prompts, ``echo`` + ``logprobs`` for scoring, sampling with
 ``seed``, ``stop_token_ids``, ``return_tokens_as_token_ids``), ``POST /v1/load_lora_adapter`` /
-``/v1/unload_lora_adapter`` (PEFT adapter folders), and ``GET /v1/models``. It serves one request at a
-time. It exists to test the client and to develop against on a machine without vLLM; for throughput
-serve the model with vLLM or SGLang.
+``/v1/unload_lora_adapter`` (PEFT adapter folders), and ``GET /v1/models``, on FastAPI and uvicorn
+(the ``ui`` extra) under the rules every rllama server keeps (:mod:`rllama.web`). It runs one request on
+the model at a time. It exists to test the client and to develop against on a machine without vLLM;
+for throughput serve the model with vLLM or SGLang.
 
 .. code-block:: python
 
@@ -26,29 +27,33 @@ traceback goes to this module's :mod:`logging` logger, not to the client.
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import logging
 import math
 import os
 import re
-import socket
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rllama.errors import RLlamaError
+from rllama.web import (
+    BackgroundServer,
+    Guard,
+    authorized,
+    check_binding,
+    error_body,
+    install_json_errors,
+    require_web_stack,
+)
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = re.compile(r"[\w-]{1,100}")  # PEFT adapter names become module keys: no dots
-API_KEY = re.compile(r"[\x21-\x7e]+")  # what an HTTP header carries unchanged: visible ASCII
 
 
 class RequestError(ValueError):
@@ -90,13 +95,8 @@ class CompletionServer:
                  api_key: str | None = None, adapter_root: str | os.PathLike | None = None,
                  max_body_bytes: int = 1 << 20, read_timeout_s: float = 30.0, max_tokens_cap: int = 512,
                  max_prompts: int = 256) -> None:
-        if api_key is not None and not (isinstance(api_key, str) and API_KEY.fullmatch(api_key)):
-            raise ValueError("api_key: expected a non-empty string of visible ASCII characters without spaces; got "
-                             f"an unusable {type(api_key).__name__} (its value is not shown: it is a secret)")
-        if api_key is None and not _is_loopback(host):
-            raise ValueError(f"host={host!r} is not a loopback address and api_key is None: anyone who can reach "
-                             f"the port could run the model; pass api_key=... (clients send 'Authorization: Bearer "
-                             "<api_key>') or serve on host='127.0.0.1'")
+        require_web_stack("the completions server")
+        check_binding(host, api_key)
         for name, value in (("max_body_bytes", max_body_bytes), ("max_tokens_cap", max_tokens_cap),
                             ("max_prompts", max_prompts)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -122,30 +122,19 @@ class CompletionServer:
         base = policy.lm.get_base_model()
         self.vocab_size = base.get_input_embeddings().num_embeddings
         self.context_length = policy.context_length
-        self.routes = {("GET", "/v1/models"): self.models, ("POST", "/v1/completions"): self.completions,
-                       ("POST", "/v1/load_lora_adapter"): self.load_adapter,
-                       ("POST", "/v1/unload_lora_adapter"): self.unload_adapter}
-
-        class Server(ThreadingHTTPServer):
-            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            app = self  # what the handler serves
-
-        self.httpd = Server((host, port), _Handler)
-        self.thread: threading.Thread | None = None
+        self.server = BackgroundServer(self.app(), host, port, read_timeout_s=self.read_timeout_s)
+        self.server_address = self.server.server_address
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
+        return self.server.base_url + "/v1"
 
     def start(self) -> CompletionServer:
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True, name="rllama-serving")
-        self.thread.start()
+        self.server.start()
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.stop()
 
     def __enter__(self) -> CompletionServer:
         return self.start()
@@ -155,11 +144,38 @@ class CompletionServer:
 
     def authorized(self, header: str | None) -> bool:
         """Whether an ``Authorization`` header value admits the request (always, without ``api_key``)."""
-        if self.api_key is None:
-            return True
-        scheme, _, token = (header or "").partition(" ")
-        # compare_digest takes as long whatever the key's first wrong byte: no timing oracle
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        return authorized(self.api_key, header)
+
+    def app(self):
+        """The ASGI app: the four routes behind :class:`rllama.web.Guard` (key, host, bounded bodies, JSON errors)."""
+        from fastapi import FastAPI
+        from fastapi.responses import JSONResponse, Response
+        from starlette.concurrency import run_in_threadpool
+
+        app = FastAPI(title="rllama completions", docs_url=None, redoc_url=None, openapi_url=None)
+        install_json_errors(app, logger)
+
+        @app.exception_handler(RequestError)
+        async def refused(request, exc: RequestError):
+            return Response(error_body(exc.status, exc.message), status_code=exc.status, media_type="application/json")
+
+        def route(endpoint):
+            async def handle(request):  # a Starlette route: the request as it came, checked here
+                payload = _payload(await request.body()) if request.method == "POST" else {}
+                # the model works in a thread, off the event loop, which keeps reading other requests
+                return JSONResponse(await run_in_threadpool(self._run, endpoint, payload))
+            return handle
+
+        app.add_route("/v1/models", route(self.models), methods=["GET"])
+        app.add_route("/v1/completions", route(self.completions), methods=["POST"])
+        app.add_route("/v1/load_lora_adapter", route(self.load_adapter), methods=["POST"])
+        app.add_route("/v1/unload_lora_adapter", route(self.unload_adapter), methods=["POST"])
+        return Guard(app, self.api_key, self.max_body_bytes, log=logger)
+
+    def _run(self, endpoint, payload: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:  # one request on the model at a time
+            self.requests += 1
+            return endpoint(payload)
 
     # ------------------------------------------------------------------ routes
     def models(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -309,161 +325,17 @@ class CompletionServer:
         return out
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """One connection: authenticate, bound and parse the body, run the route, answer JSON (errors too)."""
-
-    server_version = "rllama-serving"
-    sys_version = ""  # no Python version in the Server header
-
-    def setup(self) -> None:
-        # StreamRequestHandler sets this as the socket's timeout: a backstop to the watchdog below (which
-        # bounds the whole request), for a client that stops reading its answer
-        self.timeout = 2 * self.server.app.read_timeout_s
-        super().setup()
-        self._watchdog: threading.Timer | None = None
-        self._expired = False
-        self._arm()
-
-    # A client that sends a byte every few seconds is never silent for read_timeout_s: a watchdog bounds
-    # the whole request instead. Armed while a request is read, it closes the reading side when time is
-    # up (the blocked read returns at once), and is disarmed while the request runs.
-    def _arm(self) -> None:
-        self._disarm()
-        self._watchdog = threading.Timer(self.server.app.read_timeout_s, self._expire)
-        self._watchdog.daemon = True
-        self._watchdog.start()
-
-    def _disarm(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
-
-    def _expire(self) -> None:
-        self._expired = True
-        try:
-            self.connection.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
-
-    def finish(self) -> None:
-        self._disarm()
-        super().finish()
-
-    def log_message(self, fmt, *args) -> None:
-        logger.debug("%s %s", self.address_string(), fmt % args)
-
-    def do_GET(self) -> None:
-        self._handle("GET")
-
-    def do_POST(self) -> None:
-        self._handle("POST")
-
-    def _handle(self, method: str) -> None:
-        app = self.server.app
-        try:
-            if self._expired:  # the head was cut short at the deadline
-                raise TimeoutError
-            if not app.authorized(self.headers.get("Authorization")):
-                raise RequestError(401, "missing or wrong API key: send the header 'Authorization: Bearer <api_key>'")
-            route = self.path.split("?", 1)[0].rstrip("/")
-            endpoint = app.routes.get((method, route))
-            if endpoint is None:
-                allowed = [m for m, r in app.routes if r == route]
-                raise RequestError(405 if allowed else 404, f"{method} {route} is not served" +
-                                   (f"; use {allowed[0]}" if allowed else ""))
-            payload = self._read_payload(app.max_body_bytes) if method == "POST" else {}
-            self._disarm()  # the request is in: its work is not bounded by the read deadline
-            with app.lock:
-                app.requests += 1
-                body = endpoint(payload)
-            self._send_json(200, body)
-        except RequestError as exc:
-            self._send_error(exc.status, exc.message)
-        except TimeoutError:
-            self._send_error(408, f"the request was not sent within read_timeout_s={app.read_timeout_s}")
-        except Exception:
-            error_id = uuid.uuid4().hex[:12]
-            logger.exception("%s %s failed (error id %s)", method, self.path, error_id)
-            self._send_error(500, f"internal server error (error id {error_id}); the server's log has the details")
-        if not self.close_connection:
-            self._arm()  # the next request on this connection gets its own deadline
-
-    def _read_payload(self, limit: int) -> dict[str, Any]:
-        """The JSON object in the body, refused before reading when its Content-Length is absent or above ``limit``."""
-        if self.headers.get("Transfer-Encoding"):
-            raise RequestError(411, "chunked bodies are not accepted; send a Content-Length header")
-        values = self.headers.get_all("Content-Length") or []
-        if not values:
-            raise RequestError(411, "a POST needs a Content-Length header")
-        value = values[0].strip()
-        if len(set(values)) > 1 or not re.fullmatch(r"[0-9]+", value):
-            raise RequestError(400, f"Content-Length {', '.join(values)!r} is not one non-negative integer")
-        if len(value.lstrip("0")) > len(str(limit)) or int(value) > limit:
-            raise RequestError(413, f"the body has {value} bytes; this server accepts at most "
-                                    f"max_body_bytes={limit}")
-        length = int(value)
-        data = self.rfile.read(length)
-        if len(data) < length:
-            if self._expired:
-                raise TimeoutError
-            raise RequestError(400, f"the body ended after {len(data)} of its {length} bytes")
-        if not data:
-            return {}
-        try:
-            payload = json.loads(data)
-        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested arrays
-            raise RequestError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
-        if not isinstance(payload, dict):
-            raise RequestError(400, f"the body must be a JSON object; got {type(payload).__name__}")
-        return payload
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own refusals (a malformed request line, an unsupported method) answer JSON too."""
-        if self._expired:  # the head was cut short by the deadline, not malformed by the client
-            code, message = 408, f"the request was not sent within read_timeout_s={self.server.app.read_timeout_s}"
-        self._send_error(code, message or self.responses.get(code, ("error",))[0])
-
-    def _send_error(self, status: int, message: str) -> None:
-        # the body may be unread: the connection cannot carry another request
-        self.close_connection = True
-        headers = {"Connection": "close"}
-        if status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
-        self._send_json(status, {"error": {"message": message, "type": _error_type(status), "code": status}},
-                        headers)
-
-    def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
-        if self.request_version == "HTTP/0.9":  # a request line cut short (no version): answer with a status line
-            self.request_version = "HTTP/1.0"
-        try:
-            self.send_response(status)
-            for name, value in {"Content-Type": "application/json", "Content-Length": str(len(data)),
-                                **(headers or {})}.items():
-                self.send_header(name, value)
-            self.end_headers()
-            if getattr(self, "command", None) != "HEAD":
-                self.wfile.write(data)
-        except OSError as exc:  # the client left (or stalled) before reading its answer
-            logger.debug("could not answer %s: %s", self.address_string(), exc)
-            self.close_connection = True
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def _payload(data: bytes) -> dict[str, Any]:
+    """The JSON object in a request body (``{}`` for an empty one)."""
+    if not data:
+        return {}
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name or "": it may resolve to (or mean) any interface
-        return False
-
-
-def _error_type(status: int) -> str:
-    """The OpenAI-style ``error.type`` for an HTTP status."""
-    if status >= 500:
-        return "server_error"
-    return {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-            408: "timeout_error"}.get(status, "invalid_request_error")
+        payload = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested arrays
+        raise RequestError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(payload, dict):
+        raise RequestError(400, f"the body must be a JSON object; got {type(payload).__name__}")
+    return payload
 
 
 def _short(value: Any) -> str:

@@ -91,11 +91,16 @@ class Guard:
         api_key: the key protected routes need (``None``: none, and loopback ``Host`` headers only).
         max_body_bytes: the largest body accepted.
         protected: which paths need the key (default: all).
+        log: where unexpected errors are logged.
+        max_head_bytes: the largest header section accepted (431 above it; uvicorn bounds only a head that
+            arrives in pieces).
     """
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int,
-                 protected: Callable[[str], bool] = lambda path: True) -> None:
+                 protected: Callable[[str], bool] = lambda path: True, log: logging.Logger = logger,
+                 max_head_bytes: int = 16384) -> None:
         self.app, self.api_key, self.max_body_bytes, self.protected = app, api_key, max_body_bytes, protected
+        self.log, self.max_head_bytes = log, max_head_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -108,16 +113,30 @@ class Guard:
             status, message = refusal
             extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
             return await send_error(send, status, message, extra)
+        from starlette.requests import ClientDisconnect
+
+        started = False
+
+        async def watched(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, watched)
+        except ClientDisconnect:  # the client left, or its request ran past the deadline: nobody to answer
+            pass
         except Exception:
+            if started:  # answered by the app's handler (install_json_errors), which logged it
+                return
             error_id = uuid.uuid4().hex[:12]
-            logger.exception("%s %s failed (error id %s)", scope["method"], scope["path"], error_id)
-            await send_error(send, 500, f"internal server error (error id {error_id}); the server's log has the "
-                                        "details")
+            self.log.exception("%s %s failed (error id %s)", scope["method"], scope["path"], error_id)
+            await send_error(send, 500, internal_error(error_id))
 
     def refusal(self, scope, headers: dict[str, list[str]]) -> tuple[int, str] | None:
         """``(status, message)`` when the request is refused before the app sees it, else ``None``."""
+        if sum(len(name) + len(value) + 4 for name, value in scope["headers"]) > self.max_head_bytes:
+            return 431, f"the request's head is over {self.max_head_bytes} bytes"
         if self.api_key is None:
             host = (headers.get("host") or [""])[0]
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
@@ -144,6 +163,42 @@ class Guard:
         return None
 
 
+def internal_error(error_id: str) -> str:
+    return f"internal server error (error id {error_id}); the server's log has the details"
+
+
+def install_json_errors(app, log: logging.Logger = logger) -> None:
+    """Make a FastAPI app answer every error in this module's JSON shape: its own refusals (404, 405),
+    validation errors (400), and unexpected exceptions (500, logged to ``log`` with an error id the
+    answer names; never the traceback)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import Response
+    from starlette.exceptions import HTTPException
+
+    def answer(status: int, message: str, headers=None) -> Response:
+        return Response(error_body(status, message), status_code=status, media_type="application/json",
+                        headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = {404: f"{request.method} {request.url.path} is not served",
+                   405: f"{request.method} {request.url.path} is not served" + (f"; use {allowed}" if allowed else "")
+                   }.get(exc.status_code, str(exc.detail))
+        return answer(exc.status_code, message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        return answer(400, f"bad request: {exc.errors()[:1]}")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):
+        error_id = uuid.uuid4().hex[:12]
+        log.error("%s %s failed (error id %s)", request.method, request.url.path, error_id,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        return answer(500, internal_error(error_id))
+
+
 async def send_error(send, status: int, message: str, extra_headers=()) -> None:
     body = error_body(status, message)
     await send({"type": "http.response.start", "status": status,
@@ -152,10 +207,90 @@ async def send_error(send, status: int, message: str, extra_headers=()) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def raw_response(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 response carrying a JSON error, for the protocol layer (before or beside the app)."""
+    from http import HTTPStatus
+
+    body = error_body(status, message)
+    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+def guarded_protocol(read_timeout_s: float, max_head_bytes: int):
+    """uvicorn's HTTP/1.1 protocol (h11) with two rules of this module's servers: a client has
+    ``read_timeout_s`` from the first byte of a request to its last, however it trickles them (uvicorn
+    bounds only the wait between requests), and a request it cannot parse is answered in JSON. The
+    deadline is armed when a connection opens and at the first byte of each later request on it, and
+    disarmed once the request is in: the work it asks for is not bounded by it."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def __init__(self, config, *args, **kwargs) -> None:
+            config.h11_max_incomplete_event_size = max_head_bytes
+            super().__init__(config, *args, **kwargs)
+            self.deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            if self.deadline is None:
+                self.deadline = self.loop.call_later(read_timeout_s, self._expire)
+
+        def _disarm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+        def _request_in(self) -> bool:
+            return self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
+
+        def data_received(self, data: bytes) -> None:
+            if not self._request_in():
+                self._arm()  # a later request on a kept-alive connection: its own deadline from its first byte
+            super().data_received(data)
+            if self._request_in():
+                self._disarm()
+
+        def _expire(self) -> None:
+            self.deadline = None
+            if self._request_in() or self.transport.is_closing():
+                return
+            started = self.cycle is not None and self.cycle.response_started
+            if self.cycle is not None:
+                self.cycle.disconnected = True  # the app's answer, if it comes, goes nowhere
+                self.cycle.message_event.set()
+            if not started:
+                message = f"the request was not sent within read_timeout_s={read_timeout_s}"
+                self.transport.write(raw_response(408, message))
+            self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            buffered = len(self.conn.trailing_data[0])
+            if buffered >= max_head_bytes:
+                status, text = 431, f"the request's head is over {max_head_bytes} bytes"
+            else:
+                status, text = 400, ("malformed HTTP request: its request line or headers do not parse as HTTP/1.1 "
+                                     "(which needs a Host header, and one Content-Length of digits)")
+            self._disarm()
+            self.transport.write(raw_response(status, text))
+            self.transport.close()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
 class BackgroundServer:
     """An ASGI app served by uvicorn in a daemon thread: ``start()``, ``url``, ``stop()`` (or ``with``)."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, **uvicorn_options) -> None:
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, read_timeout_s: float = 30.0,
+                 max_head_bytes: int = 16384, **uvicorn_options) -> None:
         import uvicorn
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -163,7 +298,8 @@ class BackgroundServer:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, port))  # bound now: the port is known, and taken, before start()
         self.server_address = self.socket.getsockname()[:2]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", **uvicorn_options)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                http=guarded_protocol(read_timeout_s, max_head_bytes), **uvicorn_options)
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None
 

@@ -9,6 +9,7 @@ no build step, and nothing it does that a script cannot do with the same routes.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -16,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException
 
 from rllama.teach.teacher import Teacher, TeachError
-from rllama.web import Guard, error_body
+from rllama.web import Guard, error_body, install_json_errors
+
+logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -35,22 +36,11 @@ def create_app(teacher: Teacher, *, api_key: str | None = None, max_body_bytes: 
     when one is set; the page asks for it)."""
     app = FastAPI(title="rllama teach", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
 
-    def error(status: int, message: str) -> Response:
-        return Response(error_body(status, message), status_code=status, media_type="application/json")
+    install_json_errors(app, logger)
 
     @app.exception_handler(TeachError)
     async def teach_error(request, exc: TeachError):
-        return error(exc.status, str(exc))
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, exc: HTTPException):
-        message = {404: f"{request.method} {request.url.path} is not served",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return error(exc.status_code, message)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc: RequestValidationError):
-        return error(400, f"bad request: {exc.errors()[:1]}")
+        return Response(error_body(exc.status, str(exc)), status_code=exc.status, media_type="application/json")
 
     async def body(request: Request) -> dict[str, Any]:
         data = await request.body()
@@ -172,7 +162,7 @@ def create_app(teacher: Teacher, *, api_key: str | None = None, max_body_bytes: 
         return StreamingResponse(_stream_events(found, max(0, start)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
 
-    return Guard(app, api_key, max_body_bytes, protected=lambda path: path.startswith("/api/"))
+    return Guard(app, api_key, max_body_bytes, protected=lambda path: path.startswith("/api/"), log=logger)
 
 
 def _stream_reply(teacher: Teacher, prompt: str, skill: str | None, limit) -> Iterator[bytes]:
@@ -186,9 +176,7 @@ def _stream_reply(teacher: Teacher, prompt: str, skill: str | None, limit) -> It
         except TeachError as exc:
             pieces.put(("error", {"message": str(exc)}))
         except Exception as exc:  # the page shows it; the log has the traceback
-            import logging
-
-            logging.getLogger(__name__).exception("chat failed")
+            logger.exception("chat failed")
             pieces.put(("error", {"message": f"{type(exc).__name__}: {exc}"}))
 
     threading.Thread(target=write, daemon=True, name="rllama-teach-chat").start()
