@@ -205,7 +205,8 @@ class Teacher:
         gguf: the GGUF file of the model for the llama.cpp chat (``None``: the one rllama knows for it).
         lora_config: the adapter of a new skill (default: LoRA on every block, which learns a new fact
             faster than the policy's top blocks: ``examples/zoggian.py``).
-        epochs, learning_rate: of each learn (``SkillModel.learn``).
+        epochs: epochs of each learn (``SkillModel.learn``).
+        learning_rate: its learning rate.
         max_new_tokens: the longest reply.
         load_roots: folders whose skill and adapter folders may be loaded (default: ``folder`` and the
             working directory).

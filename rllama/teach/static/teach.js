@@ -64,6 +64,9 @@ async function guarded(fn) {
 }
 
 // ---------------------------------------------------------------------- skills
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+const describe = (s) => `${s.name} (${plural(s.examples, "example")}, ${plural(s.steps, "step")})`;
+
 async function refreshSkills(select) {
   const data = await api("GET", "/api/skills");
   state.skills = data.skills;
@@ -73,7 +76,7 @@ async function refreshSkills(select) {
   for (const s of state.skills) {
     const o = document.createElement("option");
     o.value = s.name;
-    o.textContent = `${s.name} (${s.examples} examples, ${s.steps} steps)`;
+    o.textContent = describe(s);
     menu.appendChild(o);
   }
   menu.value = state.skills.some((s) => s.name === current) ? current : "";
@@ -129,7 +132,7 @@ async function refreshSkillsQuietly() {
   state.skills = data.skills;
   for (const o of $("skill-select").options) {
     const s = state.skills.find((x) => x.name === o.value);
-    if (s) o.textContent = `${s.name} (${s.examples} examples, ${s.steps} steps)`;
+    if (s) o.textContent = describe(s);
   }
 }
 
@@ -216,6 +219,7 @@ function addReplyActions(reply, prompt, text) {
     }));
     box.append(edit, save);
     reply.appendChild(box);
+    box.scrollIntoView({ block: "nearest" });
     edit.focus();
   });
   approve.addEventListener("click", () => guarded(async () => {
@@ -238,7 +242,12 @@ function drawLosses() {
   g.fillText("loss per step", w - 6, 14);
   g.textAlign = "left";
   const ys = state.losses;
-  if (!ys.length) return;
+  if (!ys.length) {
+    g.textAlign = "center";
+    g.fillText("press Learn: the loss of each step is drawn here", w / 2, h / 2);
+    g.textAlign = "left";
+    return;
+  }
   const top = Math.max(...ys), bottom = Math.min(0, ...ys);
   const x = (i) => pad + (w - 2 * pad) * (ys.length === 1 ? 0.5 : i / (ys.length - 1));
   const y = (v) => h - pad + (pad + 8 - h) * (v - bottom) / ((top - bottom) || 1);
@@ -352,6 +361,7 @@ $("export").addEventListener("click", (e) => {
 });
 $("learn").addEventListener("click", () => guarded(learn));
 
+drawLosses();
 guarded(async () => {
   const info = await api("GET", "/api/info");
   $("model-info").textContent = `${info.model} · chat on ${info.engine} · skills in ${info.folder}`;
