@@ -32,14 +32,11 @@ LOOPBACK_NAMES = ("localhost",)
 
 
 def require_web_stack(what: str) -> None:
-    """Raise an error naming the ``ui`` extra when FastAPI or uvicorn is missing."""
-    import importlib.util
+    """Raise :class:`~rllama.errors.MissingExtraError` naming the ``ui`` extra when FastAPI or uvicorn is missing."""
+    from rllama.errors import require
 
-    from rllama.errors import RLlamaError
-
-    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise RLlamaError(f"{what} needs {' and '.join(missing)}: pip install 'rllama[ui]'")
+    for module in ("fastapi", "uvicorn"):
+        require(module, "ui", what)
 
 
 def is_loopback(host: str) -> bool:
@@ -231,6 +228,7 @@ def guarded_protocol(read_timeout_s: float, max_head_bytes: int):
             config.h11_max_incomplete_event_size = max_head_bytes
             super().__init__(config, *args, **kwargs)
             self.deadline = None
+            self.cycle_before = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -239,6 +237,7 @@ def guarded_protocol(read_timeout_s: float, max_head_bytes: int):
         def _arm(self) -> None:
             if self.deadline is None:
                 self.deadline = self.loop.call_later(read_timeout_s, self._expire)
+                self.cycle_before = self.cycle  # the last request's: a new one is this request's
 
         def _disarm(self) -> None:
             if self.deadline is not None:
@@ -259,10 +258,11 @@ def guarded_protocol(read_timeout_s: float, max_head_bytes: int):
             self.deadline = None
             if self._request_in() or self.transport.is_closing():
                 return
-            started = self.cycle is not None and self.cycle.response_started
-            if self.cycle is not None:
-                self.cycle.disconnected = True  # the app's answer, if it comes, goes nowhere
-                self.cycle.message_event.set()
+            cycle = self.cycle if self.cycle is not self.cycle_before else None  # None: its head is not in yet
+            started = cycle is not None and cycle.response_started
+            if cycle is not None:
+                cycle.disconnected = True  # the app's answer, if it comes, goes nowhere
+                cycle.message_event.set()
             if not started:
                 message = f"the request was not sent within read_timeout_s={read_timeout_s}"
                 self.transport.write(raw_response(408, message))

@@ -254,6 +254,40 @@ def test_a_client_sending_a_byte_now_and_then_is_dropped_at_the_deadline(server,
     assert call(server, "/models")[0] == 200
 
 
+def test_a_kept_alive_connection_gives_each_request_its_own_deadline(server):
+    """Idle time between requests on one connection does not count; each request gets read_timeout_s from
+    its first byte, so a prompt second request passes after a pause and a dripped one is cut at its deadline."""
+    get = f"GET /v1/models HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode()
+
+    def answer(sock) -> int:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(65536)
+        status_line, _, rest = head.partition(b"\r\n")
+        length = int(re.search(rb"content-length: *([0-9]+)", rest, re.I).group(1))
+        body = rest.partition(b"\r\n\r\n")[2]
+        while len(body) < length:
+            body += sock.recv(65536)
+        return int(status_line.split()[1])
+
+    with socket.create_connection(server.server_address[:2], timeout=5) as sock:
+        sock.sendall(get)
+        assert answer(sock) == 200
+        time.sleep(2 * READ_TIMEOUT)  # idle, longer than the deadline (shorter than uvicorn's keep-alive)
+        sock.sendall(get)
+        assert answer(sock) == 200
+        start = time.monotonic()
+        try:
+            for byte in get:  # the third request, a byte at a time
+                sock.sendall(bytes([byte]))
+                time.sleep(READ_TIMEOUT / 5)
+        except OSError:
+            pass
+        head, _, body = read_until_closed(sock).partition(b"\r\n\r\n")
+        assert time.monotonic() - start < READ_TIMEOUT + 1.0
+    assert_error((int(head.split()[1]), json.loads(body)), 408, "timeout_error", f"read_timeout_s={READ_TIMEOUT}")
+
+
 def test_max_tokens_above_the_cap_is_refused(server):
     result = call(server, "/completions", {"prompt": [5, 6, 7], "max_tokens": TOKENS_CAP + 1, "temperature": 0})
     assert_error(result, 400, "invalid_request_error", f"max_tokens={TOKENS_CAP + 1}", f"max_tokens_cap={TOKENS_CAP}")
