@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from rllama.teach.teacher import Teacher, TeachError
 from rllama.web import Guard, error_body, install_json_errors
@@ -67,6 +68,8 @@ def create_app(teacher: Teacher, *, api_key: str | None = None, max_body_bytes: 
         return FileResponse(path, headers={"Cache-Control": "no-store"})
 
     # ------------------------------------------------------------------ model and skills
+    # (routes that read a body are async; what they ask of the model or the disk runs in a thread, off the
+    # event loop, which keeps serving the other requests and streams)
     @app.get("/api/info")
     def info():
         return {**teacher.info(), "auth": api_key is not None}
@@ -77,12 +80,12 @@ def create_app(teacher: Teacher, *, api_key: str | None = None, max_body_bytes: 
 
     @app.post("/api/skills", status_code=201)
     async def create(request: Request):
-        return teacher.create_skill((await body(request)).get("name"))
+        return await run_in_threadpool(teacher.create_skill, (await body(request)).get("name"))
 
     @app.post("/api/skills/load", status_code=201)
     async def load(request: Request):
         payload = await body(request)
-        return teacher.load_skill(payload.get("path"), payload.get("name"))
+        return await run_in_threadpool(teacher.load_skill, payload.get("path"), payload.get("name"))
 
     @app.get("/api/skills/{name}")
     def skill(name: str):
@@ -90,7 +93,7 @@ def create_app(teacher: Teacher, *, api_key: str | None = None, max_body_bytes: 
 
     @app.patch("/api/skills/{name}")
     async def rename(name: str, request: Request):
-        return teacher.rename_skill(name, (await body(request)).get("name"))
+        return await run_in_threadpool(teacher.rename_skill, name, (await body(request)).get("name"))
 
     @app.delete("/api/skills/{name}")
     def delete(name: str):
@@ -108,12 +111,13 @@ def create_app(teacher: Teacher, *, api_key: str | None = None, max_body_bytes: 
 
     @app.put("/api/skills/{name}/examples")
     async def replace_examples(name: str, request: Request):
-        return {"examples": teacher.set_examples(name, (await body(request)).get("examples"))}
+        return {"examples": await run_in_threadpool(teacher.set_examples, name, (await body(request)).get("examples"))}
 
     @app.post("/api/skills/{name}/examples", status_code=201)
     async def add_example(name: str, request: Request):
         payload = await body(request)
-        return {"examples": teacher.add_example(name, payload.get("prompt"), payload.get("response"))}
+        return {"examples": await run_in_threadpool(teacher.add_example, name, payload.get("prompt"),
+                                                    payload.get("response"))}
 
     @app.get("/api/skills/{name}/examples.jsonl")
     def export(name: str):
@@ -129,7 +133,7 @@ def create_app(teacher: Teacher, *, api_key: str | None = None, max_body_bytes: 
         if skill_name is not None:
             teacher.skill(skill_name)  # a 404 now, not inside the stream
         if not payload.get("stream"):
-            return {"reply": teacher.reply(prompt, skill_name, limit), "skill": skill_name}
+            return {"reply": await run_in_threadpool(teacher.reply, prompt, skill_name, limit), "skill": skill_name}
         if not isinstance(prompt, str) or not prompt.strip():
             raise TeachError("prompt must be a non-empty string")
         return StreamingResponse(_stream_reply(teacher, prompt, skill_name, limit), media_type="text/event-stream",
@@ -142,8 +146,9 @@ def create_app(teacher: Teacher, *, api_key: str | None = None, max_body_bytes: 
         name = payload.get("skill")
         teacher.skill(name)
         prompt = payload.get("prompt")
-        return {"prompt": prompt, "base": teacher.reply(prompt, None), "skill": name,
-                "reply": teacher.reply(prompt, name)}
+        base = await run_in_threadpool(teacher.reply, prompt, None)
+        reply = await run_in_threadpool(teacher.reply, prompt, name)
+        return {"prompt": prompt, "base": base, "skill": name, "reply": reply}
 
     # ------------------------------------------------------------------ learning
     @app.post("/api/skills/{name}/learn", status_code=202)
