@@ -11,7 +11,8 @@ and ``/api/info``, then drives the JSON API the page uses:
 2. **Learn**: a skill gets examples/zoggian.py's 8 examples; seconds from "learn" to the ``done`` event
    (the reply to the probe prompt before and after included), and the replies to three questions after.
 3. **First token while learning**: ``--chats`` streamed chats idle, then the same while a learn runs
-   (a second skill, so that the first keeps its adapter), timing the first ``token`` event of each.
+   its steps (a second skill, so that the first keeps its adapter; from the learn's first step, after
+   the reply it shows "before", which takes the chat engine), timing the first ``token`` event of each.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def main() -> None:
         call(base, "POST", "/api/skills", {"name": "second"})
         call(base, "PUT", "/api/skills/second/examples", {"examples": EXAMPLES})
         busy_job = call(base, "POST", "/api/skills/second/learn", {})
-        while call(base, "GET", f"/api/jobs/{busy_job['id']}")["state"] == "queued":
+        # from its first step on: the learn's own "before" reply, which uses the chat engine, is over by then
+        while not any(e["type"] == "step" for e in call(base, "GET", f"/api/jobs/{busy_job['id']}")["log"]):
             time.sleep(0.05)
         busy = []
         for q in (QUESTIONS * args.chats)[: args.chats]:
