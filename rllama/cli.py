@@ -205,12 +205,13 @@ def cmd_teach(args) -> dict:
     from rllama.experiment.config import apply_threads
     from rllama.skills import SkillModel
     from rllama.teach import Teacher, TeachServer
-    from rllama.web import require_web_stack
+    from rllama.web import check_binding, require_web_stack
 
     require_web_stack("rllama teach")
     start = time.perf_counter()
     apply_threads(args.threads)
     api_key = args.api_key or os.environ.get("RLLAMA_API_KEY") or None
+    check_binding(args.host, api_key, "the model and change its skills")  # before minutes of loading
     if args.run:
         agent, checkpoint = _trained_agent(args.run, args.allow_code)
         skills = SkillModel(policy=agent.policy)

@@ -241,3 +241,50 @@ def test_teach_serves_on_uvicorn_and_stops(teacher):
             assert json.loads(response.read())["engine"] == "torch"
         start = time.monotonic()
     assert time.monotonic() - start < 10
+
+
+def test_a_trained_agents_adapter_becomes_a_skill_that_answers_as_the_agent(make_agent, tmp_path):
+    """What ``rllama teach --run`` does: the run's adapter, copied as a skill, replies as the agent's policy."""
+    agent = make_agent(algorithm_config={"policy_head": 0, "batch_episodes": 4, "minibatch_size": 4,
+                                         "learning_rate": 5e-2})
+    from tests.conftest import ChoiceEnv
+
+    agent.train(ChoiceEnv(steps=2), 8, seed=0, progress=False)
+    skills = SkillModel(policy=agent.policy)
+    teacher = Teacher(skills, tmp_path / "skills", engine="torch", **LEARN)
+    try:
+        teacher.adopt_adapter(agent.policy.active_adapter, "run-x")
+        trained = teacher.reply("hi", "run-x")
+        assert trained == skills.generate("hi", adapter=agent.policy.active_adapter, max_new_tokens=12)
+        assert trained != teacher.reply("hi", None)  # the adapter moved the model
+        assert (teacher.folder / "run-x" / "adapter" / "adapter_config.json").is_file()
+    finally:
+        teacher.close()
+
+
+def test_the_command_prints_its_url_and_serves_the_page(tiny_model_dir, tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    command = [sys.executable, "-m", "rllama.cli", "teach", "--model", str(tiny_model_dir), "--port", "0",
+               "--folder", str(tmp_path / "skills"), "--engine", "torch", "--threads", "1"]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = server.stderr.readline()
+        found = re.search(r"rllama teach: (http://127\.0\.0\.1:\d+/) \(ready in [0-9.]+ s; chat on torch", line)
+        assert found, line
+        with urllib.request.urlopen(found.group(1), timeout=30) as page:
+            assert b"teach.js" in page.read()
+        with urllib.request.urlopen(found.group(1) + "api/info", timeout=30) as info:
+            assert json.loads(info.read())["folder"] == str((tmp_path / "skills").resolve())
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    bad = subprocess.run(command[:-4] + ["--host", "0.0.0.0"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "not a loopback address and api_key is None" in bad.stderr
