@@ -288,3 +288,30 @@ def test_the_command_prints_its_url_and_serves_the_page(tiny_model_dir, tmp_path
         server.wait(timeout=60)
     bad = subprocess.run(command[:-4] + ["--host", "0.0.0.0"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "not a loopback address and api_key is None" in bad.stderr
+
+
+def test_a_page_closed_mid_learn_loses_nothing(tmp_path):
+    """The learn runs in the server: a reader of its progress that goes away (a closed tab) stops nothing,
+    and what it learned is saved; a fresh start finds it."""
+    import urllib.request
+
+    teacher = new_teacher(tmp_path / "skills")
+    try:
+        c = client(teacher)
+        c.post("/api/skills", json={"name": "zoggian"})
+        c.post("/api/skills/zoggian/examples", json={"prompt": "hi", "response": "zog"})
+        with TeachServer(teacher) as server:
+            with teacher.skills.lock:  # the learn cannot take a step before the page has gone
+                job = c.post("/api/skills/zoggian/learn", json={}).json()["id"]
+                with urllib.request.urlopen(f"{server.base_url}/api/jobs/{job}/events", timeout=30) as stream:
+                    assert stream.readline().startswith(b"event: queued")
+                # the tab closed here, with the stream
+            assert teacher.wait(job, timeout=120).state == "done"
+    finally:
+        teacher.close()
+    again = new_teacher(tmp_path / "skills")
+    try:
+        assert again.skill("zoggian").steps == LEARN["epochs"]
+        assert again.reply("hi", "zoggian") == "zog"
+    finally:
+        again.close()
