@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from rllama.errors import RLlamaError
+from rllama.fileio import utf8_problem
 from rllama.web import (
     BackgroundServer,
     Guard,
@@ -222,10 +223,10 @@ class CompletionServer:
                                     "adapter_config.json) inside this server's adapter_root")
         try:
             path = (self.adapter_root / lora_path).resolve()
-        except (OSError, RuntimeError):  # a symlink loop, an unreadable component
+            if not path.is_relative_to(self.adapter_root) or not (path / "adapter_config.json").is_file():
+                raise refused
+        except (OSError, RuntimeError):  # a symlink loop, an unreadable component, a name too long
             raise refused from None
-        if not path.is_relative_to(self.adapter_root) or not (path / "adapter_config.json").is_file():
-            raise refused
         return path
 
     def unload_adapter(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -297,6 +298,9 @@ class CompletionServer:
         out = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
+                if utf8_problem(prompt, f"prompt[{i}]"):
+                    raise RequestError(400, f"prompt[{i}] holds a lone surrogate (an unpaired \\ud800-\\udfff escape), "
+                                            "which is not text any tokenizer takes")
                 ids = self.policy.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             else:
                 ids = _token_ids(prompt, f"prompt[{i}]")

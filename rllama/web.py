@@ -3,8 +3,9 @@ and a server that runs in a background thread.
 
 - **Nobody in uninvited.** Without an API key a server binds to a loopback address only, and answers only
   requests whose ``Host`` header names a loopback host (a web page elsewhere cannot reach it through a
-  rebound DNS name); requests with a body must be ``application/json`` (a page elsewhere cannot send
-  one without the browser asking first, which is never granted). With a key, every protected route
+  rebound DNS name); a POST, PUT or PATCH must be sent as ``application/json``, even with an empty body
+  (a page elsewhere cannot send one without the browser asking first, which is never granted), and a
+  request that changes something and names another ``Origin`` is refused. With a key, every protected route
   needs ``Authorization: Bearer <key>``.
 - **Bounded.** A body must announce its length (``Content-Length``), at most ``max_body_bytes``, and is
   refused before it is read when larger.
@@ -142,6 +143,12 @@ class Guard:
                              "requests addressed to 127.0.0.1, localhost or [::1]")
         if self.protected(scope["path"]) and not authorized(self.api_key, (headers.get("authorization") or [None])[0]):
             return 401, "missing or wrong API key: send the header 'Authorization: Bearer <api_key>'"
+        origin = (headers.get("origin") or [None])[0]
+        if origin is not None and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            own = (headers.get("host") or [""])[0]
+            if origin.split("://", 1)[-1].rstrip("/") != own:
+                return 403, (f"a request from the page at {origin!r} to change something here is refused: only "
+                             "this server's own pages may")
         if scope["method"] in ("POST", "PUT", "PATCH"):
             if headers.get("transfer-encoding"):
                 return 411, "chunked bodies are not accepted; send a Content-Length header"
@@ -155,7 +162,7 @@ class Guard:
                 return 413, (f"the body has {value} bytes; this server accepts at most "
                              f"max_body_bytes={self.max_body_bytes}")
             kind = (headers.get("content-type") or [""])[0].split(";")[0].strip().lower()
-            if int(value) and kind != "application/json":
+            if kind != "application/json":  # an empty body too: no other page can send this without asking first
                 return 415, f"the body must be sent as Content-Type: application/json; got {kind or 'none'!r}"
         return None
 
@@ -190,6 +197,10 @@ def install_json_errors(app, log: logging.Logger = logger) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
+        from starlette.requests import ClientDisconnect
+
+        if isinstance(exc, ClientDisconnect):  # the client left, or ran past its deadline: no one to answer
+            return Response(status_code=400)
         error_id = uuid.uuid4().hex[:12]
         log.error("%s %s failed (error id %s)", request.method, request.url.path, error_id,
                   exc_info=(type(exc), exc, exc.__traceback__))
@@ -278,6 +289,11 @@ def guarded_protocol(read_timeout_s: float, max_head_bytes: int):
             self._disarm()
             self.transport.write(raw_response(status, text))
             self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # may start the next request from bytes already buffered
+            if not self._request_in() and (self.conn.trailing_data[0] or self.conn.their_state is h11.SEND_BODY):
+                self._arm()  # a pipelined request, partly in: its deadline runs from now, not from more bytes
 
         def connection_lost(self, exc) -> None:
             self._disarm()

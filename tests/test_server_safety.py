@@ -158,7 +158,8 @@ def test_adapters_load_only_from_inside_the_root(server, policy, adapter_root, t
                "link",                                            # ... through a symlink inside the root
                str(adapter_root / "missing"),                     # missing inside the root
                "/no/such/folder/anywhere",                        # missing outside the root
-               str(adapter_root / "not-an-adapter"), str(adapter_root), "/"]   # folders that are no adapter
+               str(adapter_root / "not-an-adapter"), str(adapter_root), "/",   # folders that are no adapter
+               "a" * 5000]                                        # a name longer than the system takes
     messages = set()
     for path in refused:
         status, body, _ = call(server, "/load_lora_adapter", {"lora_name": "x", "lora_path": path})
@@ -288,6 +289,19 @@ def test_a_kept_alive_connection_gives_each_request_its_own_deadline(server):
     assert_error((int(head.split()[1]), json.loads(body)), 408, "timeout_error", f"read_timeout_s={READ_TIMEOUT}")
 
 
+def test_a_pipelined_request_left_unfinished_gets_its_408(server):
+    """A whole request and the start of the next in one write, then silence: the second has read_timeout_s
+    too, from when the first was answered (its bytes were in already)."""
+    get = f"GET /v1/models HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode()
+    with socket.create_connection(server.server_address[:2], timeout=5) as sock:
+        start = time.monotonic()
+        sock.sendall(get + post_head("50") + b'{"prompt": ')
+        answers = read_until_closed(sock)
+        assert time.monotonic() - start < READ_TIMEOUT + 1.0
+    first, second = answers.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200") and second.startswith(b"408") and b"timeout_error" in second
+
+
 def test_max_tokens_above_the_cap_is_refused(server):
     result = call(server, "/completions", {"prompt": [5, 6, 7], "max_tokens": TOKENS_CAP + 1, "temperature": 0})
     assert_error(result, 400, "invalid_request_error", f"max_tokens={TOKENS_CAP + 1}", f"max_tokens_cap={TOKENS_CAP}")
@@ -316,6 +330,8 @@ def test_max_tokens_above_the_cap_is_refused(server):
     ({"prompt": [5], "stop_token_ids": 3}, 400, "stop_token_ids must be a list"),
     ({"prompt": [5], "model": 3}, 400, "model must be a string"),
     ({"prompt": [5], "model": "nope"}, 404, "model 'nope' is not served"),
+    (b'{"prompt": "a\\ud800b"}', 400, "prompt[0] holds a lone surrogate"),
+    (b'{"prompt": ["ok", "\\udfff"]}', 400, "prompt[1] holds a lone surrogate"),
 ])
 def test_bad_requests_get_a_json_error(server, body, status, fragment):
     result = call(server, "/completions", body if isinstance(body, dict) else None,

@@ -13,7 +13,6 @@ pytest.importorskip("fastapi", reason="the ui extra is not installed (pip instal
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from rllama.errors import CorruptFileError  # noqa: E402
 from rllama.skills import SkillModel  # noqa: E402
 from rllama.teach import Teacher, TeachServer, create_app  # noqa: E402
 from rllama.trajectories import read_trajectories  # noqa: E402
@@ -94,11 +93,16 @@ def test_skills_persist_whole_and_come_back(tmp_path):
         assert c.get("/api/skills/zoggian").json()["steps"] == LEARN["epochs"]
     finally:
         again.close()
-    # a damaged save is refused, naming the file, rather than loaded
+    # a damaged save is not loaded: the page starts with the others and names it, and why
     record = folder / "zoggian" / "skill.json"
     record.write_text(record.read_text().replace('"zog"', '"zug"'))
-    with pytest.raises(CorruptFileError, match="skill.json does not match its checksum"):
-        new_teacher(folder)
+    damaged = new_teacher(folder)
+    try:
+        assert damaged.list_skills() == []
+        assert "skill.json does not match its checksum" in damaged.info()["damaged"]["zoggian"]
+        assert client(damaged).post("/api/skills", json={"name": "zoggian"}).status_code == 409  # not overwritten
+    finally:
+        damaged.close()
 
 
 def test_a_failed_save_changes_nothing(teacher, monkeypatch):
@@ -160,14 +164,33 @@ def test_bad_requests_get_a_message_the_page_shows(teacher):
     refused(c.get("/api/jobs/job-99"), 404, "no learn job")
     refused(c.get("/api/nothing"), 404, "GET /api/nothing is not served")
     refused(c.post("/api/skills/load", json={"path": "/etc"}), 403, "outside the folders skills may be loaded from")
-    assert teacher.examples("s") == []
+    refused(c.post("/api/skills/load", json={"path": "~nosuchuser-rllama/x"}), 404, "cannot read")
+    for skill in (["a"], {"k": 1}, 3):
+        refused(c.post("/api/chat", json={"prompt": "a", "skill": skill}), 400, "skill must be a skill's name")
+        refused(c.post("/api/compare", json={"prompt": "a", "skill": skill}), 400, "skill must be a skill's name")
+    refused(c.post("/api/chat", json={"prompt": "a", "max_new_tokens": "x", "stream": True}), 400, "max_new_tokens")
+    as_json = {"Content-Type": "application/json"}  # lone surrogates sent as JSON escapes, as a script may
+    refused(c.post("/api/chat", content=rb'{"prompt": "a\ud800", "stream": true}', headers=as_json), 400,
+            "lone surrogate")
+    refused(c.post("/api/chat", json={"prompt": "a", "stream": "yes"}), 400, "stream must be true or false")
+    c.post("/api/skills/s/examples", json={"prompt": "a", "response": "b"})
+    refused(c.post("/api/skills/s/learn", content=rb'{"probe": "\udfff"}', headers=as_json), 400, "lone surrogate")
+    for name in ("%00", "a" * 5000, "..%2fteacher.py"):
+        refused(c.get("/static/" + name), 404, "")
+    assert teacher.examples("s") == [{"prompt": "a", "response": "b"}] and teacher.jobs == {}
 
 
 def test_nobody_in_without_the_key_or_from_elsewhere(teacher):
-    # without a key: a page on another site can neither name this host nor send a simple (non-JSON) body
+    # without a key: a page on another site can neither name this host nor send a simple (non-JSON) request
     c = client(teacher)
+    c.post("/api/skills", json={"name": "s"})
     assert c.get("/api/skills", headers={"Host": "attacker.example:8000"}).status_code == 403
     assert c.post("/api/skills", content=b"name=x", headers={"Content-Type": "text/plain"}).status_code == 415
+    assert c.post("/api/skills/s/save").status_code == 415  # no body, no JSON type: what a form or beacon sends
+    elsewhere = {"Origin": "http://attacker.example"}
+    assert c.post("/api/skills/s/save", json={}, headers=elsewhere).status_code == 403
+    assert c.delete("/api/skills/s", headers=elsewhere).status_code == 403
+    assert c.post("/api/skills/s/save", json={}, headers={"Origin": "http://127.0.0.1:8000"}).status_code == 200
     big = b"x" * (2 << 20)
     assert c.post("/api/skills", content=big, headers={"Content-Type": "application/json"}).status_code == 413
     assert c.get("/api/skills", headers={"Host": "localhost:8000"}).status_code == 200
@@ -315,3 +338,51 @@ def test_a_page_closed_mid_learn_loses_nothing(tmp_path):
         assert again.reply("hi", "zoggian") == "zog"
     finally:
         again.close()
+
+
+def test_a_failed_save_or_a_taken_name_leaves_everything_as_it_was(teacher, monkeypatch, tmp_path):
+    import errno
+
+    import rllama.teach.teacher as module
+
+    c = client(teacher)
+    teach_zog(c)
+    teacher.skills.policy.add_adapter("agent")  # an agent's adapter on the same model: not a skill's name
+    for request in (lambda: c.post("/api/skills", json={"name": "agent"}),
+                    lambda: c.patch("/api/skills/zoggian", json={"name": "agent"})):
+        response = request()
+        assert response.status_code == 409 and "not a skill" in response.json()["error"]["message"]
+    (teacher.folder / "stray").mkdir()  # a folder the teacher did not load: never overwritten
+    load = {"path": str(teacher.folder / "zoggian"), "name": "stray"}
+    assert c.post("/api/skills/load", json=load).status_code == 409
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(module, "writing_dir", full)
+    adapters = sorted(teacher.skills.list_adapters())
+    for request, status in ((lambda: c.post("/api/skills", json={"name": "new"}), 507),
+                            (lambda: c.patch("/api/skills/zoggian", json={"name": "renamed"}), 507),
+                            (lambda: c.post("/api/skills/load", json={"path": str(teacher.folder / "zoggian"),
+                                                                      "name": "copy"}), 507),
+                            (lambda: c.post("/api/skills/zoggian/examples", json={"prompt": "a", "response": "b"}),
+                             507)):
+        response = request()
+        assert response.status_code == status and "No space left" in response.json()["error"]["message"]
+    monkeypatch.undo()
+    assert [s["name"] for s in c.get("/api/skills").json()["skills"]] == ["zoggian"]
+    assert sorted(teacher.skills.list_adapters()) == adapters and len(teacher.examples("zoggian")) == 2
+    assert sorted(p.name for p in teacher.folder.iterdir()) == ["stray", "zoggian"]
+    assert c.post("/api/chat", json={"prompt": "hi", "skill": "zoggian"}).json()["reply"] == "zog"
+    # a saved skill whose adapter/ is a link to a folder elsewhere is refused, not copied in
+    outside = tmp_path / "outside"
+    teacher.skills.save_adapter("zoggian", outside / "adapter")
+    forged = teacher.folder / "forged"
+    forged.mkdir()
+    (forged / "skill.json").write_text((teacher.folder / "zoggian" / "skill.json").read_text())
+    (forged / "adapter").symlink_to(outside / "adapter")
+    from rllama.fileio import write_manifest
+
+    write_manifest(forged)
+    response = c.post("/api/skills/load", json={"path": str(forged), "name": "evil"})
+    assert response.status_code == 403 and "outside the folders" in response.json()["error"]["message"]

@@ -28,17 +28,19 @@ class TeachServer(BackgroundServer):
     """The teaching page and its API for ``teacher``, served on ``host:port`` (port 0: any free one) by
     uvicorn in a background thread. Without ``api_key`` only on a loopback address; with one, the API
     needs ``Authorization: Bearer <api_key>`` (the page takes the key from its URL: :attr:`url` carries it
-    after ``#``, which browsers never send to the server)."""
+    after ``#``, which browsers never send to the server). ``read_timeout_s`` bounds the time a client may
+    take to send a whole request (a 408 after it)."""
 
     def __init__(self, teacher: Teacher, host: str = "127.0.0.1", port: int = 0, *, api_key: str | None = None,
-                 max_body_bytes: int = 1 << 20) -> None:
+                 max_body_bytes: int = 1 << 20, read_timeout_s: float = 30.0) -> None:
         require_web_stack("the teaching page")
         from rllama.teach.app import create_app
 
         check_binding(host, api_key, "the model and change its skills")
         self.teacher = teacher
         self.api_key = api_key
-        super().__init__(create_app(teacher, api_key=api_key, max_body_bytes=max_body_bytes), host, port)
+        super().__init__(create_app(teacher, api_key=api_key, max_body_bytes=max_body_bytes), host, port,
+                         read_timeout_s=read_timeout_s)
 
     @property
     def url(self) -> str:

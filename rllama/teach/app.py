@@ -62,9 +62,13 @@ def create_app(teacher: Teacher, *, api_key: str | None = None, max_body_bytes: 
 
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str):
-        path = (STATIC / name).resolve()
-        if path.parent != STATIC or not path.is_file():
-            raise TeachError(f"no static file {name!r}", 404)
+        try:
+            path = (STATIC / name).resolve()
+            found = path.parent == STATIC and path.is_file()
+        except (OSError, ValueError):  # a NUL byte, a name too long
+            found = False
+        if not found:
+            raise TeachError(f"no static file {name[:80]!r}", 404)
         return FileResponse(path, headers={"Cache-Control": "no-store"})
 
     # ------------------------------------------------------------------ model and skills
@@ -129,13 +133,12 @@ def create_app(teacher: Teacher, *, api_key: str | None = None, max_body_bytes: 
     async def chat(request: Request):
         payload = await body(request)
         prompt, skill_name = payload.get("prompt"), payload.get("skill")
-        limit = payload.get("max_new_tokens")
-        if skill_name is not None:
-            teacher.skill(skill_name)  # a 404 now, not inside the stream
-        if not payload.get("stream"):
+        limit, stream = payload.get("max_new_tokens"), payload.get("stream", False)
+        if not isinstance(stream, bool):
+            raise TeachError(f"stream must be true or false; got {stream!r}")
+        await run_in_threadpool(teacher.check_request, prompt, skill_name, limit)  # a 4xx now, not in the stream
+        if not stream:
             return {"reply": await run_in_threadpool(teacher.reply, prompt, skill_name, limit), "skill": skill_name}
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise TeachError("prompt must be a non-empty string")
         return StreamingResponse(_stream_reply(teacher, prompt, skill_name, limit), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
 
@@ -143,9 +146,8 @@ def create_app(teacher: Teacher, *, api_key: str | None = None, max_body_bytes: 
     async def compare(request: Request):
         """The base model's reply and the skill's, to the same prompt."""
         payload = await body(request)
-        name = payload.get("skill")
-        teacher.skill(name)
-        prompt = payload.get("prompt")
+        name, prompt = payload.get("skill"), payload.get("prompt")
+        await run_in_threadpool(teacher.check_request, prompt, name)
         base = await run_in_threadpool(teacher.reply, prompt, None)
         reply = await run_in_threadpool(teacher.reply, prompt, name)
         return {"prompt": prompt, "base": base, "skill": name, "reply": reply}
@@ -153,7 +155,7 @@ def create_app(teacher: Teacher, *, api_key: str | None = None, max_body_bytes: 
     # ------------------------------------------------------------------ learning
     @app.post("/api/skills/{name}/learn", status_code=202)
     async def learn(name: str, request: Request):
-        job = teacher.learn(name, (await body(request)).get("probe"))
+        job = await run_in_threadpool(teacher.learn, name, (await body(request)).get("probe"))
         return job.summary()
 
     @app.get("/api/jobs/{job_id}")

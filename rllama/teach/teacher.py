@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from rllama.errors import CorruptFileError, RLlamaError
-from rllama.fileio import read_json, recover_dir, verify_dir, writing_dir
+from rllama.fileio import read_json, recover_dir, utf8_problem, verify_dir, writing_dir
 from rllama.skills import SkillModel, validate_examples
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,12 @@ class LlamaCppChat:
 
     def forget(self, skill: str) -> None:
         with self.lock:
-            self.files.pop(skill, None)
+            path = self.files.pop(skill, None)
+            if path is not None and path == self.current:
+                self.backend.engine.set_adapter(None)
+                self.current = None
+            if path is not None:
+                path.unlink(missing_ok=True)
 
     def close(self) -> None:
         with self.lock:
@@ -235,16 +240,22 @@ class Teacher:
         self._job_ids = itertools.count(1)
         self._learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rllama-teach-learn")
         self.chat = make_chat(self.skills, engine, gguf)
+        self.damaged: dict[str, str] = {}  # skill folders found damaged at the start: name -> why
         for path in sorted(self.folder.iterdir()):
             if path.is_dir() and not path.name.startswith(".") and (recover_dir(path) / SKILL_FILE).is_file():
-                self._load_folder(path, path.name)
+                try:
+                    self.table[path.name] = self._load_folder(path, path.name)
+                except (CorruptFileError, RLlamaError) as exc:
+                    self.damaged[path.name] = str(exc)
+                    logger.warning("skill folder %s is not loaded: %s", path, exc)
 
     # ------------------------------------------------------------------ skills
     def info(self) -> dict:
         policy = self.skills.policy
         return {"model": policy.base_model_name or type(policy.lm.get_base_model()).__name__,
                 "engine": self.chat.name, "folder": str(self.folder), "epochs": self.epochs,
-                "learning_rate": self.learning_rate, "max_new_tokens": self.max_new_tokens}
+                "learning_rate": self.learning_rate, "max_new_tokens": self.max_new_tokens,
+                "damaged": dict(self.damaged)}
 
     def list_skills(self) -> list[dict]:
         with self.state_lock:
@@ -256,19 +267,29 @@ class Teacher:
                 "learning": list(self.learning.get(skill.name, []))}
 
     def skill(self, name: str) -> Skill:
+        if not isinstance(name, str):
+            raise TeachError(f"skill must be a skill's name (a string); got {type(name).__name__}")
         with self.state_lock:
             found = self.table.get(name)
         if found is None:
             raise TeachError(f"no skill named {name!r}; skills: {sorted(self.table)}", 404)
         return found
 
+    def _check_free(self, name: str) -> None:
+        """Refuse a skill name taken by a skill, a folder in the skills folder, or another adapter of the model."""
+        if name in self.table or (self.folder / name).exists():
+            raise TeachError(f"a skill named {name!r} exists already (or a folder of that name in {self.folder})", 409)
+        if name in self.skills.list_adapters():
+            raise TeachError(f"the model already has an adapter named {name!r} that is not a skill (an agent's): "
+                             "pick another name", 409)
+
     def create_skill(self, name: Any) -> dict:
         name = check_skill_name(name)
         with self.state_lock:
-            if name in self.table or (self.folder / name).exists():
-                raise TeachError(f"a skill named {name!r} exists already", 409)
-            skill = self.table[name] = Skill(name)
-            self._save(skill)
+            self._check_free(name)
+            skill = Skill(name)
+            self._save(skill)  # on disk first: a failed save leaves no skill behind
+            self.table[name] = skill
             return self._describe(skill)
 
     def rename_skill(self, name: str, new: Any) -> dict:
@@ -276,20 +297,28 @@ class Teacher:
         with self.state_lock:
             skill = self.skill(name)
             self._idle(name, "renamed")
-            if new in self.table or (self.folder / new).exists():
-                raise TeachError(f"a skill named {new!r} exists already", 409)
-            if name in self.skills.list_adapters():
+            self._check_free(new)
+            adapted = name in self.skills.list_adapters()
+            if adapted:  # a copy under the new name first: the old one stays until the new one is saved
                 with self.skills.lock, tempfile.TemporaryDirectory(prefix="rllama-rename-") as tmp:
                     self.skills.policy.save_adapter(name, Path(tmp) / "adapter")
                     self.skills.policy.load_adapter(new, Path(tmp) / "adapter")
+            renamed = Skill(new, skill.examples, skill.steps)
+            try:
+                self._save(renamed)
+            except BaseException:
+                if adapted:
+                    self.skills.delete_adapter(new)
+                raise
+            with self.skills.lock:
+                if adapted:
+                    self.chat.publish(new)
                     self.chat.forget(name)
                     self.skills.policy.delete_adapter(name)
-                    self.chat.publish(new)
-            skill.name = new
-            self.table[new] = self.table.pop(name)
-            self._save(skill)
+            self.table[new] = renamed
+            del self.table[name]
             self._remove_folder(self.folder / name)
-            return self._describe(skill)
+            return self._describe(renamed)
 
     def delete_skill(self, name: str) -> None:
         with self.state_lock:
@@ -324,6 +353,15 @@ class Teacher:
         """Write the skill's folder whole (examples, adapter, checksum manifest), replacing the previous save;
         ``examples``, when given, replace the skill's once they are on disk (a failed save changes nothing)."""
         examples = skill.examples if examples is None else examples
+        try:
+            self._write(skill, examples)
+        except OSError as exc:
+            raise TeachError(f"could not save skill {skill.name!r} to {self.folder / skill.name}: {exc}; nothing "
+                             "was changed", 507 if getattr(exc, "errno", None) == 28 else 500) from exc
+        skill.examples = examples
+        skill.saved_at = time.time()
+
+    def _write(self, skill: Skill, examples: list[dict]) -> None:
         with self.state_lock, writing_dir(self.folder / skill.name) as tmp:
             record = {"format": FORMAT, "version": FORMAT_VERSION, "name": skill.name, "steps": skill.steps,
                       "base_model": self.skills.policy.base_model_name, "examples": examples}
@@ -334,8 +372,6 @@ class Teacher:
 
                     (tmp / "adapter").mkdir()
                     persistence.write_adapter(self.skills.policy.lm, skill.name, tmp / "adapter")
-        skill.examples = examples
-        skill.saved_at = time.time()
 
     def _load_folder(self, path: Path, name: str) -> Skill:
         """Load a skill folder this class saved (checked against its manifest) as skill ``name``."""
@@ -355,63 +391,87 @@ class Teacher:
         steps = record.get("steps", 0)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise CorruptFileError(f"{path / SKILL_FILE}: steps={steps!r} is not a count")
-        if (path / "adapter").is_dir():
-            self._load_adapter(path / "adapter", name)
-        skill = Skill(name, examples, steps, saved_at=(path / SKILL_FILE).stat().st_mtime)
-        with self.state_lock:
-            self.table[name] = skill
-        return skill
+        adapter = path / "adapter"
+        if adapter.is_symlink() or (adapter.exists() and not adapter.resolve().is_relative_to(path.resolve())):
+            raise CorruptFileError(f"{adapter} is a link out of its skill folder; a saved skill holds its adapter")
+        if adapter.is_dir():
+            listed = read_json(path / "manifest.json").get("files", {})
+            if not any(str(k).startswith("adapter/") for k in listed):
+                raise CorruptFileError(f"{path / 'manifest.json'} does not list the files of {adapter}: the folder "
+                                       "was put together by hand or damaged")
+            self._load_adapter(adapter, name)
+        return Skill(name, examples, steps, saved_at=(path / SKILL_FILE).stat().st_mtime)
 
     def _load_adapter(self, path: Path, name: str) -> None:
         with self.skills.lock:
-            if name in self.skills.list_adapters():
-                self.chat.forget(name)
-                self.skills.policy.delete_adapter(name)
             self.skills.policy.load_adapter(name, path)
-            self.chat.publish(name)
+            try:
+                self.chat.publish(name)
+            except BaseException:
+                self.skills.policy.delete_adapter(name)
+                raise
 
     def load_skill(self, path: Any, name: Any = None) -> dict:
         """Load a skill folder (``skill.json`` and its adapter) or a PEFT adapter folder as skill ``name``
         (default: the folder's name), copied into this teacher's folder."""
-        if not isinstance(path, str) or not path or "\x00" in path:
-            raise TeachError(f"path must be a folder path; got {path!r}")
-        source = Path(path).expanduser().resolve()
-        if not any(source == root or source.is_relative_to(root) for root in self.load_roots):
-            raise TeachError(f"{path!r} is outside the folders skills may be loaded from "
-                             f"({', '.join(map(str, self.load_roots))})", 403)
+        if not isinstance(path, str) or not path or "\x00" in path or len(path) > 4096:
+            raise TeachError(f"path must be a folder path; got {str(path)[:80]!r}")
+        try:
+            source = Path(path).expanduser().resolve()
+            inside = [p.resolve() for p in [source, *source.rglob("*")]] if source.is_dir() else [source]
+        except (OSError, RuntimeError) as exc:  # a symlink loop, an unknown ~user, a name too long
+            raise TeachError(f"cannot read {path!r}: {exc}", 404) from None
+        outside = [p for p in inside if not any(p == root or p.is_relative_to(root) for root in self.load_roots)]
+        if outside:
+            raise TeachError(f"{path!r} is or holds a link to {str(outside[0])!r}, outside the folders skills may be "
+                             f"loaded from ({', '.join(map(str, self.load_roots))})", 403)
         name = check_skill_name(name if name is not None else source.name)
         with self.state_lock:
-            if name in self.table:
-                raise TeachError(f"a skill named {name!r} exists already; pick another name", 409)
+            self._check_free(name)
             try:
                 if (source / SKILL_FILE).is_file():
                     skill = self._load_folder(source, name)
                 elif (source / "adapter_config.json").is_file():
                     self._load_adapter(source, name)
-                    skill = self.table[name] = Skill(name)
+                    skill = Skill(name)
                 else:
                     raise TeachError(f"{path!r} holds neither a skill ({SKILL_FILE}) nor a PEFT adapter "
                                      "(adapter_config.json)", 404)
+            except TeachError:
+                raise
             except (CorruptFileError, RLlamaError) as exc:
-                if isinstance(exc, TeachError):
-                    raise
                 raise TeachError(f"cannot load {path!r}: {exc}") from None
-            skill.name = name
-            self._save(skill)
+            try:
+                self._save(skill)
+            except BaseException:
+                self._unload(name)
+                raise
+            self.table[name] = skill
             return self._describe(skill)
+
+    def _unload(self, name: str) -> None:
+        """Take adapter ``name`` out of the model and the chat (a load or adoption that could not be saved)."""
+        with self.skills.lock:
+            self.chat.forget(name)
+            if name in self.skills.list_adapters():
+                self.skills.policy.delete_adapter(name)
 
     def adopt_adapter(self, adapter: str, name: Any) -> dict:
         """Make a copy of the policy's adapter ``adapter`` (an agent's trained one) the skill ``name``."""
         name = check_skill_name(name)
         with self.state_lock:
-            if name in self.table:
-                raise TeachError(f"a skill named {name!r} exists already; pick another name", 409)
+            self._check_free(name)
             with tempfile.TemporaryDirectory(prefix="rllama-adopt-") as tmp:
                 with self.skills.lock:
                     self.skills.policy.save_adapter(adapter, Path(tmp) / "adapter")
                 self._load_adapter(Path(tmp) / "adapter", name)
-            skill = self.table[name] = Skill(name)
-            self._save(skill)
+            skill = Skill(name)
+            try:
+                self._save(skill)
+            except BaseException:
+                self._unload(name)
+                raise
+            self.table[name] = skill
             return self._describe(skill)
 
     # ------------------------------------------------------------------ examples
@@ -454,12 +514,13 @@ class Teacher:
         return "".join(line + "\n" for line in lines)
 
     # ------------------------------------------------------------------ chat
-    def reply(self, prompt: Any, skill: str | None = None, max_new_tokens: int | None = None,
-              on_text: Callable[[str], None] | None = None) -> str:
-        """The model's reply to ``prompt`` with ``skill``'s adapter (``None``: the base model); ``on_text``
-        receives the reply's text as it grows (each new piece)."""
+    def check_request(self, prompt: Any, skill: Any = None, max_new_tokens: Any = None) -> tuple[list[int], int]:
+        """``(prompt token ids, max_new_tokens)`` of a chat request, or a :class:`TeachError` naming what is wrong."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise TeachError("prompt must be a non-empty string")
+        problem = utf8_problem(prompt, "the prompt")
+        if problem:
+            raise TeachError(f"{problem} is a lone surrogate, which no tokenizer takes")
         if skill is not None:
             self.skill(skill)
         limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -470,6 +531,13 @@ class Teacher:
             self.skills.policy.check_context([len(ids)], lambda i: "the prompt", room=limit)
         except (ValueError, RLlamaError) as exc:
             raise TeachError(str(exc)) from None
+        return ids, limit
+
+    def reply(self, prompt: Any, skill: str | None = None, max_new_tokens: int | None = None,
+              on_text: Callable[[str], None] | None = None) -> str:
+        """The model's reply to ``prompt`` with ``skill``'s adapter (``None``: the base model); ``on_text``
+        receives the reply's text as it grows (each new piece)."""
+        ids, limit = self.check_request(prompt, skill, max_new_tokens)
         adapter = skill if skill in self.skills.list_adapters() else None  # a skill that never learned: the base
         tokens: list[int] = []
         sent = [""]
@@ -486,7 +554,12 @@ class Teacher:
                 sent[0] = text
                 on_text(piece)
 
-        return self.skills.chat.decode_reply(self.chat.generate(ids, adapter, limit, on_token))
+        try:
+            return self.skills.chat.decode_reply(self.chat.generate(ids, adapter, limit, on_token))
+        except RLlamaError:
+            if skill is not None and skill not in self.skills.list_adapters():  # deleted or renamed meanwhile
+                raise TeachError(f"skill {skill!r} was deleted or renamed while it was answering", 409) from None
+            raise
 
     # ------------------------------------------------------------------ learning
     def learn(self, name: str, probe: Any = None) -> LearnJob:
@@ -498,8 +571,8 @@ class Teacher:
             if not skill.examples:
                 raise TeachError(f"skill {name!r} has no examples yet: correct or approve a reply first, then learn")
             examples = self.examples(name)
-            if probe is not None and (not isinstance(probe, str) or not probe.strip()):
-                raise TeachError("probe must be a non-empty prompt")
+            if probe is not None:
+                self.check_request(probe)
             job = LearnJob(f"job-{next(self._job_ids)}", name)
             self.jobs[job.id] = job
             self.learning.setdefault(name, []).append(job.id)

@@ -20,6 +20,9 @@ function headers(json) {
 }
 
 async function api(method, path, body) {
+  // every POST, PUT and PATCH is JSON, even without a body: the server refuses any other (no other page can
+  // send one without the browser asking the server first)
+  if (body === undefined && method !== "GET" && method !== "DELETE") body = {};
   const response = await fetch(path, { method, headers: headers(body !== undefined),
                                        body: body !== undefined ? JSON.stringify(body) : undefined });
   const text = await response.text();
