@@ -209,7 +209,8 @@ def test_bodies_over_the_limit_are_refused_before_reading(server):
     assert_error(call(server, "/completions", body=b" " * BODY_LIMIT), 400, "invalid_request_error", "not valid JSON")
 
 
-def test_a_stalled_client_is_dropped_and_others_are_served(server):
+def test_a_stalled_client_is_dropped_and_others_are_served(server, caplog):
+    caplog.set_level(logging.WARNING)
     address = server.server_address[:2]
     start = time.monotonic()
     stalled_head = socket.create_connection(address, timeout=5)
@@ -229,6 +230,7 @@ def test_a_stalled_client_is_dropped_and_others_are_served(server):
         stalled_head.close()
         stalled_body.close()
     assert call(server, "/models")[0] == 200
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]  # a 408 is no server error
 
 
 @pytest.mark.parametrize("part", ["line", "head", "body"])
