@@ -121,12 +121,16 @@ def test_learning_rates_decay_linearly_to_their_floor_over_the_episodes_named(ma
     assert [round(s["train/learning_rate"] / 1e-3, 6) for s in stats] == [1.0, 0.625, 0.25, 0.25]
     heads = agent.algorithm.optimizer.param_groups[1]
     assert heads["lr"] == pytest.approx(agent.algorithm.base_learning_rates[1] * 0.25)
+    late = make_agent(algorithm=algorithm, algorithm_config={**config, "lr_decay_start": 8})
+    assert [round(s["train/learning_rate"] / 1e-3, 6)
+            for s in late.train(ChoiceEnv(steps=2), 24, seed=0, progress=False)] == [1.0, 1.0, 1.0, 0.625, 0.25, 0.25]
     constant = make_agent(algorithm=algorithm, algorithm_config={**config, "lr_decay_episodes": None})
     assert {s["train/learning_rate"] for s in constant.train(ChoiceEnv(steps=2), 8, seed=0, progress=False)} == {1e-3}
 
 
 @pytest.mark.parametrize("field,value", [("lr_decay_episodes", 0), ("lr_decay_episodes", 2.5),
-                                         ("lr_decay_to", 1.5), ("lr_decay_to", -0.1), ("lr_decay_to", True)])
+                                         ("lr_decay_to", 1.5), ("lr_decay_to", -0.1), ("lr_decay_to", True),
+                                         ("lr_decay_start", -1), ("lr_decay_start", 1.5)])
 def test_decay_settings_are_checked(field, value):
     with pytest.raises(ValueError, match=field):
         PPOConfig(**{field: value})

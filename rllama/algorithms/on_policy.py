@@ -64,6 +64,8 @@ class OnPolicyConfig(AlgorithmConfig):
             CleanRL's ``anneal_lr``, with a floor): a policy found late keeps moving under full-size
             steps, and smaller ones let it settle (Blackjack, the adapter alone: docs/algorithms.md).
         lr_decay_to: the fraction of each rate that ``lr_decay_episodes`` ends at, in ``[0, 1]``.
+        lr_decay_start: trained episodes before the decay begins (0: from the start); the rates fall
+            over the ``lr_decay_episodes`` after it.
         head_learning_rate: as for every algorithm; ``"auto"``: with a policy head, the config's
             ``auto_head_learning_rate`` (a linear policy on unit-variance features: PPO ``1e-2``;
             A2C, REINFORCE and GRPO, with fewer gradient steps per episode, ``3e-2``), without one
@@ -85,6 +87,7 @@ class OnPolicyConfig(AlgorithmConfig):
     max_importance_weight: float = 2.0
     lr_decay_episodes: int | None = None
     lr_decay_to: float = 0.1
+    lr_decay_start: int = 0
     auto_fields: ClassVar[tuple[str, ...]] = ("policy_head", "train_adapter", "learning_starts", "head_learning_rate")
     # What "auto" gives a scoring agent (resolved): the policy head's components, the steps its
     # whitening is fitted from, the heads' learning rate.
@@ -122,6 +125,7 @@ class OnPolicyConfig(AlgorithmConfig):
         check_field(self, "vf_coef", self.vf_coef >= 0, "must be non-negative")
         check_field(self, "lr_decay_episodes", self.lr_decay_episodes is None or _count(self.lr_decay_episodes)
                     and self.lr_decay_episodes >= 1, "must be None (constant rates) or a positive number of episodes")
+        check_field(self, "lr_decay_start", _count(self.lr_decay_start), "must be a non-negative number of episodes")
         check_field(self, "lr_decay_to", isinstance(self.lr_decay_to, (int, float))
                     and not isinstance(self.lr_decay_to, bool) and 0 <= self.lr_decay_to <= 1, "must lie in [0, 1]")
 
@@ -180,7 +184,7 @@ class OnPolicyAlgorithm(Algorithm):
         cfg = self.config
         if cfg.lr_decay_episodes is None:
             return 1.0
-        done = min(self.episodes_trained / cfg.lr_decay_episodes, 1.0)
+        done = min(max(self.episodes_trained - cfg.lr_decay_start, 0) / cfg.lr_decay_episodes, 1.0)
         return 1.0 - (1.0 - cfg.lr_decay_to) * done
 
     def state_dict(self):
