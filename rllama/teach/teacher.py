@@ -441,13 +441,17 @@ class Teacher:
                 raise
             except (CorruptFileError, RLlamaError) as exc:
                 raise TeachError(f"cannot load {path!r}: {exc}") from None
-            try:
-                self._save(skill)
-            except BaseException:
-                self._unload(name)
-                raise
-            self.table[name] = skill
-            return self._describe(skill)
+            return self._enter(skill)
+
+    def _enter(self, skill: Skill) -> dict:
+        """Save a skill whose adapter was just loaded and list it; a failed save takes the adapter out again."""
+        try:
+            self._save(skill)
+        except BaseException:
+            self._unload(skill.name)
+            raise
+        self.table[skill.name] = skill
+        return self._describe(skill)
 
     def _unload(self, name: str) -> None:
         """Take adapter ``name`` out of the model and the chat (a load or adoption that could not be saved)."""
@@ -466,13 +470,7 @@ class Teacher:
                     self.skills.policy.save_adapter(adapter, Path(tmp) / "adapter")
                 self._load_adapter(Path(tmp) / "adapter", name)
             skill = Skill(name)
-            try:
-                self._save(skill)
-            except BaseException:
-                self._unload(name)
-                raise
-            self.table[name] = skill
-            return self._describe(skill)
+            return self._enter(skill)
 
     # ------------------------------------------------------------------ examples
     def examples(self, name: str) -> list[dict]:
