@@ -152,21 +152,12 @@ def cmd_train(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from rllama.experiment import RunConfig, make_agent, make_env
+    from rllama.experiment import make_agent, make_env
     from rllama.experiment.config import apply_threads, check_code
-    from rllama.fileio import recover_dir
 
-    path = Path(args.run)
-    run_dir = path if (path / "config.yaml").is_file() else path.parent.parent
-    if not (run_dir / "config.yaml").is_file():
-        raise RLlamaError(f"{path} is neither a run folder nor a checkpoint inside one (no config.yaml found)")
-    config = RunConfig.from_yaml(run_dir / "config.yaml")
+    run_dir, config, checkpoint = _run_checkpoint(args.run, "evaluate a checkpoint: rllama eval")
     overrides = {"num_envs": args.num_envs} if args.num_envs else {}
     config = config.with_overrides(overrides)
-    checkpoint = path if (path / "policy").is_dir() else recover_dir(run_dir / "final")
-    if not (checkpoint / "policy").is_dir():
-        raise RLlamaError(f"no trained policy at {checkpoint}/policy (has the run finished? evaluate a "
-                          f"checkpoint: rllama eval {run_dir}/checkpoints/segment-...)")
     check_code(config, args.allow_code, str(run_dir / "config.yaml"))
     apply_threads(args.threads if args.threads is not None else config.threads)
     agent = make_agent(config, args.allow_code)
@@ -235,10 +226,10 @@ def cmd_teach(args) -> dict:
     return {"url": server.url}
 
 
-def _trained_agent(run: str, allow_code: bool):
-    """The agent of run folder ``run`` (or a checkpoint folder inside one) with its trained policy loaded."""
-    from rllama.experiment import RunConfig, make_agent
-    from rllama.experiment.config import check_code
+def _run_checkpoint(run: str, hint: str):
+    """``(run folder, its RunConfig, the checkpoint folder)`` of a run folder (its final/) or a checkpoint in one;
+    ``hint`` completes the message when the run has no trained policy yet."""
+    from rllama.experiment import RunConfig
     from rllama.fileio import recover_dir
 
     path = Path(run)
@@ -248,8 +239,17 @@ def _trained_agent(run: str, allow_code: bool):
     config = RunConfig.from_yaml(run_dir / "config.yaml")
     checkpoint = path if (path / "policy").is_dir() else recover_dir(run_dir / "final")
     if not (checkpoint / "policy").is_dir():
-        raise RLlamaError(f"no trained policy at {checkpoint}/policy (has the run finished? use a "
-                          f"checkpoint: {run_dir}/checkpoints/segment-...)")
+        raise RLlamaError(f"no trained policy at {checkpoint}/policy (has the run finished? {hint} "
+                          f"{run_dir}/checkpoints/segment-...)")
+    return run_dir, config, checkpoint
+
+
+def _trained_agent(run: str, allow_code: bool):
+    """The agent of run folder ``run`` (or a checkpoint folder inside one) with its trained policy loaded."""
+    from rllama.experiment import make_agent
+    from rllama.experiment.config import check_code
+
+    run_dir, config, checkpoint = _run_checkpoint(run, "teach a checkpoint: rllama teach --run")
     check_code(config, allow_code, str(run_dir / "config.yaml"))
     agent = make_agent(config, allow_code)
     agent.load(checkpoint / "policy")
