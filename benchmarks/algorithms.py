@@ -43,22 +43,60 @@ COLORS = {"ppo": "tab:blue", "a2c": "tab:purple", "reinforce": "tab:brown", "grp
 
 
 def label(run: dict) -> str:
-    """A run's label: its algorithm, the policy head if its config has one, and the adapter if it trains beside one."""
+    """A run's label: its algorithm, the policy head if its config has one, the adapter if it trains
+    beside one, and the agent when it is not the demo's."""
     config = run.get("config", {})
     head = " + policy head" if config.get("policy_head") else ""
-    return run["algorithm"] + head + (" + adapter" if head and config.get("train_adapter") is True else "")
+    agent = f" ({run['agent']} agent)" if run.get("agent", "demo") != "demo" else ""
+    decay = f", lr decayed from {config.get('lr_decay_start', 0)}" if config.get("lr_decay_episodes") else ""
+    adapter = " + adapter" if head and config.get("train_adapter") is True else ""
+    return run["algorithm"] + head + adapter + agent + decay
+
+
+def user_agent_class(keep_history: bool = True):
+    """A Blackjack agent as a user writes it from the README (issue 41, item 3): its own prompt and
+    hooks, scoring "stand"/"hit", and the chat history kept (``keep_history = True``: every prompt
+    shows the episode's earlier turns; ``False`` for the ``user-no-history`` probe). It inherits only
+    :class:`BlackjackAgent`'s policy-map machinery, which reads the policy at an episode's first step,
+    where no earlier turn exists."""
+    from rllama.agents import BlackjackAgent
+
+    class UserBlackjackAgent(BlackjackAgent):
+        def get_system_prompt(self):
+            return ("You are a Blackjack player. Try to beat the dealer: finish closer to 21 than the dealer "
+                    "without going over. Answer 'hit' to draw a card or 'stand' to keep your hand.")
+
+        def format_observation(self, observation):
+            player, dealer, ace = (int(x) for x in observation)
+            return f"Player sum: {player}. Dealer card: {dealer}. Usable ace: {'yes' if ace else 'no'}. Stand or hit?"
+
+        def get_valid_actions(self, observation):
+            return ["stand", "hit"]
+
+        def extract_action(self, response):
+            return 1 if "hit" in response.lower() else 0
+
+    UserBlackjackAgent.keep_history = keep_history
+    return UserBlackjackAgent
 
 
 def color(label: str) -> str:
-    return COLORS.get(label.split(" ")[0], "black")
+    if "decayed" in label:
+        return "navy"
+    return COLORS.get(label.split(" ")[0].rstrip(","), "black")
 
 
-def _map_point(agent, t_train: float) -> dict:
+def _map_point(agent, t_train: float, deals=None) -> dict:
+    """The greedy policy map's exact value and agreement; with ``deals`` (``(envs, episodes)``) also the greedy
+    return on those fixed deals (what counts for an agent whose later steps see more than the map's states)."""
     from rllama.agents.blackjack import agreement, policy_value
 
     policy = agent.policy_map()
-    return {"episodes": agent.total_episodes, "steps": agent.total_steps, "train_s": t_train,
-            "map_value": policy_value(policy), "agreement": agreement(policy)}
+    point = {"episodes": agent.total_episodes, "steps": agent.total_steps, "train_s": t_train,
+             "map_value": policy_value(policy), "agreement": agreement(policy)}
+    if deals is not None:
+        point["deals"] = agent.evaluate(deals[0], deals[1], seed=EVAL_SEED)["mean_return"]
+    return point
 
 
 def run(algorithm: str, seed: int, args) -> dict:
@@ -69,10 +107,13 @@ def run(algorithm: str, seed: int, args) -> dict:
 
     t0 = time.perf_counter()
     config = json.loads(args.config).get(algorithm) if args.config else None
-    agent = BlackjackAgent(args.model, seed=seed, algorithm=algorithm, algorithm_config=config,
-                           precision=args.precision)
+    agent_class = BlackjackAgent if args.agent == "demo" else user_agent_class(keep_history=args.agent == "user")
+    extra = json.loads(args.agent_args) if args.agent_args else {}
+    agent = agent_class(args.model, seed=seed, algorithm=algorithm, algorithm_config=config,
+                        precision=args.precision, **extra)
     envs = gym.make_vec("Blackjack-v1", num_envs=args.envs, vectorization_mode="sync", sab=True)
-    curve, updates, train_s, chunk = [_map_point(agent, 0.0)], [], 0.0, 0
+    deals = (envs, args.eval_episodes) if args.deals_at_maps else None
+    curve, updates, train_s, chunk = [_map_point(agent, 0.0, deals)], [], 0.0, 0
     while agent.total_episodes < args.episodes:
         start = time.perf_counter()
         updates += [{k: float(v) for k, v in st.items()}
@@ -80,13 +121,14 @@ def run(algorithm: str, seed: int, args) -> dict:
         train_s += time.perf_counter() - start
         chunk += 1
         if agent.total_episodes % args.map_every < 16 or agent.total_episodes >= args.episodes:
-            curve.append(_map_point(agent, train_s))
+            curve.append(_map_point(agent, train_s, deals))
             point = curve[-1]
+            on_deals = f", {point['deals']:+.3f} on the deals" if deals else ""
             print(f"{algorithm} seed {seed} episodes {point['episodes']:5d}: map value {point['map_value']:+.3f}, "
-                  f"agreement {point['agreement']:.0%} ({train_s:.0f} s training)", flush=True)
+                  f"agreement {point['agreement']:.0%}{on_deals} ({train_s:.0f} s training)", flush=True)
     final = agent.evaluate(envs, args.eval_episodes, seed=EVAL_SEED)
     policy = agent.policy_map()
-    result = {"algorithm": algorithm, "seed": seed, "curve": curve, "updates": updates,
+    result = {"algorithm": algorithm, "agent": args.agent, "seed": seed, "curve": curve, "updates": updates,
               "trained": final["mean_return"], "trained_stderr": final["stderr"],
               "map_value": curve[-1]["map_value"], "agreement": curve[-1]["agreement"],
               "policy": [policy[s] for s in STATES], "train_s": train_s,
@@ -102,9 +144,10 @@ def run(algorithm: str, seed: int, args) -> dict:
 TARGET = -0.08  # issue 21: every algorithm at least this, greedy
 
 
-def first_reaching(run: dict, target: float = TARGET) -> dict | None:
-    """The first policy map of a run worth at least ``target``: its episodes and training minutes."""
-    point = next((p for p in run["curve"] if p["map_value"] >= target), None)
+def first_reaching(run: dict, target: float = TARGET, key: str = "map_value") -> dict | None:
+    """The first point of a run whose policy map (``key="deals"``: return on the fixed deals) is worth at
+    least ``target``: its episodes and training minutes."""
+    point = next((p for p in run["curve"] if p.get(key, -2.0) >= target), None)
     return None if point is None else {"episodes": point["episodes"], "train_min": point["train_s"] / 60}
 
 
@@ -122,6 +165,8 @@ def summarise(runs: list[dict]) -> dict:
             "train_min_mean": float(np.mean([r["train_s"] for r in rs]) / 60),
             "seeds": [r["seed"] for r in rs],
             f"first_map_at_least_{TARGET}": [first_reaching(r) for r in rs],  # per seed; None: never
+            **({f"first_deals_at_least_{TARGET}": [first_reaching(r, key="deals") for r in rs]}
+               if all("deals" in r["curve"][0] for r in rs) else {}),
         }
     return table
 
@@ -155,7 +200,8 @@ def plot(result: dict, path: Path) -> None:
         rs = [r for r in result["runs"] if label(r) == algorithm]
         bx.bar(i, table[algorithm]["trained_mean"], width=0.6, color=color(algorithm), alpha=0.6)
         bx.plot([i] * len(rs), [r["trained"] for r in rs], "k.", ms=8, label="each seed" if i == 0 else None)
-    bx.set_xticks(range(len(names)), [n.replace(" + policy head", "\n+ head") for n in names], fontsize=8)
+    bx.set_xticks(range(len(names)), [n.replace(" + policy head", "\n+ head").replace(", lr decayed", "\nlr decayed")
+                                      .replace(" (", "\n(") for n in names], fontsize=7)
     bx.set_ylabel(f"greedy mean return, {result['config']['eval_episodes']} fixed deals")
     bx.set_title("after training")
     bx.legend(fontsize=8, loc="lower right")
@@ -224,6 +270,10 @@ def print_table(result: dict) -> None:
               f"{row['trained_max']:+.3f}), map value {row['map_value_mean']:+.3f}, {row['agreement_mean']:.0%} of "
               f"states optimal, {row['episodes']} episodes, {row['train_min_mean']:.1f} min; "
               f"map >= {TARGET} first at: {reached}")
+        if f"first_deals_at_least_{TARGET}" in row:
+            print(" " * 11 + f"fixed deals >= {TARGET} first at: " + ", ".join(
+                "never" if p is None else f"{p['episodes']} ({p['train_min']:.1f} min)"
+                for p in row[f"first_deals_at_least_{TARGET}"]))
 
 
 def center_logit_gradients(alpha: float) -> None:
@@ -256,6 +306,10 @@ def main() -> None:
     parser.add_argument("--map-every", type=int, default=320, help="episodes between two policy maps")
     parser.add_argument("--eval-episodes", type=int, default=1000, help="fixed deals of the final evaluation")
     parser.add_argument("--envs", type=int, default=16)
+    parser.add_argument("--agent", choices=["demo", "user", "user-no-history"], default="demo",
+                        help="demo: rllama.agents.BlackjackAgent (no history in its prompts); user: a user's own "
+                             "hooks with the history kept (issue 41, item 3); user-no-history: the same hooks "
+                             "with keep_history = False")
     parser.add_argument("--model", default=None)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--config", default="", help='JSON {algorithm: {field: value}} overriding the defaults')
@@ -265,6 +319,10 @@ def main() -> None:
                         help="probe (issue 41), not library behaviour: remove ALPHA times the minibatch mean from "
                              "the gradient of every candidate's logit (per candidate position), so an update "
                              "pushes every state's preference the same way ALPHA-times less")
+    parser.add_argument("--agent-args", default="", help="more arguments of the agent, as JSON")
+    parser.add_argument("--deals-at-maps", action="store_true",
+                        help="also play the --eval-episodes fixed deals greedily at every policy map (not counted "
+                             "in the training time)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="combine result files of runs made in parallel into --name, then stop")
     args = parser.parse_args()
