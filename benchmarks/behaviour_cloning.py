@@ -47,7 +47,8 @@ def run(seed: int, args) -> dict:
         logger.train(envs, args.log_episodes, seed=seed, progress=False)
         episodes = read_trajectories(log)
         del logger
-    agent = BlackjackAgent(args.model, seed=seed, precision=args.precision)
+    # the model's scores in the policy, as when it was measured: cloning teaches the model, not the head
+    agent = BlackjackAgent(args.model, seed=seed, precision=args.precision, score_normalization="mean")
     evals = {"untrained": agent.evaluate(envs, args.eval_episodes, seed=EVAL_SEED)["mean_return"]}
     stats = behaviour_cloning(agent, episodes, keep="success", epochs=args.epochs, learning_rate=args.lr, seed=seed)
     evals["behaviour cloning"] = agent.evaluate(envs, args.eval_episodes, seed=EVAL_SEED)["mean_return"]

@@ -57,6 +57,7 @@ from rllama.memory import EpisodicMemory, Retrieved
 from rllama.memory.hooks import MemoryHooks, split_memory
 from rllama.policy import build_policy
 from rllama.policy.engine import DEFAULT_CACHE_MB
+from rllama.policy.outputs import SCORE_NORMALIZATIONS
 from rllama.prompting import ChatFormat, PromptBuilder
 from rllama.recording import EnvRecord, Recorder
 from rllama.replies import Choices, ReplyGrammars
@@ -99,9 +100,14 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         precision: ``"auto"`` (bf16 autocast on GPUs that run it natively and on CPUs where it is
             measured faster, else fp32), ``"fp32"`` or ``"bf16"``.
         score_normalization: ``"mean"`` (the mean log-prob of a candidate's text tokens plus that of
-            its end-of-turn token), ``"sum"`` (its log-likelihood), or ``"none"`` (the model's
+            its end-of-turn token), ``"sum"`` (its log-likelihood), ``"none"`` (the model's
             preference left out: the policy is the algorithm's head alone, uniform at first; for
-            candidates that describe each move in words, see :class:`~rllama.agents.SokobanAgent`).
+            candidates that describe each move in words, see :class:`~rllama.agents.SokobanAgent`),
+            or ``"auto"`` (the default): what the algorithm decides
+            (``Algorithm.default_score_normalization``): ``"none"`` when an on-policy algorithm's policy
+            head on the frozen adapter chooses among the candidates (the defaults for a scoring agent:
+            the model's likelihood of the candidate words is a prior the head would first have to
+            unlearn), else ``"mean"``.
         temperature: policy temperature (scoring and generation, acting and training).
         max_new_tokens: longest generated reply.
         format_penalty: reward added (for training only: reported returns stay the environment's) to
@@ -145,7 +151,7 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         precision: str = "auto",
         prefix_cache: bool | str = "auto",
         prefix_cache_mb: float = DEFAULT_CACHE_MB,
-        score_normalization: str = "mean",
+        score_normalization: str = "auto",
         temperature: float = 1.0,
         max_new_tokens: int = 32,
         format_penalty: float = 0.0,
@@ -161,9 +167,13 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         if seed is not None:
             set_seed(seed)
         self.seed = seed
+        if score_normalization not in (*SCORE_NORMALIZATIONS, "auto"):
+            raise ValueError(f"score_normalization={score_normalization!r}; expected one of "
+                             f"{', '.join(map(repr, (*SCORE_NORMALIZATIONS, 'auto')))}")
         self.policy = build_policy(
             model, tokenizer, device=device, lora_config=lora_config, precision=precision,
-            score_normalization=score_normalization, temperature=temperature, prefix_cache=prefix_cache,
+            score_normalization="mean" if score_normalization == "auto" else score_normalization,
+            temperature=temperature, prefix_cache=prefix_cache,
             prefix_cache_mb=prefix_cache_mb,
         )
         self.tokenizer = self.policy.tokenizer
@@ -181,6 +191,8 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         self.backend = make_backend(backend, self.policy, generates=not scores_actions)
         scoring = self.backend.provides_values and scores_actions
         self.algorithm = make_algorithm(algorithm, self.policy, algorithm_config, seed=seed, scoring=scoring)
+        if score_normalization == "auto":
+            self.policy.score_normalization = self.algorithm.default_score_normalization(scoring)
         check_can_serve(self.backend, self.algorithm, self.policy)
         if scores_actions and not self.policy.uses_scores and not self.algorithm.learns_scored_choices():
             raise ValueError(

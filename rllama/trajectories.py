@@ -293,13 +293,20 @@ def behaviour_cloning(agent, episodes: list[dict] | str | os.PathLike, *,
 
     Each step's ``prompt`` chat is rendered with the agent's chat format and the loss is the
     response tokens' negative log-likelihood (:func:`rllama.skills.sft_loss`), the prompt carrying
-    none. For a scoring agent this raises the chosen candidates' scores. Afterwards train the agent
-    with any algorithm as usual.
+    none. For a scoring agent this raises the chosen candidates' scores, so its policy must include
+    them (``score_normalization`` not ``"none"``; refused otherwise). Afterwards train the agent with
+    any algorithm as usual.
 
     Returns ``{"episodes", "steps", "losses" (per epoch)}``.
     """
     from rllama.skills import sft_loss
 
+    if not agent.policy.uses_scores and agent.scores_actions():
+        raise RLlamaError(
+            "behaviour cloning teaches the model its replies, but this agent's policy leaves the model's scores out "
+            "(score_normalization='none', what 'auto' gives a policy head on the frozen adapter): the imitation "
+            "would not change a single choice. Build the agent with score_normalization='mean' (the model's "
+            "scores plus the head) or with the adapter alone as the policy (algorithm_config={'policy_head': 0})")
     if not isinstance(episodes, list):
         episodes = read_trajectories(episodes)
     chosen = select_episodes(episodes, keep)

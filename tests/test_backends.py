@@ -96,7 +96,8 @@ def test_recomputed_behaviour_equals_in_process_acting(server, make_agent):
     log-probs stay as the behaviour policy (here the same model: the importance weights are 1)."""
     agents = []
     for backend in (OpenAIBackend(server.url, model="rllama-base"), None):
-        agents.append(make_agent(backend=backend, algorithm_config={"batch_episodes": 99}))  # seeds everything
+        agents.append(make_agent(backend=backend, algorithm_config={"batch_episodes": 99},  # seeds everything
+                                 score_normalization="mean"))  # the policy a server can serve
         agents[-1].train(ChoiceEnv(steps=3), 2, seed=0, progress=False)
     remote, local = agents
     r_steps = [s for e in remote.algorithm.buffer.episodes for s in e.steps]

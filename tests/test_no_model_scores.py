@@ -87,13 +87,37 @@ def test_a_choice_nothing_trains_is_refused_and_dqn_is_not(make_agent):
     assert agent.policy.score_normalization == "none"
 
 
+def test_auto_leaves_the_model_scores_out_where_a_head_on_the_frozen_adapter_chooses(make_agent):
+    """The default: an on-policy algorithm's policy head trained on the frozen adapter's features decides
+    alone; where the adapter is (part of) the policy, for DQN and SAC, or when the agent generates, the
+    model's scores stay."""
+    from tests.conftest import ChoiceAgent
+
+    def resolved(**kwargs):
+        return make_agent(score_normalization="auto", **kwargs).policy.score_normalization
+
+    assert make_agent().policy.score_normalization == resolved() == "none"  # PPO's defaults: a head, adapter frozen
+    assert resolved(algorithm="grpo") == resolved(algorithm="a2c") == resolved(algorithm="reinforce") == "none"
+    assert resolved(algorithm="sac") == "mean"  # its actor learned as well beside the scores (measured)
+    assert resolved(algorithm_config={"policy_head": 0}) == "mean"  # the adapter alone is the policy
+    assert resolved(algorithm_config={"train_adapter": True}) == "mean"  # the adapter learns beside the head
+    assert resolved(algorithm="dqn") == "mean"  # Q heads choose; the scores break their ties
+    assert resolved(cls=type("Generating", (ChoiceAgent,), {"candidates": ()})) == "mean"
+    for name in ("mean", "sum", "none"):  # an explicit choice is kept
+        assert make_agent(score_normalization=name).policy.score_normalization == name
+    with pytest.raises(ValueError, match="score_normalization='max'.*'auto'"):
+        make_agent(score_normalization="max")
+
+
 def test_described_moves_leave_the_model_scores_out_unless_asked(make_agent):
     from rllama.agents import FrozenLakeAgent
     from rllama.agents.sokoban import SokobanAgent
 
     for cls in (SokobanAgent, FrozenLakeAgent):
         assert make_agent(cls=cls).policy.score_normalization == "none"
-        assert make_agent(cls=cls, describe=False).policy.score_normalization == "mean"
+        assert make_agent(cls=cls, describe=False).policy.score_normalization == "none"  # "auto": a head chooses
+        assert make_agent(cls=cls, describe=False, algorithm_config={"policy_head": 0}).policy.score_normalization \
+            == "mean"
         assert make_agent(cls=cls, score_normalization="sum").policy.score_normalization == "sum"
 
 

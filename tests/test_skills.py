@@ -150,7 +150,9 @@ def test_trajectory_log_round_trip_and_behaviour_cloning(make_agent, tmp_path):
     assert select_episodes(episodes, "success") == [e for e in episodes if e["return"] > 0]
     assert len(select_episodes(episodes, 0.5)) == 3
 
-    fresh = make_agent()
+    with pytest.raises(RLlamaError, match="leaves the model's scores out.*score_normalization='mean'"):
+        behaviour_cloning(make_agent(), log)  # the default policy is PPO's head alone: cloning would change nothing
+    fresh = make_agent(score_normalization="mean")
     p0 = right_probability(fresh, 3)
     stats = behaviour_cloning(fresh, log, keep="success", epochs=20, learning_rate=3e-3)
     assert stats["episodes"] > 0

@@ -14,7 +14,8 @@ class GridAgent(RLlamaAgent):
     to, and the model's own scores are left out of the policy (``score_normalization="none"``
     unless given, or when acting through a backend without the learner's heads): the model's
     likelihood of such sentences rates their wording, not the move, so the policy is the
-    algorithm's head on the candidates' features, uniform before training.
+    algorithm's head on the candidates' features, uniform before training. With bare moves the
+    agent's default (``"auto"``) applies.
 
     Args:
         describe: name what each move leads to in its candidate text.
@@ -27,7 +28,8 @@ class GridAgent(RLlamaAgent):
         self.describe = bool(describe)
         # Without the model's scores the policy is a head: only an agent acting in this process has one.
         local = kwargs.get("backend") is None
-        kwargs.setdefault("score_normalization", "none" if self.describe and local else "mean")
+        if self.describe:
+            kwargs.setdefault("score_normalization", "none" if local else "mean")
         super().__init__(*args, **kwargs)
 
     def format_observation(self, observation) -> str:

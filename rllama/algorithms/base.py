@@ -189,6 +189,12 @@ class Algorithm(ABC):
         own scores (a policy head, or Q heads that choose): what ``score_normalization="none"`` needs."""
         return POLICY_HEAD in self.policy.heads
 
+    def default_score_normalization(self, scoring: bool) -> str:
+        """What an agent's ``score_normalization="auto"`` becomes with this algorithm (``scoring``: the agent
+        scores candidates in this process): ``"mean"``, the model's scores in the policy. The on-policy
+        algorithms leave them out where their policy head alone learns (:class:`OnPolicyAlgorithm`)."""
+        return "mean"
+
     def choose_actions(
         self, outputs: CandidateOutputs, greedy: bool, generator: torch.Generator, training: bool
     ) -> list[tuple[int, float]]:
