@@ -81,7 +81,7 @@ def test_cloning_and_learning_past_the_context_are_refused_before_training(make_
     from rllama.skills import SkillModel
     from rllama.trajectories import behaviour_cloning
 
-    agent = make_agent(kind=kind)  # 1024 positions either way
+    agent = make_agent(kind=kind, score_normalization="mean")  # 1024 positions either way
     before = {n: p.detach().clone() for n, p in agent.policy.named_parameters() if p.requires_grad}
     episodes = [long_episode(100), long_episode(3000)]
     episodes[0]["episode"] = 6
@@ -110,7 +110,7 @@ def test_cloning_names_an_episode_without_an_id_by_its_place_and_text_no_tokeniz
     from rllama.skills import SkillModel
     from rllama.trajectories import TrajectoryError, behaviour_cloning
 
-    agent = make_agent(kind="gpt2")
+    agent = make_agent(kind="gpt2", score_normalization="mean")  # cloning needs the model in the policy
     episodes = [long_episode(50), long_episode(50), long_episode(3000)]
     for e in episodes:
         del e["episode"]
