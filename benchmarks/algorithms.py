@@ -80,6 +80,28 @@ def user_agent_class(keep_history: bool = True):
     return UserBlackjackAgent
 
 
+def readme_scoring_agent_class():
+    """The RLlama README's Blackjack agent (``generation.readme_agent_class``: its prompt, "stay" or "hit")
+    scoring the two words instead of writing them, without the history: the generate-mode benchmark's
+    agent in scoring mode, to tell its prompt's prior from the generating path."""
+    from generation import readme_agent_class
+
+    from rllama.agents import BlackjackAgent
+
+    readme = readme_agent_class()
+
+    class ReadmeScoringAgent(BlackjackAgent):
+        get_system_prompt = readme.get_system_prompt
+        format_observation = readme.format_observation
+        extract_action = readme.extract_action
+
+        def get_valid_actions(self, observation):
+            return ["stay", "hit"]
+
+    ReadmeScoringAgent.keep_history = False
+    return ReadmeScoringAgent
+
+
 def color(label: str) -> str:
     if "decayed" in label:
         return "navy"
@@ -107,7 +129,8 @@ def run(algorithm: str, seed: int, args) -> dict:
 
     t0 = time.perf_counter()
     config = json.loads(args.config).get(algorithm) if args.config else None
-    agent_class = BlackjackAgent if args.agent == "demo" else user_agent_class(keep_history=args.agent == "user")
+    agent_class = (BlackjackAgent if args.agent == "demo" else readme_scoring_agent_class() if args.agent == "readme"
+                   else user_agent_class(keep_history=args.agent == "user"))
     extra = json.loads(args.agent_args) if args.agent_args else {}
     agent = agent_class(args.model, seed=seed, algorithm=algorithm, algorithm_config=config,
                         precision=args.precision, **extra)
@@ -307,10 +330,11 @@ def main() -> None:
     parser.add_argument("--map-every", type=int, default=320, help="episodes between two policy maps")
     parser.add_argument("--eval-episodes", type=int, default=1000, help="fixed deals of the final evaluation")
     parser.add_argument("--envs", type=int, default=16)
-    parser.add_argument("--agent", choices=["demo", "user", "user-no-history"], default="demo",
+    parser.add_argument("--agent", choices=["demo", "user", "user-no-history", "readme"], default="demo",
                         help="demo: rllama.agents.BlackjackAgent (no history in its prompts); user: a user's own "
                              "hooks with the history kept (issue 41, item 3); user-no-history: the same hooks "
-                             "with keep_history = False")
+                             "with keep_history = False; readme: the RLlama README's agent (generate_learning.py's) "
+                             "scoring 'stay'/'hit'")
     parser.add_argument("--model", default=None)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--config", default="", help='JSON {algorithm: {field: value}} overriding the defaults')

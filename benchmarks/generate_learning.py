@@ -18,6 +18,14 @@ in every variant; only ``format`` tells the agent, through ``is_valid_reply``),
 and at the end plays ``--eval-episodes`` fixed deals greedily (env seeds 10000+) and reads the greedy
 policy map (the action in each of the 280 decision states) and its exact value. Writes
 ``results/<name>.json`` and ``.png``.
+
+A long run sits across sessions with ``--checkpoint DIR --train-minutes M``: the training state is saved
+to ``DIR/<name>-<variant>-seed<seed>`` after every ``--chunk`` episodes, a sitting ends after the first
+chunk past ``M`` minutes, and the same command run again resumes there (bit for bit: the loop's random
+state is in the checkpoint) until ``--episodes`` are trained and the evaluation runs::
+
+    python benchmarks/generate_learning.py --variants verbatim --episodes 6400 --eval-episodes 1000 \
+        --threads 1 --checkpoint .cache/generate_learning --train-minutes 150   # run again to resume
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from common import (  # noqa: E402
 )
 
 VARIANTS = ["verbatim", "format", "choices"]
+SITTING_OVER = 3  # a child's exit status: trained as far as --train-minutes allowed, checkpoint saved
 COLORS = {"verbatim": "tab:red", "format": "tab:blue", "choices": "tab:green"}
 
 
@@ -105,6 +114,7 @@ def run_variant(args) -> dict:
 
     cls = Counted
     kwargs = {"format_penalty": -0.1} if args.variant == "format" else {}
+    kwargs.update(json.loads(args.agent_args) if args.agent_args else {})
     config = json.loads(args.algorithm_config) if args.algorithm_config else None
     agent = cls(args.model, seed=args.seed, precision=args.precision, max_new_tokens=32, algorithm_config=config,
                 **kwargs)
@@ -122,7 +132,38 @@ def run_variant(args) -> dict:
         counts.update(replies=0, named=0)
         print(json.dumps(curve[-1]), flush=True)
 
-    agent.train(envs, args.episodes, seed=args.seed, progress=False, callback=log)
+    run_name = f"{Path(args.name).name}-{args.variant}-seed{args.seed}"
+    state = Path(args.checkpoint) / run_name if args.checkpoint else None
+    settings = {"variant": args.variant, "seed": args.seed, "algorithm_config": config, "agent_args": kwargs,
+                "model": args.model, "precision": args.precision, "chunk": args.chunk}
+    spent, chunk = 0.0, 0
+    if state is not None and state.exists():
+        from rllama.checkpoint import load_training_state
+
+        saved = load_training_state(agent, state)
+        if saved["settings"] != settings:
+            raise SystemExit(f"--checkpoint {state} was trained with {saved['settings']}, not {settings}: resume "
+                             "with those settings or use another --checkpoint folder")
+        curve[:], spent, chunk = saved["curve"], saved["train_s"], saved["chunk"]
+        print(f"# resumed after {agent.total_episodes} episodes ({spent / 60:.1f} min trained)", flush=True)
+    t0 -= spent  # wall times continue from the sittings before
+    sitting = time.perf_counter()
+    while agent.total_episodes < args.episodes:
+        if state is not None and args.train_minutes and time.perf_counter() - sitting > 60 * args.train_minutes:
+            print(f"# sitting over after {agent.total_episodes} episodes; run the command again to resume",
+                  flush=True)
+            return None
+        n = args.episodes - agent.total_episodes  # one call without --checkpoint, as the committed runs made
+        if state is not None:
+            n = min(args.chunk, n)
+        agent.train(envs, n, seed=args.seed if chunk == 0 else args.seed * 1_000_003 + chunk * 16, progress=False,
+                    callback=log)
+        chunk += 1
+        if state is not None:
+            from rllama.checkpoint import save_training_state
+
+            save_training_state(agent, state, extra={"settings": settings, "curve": curve, "chunk": chunk,
+                                                     "train_s": time.perf_counter() - t0})
     train_s = time.perf_counter() - t0
     envs.close()
     policy, map_named = greedy_map(agent)
@@ -140,7 +181,7 @@ def run_variant(args) -> dict:
                 done = terminated or truncated
             agent.reset()
             returns.append(total)
-    return {"variant": args.variant, "seed": args.seed, "algorithm_config": config,
+    return {"variant": args.variant, "seed": args.seed, "algorithm_config": config, "agent_args": kwargs,
             "backend": type(agent.backend).__name__,
             "episodes": args.episodes, "env_steps": agent.total_steps, "train_s": train_s, "curve": curve,
             "eval_return": sum(returns) / len(returns), "eval_episodes": len(returns),
@@ -201,9 +242,20 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=320)
     parser.add_argument("--eval-episodes", type=int, default=200)
     parser.add_argument("--algorithm-config", default="", help='JSON of PPO fields overriding the defaults')
+    parser.add_argument("--agent-args", default="", help='JSON of agent arguments, e.g. \'{"temperature": 2}\'')
+    parser.add_argument("--checkpoint", metavar="DIR", default=None,
+                        help="save each run's training state to DIR every --chunk episodes and resume from it")
+    parser.add_argument("--chunk", type=int, default=320, help="episodes between checkpoints (with --checkpoint)")
+    parser.add_argument("--train-minutes", type=float, default=0,
+                        help="with --checkpoint: end this sitting after the first chunk past this many minutes")
     args = parser.parse_args()
+    if args.checkpoint and args.chunk < 1:
+        parser.error(f"--chunk must be at least 1; got {args.chunk}")
     if args.variant is not None:
-        Path(args.out).write_text(json.dumps(run_variant(args)))
+        run = run_variant(args)
+        if run is None:
+            sys.exit(SITTING_OVER)
+        Path(args.out).write_text(json.dumps(run))
         return
     runs = []
     for variant in args.variants:
@@ -212,11 +264,19 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--variant", variant, "--out", out, "--seed", str(args.seed),
                "--episodes", str(args.episodes), "--eval-episodes", str(args.eval_episodes),
                "--precision", args.precision, "--threads", str(args.threads), "--algorithm-config",
-               args.algorithm_config]
+               args.algorithm_config, "--agent-args", args.agent_args, "--name", args.name, "--chunk", str(args.chunk),
+               "--train-minutes", str(args.train_minutes)]
         if args.model:
             cmd += ["--model", args.model]
+        if args.checkpoint:
+            cmd += ["--checkpoint", args.checkpoint]
         print("#", variant, flush=True)
-        subprocess.run(cmd, check=True)
+        status = subprocess.run(cmd).returncode
+        if status == SITTING_OVER:
+            save_partial(args.name, runs)
+            raise SystemExit(f"{variant}: this sitting is over; run the same command again to resume")
+        if status:
+            raise SystemExit(f"{variant}: the run failed with exit status {status} (its output is above)")
         runs.append(json.loads(Path(out).read_text()))
         Path(out).unlink()
         print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("curve", "policy")}), flush=True)
