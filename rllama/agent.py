@@ -103,7 +103,9 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
             its end-of-turn token), ``"sum"`` (its log-likelihood), ``"none"`` (the model's
             preference left out: the policy is the algorithm's head alone, uniform at first; for
             candidates that describe each move in words, see :class:`~rllama.agents.SokobanAgent`),
-            or ``"auto"`` (the default): what the algorithm decides
+            ``"relative"`` (``"mean"`` minus the base model's score, the adapter disabled: uniform at
+            first whatever the prompt makes the model prefer, so the adapter alone can leave a prompt
+            whose model says the same word everywhere; in-process backend only), or ``"auto"`` (the default): what the algorithm decides
             (``Algorithm.default_score_normalization``): ``"none"`` when an on-policy algorithm's policy
             head on the frozen adapter chooses among the candidates (the defaults for a scoring agent:
             the model's likelihood of the candidate words is a prior the head would first have to

@@ -94,7 +94,8 @@ def make_backend(backend, policy=None, generates: bool = False) -> Backend:
 
 def check_can_serve(backend: Backend, algorithm, policy) -> None:
     """Raise ``ValueError`` when ``backend`` cannot act for ``algorithm`` on ``policy``: a backend without
-    the learner's heads (:attr:`Backend.provides_values` false) serves neither Q heads nor a policy head."""
+    the learner's heads (:attr:`Backend.provides_values` false) serves neither Q heads nor a policy head, nor
+    scores relative to the base model."""
     from rllama.policy.model import POLICY_HEAD
 
     if algorithm.acting_heads and not backend.provides_values:
@@ -105,3 +106,7 @@ def check_can_serve(backend: Backend, algorithm, policy) -> None:
                          f"train_adapter=False) adds to the candidates' scores in this process; "
                          f"{type(backend).__name__} cannot serve it: use the in-process backend, or "
                          f"policy_head=0 / SAC's train_adapter=True and whiten_features=0")
+    if policy.score_normalization == "relative" and not backend.provides_values:
+        raise ValueError(f"score_normalization='relative' measures each candidate's score against the base model's "
+                         f"(the adapter disabled) in this process; {type(backend).__name__} scores on a server: "
+                         f"use 'mean' there, or the in-process backend")

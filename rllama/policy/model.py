@@ -124,7 +124,12 @@ class PolicyModel(nn.Module):
             learns) and its reference policy is uniform. For candidate texts whose likelihood says
             nothing about the action's worth (a sentence describing each move: the model prefers
             some phrasings whatever the state), and it saves the projection onto the vocabulary.
-            Needs an algorithm with a head that chooses (a policy or Q head).
+            Needs an algorithm with a head that chooses (a policy or Q head). ``"relative"``: the
+            ``"mean"`` score minus the base model's (the adapter disabled), so the untrained policy is
+            uniform whatever the prompt makes the model prefer, the adapter learns the difference,
+            and the reference policy is uniform; each scoring pass runs the adapted blocks twice. For
+            a prompt whose model is nearly certain of one candidate everywhere (a trap the adapter
+            alone does not leave: ``docs/algorithms.md``).
         temperature: the policy is ``softmax(logits / temperature)`` in generate mode and
             ``softmax(scores / temperature)`` in scoring mode, when acting and when training.
         engine: the forward engine to run on, as a function of the model's parts and the PEFT model
@@ -254,7 +259,9 @@ class PolicyModel(nn.Module):
 
     def _rule(self) -> ScoreRule:
         head = self.heads[POLICY_HEAD] if POLICY_HEAD in self.heads and not self._in_reference else None
-        return ScoreRule(self.score_normalization, self.temperature, head)
+        # relative scores are measured against the base model's; the reference's own are all 0
+        reference = self.reference if self.score_normalization == "relative" and not self._in_reference else None
+        return ScoreRule(self.score_normalization, self.temperature, head, reference)
 
     def continuation_logprobs(self, prompts, continuations, owner, entropy_rows=None, logprobs: bool = True):
         """Log-probability of each token of each continuation given its prompt (:meth:`Engine.encode

@@ -9,15 +9,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SCORE_NORMALIZATIONS = ("mean", "sum", "none")
+SCORE_NORMALIZATIONS = ("mean", "sum", "none", "relative")
 """How a candidate's token log-probs become its score (``PolicyModel(score_normalization=...)``)."""
 
 
 def candidate_score(token_logprobs: Sequence[float], normalization: str) -> float:
     """A candidate's score from its tokens' log-probs (the last token being its end-of-turn token):
     their sum, (``"mean"``) the mean over the text tokens plus the last token's log-prob, or
-    (``"none"``) 0, the model's preference left out.
-    :meth:`PolicyModel._candidate_scores` computes the same on tensors."""
+    (``"none"``) 0, the model's preference left out. ``"relative"`` needs the base model's scores too
+    (:class:`~rllama.policy.scoring.ScoreRule`), which token log-probs alone do not give.
+    :class:`~rllama.policy.scoring.ScoreRule` computes the same on tensors."""
+    if normalization == "relative":
+        raise ValueError("score_normalization='relative' subtracts the base model's score (the adapter disabled), "
+                         "which needs the in-process learner; use 'mean' with this backend")
     if normalization == "none":
         return 0.0
     lps = [float(x) for x in token_logprobs]

@@ -9,8 +9,9 @@ none of it knows how the engine runs its passes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,41 +27,66 @@ class ScoreRule:
     """How candidates' logits are made from an engine's output.
 
     Args:
-        normalization: ``"mean"``, ``"sum"`` or ``"none"`` (see :class:`~rllama.policy.PolicyModel`).
+        normalization: ``"mean"``, ``"sum"``, ``"none"`` or ``"relative"`` (see
+            :class:`~rllama.policy.PolicyModel`).
         temperature: the logits are the scores over it.
         policy_head: a head whose output on a candidate's features is added to its logit (``None``: none, as
             in the reference policy).
+        reference: for ``"relative"``, a context in which the engine's passes are the base model's (the
+            adapter disabled); ``None`` in the reference policy itself, whose relative scores are all 0.
     """
 
     normalization: str
     temperature: float
     policy_head: nn.Module | None = None
+    reference: Callable[[], AbstractContextManager] | None = None
 
     @property
     def uses_scores(self) -> bool:
         """Whether the logits include the model's own scores (without them no token log-prob is computed)."""
-        return self.normalization != "none"
+        return self.normalization not in ("none", "relative") or self.relative
 
-    def scores(self, enc: Continuations) -> torch.Tensor:
-        """The model's score of each candidate ``[R]``."""
+    @property
+    def relative(self) -> bool:
+        """Whether each score is measured against the base model's (and so needs a pass with the adapter disabled)."""
+        return self.normalization == "relative" and self.reference is not None
+
+    def reference_encoding(self, engine: Engine, prompts, continuations, owner) -> Continuations | None:
+        """The base model's token log-probs of the continuations, where the scores are relative (else ``None``);
+        never with gradients: the base model is fixed."""
+        if not self.relative:
+            return None
+        with torch.no_grad(), self.reference():
+            return engine.encode(prompts, continuations, owner, temperature=self.temperature)
+
+    def scores(self, enc: Continuations, reference: Continuations | None = None) -> torch.Tensor:
+        """The model's score of each candidate ``[R]`` (relative: minus the base model's, from ``reference``)."""
         if not self.uses_scores:
             return enc.mask.new_zeros(enc.mask.shape[0], dtype=torch.float32)
-        summed = enc.token_logprobs.sum(-1)  # [R]
         if self.normalization == "sum":
-            return summed
-        # "mean": the mean over the candidate's text tokens plus its last (end-of-turn) token. Averaging
-        # the end-of-turn token in with a one-token action word would halve the model's own preference.
-        lengths = enc.mask.sum(-1)
-        last = enc.token_logprobs.gather(1, (lengths.long() - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-        text = (lengths - 1).clamp(min=1)
-        return torch.where(lengths > 1, (summed - last) / text + last, summed)
+            return enc.token_logprobs.sum(-1)
+        if self.relative:
+            if reference is None:
+                raise ValueError("relative scores need the base model's encoding (ScoreRule.reference_encoding)")
+            return _mean_score(enc) - _mean_score(reference)
+        return _mean_score(enc)
 
-    def logits(self, enc: Continuations) -> torch.Tensor:
+    def logits(self, enc: Continuations, reference: Continuations | None = None) -> torch.Tensor:
         """The candidates' logits ``[R]``."""
-        logits = self.scores(enc) / self.temperature
+        logits = self.scores(enc, reference) / self.temperature
         if self.policy_head is not None:
             logits = logits + self.policy_head(enc.action_hidden).squeeze(-1)
         return logits
+
+
+def _mean_score(enc: Continuations) -> torch.Tensor:
+    """The mean log-prob over each candidate's text tokens plus its last (end-of-turn) token's ``[R]``. Averaging
+    the end-of-turn token in with a one-token action word would halve the model's own preference."""
+    summed = enc.token_logprobs.sum(-1)
+    lengths = enc.mask.sum(-1)
+    last = enc.token_logprobs.gather(1, (lengths.long() - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    text = (lengths - 1).clamp(min=1)
+    return torch.where(lengths > 1, (summed - last) / text + last, summed)
 
 
 def candidate_outputs(engine: Engine, heads: nn.ModuleDict, rule: ScoreRule, prompts, candidates,
@@ -71,10 +97,13 @@ def candidate_outputs(engine: Engine, heads: nn.ModuleDict, rule: ScoreRule, pro
     owner = [b for b, cands in enumerate(candidates) for _ in cands]
     with torch.no_grad() if frozen_body else contextlib.nullcontext():
         enc = engine.encode(prompts, flat, owner, temperature=rule.temperature, logprobs=scores and rule.uses_scores)
+    reference = rule.reference_encoding(engine, prompts, flat, owner) if scores else None
     sizes = [len(c) for c in candidates]
     values = heads["value"](enc.prompt_hidden).squeeze(-1)
     q = {name: list(torch.split(heads[name](enc.action_hidden).squeeze(-1), sizes)) for name in q_heads}
-    return CandidateOutputs(_segment_log_softmax(rule.logits(enc), sizes), values, q)
+    # without scores the logits are placeholders: the policy head's alone, as under "none"
+    logits = rule.logits(enc, reference) if scores else replace(rule, normalization="none").logits(enc)
+    return CandidateOutputs(_segment_log_softmax(logits, sizes), values, q)
 
 
 @torch.no_grad()
@@ -113,7 +142,9 @@ def evaluate_actions(engine: Engine, heads: nn.ModuleDict, rule: ScoreRule, step
     with torch.no_grad() if frozen_body else contextlib.nullcontext():
         enc = engine.encode(prompts, conts, owner, temperature=rule.temperature, entropy_rows=ent_rows,
                             logprobs=rule.uses_scores or not all(s.is_scored for s in steps))
-    logits = rule.logits(enc)  # [R], meaningful for scored rows
+    scored = any(s.is_scored for s in steps)
+    reference = rule.reference_encoding(engine, prompts, conts, owner) if scored else None
+    logits = rule.logits(enc, reference) if scored else None  # [R], meaningful for scored rows
     dists, entropies, indices = [], [], []
     for s, (start, n) in zip(steps, spans):
         if s.is_scored:
