@@ -103,13 +103,13 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
             its end-of-turn token), ``"sum"`` (its log-likelihood), ``"none"`` (the model's
             preference left out: the policy is the algorithm's head alone, uniform at first; for
             candidates that describe each move in words, see :class:`~rllama.agents.SokobanAgent`),
-            ``"relative"`` (``"mean"`` minus the base model's score, the adapter disabled: uniform at
-            first whatever the prompt makes the model prefer, so the adapter alone can leave a prompt
-            whose model says the same word everywhere; in-process backend only), or ``"auto"`` (the default): what the algorithm decides
-            (``Algorithm.default_score_normalization``): ``"none"`` when an on-policy algorithm's policy
-            head on the frozen adapter chooses among the candidates (the defaults for a scoring agent:
-            the model's likelihood of the candidate words is a prior the head would first have to
-            unlearn), else ``"mean"``.
+            ``"relative"`` (``"mean"`` minus the base model's score, the adapter disabled: the adapter
+            alone starts from an even choice in every state, not from the prompt's preference, and the
+            KL's reference is uniform; in-process backend only), or ``"auto"`` (the default): what
+            the algorithm decides (``Algorithm.default_score_normalization``): ``"none"`` when an
+            on-policy algorithm's policy head on the frozen adapter chooses among the candidates (the
+            defaults for a scoring agent: the model's likelihood of the candidate words is a prior the
+            head would first have to unlearn), else ``"mean"``.
         temperature: policy temperature (scoring and generation, acting and training).
         max_new_tokens: longest generated reply.
         format_penalty: reward added (for training only: reported returns stay the environment's) to

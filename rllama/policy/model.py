@@ -127,9 +127,9 @@ class PolicyModel(nn.Module):
             Needs an algorithm with a head that chooses (a policy or Q head). ``"relative"``: the
             ``"mean"`` score minus the base model's (the adapter disabled), so the untrained policy is
             uniform whatever the prompt makes the model prefer, the adapter learns the difference,
-            and the reference policy is uniform; each scoring pass runs the adapted blocks twice. For
-            a prompt whose model is nearly certain of one candidate everywhere (a trap the adapter
-            alone does not leave: ``docs/algorithms.md``).
+            and the reference policy is uniform; each scoring pass runs the adapted blocks twice (the
+            base model's passes are remembered like any frozen output). For a prompt whose model is
+            nearly certain of one candidate everywhere (``benchmarks/README.md``, issue 41).
         temperature: the policy is ``softmax(logits / temperature)`` in generate mode and
             ``softmax(scores / temperature)`` in scoring mode, when acting and when training.
         engine: the forward engine to run on, as a function of the model's parts and the PEFT model
