@@ -259,9 +259,11 @@ class PolicyModel(nn.Module):
 
     def _rule(self) -> ScoreRule:
         head = self.heads[POLICY_HEAD] if POLICY_HEAD in self.heads and not self._in_reference else None
-        # relative scores are measured against the base model's; the reference's own are all 0
-        reference = self.reference if self.score_normalization == "relative" and not self._in_reference else None
-        return ScoreRule(self.score_normalization, self.temperature, head, reference)
+        normalization = self.score_normalization
+        if normalization == "relative" and self._in_reference:
+            normalization = "none"  # the base model against itself: every score 0, the reference is uniform
+        reference = self.reference if normalization == "relative" else None
+        return ScoreRule(normalization, self.temperature, head, reference)
 
     def continuation_logprobs(self, prompts, continuations, owner, entropy_rows=None, logprobs: bool = True):
         """Log-probability of each token of each continuation given its prompt (:meth:`Engine.encode

@@ -33,7 +33,7 @@ class ScoreRule:
         policy_head: a head whose output on a candidate's features is added to its logit (``None``: none, as
             in the reference policy).
         reference: for ``"relative"``, a context in which the engine's passes are the base model's (the
-            adapter disabled); ``None`` in the reference policy itself, whose relative scores are all 0.
+            adapter disabled). The reference policy of a relative one is ``"none"``: uniform.
     """
 
     normalization: str
@@ -44,12 +44,16 @@ class ScoreRule:
     @property
     def uses_scores(self) -> bool:
         """Whether the logits include the model's own scores (without them no token log-prob is computed)."""
-        return self.normalization not in ("none", "relative") or self.relative
+        return self.normalization != "none"
 
     @property
     def relative(self) -> bool:
         """Whether each score is measured against the base model's (and so needs a pass with the adapter disabled)."""
-        return self.normalization == "relative" and self.reference is not None
+        return self.normalization == "relative"
+
+    def __post_init__(self) -> None:
+        if self.relative and self.reference is None:
+            raise ValueError("relative scores need the context of the base model's passes (reference=)")
 
     def reference_encoding(self, engine: Engine, prompts, continuations, owner) -> Continuations | None:
         """The base model's token log-probs of the continuations, where the scores are relative (else ``None``);
@@ -66,8 +70,6 @@ class ScoreRule:
         if self.normalization == "sum":
             return enc.token_logprobs.sum(-1)
         if self.relative:
-            if reference is None:
-                raise ValueError("relative scores need the base model's encoding (ScoreRule.reference_encoding)")
             return _mean_score(enc) - _mean_score(reference)
         return _mean_score(enc)
 
