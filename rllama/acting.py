@@ -77,8 +77,13 @@ class Actor:
         with torch.no_grad(), policy.lock, policy.using_adapter(agent.adapter_name):
             if scored:
                 self._score(scored, prompts, candidates, candidate_ids, steps, training)
-            if generated:
-                self._generate(generated, prompts, steps, choice_ids, grammars)
+            # a relative policy's reply to declared choices is measured against the base model: in this process
+            relative = [i for i in generated if choice_ids[i] is not None and policy.score_normalization == "relative"]
+            if relative:
+                self._choose_relative(relative, prompts, steps, choice_ids, training)
+            sampled = [i for i in generated if i not in relative]
+            if sampled:
+                self._generate(sampled, prompts, steps, choice_ids, grammars)
         for step, observation in zip(steps, observations):
             if step.is_scored:
                 step.action = agent.hooks.call("extract_action", step.text)
@@ -171,6 +176,23 @@ class Actor:
                 learner_recompute=not (agent.backend.provides_values and reply.exact) or math.isnan(reply.value),
                 policy_version=agent.algorithm.num_updates,
                 choice_ids=choice_ids[i], reply_grammar=grammars[i],  # the declared reply shape, if any
+            )
+
+    def _choose_relative(self, rows, prompts, steps, choice_ids, training: bool) -> None:
+        """Replies to declared choices under a relative policy: the whole choices' distribution from the learner
+        (:meth:`~rllama.policy.PolicyModel.choice_outputs`), a choice sampled from it (greedy: the likeliest),
+        recorded as a generated step with its tokens' log-probs."""
+        agent = self.agent
+        outputs, token_logprobs = agent.policy.choice_outputs([prompts[i] for i in rows], [choice_ids[i] for i in rows])
+        picks = agent.algorithm.choose_actions(outputs, greedy=self.greedy, generator=agent.generator,
+                                               training=training)
+        for j, (i, (k, logprob)) in enumerate(zip(rows, picks)):
+            reply = list(choice_ids[i][k])
+            steps[i] = Step(
+                prompt_ids=prompts[i], response_ids=reply, logprob=logprob,
+                token_logprobs=token_logprobs[j][k].float().tolist(), value=float(outputs.values[j]),
+                text=agent.chat.decode_reply(agent.reply_prefix_ids + reply),
+                learner_recompute=False, policy_version=agent.algorithm.num_updates, choice_ids=choice_ids[i],
             )
 
     def _parse(self, observation, text: str):

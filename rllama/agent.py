@@ -105,7 +105,8 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
             candidates that describe each move in words, see :class:`~rllama.agents.SokobanAgent`),
             ``"relative"`` (``"mean"`` minus the base model's score, the adapter disabled: the adapter
             alone starts from an even choice in every state, not from the prompt's preference, and the
-            KL's reference is uniform; in-process backend only), or ``"auto"`` (the default): what
+            KL's reference is uniform; a generated reply to declared :class:`~rllama.replies.Choices` is
+            relative too, and acts through the learner; in-process scoring only), or ``"auto"`` (the default): what
             the algorithm decides (``Algorithm.default_score_normalization``): ``"none"`` when an
             on-policy algorithm's policy head on the frozen adapter chooses among the candidates (the
             defaults for a scoring agent: the model's likelihood of the candidate words is a prior the

@@ -35,7 +35,10 @@ complete, is an error naming it.
 
 Unlike scoring (``get_valid_actions``), where a candidate's score is its mean token log-probability
 and the policy a softmax over those, a constrained reply's probability is the product of its
-renormalised token probabilities: the model's own free-text policy restricted to the choices.
+renormalised token probabilities: the model's own free-text policy restricted to the choices. Under
+``score_normalization="relative"`` a :class:`Choices` reply's token log-probs are the adapted model's minus
+the base model's before renormalising (uniform where the choices branch, untrained), and the learner
+chooses it in its own process (:meth:`~rllama.policy.PolicyModel.choice_outputs`).
 """
 
 from __future__ import annotations

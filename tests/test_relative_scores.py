@@ -3,11 +3,14 @@ uniform whatever the prompt makes the model prefer, the adapter alone moves it, 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from rllama.policy import PolicyModel, default_lora_config
-from tests.conftest import ChoiceEnv, right_probability
+from rllama.replies import Choices
+from tests.conftest import ChoiceEnv, FreeTextAgent, right_probability
 from tests.test_prefix_cache import candidates, episode_prompts, make_deep_lm
 
 
@@ -81,3 +84,68 @@ def test_relative_scores_are_refused_where_the_base_model_is_out_of_reach(make_a
                    algorithm_config={"policy_head": 0})
     with pytest.raises(ValueError, match="relative"):
         candidate_score([-1.0, -2.0], "relative")
+
+
+class RelativeChoosingAgent(FreeTextAgent):
+    """Generates, constrained to "left" / "right", under a relative policy."""
+
+    reply_shape = Choices("left", "right")
+
+
+def test_replies_to_declared_choices_are_relative_to_the_base_model(make_agent):
+    agent = make_agent(RelativeChoosingAgent, algorithm="ppo", score_normalization="relative")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a relative policy's choices are not sampled token by token")
+
+    agent.backend.generate = refuse
+    agent.reset()
+    agent.act_batch([1, 2, 3, 4])
+    untrained = [agent.recorder[i].steps[0] for i in range(4)]
+    choices = untrained[0].choice_ids
+    branch = next(t for t in range(9) if choices[0][t] != choices[1][t])
+    for step in untrained:  # even at the token where the choices branch, certain elsewhere
+        assert step.response_ids in step.choice_ids and step.text in ("left", "right")
+        assert step.logprob == pytest.approx(math.log(0.5), abs=1e-6)
+        assert step.token_logprobs[branch] == pytest.approx(math.log(0.5), abs=1e-6)
+        assert sum(abs(t) for t in step.token_logprobs) == pytest.approx(math.log(2), abs=1e-5)
+    perturb_adapter(agent.policy)
+    agent.reset()
+    agent.act_batch([1, 2, 3, 4])
+    steps = [agent.recorder[i].steps[0] for i in range(4)]
+    with torch.no_grad():
+        evaluation = agent.policy.evaluate_actions(steps, with_values=False)
+        reference = agent.policy.reference_distributions(steps)
+        prompts = [s.prompt_ids for s in steps]
+        owner = [b for b, s in enumerate(steps) for _ in s.choice_ids]
+        rows = [c for s in steps for c in s.choice_ids]
+        adapted = agent.policy.continuation_logprobs(prompts, rows, owner).token_logprobs
+        with agent.policy.reference():
+            base = agent.policy.continuation_logprobs(prompts, rows, owner).token_logprobs
+    for b, (step, dist, ref) in enumerate(zip(steps, evaluation.distributions, reference)):
+        # the learner re-evaluates the step as it was chosen
+        torch.testing.assert_close(dist, torch.tensor(step.token_logprobs), atol=1e-5, rtol=0)
+        # at the branch: the softmax of the adapted model's log-probs minus the base model's
+        diff = adapted[2 * b:2 * b + 2, branch] - base[2 * b:2 * b + 2, branch]
+        k = step.choice_ids.index(step.response_ids)
+        assert step.token_logprobs[branch] == pytest.approx(torch.log_softmax(diff, -1)[k].item(), abs=1e-5)
+        assert ref[branch].item() == pytest.approx(math.log(0.5), abs=1e-6)  # the reference stays uniform
+    assert any(abs(s.token_logprobs[branch] - math.log(0.5)) > 0.01 for s in steps)
+
+
+def test_ppo_learns_declared_choices_from_a_uniform_start(make_agent):
+    agent = make_agent(RelativeChoosingAgent, algorithm="ppo", score_normalization="relative",
+                       algorithm_config={"learning_rate": 1e-3, "batch_episodes": 8, "minibatch_size": 4,
+                                         "epochs": 4})
+
+    def right_share(agent) -> float:
+        with torch.no_grad():
+            prompt = agent.chat.prompt_ids([{"role": "system", "content": agent.get_system_prompt()},
+                                            {"role": "user", "content": agent.format_observation(3)}])
+            outputs, _ = agent.policy.choice_outputs([prompt], [agent._compile_shape(agent.reply_shape)[0]])
+        return float(outputs.logprobs[0][1].exp())
+
+    assert right_share(agent) == pytest.approx(0.5, abs=1e-6)
+    stats = agent.train(ChoiceEnv(), 48, seed=0, progress=False)
+    assert stats and all(s["rollout/parse_failures"] == 0 for s in stats)
+    assert right_share(agent) > 0.7

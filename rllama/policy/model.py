@@ -129,7 +129,10 @@ class PolicyModel(nn.Module):
             uniform whatever the prompt makes the model prefer, the adapter learns the difference,
             and the reference policy is uniform; each scoring pass runs the adapted blocks twice (the
             base model's passes are remembered like any frozen output). For a prompt whose model is
-            nearly certain of one candidate everywhere (``benchmarks/README.md``, issue 41).
+            nearly certain of one candidate everywhere (``benchmarks/README.md``, issue 41). A generated
+            reply constrained to declared :class:`~rllama.replies.Choices` is relative too: its token
+            log-probs minus the base model's, renormalised over the allowed tokens (:meth:`choice_outputs`);
+            free text and grammar-shaped replies keep the model's own.
         temperature: the policy is ``softmax(logits / temperature)`` in generate mode and
             ``softmax(scores / temperature)`` in scoring mode, when acting and when training.
         engine: the forward engine to run on, as a function of the model's parts and the PEFT model
@@ -260,10 +263,11 @@ class PolicyModel(nn.Module):
     def _rule(self) -> ScoreRule:
         head = self.heads[POLICY_HEAD] if POLICY_HEAD in self.heads and not self._in_reference else None
         normalization = self.score_normalization
-        if normalization == "relative" and self._in_reference:
+        relative_reference = normalization == "relative" and self._in_reference
+        if relative_reference:
             normalization = "none"  # the base model against itself: every score 0, the reference is uniform
         reference = self.reference if normalization == "relative" else None
-        return ScoreRule(normalization, self.temperature, head, reference)
+        return ScoreRule(normalization, self.temperature, head, reference, uniform_choices=relative_reference)
 
     def continuation_logprobs(self, prompts, continuations, owner, entropy_rows=None, logprobs: bool = True):
         """Log-probability of each token of each continuation given its prompt (:meth:`Engine.encode
@@ -300,6 +304,21 @@ class PolicyModel(nn.Module):
         """
         return scoring.candidate_outputs(self.engine, self.heads, self._rule(), prompts, candidates, q_heads,
                                          frozen_body, scores)
+
+    def choice_outputs(self, prompts, choice_ids) -> tuple[CandidateOutputs, list[list[torch.Tensor]]]:
+        """A reply constrained to declared choices (:class:`~rllama.replies.Choices`), as a distribution over the
+        whole choices: ``(outputs, token_logprobs)``, ``outputs.logprobs[b]`` ``[K_b]`` each choice's
+        log-probability (the product of its tokens' renormalised probabilities), ``outputs.values`` the
+        prompts' values, ``token_logprobs[b][k]`` choice ``k``'s tokens' log-probs. Under
+        ``score_normalization="relative"`` a generating agent acts on declared choices through this: the
+        token log-probs are the adapted model's minus the base model's before renormalising, so the untrained
+        reply is uniform at each token where the choices branch.
+
+        Args:
+            prompts: ``B`` token-id lists.
+            choice_ids: for each prompt, the token ids of each choice (with the end of turn).
+        """
+        return scoring.choice_outputs(self.engine, self.heads, self._rule(), prompts, choice_ids)
 
     def features(self, prompts, candidates, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         """The hidden states heads read: ``(prompt [B, H], action [sum of K_b, H])``, in batches of prompts."""

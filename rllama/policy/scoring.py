@@ -33,13 +33,18 @@ class ScoreRule:
         policy_head: a head whose output on a candidate's features is added to its logit (``None``: none, as
             in the reference policy).
         reference: for ``"relative"``, a context in which the engine's passes are the base model's (the
-            adapter disabled). The reference policy of a relative one is ``"none"``: uniform.
+            adapter disabled). The reference policy of a relative one is ``"none"`` with ``uniform_choices``:
+            uniform.
+        uniform_choices: a reply constrained to declared choices is uniform at each token where the choices
+            branch (the reference of a relative policy); otherwise it is the model's own token log-probs
+            renormalised over the allowed tokens, relative to the base model's under ``"relative"``.
     """
 
     normalization: str
     temperature: float
     policy_head: nn.Module | None = None
     reference: Callable[[], AbstractContextManager] | None = None
+    uniform_choices: bool = False
 
     @property
     def uses_scores(self) -> bool:
@@ -80,6 +85,18 @@ class ScoreRule:
             logits = logits + self.policy_head(enc.action_hidden).squeeze(-1)
         return logits
 
+    def choice_distribution(self, enc: Continuations, reference: Continuations | None, start: int,
+                            choice_ids: Sequence[Sequence[int]], response: Sequence[int]):
+        """A reply constrained to ``choice_ids`` (rows ``start...`` of ``enc``): each of ``response``'s tokens'
+        log-probability and the entropy at each position, ``([n], [n])`` (:func:`~rllama.replies.constrained_logprobs`
+        over the model's token log-probs, or their differences from the base model's, or zeros)."""
+        rows = [enc.token_logprobs[start + k][: len(c)] for k, c in enumerate(choice_ids)]
+        if self.uniform_choices:
+            rows = [torch.zeros_like(r) for r in rows]
+        elif self.relative:
+            rows = [r - reference.token_logprobs[start + k][: len(c)] for k, (r, c) in enumerate(zip(rows, choice_ids))]
+        return constrained_logprobs(rows, choice_ids, response)
+
 
 def _mean_score(enc: Continuations) -> torch.Tensor:
     """The mean log-prob over each candidate's text tokens plus its last (end-of-turn) token's ``[R]``. Averaging
@@ -106,6 +123,26 @@ def candidate_outputs(engine: Engine, heads: nn.ModuleDict, rule: ScoreRule, pro
     # without scores the logits are placeholders: the policy head's alone, as under "none"
     logits = rule.logits(enc, reference) if scores else replace(rule, normalization="none").logits(enc)
     return CandidateOutputs(_segment_log_softmax(logits, sizes), values, q)
+
+
+def choice_outputs(engine: Engine, heads: nn.ModuleDict, rule: ScoreRule, prompts,
+                   choice_ids) -> tuple[CandidateOutputs, list[list[torch.Tensor]]]:
+    """The distribution of a reply constrained to each prompt's declared choices, without sampling it token by
+    token: per prompt, each whole choice's log-probability (the sum of its tokens', which sum to one over the
+    choices) and the prompts' values, and per prompt and choice its tokens' log-probs (what a generated step
+    records). How a relative policy acts on declared choices (see :meth:`~rllama.policy.PolicyModel.choice_outputs`)."""
+    flat = [list(c) for choices in choice_ids for c in choices]
+    owner = [b for b, choices in enumerate(choice_ids) for _ in choices]
+    enc = engine.encode(prompts, flat, owner, temperature=rule.temperature)
+    reference = rule.reference_encoding(engine, prompts, flat, owner)
+    logprobs, token_logprobs, start = [], [], 0
+    for choices in choice_ids:
+        per_token = [rule.choice_distribution(enc, reference, start, choices, c)[0] for c in choices]
+        token_logprobs.append(per_token)
+        logprobs.append(torch.stack([t.sum() for t in per_token]))
+        start += len(choices)
+    values = heads["value"](enc.prompt_hidden).squeeze(-1)
+    return CandidateOutputs(logprobs, values, {}), token_logprobs
 
 
 @torch.no_grad()
@@ -145,7 +182,8 @@ def evaluate_actions(engine: Engine, heads: nn.ModuleDict, rule: ScoreRule, step
         enc = engine.encode(prompts, conts, owner, temperature=rule.temperature, entropy_rows=ent_rows,
                             logprobs=rule.uses_scores or not all(s.is_scored for s in steps))
     scored = any(s.is_scored for s in steps)
-    reference = rule.reference_encoding(engine, prompts, conts, owner) if scored else None
+    chosen = any(not s.is_scored and s.choice_ids for s in steps)
+    reference = rule.reference_encoding(engine, prompts, conts, owner) if scored or chosen else None
     logits = rule.logits(enc, reference) if scored else None  # [R], meaningful for scored rows
     dists, entropies, indices = [], [], []
     for s, (start, n) in zip(steps, spans):
@@ -155,8 +193,7 @@ def evaluate_actions(engine: Engine, heads: nn.ModuleDict, rule: ScoreRule, step
             entropies.append(-(logp.exp() * logp).sum())
             indices.append(s.action_index)
         elif s.choice_ids:
-            per_choice = [enc.token_logprobs[start + k][: len(c)] for k, c in enumerate(s.choice_ids)]
-            logp, ent = constrained_logprobs(per_choice, s.choice_ids, s.response_ids)
+            logp, ent = rule.choice_distribution(enc, reference, start, s.choice_ids, s.response_ids)
             dists.append(logp)
             if with_entropy:
                 entropies.append(ent.mean())
