@@ -1,8 +1,8 @@
 """Choosing actions. An :class:`Actor` turns an agent's prompts into :class:`~rllama.algorithms.Step`\\ s:
-it scores the candidate actions, or generates a reply, through the agent's backend; samples the
-choice (or, greedy, takes the likeliest); and reads the environment action off the reply with the
-agent's ``extract_action`` hook, falling back to ``fallback_action`` when a generated reply cannot
-be parsed."""
+it scores the candidate actions, or generates a reply, through the agent's backend (a relative policy's
+reply to declared choices through the learner); samples the choice (or, greedy, takes the likeliest);
+and reads the environment action off the reply with the agent's ``extract_action`` hook, falling back
+to ``fallback_action`` when a generated reply cannot be parsed."""
 
 from __future__ import annotations
 
@@ -180,8 +180,9 @@ class Actor:
 
     def _choose_relative(self, rows, prompts, steps, choice_ids, training: bool) -> None:
         """Replies to declared choices under a relative policy: the whole choices' distribution from the learner
-        (:meth:`~rllama.policy.PolicyModel.choice_outputs`), a choice sampled from it (greedy: the likeliest),
-        recorded as a generated step with its tokens' log-probs."""
+        (:meth:`~rllama.policy.PolicyModel.choice_outputs`), a choice sampled from it (greedy: the likeliest
+        whole choice, which is the token-by-token argmax where the choices branch once), recorded as a
+        generated step with its tokens' log-probs."""
         agent = self.agent
         outputs, token_logprobs = agent.policy.choice_outputs([prompts[i] for i in rows], [choice_ids[i] for i in rows])
         picks = agent.algorithm.choose_actions(outputs, greedy=self.greedy, generator=agent.generator,

@@ -60,7 +60,7 @@ from rllama.policy.engine import DEFAULT_CACHE_MB
 from rllama.policy.outputs import SCORE_NORMALIZATIONS
 from rllama.prompting import ChatFormat, PromptBuilder
 from rllama.recording import EnvRecord, Recorder
-from rllama.replies import Choices, ReplyGrammars
+from rllama.replies import Choices, ChoiceTrie, ReplyGrammars
 from rllama.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -312,6 +312,7 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         if shape in self._choice_ids:
             return self._choice_ids[shape], None
         ids = [self.chat.reply_ids(option) for option in shape.options]
+        ChoiceTrie(ids)  # two choices with the same tokens, or one the prefix of another: an error now
         longest = max(map(len, ids))
         if longest > self.max_new_tokens:
             raise ValueError(f"reply choice {shape.options[[len(i) for i in ids].index(longest)]!r} takes {longest} "

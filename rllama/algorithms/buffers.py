@@ -37,7 +37,9 @@ class Step:
             generation server, :mod:`rllama.backends`): its ``value`` is unknown (NaN) and the learner
             recomputes ``value`` and the behaviour log-probs under its own weights before the update.
         choice_ids: generate mode with declared choices (:mod:`rllama.replies`): each choice's token ids;
-            the reply was sampled from the model restricted to them, token by token.
+            the reply was sampled from the model restricted to them, token by token (under
+            ``score_normalization="relative"``, as a whole choice from the same distribution, relative to
+            the base model's).
         reply_grammar: generate mode with a declared :class:`~rllama.replies.Regex` or
             :class:`~rllama.replies.Grammar`: the compiled grammar (llguidance's JSON) the reply was
             sampled under; the learner recomputes its masks from it (:mod:`rllama.replies`).
