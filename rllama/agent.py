@@ -191,7 +191,10 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         # "auto" config values (an on-policy policy head) depend on whether this agent scores
         # candidates in this process (AlgorithmConfig.resolved).
         scores_actions = self.scores_actions()
-        self.backend = make_backend(backend, self.policy, generates=not scores_actions)
+        # a relative policy chooses among declared choices in this process: an agent whose every reply is one
+        # generates nothing on a backend, so "auto" does not load llama.cpp for it
+        chooses = score_normalization == "relative" and self._replies_are_choices()
+        self.backend = make_backend(backend, self.policy, generates=not scores_actions and not chooses)
         scoring = self.backend.provides_values and scores_actions
         self.algorithm = make_algorithm(algorithm, self.policy, algorithm_config, seed=seed, scoring=scoring)
         if score_normalization == "auto":
@@ -271,6 +274,12 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
     def max_prompt_tokens(self) -> int:
         """The longest prompt (:class:`~rllama.prompting.PromptBuilder`)."""
         return self.prompts.max_prompt_tokens
+
+    def _replies_are_choices(self) -> bool:
+        """Whether every generated reply is to declared :class:`~rllama.replies.Choices` (the class's
+        ``reply_shape``, with ``get_reply_shape`` not overridden)."""
+        return (type(self).get_reply_shape is AgentHooks.get_reply_shape
+                and isinstance(self.reply_shape, Choices))
 
     def _keeps_history(self, observation) -> bool:
         """Whether the prompt for ``observation`` shows the episode's earlier turns (``keep_history``;

@@ -149,3 +149,24 @@ def test_ppo_learns_declared_choices_from_a_uniform_start(make_agent):
     stats = agent.train(ChoiceEnv(), 48, seed=0, progress=False)
     assert stats and all(s["rollout/parse_failures"] == 0 for s in stats)
     assert right_share(agent) > 0.7
+
+
+def test_an_agent_whose_replies_are_relative_choices_generates_nothing_on_a_backend(make_agent, monkeypatch):
+    import rllama.agent as agent_module
+
+    asked, real = [], agent_module.make_backend
+
+    def recording(backend, policy, generates):
+        asked.append(generates)
+        return real(backend, policy, generates)
+
+    monkeypatch.setattr(agent_module, "make_backend", recording)
+    make_agent(RelativeChoosingAgent, algorithm="ppo", score_normalization="relative")  # the learner chooses
+    make_agent(RelativeChoosingAgent, algorithm="ppo")  # sampled token by token: llama.cpp where it serves
+
+    class Shaped(RelativeChoosingAgent):
+        def get_reply_shape(self, observation):  # may be free text for some observations
+            return self.reply_shape
+
+    make_agent(Shaped, algorithm="ppo", score_normalization="relative")
+    assert asked == [False, True, True]
