@@ -262,9 +262,11 @@ def test_constrained_replies_on_the_engine_equal_the_learners(tokenizer, tiny_gg
     assert {s.text for s in steps} <= {"left", "right"} and agent.actor.parse_failures == 0
     with torch.no_grad():
         ev = agent.policy.evaluate_actions(steps, with_values=False, with_entropy=False)
-    for step, dist in zip(steps, ev.distributions):
+    for step, dist, index in zip(steps, ev.distributions, ev.action_indices):
         assert step.learner_recompute and step.response_ids in step.choice_ids
-        assert (dist.float() - torch.tensor(step.token_logprobs)).abs().max() < TOLERANCE
+        # the learner's whole-choice log-prob against the engine's, summed over the reply's tokens
+        assert index == step.choice_ids.index(step.response_ids)
+        assert abs(dist[index].item() - sum(step.token_logprobs)) < TOLERANCE * len(step.token_logprobs)
 
 
 @pytest.mark.parametrize("shape", ["RegexAgent", "GrammarAgent"])

@@ -123,13 +123,17 @@ def test_replies_to_declared_choices_are_relative_to_the_base_model(make_agent):
         with agent.policy.reference():
             base = agent.policy.continuation_logprobs(prompts, rows, owner).token_logprobs
     for b, (step, dist, ref) in enumerate(zip(steps, evaluation.distributions, reference)):
-        # the learner re-evaluates the step as it was chosen
-        torch.testing.assert_close(dist, torch.tensor(step.token_logprobs), atol=1e-5, rtol=0)
+        # the learner re-evaluates the step as it was chosen: one decision over the whole choices
+        k = step.choice_ids.index(step.response_ids)
+        assert evaluation.action_indices[b] == k and dist.shape == (2,)
+        assert dist[k].item() == pytest.approx(step.logprob, abs=1e-5)
+        assert step.logprob == pytest.approx(sum(step.token_logprobs), abs=1e-5)
         # at the branch: the softmax of the adapted model's log-probs minus the base model's
         diff = adapted[2 * b:2 * b + 2, branch] - base[2 * b:2 * b + 2, branch]
-        k = step.choice_ids.index(step.response_ids)
+        torch.testing.assert_close(dist, torch.log_softmax(diff, -1), atol=1e-5, rtol=0)
         assert step.token_logprobs[branch] == pytest.approx(torch.log_softmax(diff, -1)[k].item(), abs=1e-5)
-        assert ref[branch].item() == pytest.approx(math.log(0.5), abs=1e-6)  # the reference stays uniform
+        # the reference stays uniform
+        torch.testing.assert_close(ref, torch.full((2,), math.log(0.5)), atol=1e-6, rtol=0)
     assert any(abs(s.token_logprobs[branch] - math.log(0.5)) > 0.01 for s in steps)
 
 

@@ -9,6 +9,7 @@ from rllama.algorithms.buffers import step_from_dict, step_to_dict
 from rllama.errors import HookError, MissingExtraError
 from rllama.replies import Choices, ChoiceTrie, Grammar, Regex, constrained_logprobs, mask_logits
 from tests.conftest import ChoiceEnv, FreeTextAgent
+from tests.test_relative_scores import perturb_adapter
 
 
 class ChoosingAgent(FreeTextAgent):
@@ -58,15 +59,44 @@ def test_constrained_replies_parse_and_the_learner_agrees(make_agent):
     assert {s.text for s in steps} <= {"left", "right"} and len({s.text for s in steps}) == 2
     with torch.no_grad():
         ev = agent.policy.evaluate_actions(steps, with_values=False, with_entropy=True)
-    for step, dist in zip(steps, ev.distributions):
+    for step, dist, index, ent in zip(steps, ev.distributions, ev.action_indices, ev.entropy):
         assert step.choice_ids is not None and step.response_ids in step.choice_ids
-        assert torch.allclose(dist.float(), torch.tensor(step.token_logprobs), atol=1e-5)
+        # one decision: a distribution over the whole choices, the taken one's the sum of its sampled tokens'
+        assert dist.shape == (2,) and dist.exp().sum().item() == pytest.approx(1.0, abs=1e-5)
+        assert index == step.choice_ids.index(step.response_ids)
+        assert dist[index].item() == pytest.approx(sum(step.token_logprobs), abs=1e-5)
+        assert dist[index].item() == pytest.approx(step.logprob, abs=1e-5)
+        assert ent.item() == pytest.approx(-(dist.exp() * dist).sum().item(), abs=1e-6)  # exact, over the choices
         assert step.token_logprobs[-1] == pytest.approx(0.0, abs=1e-6)  # the end of turn is certain
     assert step_from_dict(step_to_dict(steps[0])).choice_ids == steps[0].choice_ids
     # greedy takes the likelier choice; an update trains on constrained steps
     agent.algorithm.config.batch_episodes = 4
     stats = agent.train(ChoiceEnv(steps=3), 4, seed=1, progress=False)
     assert len(stats) == 1 and stats[0]["policy/approx_kl"] < 0.5
+
+
+def test_a_reply_to_declared_choices_is_one_decision_with_an_exact_kl(make_agent):
+    from rllama.algorithms.losses import kl_to_reference
+
+    agent = make_agent(ChoosingAgent, algorithm_config={"batch_episodes": 99})
+    agent.train(ChoiceEnv(steps=2), 3, seed=0, progress=False)
+    steps = recorded_steps(agent)
+    perturb_adapter(agent.policy)  # the adapted policy moves away from the reference (the base model)
+    with torch.no_grad():
+        ev = agent.policy.evaluate_actions(steps, with_values=False, with_entropy=True)
+        reference = agent.policy.reference_distributions(steps)
+    logprobs, owner = ev.unit_logprobs()
+    assert owner.tolist() == list(range(len(steps)))  # one unit a step, however many tokens the choice has
+    for direction in ("reverse", "forward"):
+        kl = kl_to_reference(ev, reference, steps, direction)
+        for value, dist, ref in zip(kl, ev.distributions, reference):
+            p, q = (dist, ref) if direction == "reverse" else (ref, dist)
+            assert value.item() == pytest.approx((p.exp() * (p - q)).sum().item(), abs=1e-6)
+    assert kl.max() > 1e-4  # the perturbation shows
+    assert step_from_dict(step_to_dict(steps[0])).unit_index == steps[0].unit_index is not None
+    broken = step_from_dict({**step_to_dict(steps[0]), "response_ids": [1, 2, 3]})
+    with pytest.raises(ValueError, match="none of the step's declared choices"):
+        _ = broken.unit_index
 
 
 def test_reply_shape_errors_are_clear(make_agent):

@@ -252,8 +252,8 @@ class Algorithm(ABC):
         diffs: list[torch.Tensor] = []
         for step, dist, value in self._evaluate_in_chunks(todo):
             step.value = value
-            index = step.action_index
-            mine = (dist[index : index + 1] if step.is_scored else dist).float().cpu()
+            index = step.unit_index
+            mine = (dist[index : index + 1] if index is not None else dist).float().cpu()
             if step.learner_recompute:
                 recorded = torch.tensor(unit_logprobs_of(step), dtype=torch.float32)
                 if recorded.shape != mine.shape or not torch.isfinite(recorded).all():
@@ -392,7 +392,7 @@ class Timer:
 
 def _set_unit_logprobs(step: Step, logprobs: torch.Tensor) -> None:
     """Record ``logprobs`` (one per unit) as the log-probs ``step`` was acted with."""
-    if step.is_scored:
+    if step.unit_index is not None:
         step.logprob = float(logprobs[0])
     else:
         step.token_logprobs = logprobs.tolist()

@@ -39,7 +39,8 @@ class Step:
         choice_ids: generate mode with declared choices (:mod:`rllama.replies`): each choice's token ids;
             the reply was sampled from the model restricted to them, token by token (under
             ``score_normalization="relative"``, as a whole choice from the same distribution, relative to
-            the base model's).
+            the base model's). The learner treats such a step as one decision among the choices, as a
+            scored step: one unit, whose entropy and KL are exact over the choices.
         reply_grammar: generate mode with a declared :class:`~rllama.replies.Regex` or
             :class:`~rllama.replies.Grammar`: the compiled grammar (llguidance's JSON) the reply was
             sampled under; the learner recomputes its masks from it (:mod:`rllama.replies`).
@@ -80,10 +81,27 @@ class Step:
         """Whether the action was chosen by scoring candidates (rather than generated)."""
         return self.candidate_ids is not None
 
+    @property
+    def unit_index(self) -> int | None:
+        """Where the step is one decision among listed ones, the index of the one taken: the scored candidate,
+        or the declared choice replied (its distribution is over the whole choices); ``None`` for a free
+        reply, which is one unit per token."""
+        if self.is_scored:
+            return self.action_index
+        if self.choice_ids is None:
+            return None
+        response = list(map(int, self.response_ids or ()))
+        for k, choice in enumerate(self.choice_ids):
+            if list(map(int, choice)) == response:
+                return k
+        raise ValueError(f"the reply {response} is none of the step's declared choices "
+                         f"{[list(c) for c in self.choice_ids]}")
+
 
 def unit_logprobs_of(step: Step) -> list[float]:
-    """A step's log-probabilities recorded when acting, one per unit (a scored step is one unit)."""
-    return [step.logprob] if step.is_scored else list(step.token_logprobs or ())
+    """A step's log-probabilities recorded when acting, one per unit (a scored step, or a reply to declared
+    choices, is one unit: the whole reply's log-probability)."""
+    return [step.logprob] if step.unit_index is not None else list(step.token_logprobs or ())
 
 
 

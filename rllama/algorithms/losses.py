@@ -18,7 +18,7 @@ class Minibatch:
 
     steps: list[Step]
     evaluation: StepEvaluation  # under the current parameters, with gradients
-    new_logprobs: torch.Tensor  # [U] per unit (a scored step is one unit, a generated step one per token)
+    new_logprobs: torch.Tensor  # [U] per unit (a scored step or declared choice is one, a free reply one per token)
     old_logprobs: torch.Tensor  # [U] recorded when acting
     owner: torch.Tensor  # [U] step index of each unit
     unit_weights: torch.Tensor  # [U] 1 / units of the step: every step weighs the same
@@ -56,7 +56,8 @@ def kl_to_reference(new: StepEvaluation, reference: Sequence[torch.Tensor], step
     """KL divergence between the policy and the reference per step, ``[S]``.
 
     ``direction="reverse"`` is ``KL(pi || pi_ref)``, ``"forward"`` is ``KL(pi_ref || pi)``. Scored
-    steps get the exact divergence over their candidates. Generated steps get the mean over reply
+    steps get the exact divergence over their candidates, replies to declared choices over their
+    choices. Free generated steps get the mean over reply
     tokens (sampled from ``pi``) of a non-negative estimator with ``d = log p_ref - log p``:
     ``exp(d) - d - 1`` (reverse, Schulman's k3) or ``d exp(d) - exp(d) + 1`` (forward, the same
     f-divergence estimator for ``r log r``), since the full-vocabulary sums are not taken.
@@ -66,7 +67,7 @@ def kl_to_reference(new: StepEvaluation, reference: Sequence[torch.Tensor], step
     out = []
     for dist, ref, step in zip(new.distributions, reference, steps):
         ref = ref.to(dist.device)
-        if step.is_scored:
+        if step.unit_index is not None:
             p, q = (dist, ref) if direction == "reverse" else (ref, dist)
             out.append((p.exp() * (p - q)).sum())
         else:

@@ -262,7 +262,7 @@ class OnPolicyAlgorithm(Algorithm):
 
     @staticmethod
     def entropy(mb: Minibatch) -> torch.Tensor:
-        """The policy's mean entropy over the minibatch's steps (per token for generated steps)."""
+        """The policy's mean entropy over the minibatch's steps (per token for free generated steps)."""
         return mb.evaluation.entropy.mean()
 
     @staticmethod

@@ -1,7 +1,7 @@
 """Proximal Policy Optimization for LLM policies (clipped surrogate, GAE, KL to the base model).
 
-Loss per minibatch, with ratio ``r = pi(a|s) / pi_old(a|s)`` per unit (a scored step is one unit,
-a generated step one unit per token, each step weighing the same):
+Loss per minibatch, with ratio ``r = pi(a|s) / pi_old(a|s)`` per unit (a scored step, or a reply to
+declared choices, is one unit, a free generated step one unit per token, each step weighing the same):
 
     L = -E[min(r A, clip(r, 1-eps, 1+eps) A)] + vf_coef * E[(V(s) - R)^2] / 2
         - ent_coef * H[pi] + kl_coef * KL(pi || pi_ref)

@@ -75,9 +75,11 @@ class StepEvaluation:
     """What the policy says about a batch of steps (used by the algorithms' losses).
 
     ``distributions[i]`` holds the log-probabilities that define step ``i``'s action: for a scored
-    step the log-softmax over its candidates (``[K]``), for a generated step the log-probability
-    of each reply token (``[n]``). ``entropy`` is the candidates' entropy (scored) or the mean
-    next-token entropy over the reply (generated).
+    step the log-softmax over its candidates (``[K]``), for a reply to declared choices each whole
+    choice's log-probability (``[K]``, summing to one; :mod:`rllama.replies`), for a free generated
+    step the log-probability of each reply token (``[n]``). ``action_indices[i]`` is the candidate or
+    choice taken (``None`` for a free reply). ``entropy`` is the entropy over the candidates or choices,
+    or the mean next-token entropy over a free reply.
     """
 
     values: torch.Tensor | None  # [S]
@@ -88,7 +90,8 @@ class StepEvaluation:
     def unit_logprobs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probability of each *unit* of the chosen actions and the step each unit belongs to.
 
-        A scored step is one unit (its chosen candidate); a generated step has one unit per token.
+        A scored step is one unit (its chosen candidate), and so is a reply to declared choices (the whole
+        choice); a free generated step has one unit per token.
         Returns ``(logprobs [U], step_index [U])``.
         """
         parts, owners = [], []

@@ -97,6 +97,13 @@ class ScoreRule:
             rows = [r - reference.token_logprobs[start + k][: len(c)] for k, (r, c) in enumerate(zip(rows, choice_ids))]
         return constrained_logprobs(rows, choice_ids, response)
 
+    def choice_logprobs(self, enc: Continuations, reference: Continuations | None, start: int,
+                        choice_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A reply constrained to ``choice_ids`` as one decision: each whole choice's log-probability ``[K]``
+        (the sum of its tokens', which sum to one over the choices) and each choice's tokens' ``[n_k]``."""
+        per_token = [self.choice_distribution(enc, reference, start, choice_ids, c)[0] for c in choice_ids]
+        return torch.stack([t.sum() for t in per_token]), per_token
+
 
 def _mean_score(enc: Continuations) -> torch.Tensor:
     """The mean log-prob over each candidate's text tokens plus its last (end-of-turn) token's ``[R]``. Averaging
@@ -137,9 +144,9 @@ def choice_outputs(engine: Engine, heads: nn.ModuleDict, rule: ScoreRule, prompt
     reference = rule.reference_encoding(engine, prompts, flat, owner)
     logprobs, token_logprobs, start = [], [], 0
     for choices in choice_ids:
-        per_token = [rule.choice_distribution(enc, reference, start, choices, c)[0] for c in choices]
+        whole, per_token = rule.choice_logprobs(enc, reference, start, choices)
+        logprobs.append(whole)
         token_logprobs.append(per_token)
-        logprobs.append(torch.stack([t.sum() for t in per_token]))
         start += len(choices)
     values = heads["value"](enc.prompt_hidden).squeeze(-1)
     return CandidateOutputs(logprobs, values, {}), token_logprobs
@@ -192,12 +199,11 @@ def evaluate_actions(engine: Engine, heads: nn.ModuleDict, rule: ScoreRule, step
             dists.append(logp)
             entropies.append(-(logp.exp() * logp).sum())
             indices.append(s.action_index)
-        elif s.choice_ids:
-            logp, ent = rule.choice_distribution(enc, reference, start, s.choice_ids, s.response_ids)
+        elif s.choice_ids:  # one decision among the choices: exact entropy (and KL) over the whole choices
+            logp = rule.choice_logprobs(enc, reference, start, s.choice_ids)[0]
             dists.append(logp)
-            if with_entropy:
-                entropies.append(ent.mean())
-            indices.append(None)
+            entropies.append(-(logp.exp() * logp).sum())
+            indices.append(s.unit_index)
         else:
             m = enc.mask[start].bool()
             dists.append(enc.token_logprobs[start][m])
