@@ -2,6 +2,7 @@
 
     python benchmarks/generate_learning.py --threads 1                       # the committed results
     python benchmarks/generate_learning.py --variants verbatim --episodes 32  # a smoke run
+    python benchmarks/generate_learning.py --merge results/parts/a.json results/parts/b.json --name c  # side by side
 
 The agent is the RLlama README's Blackjack agent (``generation.readme_agent_class``: it asks for "stay"
 or "hit" and ``extract_action`` is ``0 if "stay" in reply else 1``), trained by PPO with its defaults on
@@ -195,19 +196,21 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = result["runs"]
+    several_seeds = len({r["seed"] for r in runs}) > 1
     fig, axes = plt.subplots(2, 2 + len(runs), figsize=(5 * 2 + 3.2 * len(runs), 7.5),
                              gridspec_kw={"width_ratios": [2.2, 2.2] + [1] * len(runs)})
     ret, inv = axes[0][0], axes[0][1]
-    for run in runs:
+    for j, run in enumerate(runs):
         c = COLORS.get(run["variant"], "black")
+        label, style = run_label(run, several_seeds), ["-", "--", ":", "-."][j % 4] if several_seeds else "-"
         eps = [p["episodes"] for p in run["curve"]]
-        ret.plot(eps, [p["mean_return"] for p in run["curve"]], color=c, label=f"{run['variant']} (training)")
+        ret.plot(eps, [p["mean_return"] for p in run["curve"]], color=c, ls=style, lw=0.9, label=f"{label} (training)")
         ret.scatter([run["episodes"]], [run["eval_return"]], color=c, marker="o", zorder=3)
         ret.scatter([run["episodes"]], [run["map_value"]], color=c, marker="*", s=90, zorder=3)
-        inv.plot(eps, [1 - p["named"] for p in run["curve"]], color=c, label=run["variant"])
+        inv.plot(eps, [1 - p["named"] for p in run["curve"]], color=c, ls=style, label=label)
         wall = axes[1][0]
         wall.plot([p["wall_s"] / 60 for p in run["curve"]], [p["mean_return"] for p in run["curve"]], color=c,
-                  label=run["variant"])
+                  ls=style, lw=0.9, label=label)
     for name, value in REFERENCE_RETURNS.items():
         ret.axhline(value, color="gray", ls=":", lw=0.8)
         ret.text(0, value, name, fontsize=7, color="gray", va="bottom")
@@ -221,15 +224,44 @@ def plot(result: dict, path: Path) -> None:
                    title="return against wall time")
     axes[1][1].axis("off")
     axes[1][1].text(0, 1, "\n\n".join(
-        f"{r['variant']} ({r['episodes']} episodes, {r['train_s'] / 60:.1f} min):\n  greedy {r['eval_return']:+.3f} on "
-        f"{r['eval_episodes']} fixed deals\n  map {r['map_value']:+.3f}, {r['map_agreement']:.0%} of states optimal\n"
-        f"  replies naming an action: {r['eval_named']:.0%}" for r in runs) + f"\n\n{result['cpu']}", va="top",
-        fontsize=8)
+        f"{run_label(r, several_seeds)} ({r['episodes']} episodes, {r['train_s'] / 60:.1f} min):\n  greedy "
+        f"{r['eval_return']:+.3f} on {r['eval_episodes']} fixed deals\n  map {r['map_value']:+.3f}, "
+        f"{r['map_agreement']:.0%} of states optimal\n  replies naming an action: {r['eval_named']:.0%}" for r in runs)
+        + "".join(f"\n\n{v}, mean of {m['runs']} runs: {m['eval_return']:+.3f}, map {m['map_value']:+.3f} "
+                  f"({m['map_agreement']:.0%})" for v, m in result.get("means", {}).items())
+        + f"\n\n{result['cpu']}", va="top", fontsize=8)
     for j, run in enumerate(runs):
         policy = {tuple(int(x) for x in k.split(",")): v for k, v in run["policy"].items()}
         policy = {(t, d, bool(a)): v for (t, d, a), v in policy.items()}
-        plot_policy_map([axes[0][2 + j], axes[1][2 + j]], policy, run["variant"])
+        plot_policy_map([axes[0][2 + j], axes[1][2 + j]], policy, run_label(run, several_seeds))
     save_figure(fig, path)
+
+
+def run_label(run: dict, with_seed: bool) -> str:
+    return f"{run['variant']} seed {run['seed']}" if with_seed else run["variant"]
+
+
+def merge(paths: list[str], name: str) -> None:
+    """One result of runs made apart (one seed each, say): their runs side by side, and per variant the
+    means over them (``means``)."""
+    from common import RESULTS
+
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    unfinished = [p for p, part in zip(paths, parts) if part.get("benchmark") != "generate_learning"]
+    if unfinished:
+        raise SystemExit(f"--merge takes finished generate_learning results; not: {', '.join(unfinished)}")
+    result = dict(parts[0])
+    result["command"] = " && ".join(p["command"] for p in parts) + " && python " + " ".join(sys.argv)
+    result["runs"] = [r for p in parts for r in p["runs"]]
+    result["cpu"] = " / ".join(dict.fromkeys(p["cpu"] for p in parts))
+    result["means"] = {}
+    for variant in dict.fromkeys(r["variant"] for r in result["runs"]):
+        mine = [r for r in result["runs"] if r["variant"] == variant]
+        result["means"][variant] = {"runs": len(mine), **{k: sum(r[k] for r in mine) / len(mine) for k in (
+            "eval_return", "map_value", "map_agreement", "eval_named", "train_s")}}
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    plot(result, RESULTS / f"{name}.png")
+    print(json.dumps(result["means"], indent=1))
 
 
 def main() -> None:
@@ -248,7 +280,12 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=320, help="episodes between checkpoints (with --checkpoint)")
     parser.add_argument("--train-minutes", type=float, default=0,
                         help="with --checkpoint: end this sitting after the first chunk past this many minutes")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="combine finished result files (e.g. one seed each) into results/<name>.json")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.name)
+        return
     if args.checkpoint and args.chunk < 1:
         parser.error(f"--chunk must be at least 1; got {args.chunk}")
     if args.variant is not None:

@@ -10,7 +10,9 @@ the reply ends with the end-of-turn token once a choice is complete. Both backen
 same masked distribution, ``softmax`` over the allowed tokens of ``logits / temperature``, and record each token's
 log-probability under it; the learner computes the same ones from the choices (a step keeps them in
 ``Step.choice_ids``): at each position, the token's log-probability renormalised over the allowed
-tokens (:func:`constrained_logprobs`).
+tokens (:func:`constrained_logprobs`). In the losses such a reply is one decision among the choices, as a
+scored step is among its candidates: one unit whose log-probability is the whole choice's (the sum of its
+tokens'), its entropy and KL to the reference exact over the choices.
 
 .. code-block:: python
 
