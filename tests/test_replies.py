@@ -8,7 +8,7 @@ import torch
 from rllama.algorithms.buffers import step_from_dict, step_to_dict
 from rllama.errors import HookError, MissingExtraError
 from rllama.replies import Choices, ChoiceTrie, Grammar, Regex, constrained_logprobs, mask_logits
-from tests.conftest import ChoiceEnv, FreeTextAgent
+from tests.conftest import ChoiceAgent, ChoiceEnv, FreeTextAgent
 from tests.test_relative_scores import perturb_adapter
 
 
@@ -97,6 +97,30 @@ def test_a_reply_to_declared_choices_is_one_decision_with_an_exact_kl(make_agent
     broken = step_from_dict({**step_to_dict(steps[0]), "response_ids": [1, 2, 3]})
     with pytest.raises(ValueError, match="none of the step's declared choices"):
         _ = broken.unit_index
+
+
+@pytest.mark.parametrize("normalization", ["mean", "relative"])
+def test_scored_chosen_and_free_steps_evaluate_in_one_batch_as_alone(make_agent, normalization):
+    recorded = []
+    for cls in (ChoiceAgent, ChoosingAgent, FreeTextAgent):  # scored, declared choices, free text
+        agent = make_agent(cls, algorithm_config={"batch_episodes": 99}, max_new_tokens=8)
+        agent.train(ChoiceEnv(steps=2), 2, seed=0, progress=False)
+        recorded.append(recorded_steps(agent))
+    mixed = [s for trio in zip(*recorded) for s in trio]
+    assert [s.is_scored for s in mixed[:3]] == [True, False, False] and mixed[1].choice_ids and not mixed[2].choice_ids
+    policy = make_agent(FreeTextAgent, score_normalization=normalization).policy
+    perturb_adapter(policy)
+    with torch.no_grad():
+        together = policy.evaluate_actions(mixed, with_values=True, with_entropy=True)
+        alone = [policy.evaluate_actions([s], with_values=True, with_entropy=True) for s in mixed]
+    _, owner = together.unit_logprobs()
+    units = torch.bincount(owner, minlength=len(mixed)).tolist()
+    for i, (step, one) in enumerate(zip(mixed, alone)):
+        assert units[i] == (len(step.response_ids) if step.unit_index is None else 1)
+        assert together.action_indices[i] == one.action_indices[0] == step.unit_index
+        torch.testing.assert_close(together.distributions[i], one.distributions[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(together.entropy[i], one.entropy[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(together.values[i], one.values[0], atol=1e-5, rtol=0)
 
 
 def test_reply_shape_errors_are_clear(make_agent):
