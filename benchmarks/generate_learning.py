@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     EVAL_SEED,
     REFERENCE_RETURNS,
+    RESULTS,
     add_common_args,
     cpu_name,
     plot_policy_map,
@@ -244,8 +245,6 @@ def run_label(run: dict, with_seed: bool) -> str:
 def merge(paths: list[str], name: str) -> None:
     """One result of runs made apart (one seed each, say): their runs side by side, and per variant the
     means over them (``means``)."""
-    from common import RESULTS
-
     parts = [json.loads(Path(p).read_text()) for p in paths]
     unfinished = [p for p, part in zip(paths, parts) if part.get("benchmark") != "generate_learning"]
     if unfinished:

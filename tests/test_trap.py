@@ -118,7 +118,7 @@ TRAP_CASES = {
 # branch token's alone (scores average every token of a candidate): on this tiny model PPO's 16-episode
 # batches leave it at 0.7-0.8 for 1,920 episodes; 64-episode batches of 16-step minibatches reach 0.9 at
 # about 700 episodes and 1.0 from about 1,150 (GRPO's adapter settings do at once).
-GENERATE_CASES = {"ppo": (dict(ADAPTER, batch_episodes=64, minibatch_size=16), 1280)}
+GENERATE_CONFIGS = {"ppo": dict(ADAPTER, batch_episodes=64, minibatch_size=16)}
 
 
 @pytest.mark.parametrize("case", list(TRAP_CASES) + ["ppo-generate", "grpo-generate"])
@@ -127,7 +127,7 @@ def test_every_algorithm_escapes_the_trap(case):
     the two words: :class:`TrapChoicesAgent`)."""
     algorithm = case.split("-")[0]
     if case.endswith("-generate"):
-        config, _ = GENERATE_CASES.get(algorithm) or TRAP_CASES[f"{algorithm}-adapter"]
+        config = GENERATE_CONFIGS.get(algorithm) or TRAP_CASES[f"{algorithm}-adapter"][0]
         accuracy = train_on_trap(algorithm, config, 1280, TrapChoicesAgent)
     else:
         config, episodes = TRAP_CASES[case]

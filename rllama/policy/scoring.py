@@ -85,23 +85,18 @@ class ScoreRule:
             logits = logits + self.policy_head(enc.action_hidden).squeeze(-1)
         return logits
 
-    def choice_distribution(self, enc: Continuations, reference: Continuations | None, start: int,
-                            choice_ids: Sequence[Sequence[int]], response: Sequence[int]):
-        """A reply constrained to ``choice_ids`` (rows ``start...`` of ``enc``): each of ``response``'s tokens'
-        log-probability and the entropy at each position, ``([n], [n])`` (:func:`~rllama.replies.constrained_logprobs`
-        over the model's token log-probs, or their differences from the base model's, or zeros)."""
+    def choice_logprobs(self, enc: Continuations, reference: Continuations | None, start: int,
+                        choice_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A reply constrained to ``choice_ids`` (rows ``start...`` of ``enc``) as one decision: each whole
+        choice's log-probability ``[K]`` (the sum of its tokens', which sum to one over the choices) and each
+        choice's tokens' ``[n_k]`` (:func:`~rllama.replies.constrained_logprobs` over the model's token
+        log-probs, or their differences from the base model's, or zeros)."""
         rows = [enc.token_logprobs[start + k][: len(c)] for k, c in enumerate(choice_ids)]
         if self.uniform_choices:
             rows = [torch.zeros_like(r) for r in rows]
         elif self.relative:
             rows = [r - reference.token_logprobs[start + k][: len(c)] for k, (r, c) in enumerate(zip(rows, choice_ids))]
-        return constrained_logprobs(rows, choice_ids, response)
-
-    def choice_logprobs(self, enc: Continuations, reference: Continuations | None, start: int,
-                        choice_ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """A reply constrained to ``choice_ids`` as one decision: each whole choice's log-probability ``[K]``
-        (the sum of its tokens', which sum to one over the choices) and each choice's tokens' ``[n_k]``."""
-        per_token = [self.choice_distribution(enc, reference, start, choice_ids, c)[0] for c in choice_ids]
+        per_token = [constrained_logprobs(rows, choice_ids, c)[0] for c in choice_ids]
         return torch.stack([t.sum() for t in per_token]), per_token
 
 
