@@ -89,8 +89,8 @@ def test_config_rejects_bad_values(field, value):
 
 
 def test_auto_sizes_follow_what_the_policy_is():
-    """The adapter alone as a scoring agent's policy gets the large batches it learns with; beside a head,
-    in generate mode and wherever the user set a value, nothing changes."""
+    """The adapter alone as the policy (a scoring agent without a head, every generating agent) gets the
+    large batches it learns with; beside a head, and wherever the user set a value, nothing changes."""
     from rllama.algorithms.a2c import A2CConfig
 
     def sizes(config):
@@ -99,7 +99,9 @@ def test_auto_sizes_follow_what_the_policy_is():
     assert sizes(PPOConfig(policy_head=0).resolved(scoring=True)) == (1e-3, 64, 64)
     assert sizes(PPOConfig().resolved(scoring=True)) == (5e-5, 16, 4)              # a policy head
     assert sizes(PPOConfig(train_adapter=True).resolved(scoring=True)) == (5e-5, 16, 4)
-    assert sizes(PPOConfig().resolved(scoring=False)) == (5e-5, 16, 4)             # generate mode
+    assert sizes(PPOConfig().resolved(scoring=False)) == (1e-3, 64, 64)            # generate mode: no head
+    assert sizes(PPOConfig().resolved(scoring=None)) == (1e-3, 64, 64)             # unknown: no head either
+    assert sizes(PPOConfig(policy_head=8).resolved(scoring=False)) == (5e-5, 16, 4)
     assert sizes(PPOConfig(policy_head=0, learning_rate=3e-4, batch_episodes=8).resolved(scoring=True)) == \
         (3e-4, 8, 64)
     for field in ("learning_rate", "batch_episodes", "minibatch_size"):

@@ -72,8 +72,9 @@ class OnPolicyConfig(AlgorithmConfig):
             ``1e-3`` (the value head alone).
 
     An algorithm may also let ``learning_rate``, ``batch_episodes`` and ``minibatch_size`` be
-    ``"auto"`` (PPO does): they then take ``auto_adapter_alone`` when the adapter alone is a scoring
-    agent's policy (``policy_head=0``), and ``auto_otherwise`` in every other case.
+    ``"auto"`` (PPO does): they then take ``auto_adapter_alone`` when the adapter alone is the
+    policy (``policy_head=0``: every generating agent, and a scoring agent without a head), and
+    ``auto_otherwise`` beside a policy head.
     """
 
     minibatch_size: int = 16
@@ -137,9 +138,9 @@ class OnPolicyConfig(AlgorithmConfig):
         head = self.policy_head if self.policy_head != AUTO else (self.auto_policy_head if scoring else 0)
         starts = self.auto_learning_starts if head else 0
         rate = self.auto_head_learning_rate if head else 1e-3
-        # Measured only for scoring agents (benchmarks/README.md, "The adapter alone"); a generating
-        # agent keeps the other values until its own measurement.
-        sizes = self.auto_adapter_alone if (scoring and not head) else self.auto_otherwise
+        # The adapter alone is the policy without a head, in either mode: scoring (benchmarks/README.md,
+        # "The adapter alone") and generating (the generate-mode section) learn at the same sizes.
+        sizes = self.auto_otherwise if head else self.auto_adapter_alone
         return dataclasses.replace(
             self,
             **{name: value for name, value in sizes.items() if self.is_auto(name)},

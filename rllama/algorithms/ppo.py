@@ -28,16 +28,18 @@ class PPOConfig(OnPolicyConfig):
     """PPO settings. Defaults were chosen on Blackjack-v1 with SmolLM2-135M (benchmarks/README.md).
 
     Attributes:
-        learning_rate: the adapter's; ``"auto"``: ``1e-3`` when the adapter alone is a scoring
-            agent's policy (``policy_head=0``), else ``5e-5`` (beside a policy head, and in generate
-            mode until measured there).
-        batch_episodes: ``"auto"``: 64 when the adapter alone is a scoring agent's policy, else 16.
-        minibatch_size: steps per gradient step; ``"auto"``: 64 when the adapter alone is a scoring
-            agent's policy, else 4. The adapter alone learns from a ±1 return on Blackjack only with
-            batches this large: with 16-episode batches of 4-step minibatches at ``1e-3`` each Adam
-            step follows the noise of a few returns and the policy swings between always hit and
-            always stick; with 64 and 64 it reaches 85–88 % of the states optimal on 3 seeds after
-            6,400 episodes, −0.079 on 1,000 fixed deals on average (``docs/algorithms.md``).
+        learning_rate: the adapter's; ``"auto"``: ``1e-3`` when the adapter alone is the policy
+            (``policy_head=0``: a generating agent, or a scoring agent without a head), else ``5e-5``
+            (beside a policy head).
+        batch_episodes: ``"auto"``: 64 when the adapter alone is the policy, else 16.
+        minibatch_size: steps per gradient step; ``"auto"``: 64 when the adapter alone is the
+            policy, else 4. The adapter alone learns from a ±1 return on Blackjack only with batches
+            this large: with 16-episode batches of 4-step minibatches at ``1e-3`` each Adam step
+            follows the noise of a few returns and the policy swings between always hit and always
+            stick; with 64 and 64 it reaches 85–88 % of the states optimal on 3 seeds after 6,400
+            episodes, −0.079 on 1,000 fixed deals on average, scoring; generating with its reply
+            constrained to two choices, 83–86 % and −0.080 (``docs/algorithms.md``). At ``5e-5`` a
+            generating agent's adapter barely moves in 320 episodes (``kl_ref`` ≤ 0.03).
         epochs: passes over each batch.
         clip_range: PPO's epsilon.
         target_kl: stop the epochs of an update early once the approximate KL between the new and
