@@ -143,3 +143,46 @@ def test_config_instance_and_dict_are_accepted(make_agent):
     assert isinstance(agent.algorithm, PPO) and agent.algorithm.config.epochs == 3
     agent = make_agent(algorithm_config={"epochs": 5})
     assert agent.algorithm.config.epochs == 5
+
+
+@pytest.mark.parametrize("algorithm,cls", [("ppo", "scoring"), ("ppo", "free"), ("grpo", "scoring"), ("a2c", "free")])
+def test_a_minibatch_split_into_passes_takes_the_step_of_one_pass(make_agent, monkeypatch, algorithm, cls):
+    """``max_pass_tokens`` evaluates a minibatch in several passes whose gradients add up: the update ends at
+    the weights (and statistics) of one pass over the whole minibatch, in more forward passes."""
+    agent_cls = FreeTextAgent if cls == "free" else None
+    config = {"policy_head": 0, "batch_episodes": 8, "minibatch_size": 8, "learning_rate": 1e-3}
+    if algorithm != "a2c":
+        config.update(epochs=1)
+    if algorithm == "grpo":
+        config.update(group_size=2)
+    results = []
+    for limit in (None, 40):
+        kwargs = {"max_new_tokens": 3} if agent_cls else {}
+        agent = make_agent(*(agent_cls,) if agent_cls else (), algorithm=algorithm,
+                           algorithm_config={**config, "max_pass_tokens": limit}, **kwargs)
+        if agent_cls:
+            agent.extract_action = lambda response: 1 if response[:1] < "\x80" else 0
+        # plain SGD: its step is linear in the gradient, where Adam's first step is its sign
+        agent.algorithm.optimizer = torch.optim.SGD(
+            [{"params": g["params"], "lr": g["lr"]} for g in agent.algorithm.optimizer.param_groups])
+        passes = []
+        minibatch = agent.algorithm.minibatch
+        monkeypatch.setattr(agent.algorithm, "minibatch", lambda data, rows, passes=passes, minibatch=minibatch:
+                            passes.append(len(rows)) or minibatch(data, rows))
+        before = _params(agent.policy)
+        stats = agent.train(ChoiceEnv(steps=2), 8, seed=0, progress=False)[0]
+        results.append((_params(agent.policy), stats, passes))
+    (one, one_stats, one_passes), (split, split_stats, split_passes) = results
+    assert one_passes == [8, 8] and len(split_passes) > 4 and sum(split_passes) == 16, (one_passes, split_passes)
+    assert any(not torch.equal(one[n], before[n]) for n in one), "the update should have moved the weights"
+    for name in one:
+        assert torch.allclose(one[name], split[name], atol=1e-6, rtol=1e-4), name
+    for key in ("loss/total", "loss/policy", "policy/approx_kl", "train/grad_norm"):
+        assert one_stats[key] == pytest.approx(split_stats[key], rel=1e-4, abs=1e-7), key
+
+
+def test_max_pass_tokens_must_be_none_or_positive():
+    assert PPOConfig(max_pass_tokens=None).max_pass_tokens is None
+    for bad in (0, -5, 2.5, True, "8192"):
+        with pytest.raises(ValueError, match="max_pass_tokens"):
+            PPOConfig(max_pass_tokens=bad)

@@ -326,13 +326,19 @@ class Algorithm(ABC):
         """
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        return self.step_gradients(loss.item())
+
+    def step_gradients(self, loss: float) -> float:
+        """Clip and step on the gradients already accumulated (``optimizer_step`` after its backward, or
+        after several passes' backward, see :meth:`OnPolicyAlgorithm.gradient_step`); ``loss`` is only
+        checked for being finite. Returns the adapter's gradient norm before clipping."""
         groups = self.optimizer.param_groups
         adapter, heads = groups[0]["params"], [p for group in groups[1:] for p in group["params"]]
         if self.data_parallel is not None:  # a frozen adapter has no gradients to average (nor to step)
             self.data_parallel.average_gradients(self.policy.trainable_parameters() if self.trains_adapter else heads)
         norm = torch.nn.utils.clip_grad_norm_(adapter, self.config.max_grad_norm)
         self.last_head_grad_norm = float(torch.nn.utils.clip_grad_norm_(heads, self.config.max_grad_norm))
-        if self._agree(not all(math.isfinite(x) for x in (loss.item(), float(norm), self.last_head_grad_norm))):
+        if self._agree(not all(math.isfinite(x) for x in (loss, float(norm), self.last_head_grad_norm))):
             self.optimizer.zero_grad(set_to_none=True)
             raise RLlamaError(
                 f"{type(self).__name__}: this update's loss or gradient is not finite (loss {float(loss):.4g}, "

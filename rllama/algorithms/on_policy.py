@@ -28,6 +28,12 @@ class OnPolicyConfig(AlgorithmConfig):
 
     Attributes:
         minibatch_size: steps per gradient step.
+        max_pass_tokens: the most tokens (prompts with their candidates or replies) one forward and
+            backward pass of the learner holds; a larger minibatch is evaluated in several passes
+            whose gradients add up to the one step (gradient accumulation): the same step, in the
+            memory of a pass. A step longer than this is a pass alone. ``None``: the whole minibatch
+            in one pass. A loss that is not a mean over the minibatch's steps (every built-in one
+            is: :meth:`Minibatch.mean_over_steps`) needs ``None``.
         max_importance_weight: cap of the importance weight ``pi_prox / pi_behav`` that corrects steps
             acted by an older policy (asynchronous training, :mod:`rllama.async_rl`); unused when every
             step is on-policy.
@@ -78,6 +84,7 @@ class OnPolicyConfig(AlgorithmConfig):
     """
 
     minibatch_size: int = 16
+    max_pass_tokens: int | None = 4096
     gamma: float = 0.99
     gae_lambda: float = 0.95
     kl_coef: float = 0.05
@@ -118,6 +125,8 @@ class OnPolicyConfig(AlgorithmConfig):
                "must be 'auto' or a non-negative number of steps")
         check_field(self, "minibatch_size", self.is_auto("minibatch_size") or _count(self.minibatch_size)
                     and self.minibatch_size >= 1, "must be a positive integer" + self.or_auto("minibatch_size"))
+        check_field(self, "max_pass_tokens", self.max_pass_tokens is None or _count(self.max_pass_tokens)
+                    and self.max_pass_tokens >= 1, "must be None (one pass) or a positive number of tokens")
         check_field(self, "max_importance_weight", self.max_importance_weight >= 1, "must be at least 1")
         check_field(self, "gamma", 0 <= self.gamma <= 1, "must lie in [0, 1]")
         check_field(self, "gae_lambda", 0 <= self.gae_lambda <= 1, "must lie in [0, 1]")
@@ -149,6 +158,23 @@ class OnPolicyConfig(AlgorithmConfig):
             learning_starts=starts if self.learning_starts == AUTO else self.learning_starts,
             head_learning_rate=rate if self.head_learning_rate == AUTO else self.head_learning_rate,
         )
+
+
+def split_by_tokens(steps: Sequence[Step], limit: int | None) -> list[int]:
+    """Sizes of consecutive runs of ``steps`` of at most ``limit`` tokens each (:func:`tokens_of`); a
+    step longer than ``limit`` is a run alone. ``None``: one run."""
+    if limit is None:
+        return [len(steps)]
+    sizes, tokens = [], 0
+    for step in steps:
+        n = tokens_of([step])
+        if sizes and tokens + n <= limit:
+            sizes[-1] += 1
+            tokens += n
+        else:
+            sizes.append(1)
+            tokens = n
+    return sizes
 
 
 def _count(value) -> bool:
@@ -327,9 +353,36 @@ class OnPolicyAlgorithm(Algorithm):
 
     def gradient_step(self, data: UpdateData, idx: torch.Tensor) -> dict[str, float]:
         """One optimizer step on the steps ``idx`` of the batch: evaluate them under the current weights,
-        take :meth:`loss`, step; returns the minibatch's statistics (``policy/approx_kl`` among them)."""
-        cfg = self.config
+        take :meth:`loss`, step; returns the minibatch's statistics (``policy/approx_kl`` among them).
+
+        A minibatch of more than ``max_pass_tokens`` tokens is evaluated in several passes, each
+        pass's loss weighted by its share of the steps and its gradient added to the others' before
+        the one step: the step of one pass (every loss is a mean over the minibatch's steps), in the
+        memory of a pass."""
         rows = idx.tolist()
+        passes = split_by_tokens([data.batch.steps[i] for i in rows], self.config.max_pass_tokens)
+        self.optimizer.zero_grad(set_to_none=True)
+        total, stats, log_ratios, start = 0.0, {}, [], 0
+        for size in passes:
+            share = size / len(rows)
+            mb = self.minibatch(data, rows[start:start + size])
+            start += size
+            loss, part = self.loss(mb)
+            (loss * share).backward()
+            total += share * loss.item()
+            for key, value in part.items():
+                stats[key] = stats.get(key, 0.0) + share * value
+            log_ratios.append((mb.new_logprobs - mb.old_logprobs).detach())
+        log_ratio = torch.cat(log_ratios)
+        stats["policy/approx_kl"] = ((log_ratio.exp() - 1) - log_ratio).mean().item()
+        stats["train/grad_norm"] = self.step_gradients(total)
+        stats["train/head_grad_norm"] = self.last_head_grad_norm
+        stats["loss/total"] = total
+        return stats
+
+    def minibatch(self, data: UpdateData, rows: list[int]) -> Minibatch:
+        """The steps ``rows`` of the batch evaluated under the current weights, with their targets."""
+        cfg = self.config
         steps = [data.batch.steps[i] for i in rows]
         ev = self.policy.evaluate_actions(steps, with_values=self.uses_value, frozen_body=not cfg.train_adapter)
         data.tokens += tokens_of(steps)
@@ -346,20 +399,13 @@ class OnPolicyAlgorithm(Algorithm):
             weights = (prox - behaviour).exp().clamp(max=cfg.max_importance_weight)
             behaviour = prox
             data.importance_weights.append(weights)
-        mb = Minibatch(
+        idx = torch.tensor(rows, dtype=torch.long)
+        return Minibatch(
             steps=steps, evaluation=ev, new_logprobs=new_lp, owner=owner, old_logprobs=behaviour,
             unit_weights=1.0 / units_per_step[owner],
             advantages=data.advantages[idx].to(new_lp.device), returns=data.returns[idx].to(new_lp.device),
             importance_weights=weights, reference=None if data.reference is None else [data.reference[i] for i in rows],
         )
-        loss, stats = self.loss(mb)
-        with torch.no_grad():
-            log_ratio = new_lp - mb.old_logprobs
-            stats["policy/approx_kl"] = ((log_ratio.exp() - 1) - log_ratio).mean().item()
-        stats["train/grad_norm"] = self.optimizer_step(loss)
-        stats["train/head_grad_norm"] = self.last_head_grad_norm
-        stats["loss/total"] = loss.item()
-        return stats
 
     def finish(self, data: UpdateData, stats: StatSums) -> dict[str, float]:
         """The update's statistics: the minibatches' means, and the batch's."""
