@@ -118,8 +118,8 @@ def run_variant(args) -> dict:
     kwargs = {"format_penalty": -0.1} if args.variant == "format" else {}
     kwargs.update(json.loads(args.agent_args) if args.agent_args else {})
     config = json.loads(args.algorithm_config) if args.algorithm_config else None
-    agent = cls(args.model, seed=args.seed, precision=args.precision, max_new_tokens=32, algorithm_config=config,
-                **kwargs)
+    kwargs = {"max_new_tokens": 32, **kwargs}  # LlamaGym's reply budget, unless --agent-args names another
+    agent = cls(args.model, seed=args.seed, precision=args.precision, algorithm_config=config, **kwargs)
     envs = gym.vector.SyncVectorEnv([lambda: gym.make("Blackjack-v1", sab=True) for _ in range(16)])
     t0 = time.perf_counter()
     curve = []
@@ -273,7 +273,9 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=320)
     parser.add_argument("--eval-episodes", type=int, default=200)
     parser.add_argument("--algorithm-config", default="", help='JSON of PPO fields overriding the defaults')
-    parser.add_argument("--agent-args", default="", help='JSON of agent arguments, e.g. \'{"temperature": 2}\'')
+    parser.add_argument("--agent-args", default="",
+                        help='JSON of agent arguments, e.g. \'{"temperature": 2}\' or \'{"max_new_tokens": 8}\' '
+                             '(32 unless named)')
     parser.add_argument("--checkpoint", metavar="DIR", default=None,
                         help="save each run's training state to DIR every --chunk episodes and resume from it")
     parser.add_argument("--chunk", type=int, default=320, help="episodes between checkpoints (with --checkpoint)")

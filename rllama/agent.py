@@ -192,9 +192,12 @@ class RLlamaAgent(AgentHooks, MemoryHooks):
         # candidates in this process (AlgorithmConfig.resolved).
         scores_actions = self.scores_actions()
         # a relative policy chooses among declared choices in this process: an agent whose every reply is one
-        # generates nothing on a backend, so "auto" does not load llama.cpp for it
+        # generates nothing on a backend, so "auto" does not load llama.cpp for it, and one whose reply shape
+        # is chosen per observation may never generate there, so llama.cpp loads at its first reply
         chooses = score_normalization == "relative" and self._replies_are_choices()
-        self.backend = make_backend(backend, self.policy, generates=not scores_actions and not chooses)
+        per_observation = type(self).get_reply_shape is not AgentHooks.get_reply_shape
+        self.backend = make_backend(backend, self.policy, generates=not scores_actions and not chooses,
+                                    lazy=score_normalization == "relative" and per_observation)
         scoring = self.backend.provides_values and scores_actions
         self.algorithm = make_algorithm(algorithm, self.policy, algorithm_config, seed=seed, scoring=scoring)
         if score_normalization == "auto":

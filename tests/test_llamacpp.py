@@ -225,6 +225,29 @@ def test_auto_generates_on_llamacpp_where_a_gguf_is_known(tokenizer, tiny_gguf, 
     assert type(FreeTextAgent(make_tiny_lm(), tokenizer).backend) is InProcessBackend
 
 
+def test_a_lazy_engine_loads_at_its_first_reply_and_then_acts_as_an_eager_one(tokenizer, tiny_gguf, tmp_path):
+    with pytest.raises(RLlamaError, match="no such file"):  # the file is still checked when the agent is built
+        FreeTextAgent(make_tiny_lm(), tokenizer, backend=LlamaCppBackend(gguf=tmp_path / "missing.gguf", lazy=True))
+    agents = [FreeTextAgent(make_tiny_lm(), tokenizer, precision="fp32", seed=0, max_new_tokens=6,
+                            algorithm_config={"batch_episodes": 4, "minibatch_size": 4, "epochs": 2},
+                            backend=LlamaCppBackend(gguf=tiny_gguf, n_threads=1, lazy=lazy)) for lazy in (False, True)]
+    eager, lazy = agents
+    assert eager.backend.engine is not None and lazy.backend.engine is None
+    set_adapter_weights(eager.policy, seed=3)  # an adapter the update hook would swap in
+    set_adapter_weights(lazy.policy, seed=3)
+    for agent in agents:
+        agent.backend.after_update(agent.policy)
+    assert lazy.backend.engine is None and lazy.backend.stats.swaps == 0  # nothing loaded to swap into
+    prompts = [[1, 5, 7, 9, 11], [1, 3, 8]]
+    replies = [[r.token_ids for r in agent.backend.generate(prompts, 6, True, [], None)] for agent in agents]
+    assert lazy.backend.engine is not None and lazy.backend.stats.swaps == 1  # loaded, then the adapter swapped in
+    assert replies[0] == replies[1]
+    eager.backend.engine.set_adapter(None)  # the base model replies otherwise: the swap is what made them equal
+    assert [r.token_ids for r in eager.backend.engine.generate(prompts, 6, True, set(), None, 1.0, None)] != replies[0]
+    lazy.backend.close()
+    assert lazy.backend.engine is None
+
+
 def test_training_on_the_engine_corrects_for_it_and_swaps_after_each_update(tokenizer, tiny_gguf):
     agent = FreeTextAgent(make_tiny_lm(), tokenizer, precision="fp32", seed=0, max_new_tokens=6,
                           algorithm_config={"batch_episodes": 4, "minibatch_size": 4, "epochs": 2},

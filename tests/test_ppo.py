@@ -178,7 +178,9 @@ def test_a_minibatch_split_into_passes_takes_the_step_of_one_pass(make_agent, mo
     for name in one:
         assert torch.allclose(one[name], split[name], atol=1e-6, rtol=1e-4), name
     for key in ("loss/total", "loss/policy", "policy/approx_kl", "train/grad_norm"):
-        assert one_stats[key] == pytest.approx(split_stats[key], rel=1e-4, abs=1e-7), key
+        # abs: a policy loss near zero is a sum of terms that cancel, added in another order per pass
+        # (1.5e-7 apart on an AMD EPYC); dropping the passes' weights moves it by its own size or more
+        assert one_stats[key] == pytest.approx(split_stats[key], rel=1e-4, abs=1e-6), key
 
 
 def test_max_pass_tokens_must_be_none_or_positive():

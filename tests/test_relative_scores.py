@@ -160,9 +160,9 @@ def test_an_agent_whose_replies_are_relative_choices_generates_nothing_on_a_back
 
     asked, real = [], agent_module.make_backend
 
-    def recording(backend, policy, generates):
-        asked.append(generates)
-        return real(backend, policy, generates)
+    def recording(backend, policy, generates, lazy):
+        asked.append((generates, lazy))
+        return real(backend, policy, generates, lazy)
 
     monkeypatch.setattr(agent_module, "make_backend", recording)
     make_agent(RelativeChoosingAgent, algorithm="ppo", score_normalization="relative")  # the learner chooses
@@ -173,4 +173,4 @@ def test_an_agent_whose_replies_are_relative_choices_generates_nothing_on_a_back
             return self.reply_shape
 
     make_agent(Shaped, algorithm="ppo", score_normalization="relative")
-    assert asked == [False, True, True]
+    assert asked == [(False, False), (True, False), (True, True)]  # llama.cpp, where chosen, loads at a first reply

@@ -64,12 +64,13 @@ BACKEND_NAMES = ("auto", "torch", "llamacpp")
 """What ``backend=`` accepts besides a :class:`Backend`."""
 
 
-def make_backend(backend, policy=None, generates: bool = False) -> Backend:
+def make_backend(backend, policy=None, generates: bool = False, lazy: bool = False) -> Backend:
     """The backend ``backend`` names, for an agent on ``policy`` that ``generates`` its replies.
 
     ``None`` or ``"auto"``: :class:`~rllama.backends.LlamaCppBackend` for an agent that generates, on a
     CPU, when llama-cpp-python is installed and the model has a GGUF counterpart (the embedded default
-    model); otherwise :class:`InProcessBackend`. ``"torch"``: :class:`InProcessBackend`.
+    model); otherwise :class:`InProcessBackend`. With ``lazy`` (an agent that may never generate on it),
+    llama.cpp loads at the first reply it generates. ``"torch"``: :class:`InProcessBackend`.
     ``"llamacpp"``: :class:`~rllama.backends.LlamaCppBackend` (an error saying why when it cannot
     run). A :class:`Backend` is used as it is.
     """
@@ -88,7 +89,7 @@ def make_backend(backend, policy=None, generates: bool = False) -> Backend:
     if generates and policy is not None and llamacpp.engine_serves(policy):
         logger.info("generating on llama.cpp (%s); backend='torch' generates in this process",
                     llamacpp.gguf_of(policy).name)
-        return llamacpp.LlamaCppBackend()
+        return llamacpp.LlamaCppBackend(lazy=lazy)
     return InProcessBackend()
 
 

@@ -152,13 +152,17 @@ class LlamaCppBackend(InProcessBackend):
         max_sequences: prompts decoded together (larger batches are split).
         n_batch: tokens evaluated per ``llama_decode`` when evaluating prompts.
         n_threads: llama.cpp's threads (default: torch's, ``torch.get_num_threads()``).
+        lazy: load the engine when it first generates (or swaps in an adapter file) rather than when the
+            agent binds the backend: for an agent that may never generate on it (one whose reply shape,
+            chosen per observation, may be :class:`~rllama.replies.Choices` the learner chooses among
+            under relative scores). The file is still checked when the agent is built.
 
-    The engine is loaded when the agent binds the backend, so that a file llama.cpp cannot load is an
-    error when the agent is built.
+    By default the engine is loaded when the agent binds the backend, so that a file llama.cpp cannot
+    load is an error when the agent is built.
     """
 
     def __init__(self, gguf: str | os.PathLike | None = None, n_ctx: int = 8192, max_sequences: int = 64,
-                 n_batch: int = 512, n_threads: int | None = None, max_ctx: int = 32768) -> None:
+                 n_batch: int = 512, n_threads: int | None = None, max_ctx: int = 32768, lazy: bool = False) -> None:
         for name, value, least in (("n_ctx", n_ctx, 64), ("max_sequences", max_sequences, 1), ("n_batch", n_batch, 1),
                                    ("max_ctx", max_ctx, n_ctx if isinstance(n_ctx, int) else 64)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -169,9 +173,10 @@ class LlamaCppBackend(InProcessBackend):
             raise ValueError(f"n_threads={n_threads!r}; expected None or a positive int")
         self.gguf = Path(gguf).expanduser() if gguf is not None else None
         self.n_ctx, self.max_sequences, self.n_batch, self.max_ctx = n_ctx, max_sequences, n_batch, max_ctx
-        self.n_threads = n_threads
+        self.n_threads, self.lazy = n_threads, bool(lazy)
         self.stats = EngineStats()
         self.engine: _Engine | None = None
+        self._path: Path | None = None  # the GGUF the engine loads, once bound
         self._adapter_key = None  # what the engine's adapter was written from
         self._lock = threading.Lock()
         self._reported: dict[str, float] = {}
@@ -190,19 +195,32 @@ class LlamaCppBackend(InProcessBackend):
         device = next(policy.lm.parameters()).device
         if device.type != "cpu":
             logger.warning("the llama.cpp backend runs on the CPU while the learner is on %s", device)
-        threads = self.n_threads or max(1, torch.get_num_threads())
-        self.engine = _Engine(path, self.n_ctx, self.max_sequences, self.n_batch, threads, self.stats, self.max_ctx)
-        config_vocab = int(policy.lm.get_base_model().get_output_embeddings().weight.shape[0])
-        if self.engine.n_vocab != config_vocab:
-            raise RLlamaError(f"LlamaCppBackend: {path} has a vocabulary of {self.engine.n_vocab} tokens, the "
-                              f"learner's model {config_vocab}: the GGUF is not the learner's base model")
-        self._adapter_key = None
+        self.close()
+        self._path, self._adapter_key = path, None
+        if not self.lazy:
+            self._load()
+
+    def _load(self) -> _Engine:
+        """The engine, loaded on the bound policy's GGUF if it is not yet."""
+        if self.engine is None:
+            threads = self.n_threads or max(1, torch.get_num_threads())
+            engine = _Engine(self._path, self.n_ctx, self.max_sequences, self.n_batch, threads, self.stats,
+                             self.max_ctx)
+            config_vocab = int(self.policy.lm.get_base_model().get_output_embeddings().weight.shape[0])
+            if engine.n_vocab != config_vocab:
+                engine.close()
+                raise RLlamaError(f"LlamaCppBackend: {self._path} has a vocabulary of {engine.n_vocab} tokens, the "
+                                  f"learner's model {config_vocab}: the GGUF is not the learner's base model")
+            self.engine, self._adapter_key = engine, None
+        return self.engine
 
     # ------------------------------------------------------------------ weights
     def sync(self, policy=None) -> bool:
         """Swap the learner's active adapter into the engine if it changed since the last swap; returns
         whether it swapped. Called after each update and before each generation."""
         policy = policy or self.policy
+        if self.engine is None:  # a lazy engine not loaded yet: its first generation swaps the adapter in
+            return False
         adapter = policy.active_adapter
         with torch.no_grad():
             enabled = not getattr(policy, "adapter_disabled", False)
@@ -228,7 +246,7 @@ class LlamaCppBackend(InProcessBackend):
     def load_adapter_file(self, path: str | os.PathLike) -> None:
         """Swap in a GGUF LoRA adapter file as it is (the learner's weights are not read); an error naming
         the file when llama.cpp refuses it, the previous adapter kept."""
-        self.engine.set_adapter(Path(path))
+        self._load().set_adapter(Path(path))
         self._adapter_key = ("file", str(path))
 
     def after_update(self, policy) -> None:
@@ -238,6 +256,7 @@ class LlamaCppBackend(InProcessBackend):
     # ------------------------------------------------------------------ acting
     def generate(self, prompts, max_new_tokens, greedy, stop_token_ids, generator, constraints=None):
         with self._lock:
+            self._load()
             self.sync()
             start = time.perf_counter()
             replies = self.engine.generate(
