@@ -17,8 +17,9 @@ or "hit" and ``extract_action`` is ``0 if "stay" in reply else 1``), trained by 
 Each run logs, per update, the training return and the share of replies that name neither word (counted
 in every variant; only ``format`` tells the agent, through ``is_valid_reply``),
 and at the end plays ``--eval-episodes`` fixed deals greedily (env seeds 10000+) and reads the greedy
-policy map (the action in each of the 280 decision states) and its exact value. Writes
-``results/<name>.json`` and ``.png``.
+policy map (the action in each of the 280 decision states) and its exact value; with ``--sampled-map K``
+also the sampled policy (K replies sampled in each state, as in training), which greedy decoding need
+not follow. Writes ``results/<name>.json`` and ``.png``.
 
 A long run sits across sessions with ``--checkpoint DIR --train-minutes M``: the training state is saved
 to ``DIR/<name>-<variant>-seed<seed>`` after every ``--chunk`` episodes, a sitting ends after the first
@@ -99,6 +100,25 @@ def greedy_map(agent) -> tuple[dict, float]:
     return policy, named / len(STATES)
 
 
+def sampled_policy(agent, samples: int) -> dict:
+    """Per decision state, the share of ``samples`` replies sampled as in training (a fresh episode
+    each) whose action is hit: the policy PPO trains. Its mode is the action most replies take, which
+    greedy decoding, following the likeliest token at each step, need not find: replies that stay
+    share a few forms ("Stay.") while those that hit (any reply without "stay") are spread over many."""
+    from rllama.agents.blackjack import STATES
+
+    states = [s for s in STATES for _ in range(samples)]
+    hits = dict.fromkeys(STATES, 0)
+    with agent.evaluating(greedy=False):
+        for start in range(0, len(states), 32):
+            chunk = states[start:start + 32]
+            agent.reset()
+            for state, action in zip(chunk, agent.act_batch([(t, d, int(a)) for t, d, a in chunk])):
+                hits[state] += int(action)
+        agent.reset()
+    return {state: n / samples for state, n in hits.items()}
+
+
 def run_variant(args) -> dict:
     """One variant: train, then evaluate greedily; the JSON of the run."""
     import gymnasium as gym
@@ -169,6 +189,7 @@ def run_variant(args) -> dict:
     train_s = time.perf_counter() - t0
     envs.close()
     policy, map_named = greedy_map(agent)
+    sampled = sampled_policy(agent, args.sampled_map) if args.sampled_map else None
     env = gym.make("Blackjack-v1", sab=True)
     returns, replies = [], []
     with agent.evaluating(greedy=True):
@@ -190,7 +211,18 @@ def run_variant(args) -> dict:
             "eval_named": sum(map(named_action, replies)) / len(replies), "eval_replies": replies[:12],
             "map_value": policy_value(policy), "map_agreement": agreement(policy), "map_named": map_named,
             "map_hits": sum(policy.values()), "policy": {f"{t},{d},{int(a)}": v for (t, d, a), v in policy.items()},
+            **(sampled_fields(sampled, args.sampled_map) if sampled else {}),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def sampled_fields(sampled: dict, samples: int) -> dict:
+    """The sampled policy's exact value, and its mode's (hit where most replies hit) value and agreement."""
+    from rllama.agents.blackjack import agreement, policy_value
+
+    mode = {state: int(p > 0.5) for state, p in sampled.items()}
+    return {"sampled_samples": samples, "sampled_value": policy_value(sampled),
+            "sampled_mode_value": policy_value(mode), "sampled_mode_agreement": agreement(mode),
+            "sampled_hit": {f"{t},{d},{int(a)}": p for (t, d, a), p in sampled.items()}}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -227,7 +259,10 @@ def plot(result: dict, path: Path) -> None:
     axes[1][1].text(0, 1, "\n\n".join(
         f"{run_label(r, several_seeds)} ({r['episodes']} episodes, {r['train_s'] / 60:.1f} min):\n  greedy "
         f"{r['eval_return']:+.3f} on {r['eval_episodes']} fixed deals\n  map {r['map_value']:+.3f}, "
-        f"{r['map_agreement']:.0%} of states optimal\n  replies naming an action: {r['eval_named']:.0%}" for r in runs)
+        f"{r['map_agreement']:.0%} of states optimal\n  replies naming an action: {r['eval_named']:.0%}"
+        + (f"\n  sampled ({r['sampled_samples']} a state): {r['sampled_value']:+.3f}; its mode "
+           f"{r['sampled_mode_value']:+.3f} ({r['sampled_mode_agreement']:.0%})" if "sampled_value" in r else "")
+        for r in runs)
         + "".join(f"\n\n{v}, mean of {m['runs']} runs: {m['eval_return']:+.3f}, map {m['map_value']:+.3f} "
                   f"({m['map_agreement']:.0%})" for v, m in result.get("means", {}).items())
         + f"\n\n{result['cpu']}", va="top", fontsize=8)
@@ -281,6 +316,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=320, help="episodes between checkpoints (with --checkpoint)")
     parser.add_argument("--train-minutes", type=float, default=0,
                         help="with --checkpoint: end this sitting after the first chunk past this many minutes")
+    parser.add_argument("--sampled-map", type=int, default=0, metavar="K",
+                        help="also read the sampled policy: K replies sampled in each decision state")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="combine finished result files (e.g. one seed each) into results/<name>.json")
     args = parser.parse_args()
@@ -303,7 +340,7 @@ def main() -> None:
                "--episodes", str(args.episodes), "--eval-episodes", str(args.eval_episodes),
                "--precision", args.precision, "--threads", str(args.threads), "--algorithm-config",
                args.algorithm_config, "--agent-args", args.agent_args, "--name", args.name, "--chunk", str(args.chunk),
-               "--train-minutes", str(args.train_minutes)]
+               "--train-minutes", str(args.train_minutes), "--sampled-map", str(args.sampled_map)]
         if args.model:
             cmd += ["--model", args.model]
         if args.checkpoint:
