@@ -82,22 +82,26 @@ def agent_class(variant: str):
     raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
 
 
-def greedy_map(agent) -> tuple[dict, float]:
-    """The greedy action in each decision state (a fresh episode each), and the share of those replies
-    that name an action."""
-    from rllama.agents.blackjack import STATES
-
-    policy, named = {}, 0
-    with agent.evaluating(greedy=True):
-        for start in range(0, len(STATES), 32):
-            chunk = STATES[start:start + 32]
+def act_in_states(agent, states: list, greedy: bool) -> list[tuple[int, str]]:
+    """The action and reply in each of ``states`` (Blackjack observations), each a fresh episode, 32 at a time."""
+    out = []
+    with agent.evaluating(greedy=greedy):
+        for start in range(0, len(states), 32):
+            chunk = states[start:start + 32]
             agent.reset()
             actions = agent.act_batch([(t, d, int(a)) for t, d, a in chunk])
-            for i, (state, action) in enumerate(zip(chunk, actions)):
-                policy[state] = int(action)
-                named += named_action(agent.last_replies[i])
+            out += [(int(action), agent.last_replies[i]) for i, action in enumerate(actions)]
         agent.reset()
-    return policy, named / len(STATES)
+    return out
+
+
+def greedy_map(agent) -> tuple[dict, float]:
+    """The greedy action in each decision state, and the share of those replies that name an action."""
+    from rllama.agents.blackjack import STATES
+
+    acted = act_in_states(agent, STATES, greedy=True)
+    policy = {state: action for state, (action, _) in zip(STATES, acted)}
+    return policy, sum(named_action(reply) for _, reply in acted) / len(STATES)
 
 
 def sampled_policy(agent, samples: int) -> dict:
@@ -109,13 +113,8 @@ def sampled_policy(agent, samples: int) -> dict:
 
     states = [s for s in STATES for _ in range(samples)]
     hits = dict.fromkeys(STATES, 0)
-    with agent.evaluating(greedy=False):
-        for start in range(0, len(states), 32):
-            chunk = states[start:start + 32]
-            agent.reset()
-            for state, action in zip(chunk, agent.act_batch([(t, d, int(a)) for t, d, a in chunk])):
-                hits[state] += int(action)
-        agent.reset()
+    for state, (action, _) in zip(states, act_in_states(agent, states, greedy=False)):
+        hits[state] += action
     return {state: n / samples for state, n in hits.items()}
 
 
